@@ -1,0 +1,408 @@
+"""Fused softmax-attention forward in Triton (1-pass online softmax, FlashAttention-2 form).
+
+Public entry point: :func:`triton_attention`. It computes, per batch ``b`` and query head ``h``,
+
+    S = scale · q kᵀ + bias          (masked entries, causal or boolean, are −inf)
+    O = softmax(S, dim=-1) @ v       (float32 arithmetic, result cast to q.dtype)
+
+exactly as eager PyTorch does in float32, including its corner cases: a row whose scores are all
+−inf gives NaN (eager's softmax gives 0/0 there), a row whose scores are all ``finfo.min`` gives the
+uniform average of v. GQA/MQA: query head ``h`` reads kv head ``h // (Hq // Hkv)``.
+
+Inputs keep their strides: q/k/v/bias/mask are never copied; strides go to the kernel (0 for
+broadcast dims of bias and mask).
+
+The kernel runs on CUDA GPUs, and on the CPU under ``TRITON_INTERPRET=1`` (the test suite's mode;
+the variable must be set before this module is imported, because ``triton.jit`` decides at
+decoration time whether it builds an interpreted function).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["AttentionConfig", "choose_config", "triton_attention"]
+
+_LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x · log2 e)
+_LN2 = 0.6931471805599453  # ln(2):   ln(x) = log2(x) · ln 2
+
+
+# --------------------------------------------------------------------------------------------------
+# The math (FuseMax / REFERENCES.md names). The key rank m is split into tiles (m1, m0) of BLOCK_N
+# keys; a program owns BLOCK_M queries p and walks the tiles m1 once, carrying per query row:
+#
+#   RM  running max of the scores seen so far          (starts at −inf)
+#   RD  running denominator  Σ exp(S − RM)             (starts at 0)
+#   RNV running numerator    Σ exp(S − RM) · V         (starts at 0, [BLOCK_M, Dv] in registers)
+#
+# For each tile:
+#   BQK  = scale · Q · BKᵀ (+ bias; masked entries −inf)
+#   LM   = max_m0 BQK                RM' = max(RM, LM)
+#   SLN  = exp(BQK − RM')            SLD = Σ_m0 SLN        SLNV = SLN · BV
+#   PRM  = exp(RM − RM')             (rescales what was accumulated under the old max)
+#   RD'  = SLD + RD · PRM            RNV' = SLNV + RNV · PRM
+# and at the end AV = RNV ÷ RD, LSE = RM + ln RD.
+#
+# exp is exp2 with log2(e) folded into the scale (no bias: BQK is kept in log2 units, so
+# SLN = exp2(BQK − RM')). With a bias the scores stay in natural units and the difference is
+# scaled by log2(e) after the subtraction: folding log2(e) into a bias of finfo.min would overflow
+# it to −inf and turn eager's uniform row into a NaN row.
+#
+# Empty rows: while RM' is still −inf (every score so far −inf) the subtraction uses 0 instead of
+# RM', so SLN = exp2(−inf) = 0 and PRM = 0 rather than exp2(−inf − −inf) = NaN. A row that never
+# sees a finite score ends with RD = 0 and RNV = 0, and AV = 0 ÷ 0 = NaN: eager's answer. Any
+# row with a finite score has RD ≥ 1 (its max contributes exp(0)).
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_tile(ptrs, rows, cols, n_rows, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    # Bounds checks only where a constexpr says the tile can stick out: full interior tiles load
+    # unpredicated, which keeps the hot loop's loads wide.
+    if CHECK_ROWS and CHECK_COLS:
+        x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+    elif CHECK_ROWS:
+        x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    elif CHECK_COLS:
+        x = tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _attn_tile(
+    acc, rd, rm, q,
+    k_base, v_base, bias_base, mask_base,
+    start_n, offs_m, offs_n, offs_d, offs_dv,
+    N, M, D, DV, qk_scale, causal_offset,
+    stride_kn, stride_kd, stride_vn, stride_vd,
+    stride_bn, stride_bm, stride_mn, stride_mm,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, ON_DIAGONAL: tl.constexpr,
+    KEY_BOUND: tl.constexpr, ROW_BOUND: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, FOLD_SCALE: tl.constexpr,
+):
+    cols = start_n + offs_n
+    # BKᵀ tile [BLOCK_D, BLOCK_N] and BV tile [BLOCK_N, BLOCK_DV].
+    kt = _load_tile(k_base + offs_d[:, None] * stride_kd + cols[None, :] * stride_kn,
+                    offs_d, cols, D, M, PAD_D, KEY_BOUND)
+    if UPCAST_DOT:
+        kt = kt.to(tl.float32)
+    bqk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        bias = _load_tile(bias_base + offs_m[:, None] * stride_bn + cols[None, :] * stride_bm,
+                          offs_m, cols, N, M, ROW_BOUND, KEY_BOUND)
+        s = bqk * qk_scale + bias.to(tl.float32)  # natural units (see the header)
+    elif FOLD_SCALE:
+        s = bqk  # scale > 0 commutes with max and −inf: applied inside exp2's FMA below
+    else:
+        s = bqk * qk_scale  # log2 units: qk_scale = scale · log2 e
+    if HAS_MASK:
+        keep = _load_tile(mask_base + offs_m[:, None] * stride_mn + cols[None, :] * stride_mm,
+                          offs_m, cols, N, M, ROW_BOUND, KEY_BOUND)
+        s = tl.where(keep != 0, s, float("-inf"))
+    if ON_DIAGONAL:
+        s = tl.where(cols[None, :] <= offs_m[:, None] + causal_offset, s, float("-inf"))
+    if KEY_BOUND:
+        s = tl.where(cols[None, :] < M, s, float("-inf"))
+
+    if FOLD_SCALE:
+        lm = tl.max(s, 1) * qk_scale
+    else:
+        lm = tl.max(s, 1)
+    rm_new = tl.maximum(rm, lm)
+    rm_safe = tl.where(rm_new == float("-inf"), 0.0, rm_new)  # empty-so-far rows: no −inf − −inf
+    if HAS_BIAS:
+        sln = tl.math.exp2((s - rm_safe[:, None]) * 1.4426950408889634)
+        prm = tl.math.exp2((rm - rm_safe) * 1.4426950408889634)
+    elif FOLD_SCALE:
+        sln = tl.math.exp2(s * qk_scale - rm_safe[:, None])  # one FMA per score
+        prm = tl.math.exp2(rm - rm_safe)
+    else:
+        sln = tl.math.exp2(s - rm_safe[:, None])
+        prm = tl.math.exp2(rm - rm_safe)
+    rd = rd * prm + tl.sum(sln, 1)
+    v = _load_tile(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                   cols, offs_dv, M, DV, KEY_BOUND, PAD_DV)
+    p = sln.to(v.dtype)  # P rounded to the input dtype, as the tensor cores take it
+    if UPCAST_DOT:
+        p = p.to(tl.float32)
+        v = v.to(tl.float32)
+    acc = acc * prm[:, None]
+    acc = tl.dot(p, v, acc, input_precision=DOT_PRECISION)
+    return acc, rd, rm_new
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, Bias, Mask, Out, Lse,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_bb, stride_bh, stride_bn, stride_bm,
+    stride_mb, stride_mh, stride_mn, stride_mm,
+    stride_ob, stride_oh, stride_on, stride_od,
+    HQ, GROUP, N, M, D, DV, qk_scale, causal_offset, num_m_blocks,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, RETURN_LSE: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, FOLD_SCALE: tl.constexpr,
+):
+    # 1-D grid, query blocks of one (b, h) adjacent so that they share K/V in L2. Causal: the
+    # last query block (the most key tiles) starts first, which shortens the tail of the launch.
+    pid = tl.program_id(0)
+    bh = pid // num_m_blocks
+    pid_m = pid % num_m_blocks
+    if CAUSAL:
+        pid_m = num_m_blocks - 1 - pid_m
+    b = (bh // HQ).to(tl.int64)
+    h = (bh % HQ).to(tl.int64)
+    hk = h // GROUP  # GQA / MQA
+    start_m = pid_m * BLOCK_M
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    q = _load_tile(Q + b * stride_qb + h * stride_qh
+                   + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                   offs_m, offs_d, N, D, not EVEN_N, PAD_D)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    bias_base = Bias + b * stride_bb + h * stride_bh
+    mask_base = Mask + b * stride_mb + h * stride_mh
+
+    rm = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    rd = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    # Key tiles: [0, lo) need no predicate at all (in range, and below the diagonal for every row
+    # of the block); [lo, hi) are the tiles the causal diagonal or the end of M crosses; tiles
+    # from hi on lie entirely above the diagonal and are never visited.
+    full_end = (M // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_offset, 0), M)
+        # tile [n, n+BLOCK_N) is visible to every row iff n + BLOCK_N − 1 ≤ start_m + causal_offset
+        lo = (tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N) * BLOCK_N
+        lo = tl.minimum(tl.minimum(lo, hi), full_end)
+    else:
+        hi = M
+        lo = full_end
+
+    for start_n in range(0, lo, BLOCK_N):
+        acc, rd, rm = _attn_tile(
+            acc, rd, rm, q, k_base, v_base, bias_base, mask_base,
+            start_n, offs_m, offs_n, offs_d, offs_dv, N, M, D, DV, qk_scale, causal_offset,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_bn, stride_bm, stride_mn, stride_mm,
+            HAS_BIAS, HAS_MASK, False, False, not EVEN_N, PAD_D, PAD_DV, DOT_PRECISION, UPCAST_DOT,
+            FOLD_SCALE,
+        )
+    for start_n in range(lo, hi, BLOCK_N):
+        acc, rd, rm = _attn_tile(
+            acc, rd, rm, q, k_base, v_base, bias_base, mask_base,
+            start_n, offs_m, offs_n, offs_d, offs_dv, N, M, D, DV, qk_scale, causal_offset,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_bn, stride_bm, stride_mn, stride_mm,
+            HAS_BIAS, HAS_MASK, CAUSAL, not EVEN_M, not EVEN_N, PAD_D, PAD_DV, DOT_PRECISION, UPCAST_DOT,
+            FOLD_SCALE,
+        )
+
+    # AV = RNV ÷ RD: 0 ÷ 0 = NaN for rows that never saw a finite score, as in eager.
+    out = acc / rd[:, None]
+    o_ptrs = (Out + b * stride_ob + h * stride_oh
+              + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od)
+    if EVEN_N and not PAD_DV:
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty))
+    else:
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty),
+                 mask=(offs_m[:, None] < N) & (offs_dv[None, :] < DV))
+    if RETURN_LSE:
+        # natural-log LSE of S; −inf for empty rows (RM = −inf, ln 0 = −inf)
+        if HAS_BIAS:
+            lse = rm + tl.math.log2(rd) * 0.6931471805599453
+        else:
+            lse = (rm + tl.math.log2(rd)) * 0.6931471805599453
+        lse_ptrs = Lse + bh.to(tl.int64) * N + offs_m
+        if EVEN_N:
+            tl.store(lse_ptrs, lse)
+        else:
+            tl.store(lse_ptrs, lse, mask=offs_m < N)
+
+
+# --------------------------------------------------------------------------------------------------
+# Block sizes
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Launch parameters of one kernel instance."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def choose_config(d: int, dv: int, dtype: torch.dtype, device: torch.device,
+                  causal: bool = False) -> AttentionConfig:
+    """Heuristic table (no autotuning: one compile per shape family, fast interpreter tests).
+
+    GPU values were measured on an H100 (benchmarks/bench_triton_attention.py --sweep); the
+    shared-memory budget per program is about 227 KB on Hopper, 100-164 KB on Ampere/Ada, so the
+    wide head dims and float32 drop to smaller tiles.
+    """
+    if device.type != "cuda":
+        # Interpreter: small tiles keep numpy fast and make the small test sizes span several
+        # query blocks and key tiles (BLOCK_M > BLOCK_N also exercises several diagonal tiles).
+        return AttentionConfig(block_m=32, block_n=16, num_warps=4, num_stages=1)
+    dmax = max(d, dv)
+    wide = dtype == torch.float32
+    major, _ = torch.cuda.get_device_capability(device)
+    if major >= 9:
+        if dmax <= 64 and not wide:
+            return AttentionConfig(128, 128 if not causal else 128, 8, 3)
+        if dmax <= 128 and not wide:
+            return AttentionConfig(128, 64, 8, 3)
+        if dmax <= 128:
+            return AttentionConfig(64, 32, 4, 2)
+        return AttentionConfig(64, 32, 4, 2) if not wide else AttentionConfig(32, 32, 4, 1)
+    # pre-Hopper: conservative tiles that fit 100 KB of shared memory
+    if dmax <= 64 and not wide:
+        return AttentionConfig(128, 64, 4, 2)
+    if dmax <= 128 and not wide:
+        return AttentionConfig(64, 64, 4, 2)
+    return AttentionConfig(32, 32, 4, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Python entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def _broadcast_4d(t: torch.Tensor, shape: tuple[int, int, int, int], what: str) -> torch.Tensor:
+    try:
+        torch.broadcast_shapes(tuple(t.shape), shape)
+        return t.expand(shape)  # a view: broadcast dims get stride 0
+    except RuntimeError as e:
+        raise ValueError(f"{what} of shape {tuple(t.shape)} is not broadcastable to "
+                         f"[B, Hq, N, M] = {list(shape)}") from e
+
+
+def triton_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    causal_offset: int = 0,
+    return_lse: bool = False,
+    config: AttentionConfig | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """softmax(scale · q kᵀ + bias, masked −inf) @ v, fused; see the module docstring.
+
+    q [B, Hq, N, D], k [B, Hkv, M, D], v [B, Hkv, M, Dv], Hq % Hkv == 0, any strides.
+    bias: float, broadcastable to [B, Hq, N, M]. mask: bool, broadcastable, True = keep.
+    causal: keep key j for query i iff j <= i + causal_offset (M − N: bottom-right alignment).
+    Returns out [B, Hq, N, Dv] in q.dtype, and with ``return_lse`` also the float32 row
+    log-sum-exp [B, Hq, N] of the scores (−inf for fully masked rows).
+    ``config`` overrides the block-size table (benchmarks, tests).
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be 4-D [B, H, L, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    B, HQ, N, D = q.shape
+    Bk, HKV, M, Dk = k.shape
+    Bv, HKVv, Mv, DV = v.shape
+    if Bk != B or Bv != B or HKVv != HKV or Mv != M or Dk != D or HKV == 0 or HQ % HKV != 0:
+        raise ValueError(
+            "shape mismatch: need q [B, Hq, N, D], k [B, Hkv, M, D], v [B, Hkv, M, Dv] with "
+            f"Hq % Hkv == 0; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16,
+                                                               torch.float32):
+        raise ValueError(f"q, k, v must share one dtype of float16/bfloat16/float32; got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if not (1 <= D <= 256 and 1 <= DV <= 256):
+        raise ValueError(f"head dims must be in 1..256; got D={D}, Dv={DV}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v on different devices: {q.device}, {k.device}, {v.device}")
+    if q.device.type == "cpu":
+        if not _interpreting() or not _is_interpreted(_attn_fwd_kernel):
+            raise RuntimeError(
+                "triton_attention got CPU tensors: the Triton kernel runs on a CUDA GPU, or on the "
+                "CPU only under TRITON_INTERPRET=1 set before rewrite.codegen.triton_attention is "
+                "imported. Use the torch reference kernel on the CPU.")
+    elif q.device.type != "cuda":
+        raise RuntimeError(f"triton_attention needs CUDA tensors; got device {q.device}")
+
+    shape4 = (B, HQ, N, M)
+    if bias is not None:
+        if not bias.is_floating_point():
+            raise ValueError(f"bias must be a float tensor; got {bias.dtype}")
+        bias = _broadcast_4d(bias, shape4, "bias")
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor (True = keep); got {mask.dtype}")
+        # same-size reinterpretation, no copy: Triton loads bytes, the kernel tests != 0
+        mask = _broadcast_4d(mask, shape4, "mask").view(torch.uint8)
+
+    out = torch.empty((B, HQ, N, DV), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, HQ, N) if return_lse else (1,), dtype=torch.float32, device=q.device)
+    if N == 0 or B == 0 or HQ == 0:
+        return (out, lse) if return_lse else out
+    if M == 0:
+        # eager: softmax over an empty row is empty, and an empty sum is 0
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return (out, lse) if return_lse else out
+
+    cfg = config or choose_config(D, DV, q.dtype, q.device, causal)
+    block_d = max(16, triton.next_power_of_2(D))
+    block_dv = max(16, triton.next_power_of_2(DV))
+    num_m_blocks = triton.cdiv(N, cfg.block_m)
+    grid = (num_m_blocks * B * HQ,)
+    has_bias, has_mask = bias is not None, mask is not None
+    bias_arg = bias if has_bias else q  # dummy pointer, never read (constexpr HAS_BIAS=False)
+    mask_arg = mask if has_mask else q
+    bs = bias.stride() if has_bias else (0, 0, 0, 0)
+    ms = mask.stride() if has_mask else (0, 0, 0, 0)
+    qk_scale = float(scale) if has_bias else float(scale) * _LOG2E
+
+    with torch.cuda.device(q.device) if q.device.type == "cuda" else nullcontext():
+        _attn_fwd_kernel[grid](
+            q, k, v, bias_arg, mask_arg, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *bs, *ms, *out.stride(),
+            HQ, HQ // HKV, N, M, D, DV, qk_scale, int(causal_offset), num_m_blocks,
+            HAS_BIAS=has_bias, HAS_MASK=has_mask, CAUSAL=bool(causal), RETURN_LSE=return_lse,
+            EVEN_N=N % cfg.block_m == 0, EVEN_M=M % cfg.block_n == 0,
+            PAD_D=block_d != D, PAD_DV=block_dv != DV,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            # Triton's interpreter multiplies bfloat16 dot operands as their uint16 bit patterns
+            # (seen with triton 3.8): upcast them there. bf16 -> fp32 is exact and the products
+            # are exact in fp32 either way, so the math is the tensor cores' (fp32 accumulate).
+            UPCAST_DOT=q.device.type == "cpu" and q.dtype == torch.bfloat16,
+            FOLD_SCALE=not has_bias and scale > 0,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return (out, lse) if return_lse else out
+
+
+def _is_interpreted(fn: object) -> bool:
+    # triton.jit returns an InterpretedFunction when TRITON_INTERPRET was set at import time
+    return type(fn).__name__ == "InterpretedFunction"

@@ -1,0 +1,28 @@
+"""Suite-wide setup, kept minimal.
+
+1. Triton on the CPU. Without a CUDA GPU the Triton kernels run through Triton's interpreter,
+   which ``TRITON_INTERPRET=1`` switches on. ``triton.jit`` reads the variable when it decorates a
+   kernel, i.e. when a module such as ``rewrite.codegen.triton_attention`` is first imported, so it
+   must be set before any test module is collected: pytest imports this conftest first.
+   ``setdefault`` lets an explicit ``TRITON_INTERPRET=0/1`` from the caller win.
+2. The ``gpu`` marker (declared in pyproject.toml): such tests are skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
