@@ -27,6 +27,7 @@ import sympy
 MAP_OPS: dict[str, int] = {
     "×": 1, "+": 1, "−": 1, "÷": 1, "max": 1, "id": 0, "exp": 7, "sigmoid": 9,
     "φ": 2, "cast": 0, "where": 1, "select": 1,
+    "fma": 2,  # fma(a, b, c) = a + b·c: a running state updated by a product (one MAC)
 }
 REDUCE_OPS = ("+", "max")
 
@@ -106,6 +107,9 @@ class Einsum:
 
     def __str__(self) -> str:
         sym = {"×": " · ", "+": " + ", "−": " − ", "÷": " ÷ ", "max": " max "}
+        if self.map_op == "fma" and len(self.inputs) == 3:
+            a, x, y = (str(i) for i in self.inputs)
+            return self._with_tail(f"{self.output} = {a} + {x} · {y}")
         args = [str(i) for i in self.inputs]
         if self.map_op in sym:
             body = sym[self.map_op].join(args)
@@ -113,7 +117,9 @@ class Einsum:
             body = args[0] if args else ""
         else:
             body = f"{self.map_op}({', '.join(args)})"
-        text = f"{self.output} = {body}"
+        return self._with_tail(f"{self.output} = {body}")
+
+    def _with_tail(self, text: str) -> str:
         tail = []
         if self.reduce_op and self.reduced_ranks:
             tail.append(f"({'Σ' if self.reduce_op == '+' else 'max'} {','.join(self.reduced_ranks)})")
@@ -272,6 +278,72 @@ class Cascade:
             Einsum(t("AV", ["f", "p"]), (t("RNV", ["m1", "f", "p"]), t("RD", ["m1", "p"])), "÷", "+",
                    note="final state: RNV[M1] ÷ RD[M1]"),
         ), name="softmax-attention (1-pass, online softmax)")
+
+    @staticmethod
+    def linear_attention(causal: bool = False, feature_map: str = "φ", batch: str = "bh") -> Cascade:
+        """Linear attention O = φQ (φKᵀ V) ÷ φQ (φKᵀ 1): one pass over m, no [m,p] tensor.
+
+        Causal: the key-side sums become running states over m (prefix sums); each query
+        reads the state at its own position (``where m = p``)."""
+        b = tuple(batch)
+
+        def t(name, ranks):
+            return T(name, (*b, *ranks))
+
+        fq = Einsum(t("FQ", "ep"), (t("Q", "ep"),), feature_map)
+        fk = Einsum(t("FK", "em"), (t("K", "em"),), feature_map)
+        if not causal:
+            body = (
+                Einsum(t("KV", "ef"), (t("FK", "em"), t("V", "fm")), "×", "+"),
+                Einsum(t("KS", "e"), (t("FK", "em"),), "id", "+"),
+                Einsum(t("NUM", "fp"), (t("FQ", "ep"), t("KV", "ef")), "×", "+"),
+                Einsum(t("DEN", "p"), (t("FQ", "ep"), t("KS", "e")), "×", "+"),
+            )
+        else:
+            at_p = sympy.Eq(m, p)
+            body = (
+                Einsum(t("KV", "mef"), (t("KV", "mef"), t("FK", "em"), t("V", "fm")), "fma", scan="m",
+                       note="running Σ φK·Vᵀ"),
+                Einsum(t("KS", "me"), (t("KS", "me"), t("FK", "em")), "+", scan="m", note="running Σ φK"),
+                Einsum(t("NUM", "fp"), (t("FQ", "ep"), t("KV", "mef")), "×", "+", mask=at_p),
+                Einsum(t("DEN", "p"), (t("FQ", "ep"), t("KS", "me")), "×", "+", mask=at_p),
+            )
+        out = Einsum(t("AV", "fp"), (t("NUM", "fp"), t("DEN", "p")), "÷")
+        kind = "causal" if causal else "non-causal"
+        return Cascade((fq, fk, *body, out), name=f"linear-attention ({kind})")
+
+    @staticmethod
+    def flow_attention(batch: str = "bh") -> Cascade:
+        """Flow-Attention (Flowformer), non-causal: sigmoid feature maps, flow conservation,
+        a softmax competition over the sources (m) and a sigmoid allocation over the sinks (p)."""
+        b = tuple(batch)
+
+        def t(name, ranks):
+            return T(name, (*b, *ranks))
+
+        return Cascade((
+            Einsum(t("FQ", "ep"), (t("Q", "ep"),), "sigmoid"),
+            Einsum(t("FK", "em"), (t("K", "em"),), "sigmoid"),
+            Einsum(t("SK", "e"), (t("FK", "em"),), "id", "+"),
+            Einsum(t("SQ", "e"), (t("FQ", "ep"),), "id", "+"),
+            Einsum(t("I", "p"), (t("FQ", "ep"), t("SK", "e")), "×", "+", note="incoming flow"),
+            Einsum(t("O", "m"), (t("FK", "em"), t("SQ", "e")), "×", "+", note="outgoing flow"),
+            Einsum(t("KO", "em"), (t("FK", "em"), t("O", "m")), "÷"),
+            Einsum(t("SKO", "e"), (t("KO", "em"),), "id", "+"),
+            Einsum(t("QI", "ep"), (t("FQ", "ep"), t("I", "p")), "÷"),
+            Einsum(t("SQI", "e"), (t("QI", "ep"),), "id", "+"),
+            Einsum(t("IH", "p"), (t("FQ", "ep"), t("SKO", "e")), "×", "+", note="conserved incoming Î"),
+            Einsum(t("OH", "m"), (t("FK", "em"), t("SQI", "e")), "×", "+", note="conserved outgoing Ô"),
+            Einsum(t("MX", ""), (t("OH", "m"),), "id", "max"),
+            Einsum(t("EX", "m"), (t("OH", "m"), t("MX", "")), "exp", note="exp(Ô − max Ô)"),
+            Einsum(t("SE", ""), (t("EX", "m"),), "id", "+"),
+            Einsum(t("W", "m"), (t("EX", "m"), t("SE", "")), "÷", note="competition softmax(Ô) (× M)"),
+            Einsum(t("VH", "fm"), (t("V", "fm"), t("W", "m")), "×"),
+            Einsum(t("KVH", "ef"), (t("FK", "em"), t("VH", "fm")), "×", "+"),
+            Einsum(t("R", "fp"), (t("QI", "ep"), t("KVH", "ef")), "×", "+", note="aggregation"),
+            Einsum(t("G", "p"), (t("IH", "p"),), "sigmoid", note="allocation (× N/M)"),
+            Einsum(t("AV", "fp"), (t("R", "fp"), t("G", "p")), "×"),
+        ), name="flow-attention")
 
     @staticmethod
     def gemm(M: int, N: int, K: int) -> Cascade:
