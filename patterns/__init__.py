@@ -1,0 +1,51 @@
+"""fx recognisers, one file per family, over a graph normalised to ATen."""
+
+from __future__ import annotations
+
+from torch.fx import Graph
+
+from .axes import NoMatch
+from .sdpa import SDPA_OPS, match_sdpa
+from .site import Site, TensorPlan
+from .softmax_attention import find_softmax_candidates, location_of, match_softmax_attention
+
+__all__ = ["NoMatch", "Site", "TensorPlan", "find_sites"]
+
+
+def find_sites(graph: Graph) -> list[tuple[Site | None, tuple[str, str, str] | None]]:
+    """Every attention site: (site, None) when matched, (None, (location, spelling, reason))
+    for a softmax between two products that could not be proven to be attention."""
+    out: list = []
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in SDPA_OPS:
+            try:
+                out.append((match_sdpa(node), None))
+            except NoMatch as exc:
+                out.append((None, (location_of(node), "F.scaled_dot_product_attention", str(exc))))
+    for sm in find_softmax_candidates(graph):
+        try:
+            out.append((match_softmax_attention(sm), None))
+        except NoMatch as exc:
+            if _looks_like_attention(sm):
+                out.append((None, (location_of(sm), "softmax between two products", str(exc))))
+    return out
+
+
+def _looks_like_attention(sm) -> bool:
+    """A softmax whose input comes from a product and whose output reaches another one."""
+    from .contraction import as_contraction
+    from .softmax_attention import _reaches_contraction, softmax_of
+
+    found = softmax_of(sm)
+    if found is None or not _reaches_contraction(found[0], {}):
+        return False
+    frontier, seen = list(sm.users), set()
+    while frontier:
+        n = frontier.pop()
+        if n in seen or len(seen) > 16:
+            continue
+        seen.add(n)
+        if as_contraction(n) is not None:
+            return True
+        frontier.extend(n.users)
+    return False

@@ -1,0 +1,25 @@
+"""rewrite: a compiler-style graph rewriter for attention in PyTorch.
+
+    import rewrite
+    fast = rewrite.compile(model)                # also @rewrite.compile
+    report = rewrite.inspect(model, *inputs)     # what was found, what it proves, what runs
+"""
+
+from __future__ import annotations
+
+from .api import compile, inspect  # noqa: A004
+from .cascade import Cascade, Einsum
+from .errors import RewriteError, RewriteMismatch
+from .report import Report, SiteReport
+
+__all__ = ["compile", "inspect", "simulate", "Cascade", "Einsum", "Report", "SiteReport", "RewriteError",
+           "RewriteMismatch"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name == "simulate":
+        from .simulate import simulate
+
+        return simulate
+    raise AttributeError(f"module 'rewrite' has no attribute {name!r}")

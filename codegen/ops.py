@@ -1,0 +1,224 @@
+"""`torch.library` custom ops that rewritten graphs call.
+
+`rewrite::attention` is softmax attention in the canonical layout
+``q [*batch, N, E]``, ``k [*batch, M, E]``, ``v [*batch, M, F]`` (batch dims broadcast),
+with exactly eager PyTorch's semantics:
+
+    S   = scale · q kᵀ + bias                 (bias broadcast to [*batch, N, M])
+    S   = -inf where mask is False or (causal and m > p + causal_offset)
+    out = softmax(S, -1) @ v                  (a row whose S is all -inf is NaN, as in eager)
+
+``masked_row`` says what a row with no kept key holds, as the original spelling gave:
+"nan" (eager softmax over all -inf), "mean" (spellings that fill masked scores with a
+finite value such as finfo.min: softmax over equal scores averages v), "zero" (what
+F.scaled_dot_product_attention itself returns).
+
+The op carries a fake kernel (so graphs that call it still export and compile under
+Inductor) and an autograd formula that recomputes the eager reference in backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+KERNELS = ("sdpa", "triton", "reference")
+MASKED_ROWS = ("nan", "mean", "zero")
+
+
+def _batch_shape(*tensors: torch.Tensor | None) -> torch.Size:
+    return torch.broadcast_shapes(*(t.shape[:-2] for t in tensors if t is not None))
+
+
+def _out_shape(q, k, v, bias, mask) -> list[int]:
+    batch = _batch_shape(q, bias, mask) if gqa_groups(q, k) > 1 else _batch_shape(q, k, v, bias, mask)
+    return [*batch, q.shape[-2], v.shape[-1]]
+
+
+def causal_keep(n: int, m: int, offset: int, device) -> torch.Tensor:
+    """[n, m] bool: key j is kept for query i iff j <= i + offset."""
+    i = torch.arange(n, device=device)[:, None]
+    j = torch.arange(m, device=device)[None, :]
+    return j <= i + offset
+
+
+def keep_mask(bias, mask, causal: bool, causal_offset: int, n: int, m: int, device) -> torch.Tensor | None:
+    """Every kept (p, m) entry as one broadcastable bool tensor, or None when all are kept."""
+    keep = None
+    if mask is not None:
+        keep = mask
+    if bias is not None and bias.is_floating_point():
+        finite = bias != float("-inf")
+        keep = finite if keep is None else keep & finite
+    if causal:
+        c = causal_keep(n, m, causal_offset, device)
+        keep = c if keep is None else keep & c
+    return keep
+
+
+def gqa_groups(q: torch.Tensor, k: torch.Tensor) -> int:
+    """Query heads per key head when k has fewer heads than q (GQA/MQA), else 1.
+    Shapes that broadcast (a head dim of 1) need no grouping."""
+    if q.dim() < 3 or k.dim() < 3:
+        return 1
+    hq, hk = q.shape[-3], k.shape[-3]
+    if hk in (hq, 1) or hq % hk:
+        return 1
+    return hq // hk
+
+
+def _ungroup(q, k, v):
+    g = gqa_groups(q, k)
+    if g == 1:
+        return k, v
+    return k.repeat_interleave(g, dim=-3), v.repeat_interleave(g, dim=-3)
+
+
+def fix_empty_rows(out, v, bias, mask, causal, causal_offset, masked_row):
+    """Write eager's value into rows that keep no key (kernels disagree there)."""
+    n, m = out.shape[-2], v.shape[-2]
+    keep = keep_mask(bias, mask, causal, causal_offset, n, m, out.device)
+    if keep is None or (causal and causal_offset >= 0 and mask is None and bias is None):
+        return out
+    empty = ~keep.any(-1, keepdim=True)
+    if masked_row == "mean":
+        k_unused, v_full = _ungroup(out, v, v)
+        return torch.where(empty, v_full.mean(-2, keepdim=True).to(out.dtype), out)
+    return out.masked_fill(empty, float("nan") if masked_row == "nan" else 0.0)
+
+
+def attention_reference(q, k, v, bias=None, mask=None, scale: float = 1.0, causal: bool = False,
+                        causal_offset: int = 0, masked_row: str = "nan") -> torch.Tensor:
+    """The eager spelling itself, in the inputs' promoted dtype: the semantics every kernel matches."""
+    dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    k, v = _ungroup(q, k, v)
+    s = (q.to(dt) @ k.to(dt).transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + bias
+    keep = keep_mask(None, mask, causal, causal_offset, q.shape[-2], k.shape[-2], q.device)
+    if keep is not None:
+        if masked_row == "mean":
+            s = s.masked_fill(~keep, torch.finfo(s.dtype).min)
+        else:
+            s = s.masked_fill(~keep, float("-inf"))
+    a = torch.softmax(s.float(), -1).to(dt)
+    out = a @ v.to(dt)
+    if masked_row == "zero":
+        out = fix_empty_rows(out, v, bias, mask, causal, causal_offset, masked_row)
+    return out
+
+
+def _sdpa(q, k, v, bias, mask, scale, causal, causal_offset, masked_row) -> torch.Tensor:
+    dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    n, m = q.shape[-2], k.shape[-2]
+    groups = gqa_groups(q, k)
+    if groups > 1 and q.dim() != 4:
+        k, v = _ungroup(q, k, v)
+        groups = 1
+    batch = _batch_shape(q, bias, mask) if groups > 1 else _batch_shape(q, k, v, bias, mask)
+    q = q.expand(*batch, *q.shape[-2:])
+    if groups == 1:
+        k = k.expand(*batch, *k.shape[-2:])
+        v = v.expand(*batch, *v.shape[-2:])
+    attn_mask = None
+    is_causal = False
+    if causal and causal_offset == 0 and bias is None and mask is None:
+        is_causal = True  # SDPA's is_causal is the top-left aligned mask m <= p
+    elif causal:
+        c = causal_keep(n, m, causal_offset, q.device)
+        mask = c if mask is None else mask & c
+    if mask is not None and bias is not None:
+        attn_mask = bias.to(dt).masked_fill(~mask, float("-inf"))
+    elif mask is not None:
+        attn_mask = mask
+    elif bias is not None:
+        attn_mask = bias.to(dt)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                         enable_gqa=groups > 1)
+    return fix_empty_rows(out, v, bias, mask, False, 0, masked_row)
+
+
+def _triton(q, k, v, bias, mask, scale, causal, causal_offset, masked_row) -> torch.Tensor:
+    from rewrite.codegen.triton_attention import triton_attention
+
+    groups = gqa_groups(q, k)
+    batch = _batch_shape(q, bias, mask) if groups > 1 else _batch_shape(q, k, v, bias, mask)
+    # The kernel takes [B, H, N, D]; fold any other batch rank into that form.
+    lead = list(batch)
+    if len(lead) == 0:
+        lead = [1, 1]
+    elif len(lead) == 1:
+        lead = [1, lead[0]]
+    elif len(lead) > 2:
+        lead = [math.prod(lead[:-1]), lead[-1]]
+
+    def four(t, heads=None):
+        if t is None:
+            return None
+        shape = batch if heads is None else (*batch[:-1], heads)
+        t = t.expand(*shape, *t.shape[-2:])
+        return t.reshape(*lead[:-1], shape[-1] if shape else 1, *t.shape[-2:])
+
+    kv_heads = k.shape[-3] if groups > 1 else None
+    out = triton_attention(four(q), four(k, kv_heads), four(v, kv_heads), scale=scale, bias=four(bias),
+                           mask=four(mask), causal=causal, causal_offset=causal_offset)
+    out = out.reshape(*batch, *out.shape[-2:])
+    # The kernel follows eager softmax (NaN for a row with no key); other spellings differ.
+    return fix_empty_rows(out, v, bias, mask, causal, causal_offset, masked_row) if masked_row != "nan" else out
+
+
+@torch.library.custom_op("rewrite::attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+              mask: torch.Tensor | None, scale: float, causal: bool, causal_offset: int,
+              masked_row: str, kernel: str, out_dtype: torch.dtype) -> torch.Tensor:
+    if kernel == "sdpa":
+        out = _sdpa(q, k, v, bias, mask, scale, causal, causal_offset, masked_row)
+    elif kernel == "triton":
+        out = _triton(q, k, v, bias, mask, scale, causal, causal_offset, masked_row)
+    elif kernel == "reference":
+        out = attention_reference(q, k, v, bias, mask, scale, causal, causal_offset, masked_row)
+    else:
+        raise ValueError(f"rewrite::attention: unknown kernel {kernel!r}; choose from {KERNELS}")
+    return out.to(out_dtype).contiguous()
+
+
+@attention.register_fake
+def _attention_fake(q, k, v, bias, mask, scale, causal, causal_offset, masked_row, kernel, out_dtype):
+    return q.new_empty(_out_shape(q, k, v, bias, mask), dtype=out_dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, mask, scale, causal, causal_offset, masked_row, _kernel, _dtype = inputs
+    ctx.save_for_backward(q, k, v, bias, mask)
+    ctx.args = (scale, causal, causal_offset, masked_row)
+
+
+def _backward(ctx, grad):
+    q, k, v, bias, mask = ctx.saved_tensors
+    scale, causal, causal_offset, masked_row = ctx.args
+    needs = ctx.needs_input_grad
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(bool(n)) if t is not None and t.is_floating_point() else t
+                  for t, n in zip((q, k, v, bias), needs[:4])]
+        out = attention_reference(leaves[0], leaves[1], leaves[2], leaves[3], mask, scale, causal,
+                                  causal_offset, masked_row)
+        wrt = [t for t, n in zip(leaves, needs[:4]) if t is not None and n]
+        grads = torch.autograd.grad(out, wrt, grad.to(out.dtype), allow_unused=True) if wrt else []
+    it = iter(grads)
+    result = []
+    for t, n in zip(leaves, needs[:4]):
+        if t is not None and n:
+            g = next(it)
+            # Broadcast inputs (a [B,1,1,M] bias, an MQA key) get their gradient summed back.
+            if g is not None and g.shape != t.shape:
+                g = g.sum_to_size(t.shape)
+            result.append(g)
+        else:
+            result.append(None)
+    return (*result, None, None, None, None, None, None, None)
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,60 @@
+"""The fx rewrite: replace a planned site by one call of ``torch.ops.rewrite.attention``."""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import Graph, Node
+
+import rewrite.codegen.ops  # noqa: F401  (registers torch.ops.rewrite.*)
+from rewrite.patterns.site import TensorPlan
+
+from .plan import Plan
+
+aten = torch.ops.aten
+
+
+def _canonical(graph: Graph, tp: TensorPlan) -> Node:
+    node = tp.node
+    if tp.perm != list(range(len(tp.perm))):
+        node = graph.call_function(aten.permute.default, (node, tp.perm))
+    shape = tuple(tp.node.meta["val"].shape)
+    if tuple(tp.shape) != tuple(shape[d] for d in tp.perm):
+        node = graph.call_function(aten.reshape.default, (node, tp.shape))
+    if tp.negate:
+        node = graph.call_function(aten.neg.default, (node,))
+    if tp.factor != 1.0:
+        node = graph.call_function(aten.mul.Tensor, (node, tp.factor))
+    if tp.invert:
+        node = graph.call_function(aten.logical_not.default, (node,))
+    return node
+
+
+def _combine(graph: Graph, nodes: list[Node], op) -> Node | None:
+    if not nodes:
+        return None
+    out = nodes[0]
+    for n in nodes[1:]:
+        out = graph.call_function(op, (out, n))
+    return out
+
+
+def apply_plan(graph: Graph, plan: Plan) -> Node:
+    """Insert the fused call before the site's output and reroute its users."""
+    site = plan.site
+    with graph.inserting_before(site.out_node):
+        q = _canonical(graph, site.q)
+        k = _canonical(graph, site.k)
+        v = _canonical(graph, site.v)
+        bias = _combine(graph, [_canonical(graph, b) for b in plan.biases], aten.add.Tensor)
+        keep = _combine(graph, [_canonical(graph, m) for m in plan.keeps], aten.logical_and.default)
+        out = graph.call_function(torch.ops.rewrite.attention.default, (
+            q, k, v, bias, keep, float(site.scale), bool(plan.causal), int(plan.causal_offset),
+            plan.masked_row, plan.kernel, site.out_dtype))
+        atoms = getattr(site, "out_atoms_sizes", None)
+        if atoms is not None and site.out_perm != list(range(len(site.out_perm))):
+            out = graph.call_function(aten.reshape.default, (out, atoms))
+            out = graph.call_function(aten.permute.default, (out, site.out_perm))
+        out = graph.call_function(aten.reshape.default, (out, site.out_shape))
+    out.meta["rewrite_site"] = site.location
+    site.out_node.replace_all_uses_with(out)
+    return out

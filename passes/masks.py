@@ -1,0 +1,413 @@
+"""Lift masks built inside the graph to sympy predicates and classify them.
+
+A mask built from ``arange``, comparisons, ``tril``/``triu``, logical operators and
+``where`` depends only on positions: it is evaluated symbolically here, over one integer
+symbol per tensor axis. Anything that reads a run-time tensor (a padding mask indexed by
+batch and key, a model input) becomes an opaque predicate ``R_k(axes)``, so a mask such
+as Hugging Face's ``causal & padding[b, m]`` splits into a proven causal part and a
+run-time part.
+
+Classification is proven, not guessed: a predicate is called causal only when it is
+exactly ``m <= p + c`` as a linear relation over the integers, and the caller checks the
+predicate against the concrete tensor the graph computes before trusting it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+from dataclasses import dataclass
+
+import sympy
+import torch
+from torch.fx import Node
+
+from rewrite.cascade import m as M_SYM
+from rewrite.cascade import p as P_SYM
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """What a mask is. kind: "dense" (nothing masked), "causal" (m <= p + offset),
+    "arbitrary" (anything else). ``runtime`` marks a run-time tensor factor (padding)."""
+
+    kind: str
+    predicate: str = "True"
+    offset: int = 0
+    runtime: bool = False
+    density: float = 1.0
+
+    def describe(self) -> str:
+        if self.kind == "dense":
+            return "none" if not self.runtime else "run-time tensor"
+        if self.kind == "causal":
+            base = "causal m <= p" + (f" + {self.offset}" if self.offset else "")
+            return base + (" & run-time tensor" if self.runtime else "")
+        return f"arbitrary: {self.predicate}"
+
+
+class Opaque(Exception):
+    pass
+
+
+@dataclass
+class SymVal:
+    expr: sympy.Basic  # a number, an integer expression or a Boolean over axis symbols
+    axes: tuple  # one symbol (or None: broadcast) per dim
+    shape: tuple[int, ...]
+
+
+_counter = itertools.count()
+
+
+def _fresh(prefix="i"):
+    return sympy.Symbol(f"{prefix}{next(_counter)}", integer=True, nonnegative=True)
+
+
+def _shape(node):
+    v = node.meta.get("val") if isinstance(node, Node) else None
+    return tuple(int(s) for s in v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def _broadcast(a: SymVal, b: SymVal):
+    """Align axes right; where both name an axis, the names must mean the same position."""
+    ra, rb = len(a.axes), len(b.axes)
+    r = max(ra, rb)
+    ax_a = (None,) * (r - ra) + a.axes
+    ax_b = (None,) * (r - rb) + b.axes
+    sh_a = (1,) * (r - ra) + a.shape
+    sh_b = (1,) * (r - rb) + b.shape
+    subs = {}
+    axes, shape = [], []
+    for x, y, sx, sy in zip(ax_a, ax_b, sh_a, sh_b):
+        if x is not None and y is not None and x != y:
+            subs[y] = x
+        axes.append(x if x is not None else y)
+        shape.append(max(sx, sy))
+    eb = b.expr.xreplace(subs) if subs else b.expr
+    return a.expr, eb, tuple(axes), tuple(shape)
+
+
+def _binary(fn):
+    def rule(node, env):
+        a, b = (_value(x, env) for x in node.args[:2])
+        ea, eb, axes, shape = _broadcast(a, b)
+        return SymVal(fn(ea, eb), axes, shape)
+    return rule
+
+
+def _const(x) -> SymVal:
+    if isinstance(x, bool):
+        return SymVal(sympy.true if x else sympy.false, (), ())
+    if isinstance(x, (int, float)):
+        return SymVal(sympy.sympify(x), (), ())
+    raise Opaque(str(x))
+
+
+def _value(x, env) -> SymVal:
+    if not isinstance(x, Node):
+        return _const(x)
+    if x in env:
+        return env[x]
+    env[x] = _evaluate(x, env)
+    return env[x]
+
+
+def _arange(node, env):
+    args = list(node.args)
+    if node.target == aten.arange.default:
+        start, end, step = 0, args[0], 1
+    elif node.target == aten.arange.start:
+        start, end, step = args[0], args[1], 1
+    else:
+        start, end, step = args[0], args[1], args[2]
+    i = _fresh()
+    n = len(range(int(start), int(end), int(step)))
+    return SymVal(start + step * i, (i,), (n,))
+
+
+def _filled(node, env):
+    shape = _shape(node)
+    if node.target in (aten.full.default, aten.full_like.default, aten.new_full.default):
+        value = node.args[1] if node.target != aten.new_full.default else node.args[2]
+    elif node.target in (aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default):
+        value = 0
+    else:
+        value = 1
+    if _shape(node) is not None and node.meta["val"].dtype == torch.bool:
+        value = bool(value)
+    v = _const(value)
+    return SymVal(v.expr, (None,) * len(shape), shape)
+
+
+def _layout(node, env):
+    a = _value(node.args[0], env)
+    t = node.target
+    shape = _shape(node)
+    if t in (aten.unsqueeze.default,):
+        d = node.args[1]
+        d = d + len(a.axes) + 1 if d < 0 else d
+        return SymVal(a.expr, (*a.axes[:d], None, *a.axes[d:]), shape)
+    if t in (aten.expand.default,):
+        lead = len(shape) - len(a.axes)
+        return SymVal(a.expr, (None,) * lead + a.axes, shape)
+    if t in (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.squeeze.dim,
+             aten.squeeze.default, aten.squeeze.dims):
+        # Only views that add or drop size-1 dims keep position symbols meaningful.
+        kept = [(ax, s) for ax, s in zip(a.axes, a.shape) if s != 1]
+        if [s for s in shape if s != 1] != [s for _, s in kept]:
+            raise Opaque("a reshape that merges positions")
+        it = iter(kept)
+        axes = tuple(next(it)[0] if s != 1 else None for s in shape)
+        return SymVal(a.expr, axes, shape)
+    if t == aten.slice.Tensor:
+        dim = node.args[1] if len(node.args) > 1 else 0
+        dim = dim + len(a.axes) if dim < 0 else dim
+        start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+        step = node.args[4] if len(node.args) > 4 else 1
+        ax = a.axes[dim]
+        if ax is None:
+            return SymVal(a.expr, a.axes, shape)
+        new = _fresh()
+        axes = list(a.axes)
+        axes[dim] = new
+        return SymVal(a.expr.xreplace({ax: start + step * new}), tuple(axes), shape)
+    if t in (aten.transpose.int, aten.permute.default, aten.t.default):
+        if t == aten.permute.default:
+            order = list(node.args[1])
+        else:
+            order = list(range(len(a.axes)))
+            d0, d1 = (node.args[1:3] if t == aten.transpose.int else (0, 1))
+            d0, d1 = (d % len(order) for d in (d0, d1))
+            order[d0], order[d1] = order[d1], order[d0]
+        return SymVal(a.expr, tuple(a.axes[d] for d in order), shape)
+    return SymVal(a.expr, a.axes, shape)  # casts, clones, aliases
+
+
+def _tri(lower: bool):
+    def rule(node, env):
+        a = _value(node.args[0], env)
+        k = node.args[1] if len(node.args) > 1 else node.kwargs.get("diagonal", 0)
+        axes = list(a.axes)
+        for d in (-2, -1):
+            if axes[d] is None:
+                axes[d] = _fresh()
+        row, col = axes[-2], axes[-1]
+        cond = sympy.Le(col, row + k) if lower else sympy.Ge(col, row + k)
+        expr = a.expr
+        if _is_bool(expr):
+            return SymVal(sympy.And(expr, cond), tuple(axes), a.shape)
+        return SymVal(sympy.Piecewise((expr, cond), (0, True)), tuple(axes), a.shape)
+    return rule
+
+
+def _where(node, env):
+    c, a, b = (_value(x, env) for x in node.args[:3])
+    ec, ea, axes, shape = _broadcast(c, a)
+    cc = SymVal(ec, axes, shape)
+    ec, eb, axes, shape = _broadcast(cc, b)
+    ea = ea.xreplace({}) if ea is not None else ea
+    return SymVal(sympy.Piecewise((ea, ec), (eb, True)), axes, shape)
+
+
+def _logical_not(node, env):
+    a = _value(node.args[0], env)
+    return SymVal(sympy.Not(a.expr), a.axes, a.shape)
+
+
+def _runtime(node, env):
+    """A run-time tensor: an opaque predicate over its own axes."""
+    shape = _shape(node)
+    if shape is None:
+        raise Opaque(node.name)
+    axes = tuple(_fresh("r") if s != 1 else None for s in shape)
+    fn = sympy.Function(f"R_{node.name}")
+    args = [a for a in axes if a is not None]
+    expr = fn(*args) if args else sympy.Symbol(f"R_{node.name}")
+    return SymVal(expr, axes, shape)
+
+
+def _index(node, env):
+    """``t[i0, i1, ...]`` with index tensors built from aranges: t(i0, i1, ...)."""
+    src, indices = node.args[:2]
+    if not isinstance(src, Node) or any(i is None for i in indices):
+        raise Opaque("index")
+    vals = [_value(i, env) for i in indices]
+    cur = vals[0]
+    exprs = [cur.expr]
+    for v in vals[1:]:
+        ea, eb, axes, shape = _broadcast(cur, v)
+        exprs = [e.xreplace({}) for e in exprs] + [eb]
+        cur = SymVal(ea, axes, shape)
+    fn = sympy.Function(f"R_{src.name}")
+    return SymVal(fn(*exprs), cur.axes, _shape(node))
+
+
+def _andor(fn):
+    def rule(node, env):
+        a, b = (_value(x, env) for x in node.args[:2])
+        ea, eb, axes, shape = _broadcast(a, b)
+        if _is_bool(ea) or _is_bool(eb) or isinstance(ea, sympy.Function) or isinstance(eb, sympy.Function):
+            return SymVal(fn(_as_bool(ea), _as_bool(eb)), axes, shape)
+        raise Opaque("bitwise op on integers")
+    return rule
+
+
+def _is_bool(e) -> bool:
+    return isinstance(e, (sympy.logic.boolalg.Boolean, sympy.core.relational.Relational))
+
+
+def _as_bool(e):
+    if _is_bool(e):
+        return e
+    if isinstance(e, sympy.Number):
+        return sympy.true if e != 0 else sympy.false
+    if isinstance(e, (sympy.core.function.AppliedUndef, sympy.Symbol)):
+        return sympy.Ne(e, 0)  # a run-time boolean
+    return sympy.Ne(e, 0)
+
+
+def _mul(node, env):
+    a, b = (_value(x, env) for x in node.args[:2])
+    ea, eb, axes, shape = _broadcast(a, b)
+    if _is_bool(ea) or _is_bool(eb):
+        return SymVal(sympy.And(_as_bool(ea), _as_bool(eb)), axes, shape)
+    return SymVal(ea * eb, axes, shape)
+
+
+_RULES = {
+    aten.arange.default: _arange, aten.arange.start: _arange, aten.arange.start_step: _arange,
+    aten.ones.default: _filled, aten.zeros.default: _filled, aten.full.default: _filled,
+    aten.ones_like.default: _filled, aten.zeros_like.default: _filled, aten.full_like.default: _filled,
+    aten.new_ones.default: _filled, aten.new_zeros.default: _filled, aten.new_full.default: _filled,
+    aten.add.Tensor: _binary(operator.add), aten.sub.Tensor: _binary(operator.sub),
+    aten.mul.Tensor: _mul, aten.floor_divide.default: _binary(lambda a, b: sympy.floor(a / b)),
+    aten.div.Tensor_mode: _binary(lambda a, b: sympy.floor(a / b)),
+    aten.remainder.Tensor: _binary(sympy.Mod), aten.remainder.Scalar: _binary(sympy.Mod),
+    aten.abs.default: lambda n, env: (lambda a: SymVal(sympy.Abs(a.expr), a.axes, a.shape))(_value(n.args[0], env)),
+    aten.neg.default: lambda n, env: (lambda a: SymVal(-a.expr, a.axes, a.shape))(_value(n.args[0], env)),
+    aten.le.Tensor: _binary(sympy.Le), aten.le.Scalar: _binary(sympy.Le),
+    aten.lt.Tensor: _binary(sympy.Lt), aten.lt.Scalar: _binary(sympy.Lt),
+    aten.ge.Tensor: _binary(sympy.Ge), aten.ge.Scalar: _binary(sympy.Ge),
+    aten.gt.Tensor: _binary(sympy.Gt), aten.gt.Scalar: _binary(sympy.Gt),
+    aten.eq.Tensor: _binary(sympy.Eq), aten.eq.Scalar: _binary(sympy.Eq),
+    aten.ne.Tensor: _binary(sympy.Ne), aten.ne.Scalar: _binary(sympy.Ne),
+    aten.logical_and.default: _andor(sympy.And), aten.bitwise_and.Tensor: _andor(sympy.And),
+    aten.__and__.Tensor: _andor(sympy.And), aten.logical_or.default: _andor(sympy.Or),
+    aten.bitwise_or.Tensor: _andor(sympy.Or), aten.__or__.Tensor: _andor(sympy.Or),
+    aten.logical_not.default: _logical_not, aten.bitwise_not.default: _logical_not,
+    aten.tril.default: _tri(True), aten.triu.default: _tri(False),
+    aten.where.self: _where, aten.where.ScalarOther: _where, aten.where.ScalarSelf: _where,
+    aten.index.Tensor: _index,
+}
+_LAYOUT = {aten.unsqueeze.default, aten.expand.default, aten.view.default, aten.reshape.default,
+           aten._unsafe_view.default, aten.squeeze.dim, aten.squeeze.default, aten.squeeze.dims,
+           aten.slice.Tensor, aten.transpose.int, aten.permute.default, aten.t.default, aten.clone.default,
+           aten.contiguous.default, aten.alias.default, aten._to_copy.default, aten.to.dtype,
+           aten.to.dtype_layout, aten.to.device, aten.lift_fresh_copy.default, aten.detach.default,
+           aten.type_as.default}
+
+
+def _evaluate(node: Node, env) -> SymVal:
+    if node.op == "call_function":
+        if node.target in _RULES:
+            return _RULES[node.target](node, env)
+        if node.target in _LAYOUT:
+            return _layout(node, env)
+    return _runtime(node, env)
+
+
+def lift(node: Node) -> SymVal:
+    """The symbolic value of a mask (or a where-built bias) node."""
+    return _value(node, {})
+
+
+def keep_predicate(node: Node, invert: bool, row_axis: int, col_axis: int) -> sympy.Basic:
+    """The keep predicate of a bool mask over the score position symbols (p, m).
+    row_axis/col_axis: which dims of the mask tensor line up with queries and keys (or None)."""
+    v = lift(node)
+    expr = _as_bool(v.expr)
+    subs = {}
+    if row_axis is not None and v.axes[row_axis] is not None:
+        subs[v.axes[row_axis]] = P_SYM
+    if col_axis is not None and v.axes[col_axis] is not None:
+        subs[v.axes[col_axis]] = M_SYM
+    expr = expr.xreplace(subs)
+    return sympy.Not(expr) if invert else expr
+
+
+def bias_predicate(node: Node, row_axis, col_axis) -> tuple[sympy.Basic, float] | None:
+    """A bias written ``where(keep, 0, fill)``: (keep predicate over p, m, fill)."""
+    v = lift(node)
+    e = v.expr
+    if not isinstance(e, sympy.Piecewise) or len(e.args) != 2:
+        return None
+    (a, cond), (b, _) = e.args
+    if not (a.is_Number and b.is_Number):
+        return None
+    subs = {}
+    if row_axis is not None and v.axes[row_axis] is not None:
+        subs[v.axes[row_axis]] = P_SYM
+    if col_axis is not None and v.axes[col_axis] is not None:
+        subs[v.axes[col_axis]] = M_SYM
+    cond = cond.xreplace(subs)
+    if a == 0:
+        return cond, float(b)
+    if b == 0:
+        return sympy.Not(cond), float(a)
+    return None
+
+
+def _linear_causal(rel) -> int | None:
+    """``m <= p + c`` in any spelling of one integer relation: return c."""
+    if not isinstance(rel, (sympy.Le, sympy.Lt, sympy.Ge, sympy.Gt)):
+        return None
+    d = sympy.expand(rel.lhs - rel.rhs)
+    if d.free_symbols - {P_SYM, M_SYM}:
+        return None
+    cp, cm = d.coeff(P_SYM), d.coeff(M_SYM)
+    c0 = d - cp * P_SYM - cm * M_SYM
+    if not (cp.is_Number and cm.is_Number and c0.is_Number) or cp != -cm or cp == 0:
+        return None
+    # Normalise to k·(m − p) + c0 REL 0 with k > 0.
+    if cm < 0:
+        c0 = -c0
+        rel = {sympy.Le: sympy.Ge, sympy.Lt: sympy.Gt, sympy.Ge: sympy.Le, sympy.Gt: sympy.Lt}[type(rel)]
+        k = -cm
+    else:
+        rel, k = type(rel), cm
+    # m − p REL −c0/k over integers.
+    bound = -c0 / k
+    if rel is sympy.Le:
+        return int(sympy.floor(bound))
+    if rel is sympy.Lt:
+        return int(sympy.ceiling(bound)) - 1
+    return None  # m − p >= c: an upper-triangular (anti-causal) mask
+
+
+def classify(pred: sympy.Basic) -> MaskSpec:
+    """Split a keep predicate into position-only and run-time factors and name it."""
+    pred = sympy.simplify_logic(pred) if pred.free_symbols and len(pred.free_symbols) < 8 else pred
+    if pred is sympy.true:
+        return MaskSpec("dense")
+    factors = list(pred.args) if isinstance(pred, sympy.And) else [pred]
+    runtime = [f for f in factors if f.atoms(sympy.core.function.AppliedUndef) or
+               (f.free_symbols - {P_SYM, M_SYM})]
+    positional = [f for f in factors if f not in runtime]
+    if not positional:
+        return MaskSpec("dense", predicate=str(pred), runtime=bool(runtime))
+    offsets = [_linear_causal(f) for f in positional]
+    if len(positional) == 1 and offsets[0] is not None:
+        return MaskSpec("causal", predicate=str(pred), offset=offsets[0], runtime=bool(runtime))
+    return MaskSpec("arbitrary", predicate=str(pred), runtime=bool(runtime))
+
+
+def check_causal(mask: torch.Tensor, offset: int) -> bool:
+    """The concrete check behind a causal classification: the tensor the graph computed
+    (keep = True) equals m <= p + offset everywhere."""
+    n, m = mask.shape[-2], mask.shape[-1]
+    i = torch.arange(n, device=mask.device)[:, None]
+    j = torch.arange(m, device=mask.device)[None, :]
+    return bool(torch.equal(mask.to(torch.bool), (j <= i + offset).expand_as(mask)))

@@ -1,0 +1,71 @@
+"""The pass pipeline over one ATen graph: find sites, plan each, rewrite, report."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.fx import GraphModule
+
+from rewrite.cascade import Cascade
+from rewrite.patterns import find_sites
+from rewrite.report import SiteReport
+
+from .apply import apply_plan
+from .plan import node_device, plan_site
+
+log = logging.getLogger("rewrite")
+
+
+def _shapes(site) -> dict:
+    b = 1
+    for s in site.batch_sizes:
+        b *= s
+    return {"batch": b, "batch_dims": list(site.batch_sizes), "n": site.n, "m": site.m, "e": site.e,
+            "f": site.f, "q": list(site.q.shape), "k": list(site.k.shape), "v": list(site.v.shape)}
+
+
+def rewrite_graph(gm: GraphModule, backend: str) -> tuple[GraphModule, list[SiteReport]]:
+    reports: list[SiteReport] = []
+    original_passes = Cascade.softmax_attention().pass_count()
+    online_passes = Cascade.online_softmax_attention().pass_count()
+    changed = False
+    for site, reason in find_sites(gm.graph):
+        if site is None:
+            reports.append(SiteReport(variant="unknown", location=reason[0], spelling=reason[1],
+                                      rewritten=False, reason=reason[2],
+                                      pass_count={"original": original_passes}))
+            continue
+        device = node_device(site.out_node)
+        try:
+            plan = plan_site(site, backend, device)
+        except Exception as exc:  # a site the passes cannot prove is left untouched
+            log.info("site at %s left alone: %s", site.location, exc)
+            reports.append(SiteReport(variant="unknown", location=site.location, spelling=site.spelling,
+                                      rewritten=False, reason=f"analysis failed: {exc}",
+                                      pass_count={"original": original_passes}))
+            continue
+        cascade = plan.cascade
+        rep = SiteReport(
+            variant=plan.variant, location=site.location, spelling=site.spelling, rewritten=True,
+            kernel=plan.kernel, cascade=str(cascade),
+            rewritten_cascade=str(Cascade.online_softmax_attention(mask=cascade.einsums[0].mask)),
+            mask=plan.mask.describe(), shapes=_shapes(site), flops=plan.flops, density=plan.density,
+            pass_count={"original": original_passes, "rewritten": online_passes},
+            gqa=site.gqa_groups > 1, notes=list(plan.notes), cascade_ir=cascade)
+        apply_plan(gm.graph, plan)
+        changed = True
+        reports.append(rep)
+    if changed:
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+    return gm, reports
+
+
+def _device_of(gm) -> torch.device | None:
+    for n in gm.graph.nodes:
+        val = n.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            return val.device
+    return None

@@ -1,0 +1,462 @@
+"""Recognise softmax attention, however it is spelled, in an ATen graph.
+
+Inductor writes one torch function per pattern; we normalise first. The graph has
+already been lowered to ATen (so methods, functions, modules and operators are one
+op set); `contraction` reads every matmul spelling as an einsum; `axes` carries named
+axes through layout ops; this module walks the one canonical chain
+
+    contraction(Q, K) → [layout | scale | +bias | mask | cast | eval-dropout]*
+        → softmax over the key axis → [layout | cast | eval-dropout]* → contraction(A, V)
+
+and returns a `Site` with every binding in the canonical layout, or a reason.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+from torch.fx import Graph, Node
+
+from .axes import (
+    AtomSizes,
+    Axes,
+    NoMatch,
+    align_broadcast,
+    canonical_plan,
+    dtype_of,
+    is_layout_op,
+    propagate,
+    shape_of,
+)
+from .contraction import Contraction, as_contraction
+from .site import Site, TensorPlan
+
+aten = torch.ops.aten
+
+# A finite fill value must be this negative for its weight to provably vanish:
+# exp(fill − rowmax) underflows to 0 in float32 once fill < rowmax − 104.
+FINITE_FILL_LIMIT = -1e4
+
+SOFTMAX_OPS = {aten._softmax.default, aten.softmax.int}
+DROPOUT_OPS = {aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default}
+CAST_OPS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.type_as.default}
+
+
+def location_of(node: Node) -> str:
+    """The user's source line for a node (last frame of its stack trace)."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().startswith("File ")]
+    if frames:
+        return frames[-1].replace("File ", "").replace('"', "")
+    src = node.meta.get("nn_module_stack")
+    if src:
+        return str(list(src.values())[-1][0])
+    return node.name
+
+
+def scalar_value(x) -> float | None:
+    """A Python number, or a 0-d tensor the graph holds as a constant."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return float(x)
+    if isinstance(x, Node):
+        if x.op == "get_attr":
+            obj = x.graph.owning_module
+            for part in x.target.split("."):
+                obj = getattr(obj, part, None)
+            if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+                return float(obj.item())
+        if x.op == "call_function" and x.target in (aten.lift_fresh_copy.default, aten.clone.default,
+                                                    *CAST_OPS, aten.detach.default):
+            return scalar_value(x.args[0])
+        if x.op == "call_function" and x.target in (aten.scalar_tensor.default, aten.full.default):
+            arg = x.args[0] if x.target == aten.scalar_tensor.default else x.args[1]
+            return scalar_value(arg)
+        if x.op == "call_function" and x.target == aten.sqrt.default:
+            v = scalar_value(x.args[0])
+            return math.sqrt(v) if v is not None and v >= 0 else None
+    return None
+
+
+# ---- softmax, in any spelling -------------------------------------------------------------
+def _strip(node):
+    while isinstance(node, Node) and node.op == "call_function" and node.target in (
+            aten.detach.default, aten.alias.default):
+        node = node.args[0]
+    return node
+
+
+def _row_max_of(node, x, dim) -> bool:
+    node = _strip(node)
+    if not isinstance(node, Node) or node.op != "call_function":
+        return False
+    if node.target == aten.amax.default:
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        return node.args[0] is x and list(dims) == [dim] and keep
+    if node.target == operator.getitem and node.args[1] == 0:
+        mx = node.args[0]
+        return (mx.op == "call_function" and mx.target == aten.max.dim and mx.args[0] is x
+                and mx.args[1] == dim and (mx.args[2] if len(mx.args) > 2 else False))
+    return False
+
+
+def _norm(d, node):
+    shape = shape_of(node)
+    return d + len(shape) if d < 0 and shape is not None else d
+
+
+def written_softmax(e: Node) -> tuple[Node, int, str] | None:
+    """``exp(x − rowmax(x))`` or ``exp(x)``: return (x, dim, spelling) if e is that and the
+    caller finds its normaliser; dim is read from the normalising sum."""
+    if e.op != "call_function" or e.target != aten.exp.default:
+        return None
+    y = e.args[0]
+    sums = [u for u in e.users if u.op == "call_function" and u.target == aten.sum.dim_IntList
+            and len(u.args[1]) == 1 and (u.args[2] if len(u.args) > 2 else u.kwargs.get("keepdim"))]
+    if len(sums) != 1:
+        return None
+    dim = _norm(sums[0].args[1][0], e)
+    if isinstance(y, Node) and y.op == "call_function" and y.target == aten.sub.Tensor:
+        x, mx = y.args[:2]
+        if isinstance(x, Node) and _row_max_of(mx, x, dim) or _row_max_of(mx, x, dim - len(shape_of(x))):
+            return x, dim, "exp(x − max)/Σ"
+    return y, dim, "exp(x)/Σ (no max subtraction)"
+
+
+def softmax_of(node: Node) -> tuple[Node, int, str] | None:
+    """(input, dim, spelling) if node computes a softmax, normalised before the product."""
+    if node.op != "call_function":
+        return None
+    if node.target in SOFTMAX_OPS:
+        return node.args[0], _norm(node.args[1], node), "softmax"
+    if node.target == aten.div.Tensor and isinstance(node.args[0], Node) and isinstance(node.args[1], Node):
+        e, s = node.args[:2]
+        w = written_softmax(e)
+        if w is not None and s.op == "call_function" and s.target == aten.sum.dim_IntList and s.args[0] is e:
+            return w
+    return None
+
+
+# ---- the score chain, walked backwards to its contraction ---------------------------------
+_CHAIN_UNARY = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.add.Tensor,
+                aten.sub.Tensor, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self,
+                aten.where.ScalarOther, aten.where.ScalarSelf, *DROPOUT_OPS}
+
+
+def _score_arg(node: Node, memo: dict) -> Node | None:
+    """Which argument of a chain node carries the scores (leads back to a contraction)."""
+    cands = [a for a in node.args if isinstance(a, Node)]
+    hits = [a for a in cands if _reaches_contraction(a, memo)]
+    if node.target in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf):
+        hits = [a for a in hits if a is not node.args[0]]
+    if node.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+        hits = [a for a in hits if a is node.args[0]]
+    if len(hits) != 1:
+        return None
+    return hits[0]
+
+
+def _reaches_contraction(node: Node, memo: dict, depth: int = 0) -> bool:
+    if node in memo:
+        return memo[node]
+    ok = False
+    if as_contraction(node) is not None:
+        ok = True
+    elif depth < 40 and node.op == "call_function" and (is_layout_op(node) or node.target in _CHAIN_UNARY):
+        ok = any(_reaches_contraction(a, memo, depth + 1) for a in node.args[:3] if isinstance(a, Node))
+    memo[node] = ok
+    return ok
+
+
+def _chain_back(x: Node) -> tuple[Contraction, list[Node]]:
+    memo: dict = {}
+    chain: list[Node] = []
+    cur = x
+    for _ in range(64):
+        c = as_contraction(cur)
+        if c is not None:
+            return c, list(reversed(chain))
+        if cur.op != "call_function" or not (is_layout_op(cur) or cur.target in _CHAIN_UNARY):
+            raise NoMatch(f"softmax input comes from {cur.target if cur.op == 'call_function' else cur.op}, "
+                          "not from a product of queries and keys")
+        chain.append(cur)
+        nxt = cur.args[0] if is_layout_op(cur) else _score_arg(cur, memo)
+        if nxt is None:
+            raise NoMatch(f"cannot tell which operand of {cur.name} holds the scores")
+        cur = nxt
+    raise NoMatch("score chain too long")
+
+
+def _only_user(node: Node, allowed: Node | None = None) -> None:
+    users = [u for u in node.users if u is not allowed]
+    if allowed is None and len(node.users) != 1 or allowed is not None and users:
+        raise NoMatch(f"{node.name} is also used outside attention (e.g. the weights are returned)")
+
+
+# ---- the recogniser ----------------------------------------------------------------------------
+def _atoms_for(c: Contraction, sizes: AtomSizes) -> tuple[Axes, Axes, Axes]:
+    sa, sb, so = shape_of(c.a), shape_of(c.b), shape_of(c.node)
+    if sa is None or sb is None or so is None:
+        raise NoMatch("shapes unknown")
+    label_size: dict[str, int] = {}
+    for labels, shape in ((c.a_labels, sa), (c.b_labels, sb), (c.out_labels, so)):
+        for lab, s in zip(labels, shape):
+            if lab and s != 1:
+                if label_size.setdefault(lab, s) != s:
+                    raise NoMatch("inconsistent contraction sizes")
+    for lab, s in label_size.items():
+        sizes.sizes[f"{lab}@qk"] = s
+
+    def axes(labels, shape):
+        return tuple((f"{lab}@qk",) if lab and s != 1 else () for lab, s in zip(labels, shape))
+
+    return axes(c.a_labels, sa), axes(c.b_labels, sb), axes(c.out_labels, so)
+
+
+def match_softmax_attention(sm: Node) -> Site:
+    """Match the attention around softmax node ``sm`` (or a written-out softmax's div)."""
+    found = softmax_of(sm)
+    if found is None:
+        raise NoMatch("not a softmax")
+    x, dim, sm_spelling = found
+    qk, chain = _chain_back(x)
+    sizes = AtomSizes({})
+    a_axes, b_axes, axes = _atoms_for(qk, sizes)
+    nodes = [qk.node]
+    scale = qk.alpha
+    biases: list[TensorPlan] = []
+    keeps: list[tuple[Node, Axes, bool]] = []
+    bias_raw: list[tuple[Node, Axes, bool, float]] = []
+    fill: float | None = None
+    finite_fill_seen = False
+    spelling = [qk.spelling]
+    if qk.added is not None and qk.beta != 0:
+        if isinstance(qk.added, Node):
+            bias_raw.append((qk.added, align_broadcast(shape_of(qk.added), axes, sizes), False, qk.beta))
+        spelling.append("+bias")
+    for node in chain:
+        _only_user(node) if node is not chain[-1] else None
+        nodes.append(node)
+        t = node.target
+        if is_layout_op(node):
+            axes = propagate(node, axes, sizes)
+            continue
+        if t in DROPOUT_OPS:
+            p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+            train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+            if train and p > 0:
+                raise NoMatch("dropout in training mode (its random mask is not reproduced)")
+            continue
+        others = [a for a in node.args if a is not _score_of(node, chain)]
+        if t in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar):
+            val = scalar_value(others[0]) if others else None
+            if val is None:
+                raise NoMatch(f"scores multiplied by a tensor ({node.name}), not by a scalar")
+            factor = val if t in (aten.mul.Tensor, aten.mul.Scalar) else 1.0 / val
+            if factor <= 0:
+                raise NoMatch("a non-positive scale")
+            scale *= factor
+            bias_raw = [(n, a, neg, f * factor) for n, a, neg, f in bias_raw]
+            if fill is not None and math.isfinite(fill):
+                fill *= factor
+            spelling.append("scale")
+            continue
+        if t in (aten.add.Tensor, aten.sub.Tensor):
+            other = others[0]
+            alpha = node.kwargs.get("alpha", 1)
+            neg = t == aten.sub.Tensor
+            if neg and node.args[0] is not _score_of(node, chain):
+                raise NoMatch("scores subtracted from a tensor")
+            if isinstance(other, Node) and shape_of(other) is not None and len(shape_of(other)) > 0:
+                if finite_fill_seen:
+                    raise NoMatch("a bias added after a finite masked_fill")
+                bias_raw.append((other, align_broadcast(shape_of(other), axes, sizes), neg, float(alpha)))
+                spelling.append("+bias")
+                continue
+            val = scalar_value(other)
+            if val is not None and math.isfinite(val):
+                spelling.append("+const (softmax ignores it)")
+                continue
+            raise NoMatch(f"scores added to {other}")
+        if t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self, aten.where.ScalarOther,
+                 aten.where.ScalarSelf):
+            if t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+                mask_node, value, invert = node.args[1], node.args[2], True
+            else:
+                cond, a, b = node.args[:3]
+                score = _score_of(node, chain)
+                mask_node, value, invert = (cond, b, False) if a is score else (cond, a, True)
+            val = scalar_value(value)
+            if val is None or not isinstance(mask_node, Node):
+                raise NoMatch(f"{node.name}: masked with a non-constant value")
+            if dtype_of(mask_node) != torch.bool:
+                raise NoMatch(f"{node.name}: the mask is not boolean")
+            if val == float("-inf"):
+                if finite_fill_seen:
+                    raise NoMatch("-inf and finite masked_fill values mixed")
+                fill = val
+            elif val <= FINITE_FILL_LIMIT:
+                if fill is not None and fill != val:
+                    raise NoMatch("masked_fill values differ")
+                fill, finite_fill_seen = val, True
+            else:
+                raise NoMatch(f"masked_fill value {val} is not small enough to prove masked weights vanish")
+            keeps.append((mask_node, align_broadcast(shape_of(mask_node), axes, sizes), invert))
+            spelling.append("masked_fill" if t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor)
+                            else "where")
+            continue
+        raise NoMatch(f"unsupported op {t} between the two products")
+
+    # The softmax axis names the keys; the operand holding them is K.
+    if not (0 <= dim < len(axes)) or not axes[dim]:
+        raise NoMatch("softmax over a size-1 axis")
+    m_atoms = list(axes[dim])
+    a_set = {a for ax in a_axes for a in ax}
+    b_set = {a for ax in b_axes for a in ax}
+    out_set = {a for ax in axes for a in ax}
+    if all(a in b_set and a not in a_set for a in m_atoms):
+        q_op, k_op, q_axes, k_axes = qk.a, qk.b, a_axes, b_axes
+    elif all(a in a_set and a not in b_set for a in m_atoms):
+        q_op, k_op, q_axes, k_axes = qk.b, qk.a, b_axes, a_axes
+        spelling.append("scores transposed")
+    else:
+        raise NoMatch("softmax is not over the key axis of the product")
+    q_set = {a for ax in q_axes for a in ax}
+    k_set = {a for ax in k_axes for a in ax}
+    e_atoms = [a for ax in q_axes for a in ax if a in k_set and a not in out_set]
+    n_atoms = [a for ax in axes for a in ax if a in q_set and a not in k_set]
+    batch = [a for ax in axes for a in ax if a in q_set and a in k_set]
+    batch += [a for ax in axes for a in ax if a not in q_set and a not in k_set]
+    batch += [a for ax in axes for a in ax if a in k_set and a not in q_set and a not in m_atoms]
+    batch = list(dict.fromkeys(batch))
+    if not n_atoms or not e_atoms:
+        raise NoMatch("the product has no query or no contracted embedding axis")
+    if [a for ax in q_axes for a in ax if a not in k_set and a not in out_set]:
+        raise NoMatch("the query operand sums over an axis of its own")
+
+    # Forward from the softmax to the product with V.
+    a_chain_axes = axes
+    cur = sm
+    post = []
+    for _ in range(32):
+        if len(cur.users) != 1:
+            raise NoMatch("the attention weights are also used outside the product with V")
+        nxt = next(iter(cur.users))
+        if as_contraction(nxt) is not None:
+            break
+        if is_layout_op(nxt):
+            a_chain_axes = propagate(nxt, a_chain_axes, sizes)
+        elif nxt.target in DROPOUT_OPS:
+            p = nxt.args[1] if len(nxt.args) > 1 else 0.5
+            train = nxt.args[2] if len(nxt.args) > 2 else True
+            if train and p > 0:
+                raise NoMatch("dropout in training mode (its random mask is not reproduced)")
+        else:
+            raise NoMatch(f"the attention weights go through {nxt.target} before the product with V")
+        post.append(nxt)
+        cur = nxt
+    else:
+        raise NoMatch("no product with V")
+    av = as_contraction(nxt)
+    if av.a is cur:
+        a_labels, v_node, v_labels = av.a_labels, av.b, av.b_labels
+    elif av.b is cur:
+        a_labels, v_node, v_labels = av.b_labels, av.a, av.a_labels
+    else:
+        raise NoMatch("the weights reach the product only through its added input")
+    if av.added is not None and av.beta != 0:
+        raise NoMatch("the product with V adds a tensor")
+    label_atoms = {lab: ax for lab, ax in zip(a_labels, a_chain_axes) if lab}
+    for lab in av.contracted:
+        if set(label_atoms.get(lab, ())) - set(m_atoms):
+            raise NoMatch("the product with V contracts an axis other than the keys")
+    contracted_atoms = [a for lab in av.contracted for a in label_atoms.get(lab, ())]
+    if sorted(contracted_atoms) != sorted(m_atoms):
+        raise NoMatch("the product with V does not sum over every key")
+    sv = shape_of(v_node)
+    v_axes = []
+    f_atoms = []
+    for lab, s in zip(v_labels, sv):
+        if lab in label_atoms:
+            ax = label_atoms[lab]
+            if s == 1 and sizes.of(ax) != 1:
+                v_axes.append(())
+            elif s != sizes.of(ax):
+                raise NoMatch("V does not line up with the weights")
+            else:
+                v_axes.append(ax)
+        elif s == 1 or not lab:
+            v_axes.append(())
+        else:
+            atom = f"{lab}@v"
+            sizes.sizes[atom] = s
+            f_atoms.append(atom)
+            v_axes.append((atom,))
+    if not f_atoms:
+        raise NoMatch("V has no value-embedding axis")
+    so = shape_of(av.node)
+    out_axes = []
+    for lab, s in zip(av.out_labels, so):
+        if lab in label_atoms:
+            out_axes.append(label_atoms[lab] if s != 1 else ())
+        else:
+            idx = list(v_labels).index(lab) if lab in v_labels else None
+            out_axes.append(v_axes[idx] if idx is not None and s != 1 else ())
+    out_atoms = [a for ax in out_axes for a in ax]
+    if sorted(out_atoms) != sorted([a for a in batch + n_atoms + f_atoms if sizes.sizes[a] != 1]):
+        raise NoMatch("the output of the product with V is not [batch, queries, values]")
+    out_node = av.node
+    nodes += [sm, *post, av.node]
+
+    def plan(node, node_axes, rows, cols, what, **kw):
+        perm, shape = canonical_plan(node_axes, (batch, rows, cols), sizes, what)
+        rows_dim = next((d for d, ax in enumerate(node_axes) if ax and list(ax) == list(rows)), None)
+        cols_dim = next((d for d, ax in enumerate(node_axes) if ax and list(ax) == list(cols)), None)
+        return TensorPlan(node, perm, shape, rows_dim=rows_dim, cols_dim=cols_dim, **kw)
+
+    site = Site(
+        spelling=" → ".join([*spelling, sm_spelling, av.spelling]),
+        location=location_of(sm),
+        q=plan(q_op, q_axes, n_atoms, e_atoms, "the query"),
+        k=plan(k_op, k_axes, m_atoms, e_atoms, "the key"),
+        v=plan(v_node, tuple(v_axes), m_atoms, f_atoms, "the value"),
+        out_node=out_node, out_perm=[], out_shape=list(so), out_dtype=dtype_of(out_node),
+        scale=scale, fill=fill, nodes=nodes,
+        batch_sizes=[sizes.sizes[a] for a in batch],
+        n=math.prod(sizes.sizes[a] for a in n_atoms), m=math.prod(sizes.sizes[a] for a in m_atoms),
+        e=math.prod(sizes.sizes[a] for a in e_atoms), f=math.prod(sizes.sizes[a] for a in f_atoms),
+    )
+    for node, node_axes, neg, factor in bias_raw:
+        site.biases.append(plan(node, node_axes, n_atoms, m_atoms, "a bias", negate=neg, factor=factor))
+    for node, node_axes, invert in keeps:
+        site.keeps.append(plan(node, node_axes, n_atoms, m_atoms, "a mask", invert=invert))
+    # From canonical [*batch, N, F] back to the graph's layout of the output.
+    canon_atoms = [*batch, *n_atoms, *f_atoms]
+    order = [canon_atoms.index(a) for ax in out_axes for a in ax]
+    site.out_perm = order + [i for i in range(len(canon_atoms)) if i not in order]
+    site.out_atoms_sizes = [sizes.sizes[a] for a in canon_atoms]
+    if sm_spelling.startswith("exp(x)/Σ"):
+        site.notes.append("softmax written without the max subtraction: the rewrite is the stable form "
+                          "(eager overflows to NaN for scores above ~88)")
+    if fill is not None and math.isfinite(fill):
+        site.notes.append(f"masked_fill({fill:g}): masked weights vanish as long as kept scores exceed "
+                          f"{fill + 104:g}; fully-masked rows average V as eager does")
+    return site
+
+
+def _score_of(node: Node, chain: list[Node]) -> Node | None:
+    """The argument of ``node`` that is the previous link of the chain (or the contraction)."""
+    for a in node.args:
+        if isinstance(a, Node) and (a in chain or as_contraction(a) is not None):
+            return a
+    return None
+
+
+def find_softmax_candidates(graph: Graph) -> list[Node]:
+    out = []
+    for node in graph.nodes:
+        if softmax_of(node) is not None:
+            out.append(node)
+    return out

@@ -1,0 +1,127 @@
+"""The torch.compile backend: each captured graph → ATen → sites → plans → rewritten graph.
+
+Dynamo hands over one fx graph per captured region (graph breaks give several). On the
+first call of each we lower it to ATen with ``make_fx`` (pre-dispatch, so it stays
+differentiable and keeps composite ops such as ``scaled_dot_product_attention``),
+recognise attention, plan, rewrite, and from then on run the rewritten graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch.fx import GraphModule
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from .errors import RewriteMismatch
+from .report import Report, SiteReport
+
+log = logging.getLogger("rewrite")
+if os.environ.get("REWRITE_LOG", "").lower() == "debug":
+    logging.basicConfig()
+    log.setLevel(logging.DEBUG)
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def _is_dynamic(gm: GraphModule) -> bool:
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        ev = node.meta.get("example_value")
+        if isinstance(ev, torch.SymInt):
+            return True
+        if isinstance(ev, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in ev.shape):
+            return True
+    return False
+
+
+class RewrittenGraph:
+    """A Dynamo graph, rewritten lazily on its first call (with real inputs in hand)."""
+
+    def __init__(self, gm: GraphModule, backend: str, verify: bool, report: Report | None):
+        self.gm = gm
+        self.backend = backend
+        self.verify = verify
+        self.report = report
+        self.graph_index = report.graphs if report is not None else 0
+        if report is not None:
+            report.graphs += 1
+        self.run = None
+
+    def __call__(self, *args):
+        if self.run is None:
+            self.run = self._build(args)
+        return self.run(*args)
+
+    def _build(self, args):
+        from rewrite.passes.pipeline import rewrite_graph
+
+        if _is_dynamic(self.gm):
+            self._skip("dynamic shapes: left alone (rewrite.compile marks shapes static; "
+                       "pass dynamic=False to torch.compile)")
+            return self.gm.forward
+        try:
+            # preserve_node_meta carries each Dynamo node's stack trace onto its ATen nodes,
+            # so reports and errors can name the user's source line.
+            interp = torch.fx.Interpreter(self.gm)
+            with torch.fx.traceback.preserve_node_meta():
+                aten_gm = make_fx(interp.run, tracing_mode="fake", pre_dispatch=True)(*args)
+        except Exception as exc:  # a graph make_fx cannot lower is left exactly as it was
+            self._skip(f"could not lower to ATen ({type(exc).__name__}: {str(exc)[:120]})")
+            return self.gm.forward
+        new_gm, sites = rewrite_graph(aten_gm, self.backend)
+        for s in sites:
+            s.graph = self.graph_index
+        if self.report is not None:
+            self.report.sites.extend(sites)
+        if self.verify and any(s.rewritten for s in sites):
+            _verify(aten_gm, new_gm, sites, args)
+        return new_gm
+
+    def _skip(self, why: str) -> None:
+        log.info("graph %d left alone: %s", self.graph_index, why)
+        if self.report is not None:
+            self.report.skipped_graphs.append(why)
+
+
+def _verify(original: GraphModule, rewritten: GraphModule, sites: list[SiteReport], args) -> None:
+    """Run both graphs on the first call's inputs and compare every output."""
+    with torch.no_grad():
+        want = original(*args)
+        got = rewritten(*args)
+    want = want if isinstance(want, (tuple, list)) else (want,)
+    got = got if isinstance(got, (tuple, list)) else (got,)
+    for w, g in zip(want, got):
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+            continue
+        tol = {torch.float64: 1e-7, torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}
+        t = tol.get(w.dtype, 1e-3)
+        same_nan = torch.equal(torch.isnan(w), torch.isnan(g))
+        ok = same_nan and torch.allclose(torch.nan_to_num(g.float()), torch.nan_to_num(w.float()),
+                                         atol=t * 4, rtol=t * 4)
+        if not ok:
+            where = ", ".join(s.location for s in sites if s.rewritten)
+            err = (g.float() - w.float()).abs().nan_to_num(float("inf")).max().item()
+            raise RewriteMismatch(
+                f"rewrite verify: the rewritten graph differs from the original (max abs error {err:.3g}, "
+                f"NaNs {'match' if same_nan else 'differ'}) at site(s): {where}. Compile with "
+                "backend='torch' or report this spelling.")
+
+
+def make_backend(backend: str = "auto", verify: bool = False, report: Report | None = None):
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+    def compiler(gm: GraphModule, example_inputs):
+        return RewrittenGraph(gm, backend, verify, report)
+
+    return compiler
+
+
+def rewrite_backend(gm: GraphModule, example_inputs, **options):
+    """``torch.compile(model, backend="rewrite")`` (registered as an entry point)."""
+    backend = options.get("backend", "auto")
+    return make_backend(backend, bool(options.get("verify", False)))(gm, example_inputs)

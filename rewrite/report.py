@@ -1,0 +1,96 @@
+"""What was found, what it proves, what runs: one entry per attention site."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .cascade import Cascade
+
+
+@dataclass
+class SiteReport:
+    variant: str
+    location: str
+    spelling: str
+    rewritten: bool
+    reason: str | None = None
+    kernel: str | None = None
+    cascade: str = ""
+    rewritten_cascade: str = ""
+    mask: str = "none"
+    shapes: dict[str, Any] = field(default_factory=dict)
+    flops: int = 0
+    density: float = 1.0
+    pass_count: dict[str, int] = field(default_factory=dict)
+    gqa: bool = False
+    notes: list[str] = field(default_factory=list)
+    graph: int = 0  # which captured graph (graph breaks make several)
+    cascade_ir: Cascade | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("cascade_ir", None)
+        return d
+
+
+@dataclass
+class Report:
+    sites: list[SiteReport] = field(default_factory=list)
+    graphs: int = 0
+    skipped_graphs: list[str] = field(default_factory=list)
+
+    @property
+    def rewritten(self) -> list[SiteReport]:
+        return [s for s in self.sites if s.rewritten]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"graphs": self.graphs, "skipped_graphs": list(self.skipped_graphs),
+                "sites": [s.to_dict() for s in self.sites]}
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), **kw)
+
+    def table(self):
+        from rich.table import Table
+
+        t = Table(title=f"rewrite: {len(self.sites)} attention site(s) in {self.graphs} graph(s)")
+        for col in ("#", "variant", "location", "spelling", "mask", "shape (B·H, N, M, E, F)", "GFLOP",
+                    "passes", "kernel / reason"):
+            t.add_column(col, overflow="fold")
+        for i, s in enumerate(self.sites):
+            sh = s.shapes
+            shape = f"{sh.get('batch')}, {sh.get('n')}, {sh.get('m')}, {sh.get('e')}, {sh.get('f')}"
+            passes = f"{s.pass_count.get('original', '?')} → {s.pass_count.get('rewritten', '?')}"
+            t.add_row(str(i), s.variant, s.location, s.spelling, s.mask, shape, f"{s.flops / 1e9:.3g}",
+                      passes, s.kernel if s.rewritten else f"left alone: {s.reason}")
+        return t
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        console = Console(width=160, record=True, file=_Null())
+        console.print(self.table())
+        for i, s in enumerate(self.sites):
+            console.print(f"[bold]site {i}[/bold] ({s.variant}) at {s.location}")
+            console.print("  cascade:\n    " + s.cascade.replace("\n", "\n    "), markup=False)
+            if s.rewritten_cascade:
+                console.print(f"  runs as the {s.pass_count.get('rewritten')}-pass cascade "
+                              f"(online softmax) in kernel {s.kernel}", markup=False)
+            for n in s.notes:
+                console.print(f"  note: {n}", markup=False)
+        for g in self.skipped_graphs:
+            console.print(f"graph left alone: {g}", markup=False)
+        return console.export_text()
+
+    def __repr__(self) -> str:
+        return f"Report({len(self.sites)} sites, {len(self.rewritten)} rewritten)"
+
+
+class _Null:
+    def write(self, *_):
+        return 0
+
+    def flush(self):
+        pass
