@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import torch
-from torch.fx import Graph, Node
-
 import rewrite.codegen.ops  # noqa: F401  (registers torch.ops.rewrite.*)
+import torch
 from rewrite.patterns.site import TensorPlan
+from torch.fx import Graph, Node
 
 from .plan import Plan
 

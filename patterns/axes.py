@@ -204,7 +204,7 @@ def align_broadcast(tensor_shape: Sequence[int], target: Axes, sizes: AtomSizes)
 
 
 def canonical_plan(axes: Axes, groups: Sequence[Sequence[str]], sizes: AtomSizes,
-                   what: str) -> tuple[list[int], list[int]]:
+                   what: str, broadcast_ok: bool = False) -> tuple[list[int], list[int]]:
     """A permutation and a shape that turn a tensor with ``axes`` into the canonical
     layout ``[*one dim per atom of groups[0], prod(groups[1]), prod(groups[2])]``.
 
@@ -216,7 +216,7 @@ def canonical_plan(axes: Axes, groups: Sequence[Sequence[str]], sizes: AtomSizes
         for a in axis:
             where[a] = d
     for a in [*rows, *cols]:
-        if a not in where and sizes.sizes.get(a, 1) != 1:
+        if not broadcast_ok and a not in where and sizes.sizes.get(a, 1) != 1:
             raise NoMatch(f"{what} lacks its {a} axis")
     order: list[int] = []
     for group in (batch, rows, cols):
@@ -240,4 +240,7 @@ def canonical_plan(axes: Axes, groups: Sequence[Sequence[str]], sizes: AtomSizes
         shape[-2] = 1
     if not any(a in where for a in cols):
         shape[-1] = 1
+    if broadcast_ok and any(a not in where for a in [*rows, *cols]) and not (
+            all(a in where for a in rows) or not any(a in where for a in rows)):
+        raise NoMatch(f"{what} covers part of the query axes")
     return perm, shape

@@ -139,6 +139,21 @@ def softmax_of(node: Node) -> tuple[Node, int, str] | None:
     return None
 
 
+def late_softmax(e: Node) -> tuple[Node, int, str, Node] | None:
+    """``exp(x − max)`` whose normaliser divides the product with V instead of the weights:
+    ``(E @ v) / E.sum(-1, keepdim=True)``. Returns (x, dim, spelling, the sum node)."""
+    w = written_softmax(e)
+    if w is None:
+        return None
+    x, dim, spelling = w
+    sums = [u for u in e.users if u.target == aten.sum.dim_IntList]
+    if len(sums) != 1 or len(e.users) != 2:
+        return None
+    if any(u.target == aten.div.Tensor and u.args[1] is sums[0] and u.args[0] is e for u in sums[0].users):
+        return None  # normalised before the product: softmax_of handles it
+    return x, dim, spelling.replace("/Σ", "") + " → product → ÷Σ", sums[0]
+
+
 # ---- the score chain, walked backwards to its contraction ---------------------------------
 _CHAIN_UNARY = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.add.Tensor,
                 aten.sub.Tensor, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self,
@@ -218,15 +233,19 @@ def _atoms_for(c: Contraction, sizes: AtomSizes) -> tuple[Axes, Axes, Axes]:
 def match_softmax_attention(sm: Node) -> Site:
     """Match the attention around softmax node ``sm`` (or a written-out softmax's div)."""
     found = softmax_of(sm)
+    late_sum = None
     if found is None:
-        raise NoMatch("not a softmax")
-    x, dim, sm_spelling = found
+        late = late_softmax(sm)
+        if late is None:
+            raise NoMatch("not a softmax")
+        x, dim, sm_spelling, late_sum = late
+    else:
+        x, dim, sm_spelling = found
     qk, chain = _chain_back(x)
     sizes = AtomSizes({})
     a_axes, b_axes, axes = _atoms_for(qk, sizes)
     nodes = [qk.node]
     scale = qk.alpha
-    biases: list[TensorPlan] = []
     keeps: list[tuple[Node, Axes, bool]] = []
     bias_raw: list[tuple[Node, Axes, bool, float]] = []
     fill: float | None = None
@@ -341,9 +360,10 @@ def match_softmax_attention(sm: Node) -> Site:
     cur = sm
     post = []
     for _ in range(32):
-        if len(cur.users) != 1:
+        users = [u for u in cur.users if u is not late_sum]
+        if len(users) != 1:
             raise NoMatch("the attention weights are also used outside the product with V")
-        nxt = next(iter(cur.users))
+        nxt = users[0]
         if as_contraction(nxt) is not None:
             break
         if is_layout_op(nxt):
@@ -409,9 +429,25 @@ def match_softmax_attention(sm: Node) -> Site:
         raise NoMatch("the output of the product with V is not [batch, queries, values]")
     out_node = av.node
     nodes += [sm, *post, av.node]
+    if late_sum is not None:
+        # The division by Σ must line up with the product's output: [.., N, 1] against [.., N, F].
+        divs = [u for u in av.node.users if u.target == aten.div.Tensor and u.args[0] is av.node
+                and u.args[1] is late_sum]
+        if len(divs) != 1 or len(av.node.users) != 1:
+            raise NoMatch("the product with unnormalised weights is not divided by their sum")
+        sum_axes = tuple(() if i == dim else ax for i, ax in enumerate(axes))
+        try:
+            aligned = align_broadcast([sizes.of(ax) for ax in sum_axes], tuple(out_axes), sizes)
+        except NoMatch:
+            raise NoMatch("the normaliser does not line up with the output") from None
+        if [a for ax in aligned for a in ax] != [a for ax in sum_axes for a in ax]:
+            raise NoMatch("the normaliser does not line up with the output")
+        out_node = divs[0]
+        nodes += [late_sum, out_node]
 
     def plan(node, node_axes, rows, cols, what, **kw):
-        perm, shape = canonical_plan(node_axes, (batch, rows, cols), sizes, what)
+        perm, shape = canonical_plan(node_axes, (batch, rows, cols), sizes, what,
+                                     broadcast_ok=what in ("a bias", "a mask"))
         rows_dim = next((d for d, ax in enumerate(node_axes) if ax and list(ax) == list(rows)), None)
         cols_dim = next((d for d, ax in enumerate(node_axes) if ax and list(ax) == list(cols)), None)
         return TensorPlan(node, perm, shape, rows_dim=rows_dim, cols_dim=cols_dim, **kw)
@@ -457,6 +493,6 @@ def _score_of(node: Node, chain: list[Node]) -> Node | None:
 def find_softmax_candidates(graph: Graph) -> list[Node]:
     out = []
     for node in graph.nodes:
-        if softmax_of(node) is not None:
+        if softmax_of(node) is not None or late_softmax(node) is not None:
             out.append(node)
     return out
