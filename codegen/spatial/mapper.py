@@ -231,7 +231,7 @@ def map_cascade(cascade: Cascade, arch: Architecture, kind: str = "fusemax", *,
     live_at = lambda tp: _live_words(mapped, levels, sizes, tp)  # noqa: E731
     spill = 0.0
     if not fused:
-        tile_p, live, resident = P, 0, 0
+        tile_p, live, resident = P, 0, staging  # each kernel stages tiles of its operands
     elif kind == "flat":
         # Largest power-of-two query tile (at least the array's rows) whose cross-pass
         # fibers, its Q/output rows and the K/V staging fit; else spill what does not fit.
