@@ -174,6 +174,10 @@ def _triton(q, k, v, bias, mask, scale, causal, causal_offset, masked_row) -> to
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
               mask: torch.Tensor | None, scale: float, causal: bool, causal_offset: int,
               masked_row: str, kernel: str, out_dtype: torch.dtype) -> torch.Tensor:
+    if (kernel == "sdpa" and bias is None and mask is None and q.dim() == 4 and q.dtype == k.dtype == v.dtype
+            and q.shape[:-2] == k.shape[:-2] == v.shape[:-2] and (not causal or causal_offset == 0)):
+        # The common case, without the general path's bookkeeping.
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale).to(out_dtype)
     if kernel == "sdpa":
         out = _sdpa(q, k, v, bias, mask, scale, causal, causal_offset, masked_row)
     elif kernel == "triton":

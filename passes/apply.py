@@ -17,8 +17,10 @@ def _canonical(graph: Graph, tp: TensorPlan) -> Node:
     if tp.perm != list(range(len(tp.perm))):
         node = graph.call_function(aten.permute.default, (node, tp.perm))
     shape = tuple(tp.node.meta["val"].shape)
-    if tuple(tp.shape) != tuple(shape[d] for d in tp.perm):
-        node = graph.call_function(aten.reshape.default, (node, tp.shape))
+    # Fused kernels want [B, H, N, E]: pad missing batch dims with size 1.
+    target = [1] * max(0, 4 - len(tp.shape)) + list(tp.shape)
+    if tuple(target) != tuple(shape[d] for d in tp.perm):
+        node = graph.call_function(aten.reshape.default, (node, target))
     if tp.negate:
         node = graph.call_function(aten.neg.default, (node,))
     if tp.factor != 1.0:
