@@ -13,6 +13,7 @@ NaNs must sit exactly where the reference has them (fully-masked rows).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -20,7 +21,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rewrite.codegen.triton_attention import AttentionConfig, triton_attention
+from rewrite.codegen.triton_attention import AttentionConfig, choose_config, triton_attention
 
 TOL: dict[torch.dtype, tuple[float, float, float]] = {  # (norm-relative, atol, rtol)
     torch.float32: (1e-5, 1e-5, 1e-4),
@@ -88,8 +89,11 @@ cpu = pytest.mark.skipif(torch.cuda.is_available() and os.environ.get("TRITON_IN
                          reason="interpreter tests run on the CPU")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# None: the interpreter's default table entry; tma=True: the Hopper TMA-descriptor path, which the
+# interpreter also runs (zero-filled out-of-bounds loads, clipped stores) where strides allow it.
 CONFIGS = [None, AttentionConfig(16, 16, 4, 1), AttentionConfig(16, 32, 4, 1),
-           AttentionConfig(64, 16, 4, 1)]
+           AttentionConfig(64, 16, 4, 1), AttentionConfig(32, 16, 4, 1, tma=True),
+           AttentionConfig(16, 32, 4, 1, tma=True)]
 
 
 @st.composite
@@ -249,11 +253,14 @@ def test_gpu_bf16_real_sizes(n: int, d: int, causal: bool) -> None:
     gen = torch.Generator(device="cuda").manual_seed(n + d)
     b, h = 2, 4
     q, k, v = (randn((b, h, n, d), torch.bfloat16, "contiguous", gen, "cuda") for _ in range(3))
-    _poison_allocator(b * h * n * d)
-    out, lse = triton_attention(q, k, v, scale=d**-0.5, causal=causal, return_lse=True)
     ref, ref_lse = reference(q, k, v, d**-0.5, causal=causal)
-    check(out, ref, torch.bfloat16, f"n={n} d={d} causal={causal}")
-    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-3, rtol=1e-4)
+    table = choose_config(d, d, torch.bfloat16, q.device, causal)
+    # the table's choice (pointer loads) and the same tiles through TMA descriptors
+    for cfg in (None, dataclasses.replace(table, tma=True)):
+        _poison_allocator(b * h * n * d)
+        out, lse = triton_attention(q, k, v, scale=d**-0.5, causal=causal, return_lse=True, config=cfg)
+        check(out, ref, torch.bfloat16, f"n={n} d={d} causal={causal} {cfg}")
+        torch.testing.assert_close(lse.double(), ref_lse, atol=1e-3, rtol=1e-4)
 
 
 @pytest.mark.gpu
