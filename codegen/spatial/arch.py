@@ -157,11 +157,13 @@ def _check(type_name: str, value: Any, path: str) -> Any:
             return None
         raise ArchitectureError(f"field {path} must not be empty")
     want_int = type_name.startswith("int")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (want_int and value != int(value)):
-        raise ArchitectureError(f"field {path} must be {'an integer' if want_int else 'a number'}, "
-                                f"got {value!r}")
+    kind = "an integer" if want_int else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ArchitectureError(f"field {path} must be {kind}, got {value!r}")
     if value < 0:
         raise ArchitectureError(f"field {path} must not be negative, got {value}")
+    if want_int and value != int(value):
+        raise ArchitectureError(f"field {path} must be {kind}, got {value!r}")
     if value == 0 and not path.startswith("energy."):
         raise ArchitectureError(f"field {path} must be positive, got {value}")
     return int(value) if want_int else float(value)

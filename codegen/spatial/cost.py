@@ -129,10 +129,12 @@ def _traffic(mapping: Mapping, costs: dict[str, EinsumCost]) -> tuple[list[float
             fams = {rank_family(r) for r in ref.ranks}
             words = _tensor_words(mapping, ref.ranks)
             if "m" in fams and "p" not in fams:
-                m_passes = {place[e.name].pass_index for e in c.einsums
-                            if any(i.name == name for i in e.inputs)}
+                readers = [e for e in c.einsums if any(i.name == name for i in e.inputs)]
+                m_passes = {place[e.name].pass_index for e in readers}
+                # Re-streamed for every query tile only when read next to the queries.
+                per_tile = tiles if any(score_shaped(e) for e in readers) else 1
                 dens = mapping.density if mapping.skip_masked else 1.0
-                words *= max(1.0, tiles * max(1, len(m_passes)) * dens)
+                words *= max(1.0, per_tile * max(1, len(m_passes)) * dens)
             dram[0] += words
         dram[0] += sum(_tensor_words(mapping, prod[o].output.ranks) for o in c.outputs)
         for e, later in _cross_pass_tensors(c, {pl.einsum: pl.pass_index for pl in mapping.placements}):

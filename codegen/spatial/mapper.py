@@ -20,7 +20,7 @@ passes over m re-stream K and V instead of spilling scores.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from rewrite.cascade import Cascade, Einsum, rank_family
 
@@ -105,7 +105,8 @@ def _bind(e: Einsum, cascade: Cascade, arch: Architecture, kind: str, fused_sub:
           reduces: bool) -> tuple[str, float]:
     c2 = op_cycles(e, arch.array_2d, fused_sub=fused_sub, reduces=reduces)
     c1 = op_cycles(e, arch.array_1d, fused_sub=fused_sub, reduces=reduces)
-    if is_contraction(e) and c2 is not None:
+    # Contractions and running multiply-accumulates (a state += outer product) are MACs.
+    if (is_contraction(e) or e.map_op == "fma") and c2 is not None:
         return "2d", c2
     want_2d = kind in ("fusemax", "sparse") and walks_score_tile(e, cascade)
     if want_2d and c2 is not None:
@@ -119,6 +120,33 @@ def _bind(e: Einsum, cascade: Cascade, arch: Architecture, kind: str, fused_sub:
         f"{', reduce ' + e.reduce_op if e.reduce_op else ''}) on {arch.name}: the 2-D array does "
         f"{list(arch.array_2d.ops)}{' and exp' if arch.array_2d.exp_cycles else ''}, the 1-D array "
         f"{list(arch.array_1d.ops)}{' and exp' if arch.array_1d.exp_cycles else ''}")
+
+
+def _balance(cascade: Cascade, arch: Architecture, placements: list[Placement],
+             fold_sub: set[str]) -> list[Placement]:
+    """Pipelined arrays finish when the busier one does: Einsums tied to neither the score
+    tile nor a recurrence (feature maps, per-row normalisers) go, largest first, to the
+    array that leaves the smaller maximum load. FuseMax's own bindings are untouched."""
+    width = {"2d": arch.array_2d.pes, "1d": arch.array_1d.lanes}
+    unit = {"2d": arch.array_2d, "1d": arch.array_1d}
+    by_name = {e.name: e for e in cascade.einsums}
+    flexible, load = [], {"2d": 0.0, "1d": 0.0}
+    for pl in placements:
+        e = by_name[pl.einsum]
+        tied = is_contraction(e) or e.map_op == "fma" or score_shaped(e) or walks_score_tile(e, cascade)
+        costs = {a: op_cycles(e, unit[a], fused_sub=e.name in fold_sub) for a in width}
+        if tied or None in costs.values():
+            load[pl.array] += pl.points * pl.cycles_per_point / width[pl.array]
+        else:
+            flexible.append((pl, costs))
+    flexible.sort(key=lambda pc: -pc[0].points * min(pc[1].values()))
+    moved = {}
+    for pl, costs in flexible:
+        after = {a: load[a] + pl.points * costs[a] / width[a] for a in width}
+        best = min(after, key=lambda a: max(after[a], load["1d" if a == "2d" else "2d"]))
+        load[best] = after[best]
+        moved[pl.einsum] = replace(pl, array=best, cycles_per_point=costs[best])
+    return [moved.get(pl.einsum, pl) for pl in placements]
 
 
 # ---- on-chip footprint -----------------------------------------------------------------------
@@ -220,6 +248,8 @@ def map_cascade(cascade: Cascade, arch: Architecture, kind: str = "fusemax", *,
             einsum=e.name, array=array, kernel=0 if fused else k, pass_index=levels[e.name],
             cycles_per_point=cyc, points=sizes.space(walked),
             contraction=is_contraction(e) and array == "2d", dataflow=dataflow))
+    if kind in ("fusemax", "sparse"):
+        placements = _balance(mapped, arch, placements, fold_sub)
     passes = max(levels.values(), default=1) if fused else 1
 
     word = arch.word_bytes
@@ -244,15 +274,30 @@ def map_cascade(cascade: Cascade, arch: Architecture, kind: str = "fusemax", *,
             spill = 1.0 - max(room, 0) / live
             notes.append(f"cross-pass fibers need {live * word / 2**20:.1f} MiB per tile of {tile_p} "
                          f"queries; {spill:.0%} spills to DRAM")
+    elif not any(score_shaped(e) for e in mapped.einsums):
+        # No [m, p] work (linear, flow): queries need not stay while keys stream; what must
+        # stay is the cross-pass state of a whole head, or it spills.
+        tile_p, resident = P, 0
+        live = live_at(P)
+        room = capacity - staging
+        if live > room:
+            spill = 1.0 - max(room, 0) / live
+            notes.append(f"cross-pass tensors need {live * word / 2**20:.1f} MiB per head; "
+                         f"{spill:.0%} spills to DRAM")
     else:
         # Q rows and running states of P0 queries stay on chip, double-buffered so the next
-        # tile loads while this one computes; K and V stream through in m0 tiles.
-        room = capacity - staging - live_at(1)
-        tile_p = min(P, room // (2 * per_query))
+        # tile loads while this one computes; K and V stream through in m0 tiles. Cross-pass
+        # tensors (none in a 1-pass cascade) get at most half the buffer.
+        live_one = live_at(1)
+        tile_p = min(P, (capacity - staging - min(live_one, capacity // 2)) // (2 * per_query))
         if tile_p < 1:
             raise MappingError(f"cascade {mapped.name}: one query's state ({per_query} words) does "
                                f"not fit the {arch.buffer.capacity_bytes} B buffer of {arch.name}")
         live, resident = live_at(tile_p), 2 * per_query * tile_p
+        room = capacity - staging - resident
+        if live > room:
+            spill = 1.0 - max(room, 0) / live
+            notes.append(f"cross-pass tensors need {live * word / 2**20:.1f} MiB; {spill:.0%} spills")
         if passes > 1:
             notes.append(f"{passes} passes over m: K and V stream {passes} times per query tile")
     return Mapping(kind=kind, cascade=mapped, arch=arch, sizes=sizes, placements=tuple(placements),

@@ -51,7 +51,7 @@ def resolve_sizes(cascade: Cascade, tile: int) -> Sizes:
     for key, v in cascade.rank_sizes.items():
         try:
             vals[key] = int(v)
-        except TypeError as err:
+        except (TypeError, ValueError) as err:
             raise MappingError(f"cascade {cascade.name}: rank {key} has a symbolic size {v}; "
                                "give integer sizes (seq_lens=...)") from err
     if "m" in vals:
