@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from rewrite.codegen.spatial import MappingError
 from torch import nn
 
 from rewrite.cascade import Cascade, m, p
-from rewrite.codegen.spatial import MappingError
 from rewrite.simulate import cli_main, simulate
 
 
