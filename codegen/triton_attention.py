@@ -287,7 +287,7 @@ def _interpreting() -> bool:
 
 
 def choose_config(d: int, dv: int, dtype: torch.dtype, device: torch.device,
-                  causal: bool = False) -> AttentionConfig:
+                  causal: bool = False, has_bias_or_mask: bool = False) -> AttentionConfig:
     """Heuristic table (no autotuning: one compile per shape family, fast interpreter tests).
 
     GPU values were measured on an H100 (benchmarks/bench_triton_attention.py --sweep); the
@@ -302,10 +302,15 @@ def choose_config(d: int, dv: int, dtype: torch.dtype, device: torch.device,
     wide = dtype == torch.float32
     major, _ = torch.cuda.get_device_capability(device)
     if major >= 9:
+        if has_bias_or_mask and dmax <= 128 and not wide:
+            # the software pipeline also stages the [BLOCK_M, BLOCK_N] bias/mask tiles in shared
+            # memory: keep BLOCK_N at 64 and 3 stages so they fit beside K and V
+            return AttentionConfig(128, 64, 8 if dmax > 64 else 4, 3)
         if dmax <= 64 and not wide:
             return AttentionConfig(128, 64, 4, 4 if causal else 3)
         if dmax <= 128 and not wide:
-            return AttentionConfig(128, 64, 8, 4 if causal else 3)
+            # 128x128 tiles, 3 stages: ~224 KB of shared memory, just under Hopper's 227 KB
+            return AttentionConfig(128, 128, 8, 3)
         if dmax <= 128:
             return AttentionConfig(64, 32, 4, 2)
         return AttentionConfig(64, 32, 4, 2) if not wide else AttentionConfig(32, 32, 4, 1)
@@ -401,7 +406,7 @@ def triton_attention(
         lse.fill_(float("-inf"))
         return (out, lse) if return_lse else out
 
-    cfg = config or choose_config(D, DV, q.dtype, q.device, causal)
+    cfg = config or choose_config(D, DV, q.dtype, q.device, causal, bias is not None or mask is not None)
     block_d = max(16, triton.next_power_of_2(D))
     block_dv = max(16, triton.next_power_of_2(DV))
     use_tma = _use_tma(cfg, q.device, (q, k, v, out), (block_d, block_d, block_dv, block_dv))
