@@ -20,7 +20,7 @@ from .codegen.spatial.arch import Architecture, load_architecture
 from .codegen.spatial.cost import evaluate
 from .codegen.spatial.mapper import MAPPING_KINDS, map_cascade
 from .codegen.spatial.result import SimPoint, SimulationResult
-from .codegen.spatial.work import MappingError, mask_density
+from .codegen.spatial.work import MappingError
 from .codegen.spatial.workloads import Workload, workload
 
 log = logging.getLogger("rewrite")
@@ -43,25 +43,27 @@ def _is_arch_dict(d: dict) -> bool:
     return "array_2d" in d or "clock_ghz" in d
 
 
-def _sites(target: Any, args: tuple) -> list[tuple[str, Cascade, float]]:
-    """(name, sized cascade, density) for each attention site of the target."""
+def _density(cascade: Cascade, reported: float) -> float | None:
+    """None (the mapper measures the mask's tiles at each size) when the cascade carries a
+    mask; else the density reported for the site (a run-time block map), if below 1."""
+    if any(e.mask is not None for e in cascade.einsums):
+        return None
+    return reported if reported < 1.0 else None
+
+
+def _sites(target: Any, args: tuple) -> list[tuple[str, Cascade, float | None]]:
+    """(name, sized cascade, density or None) for each attention site of the target."""
     if isinstance(target, Cascade):
-        P = target.rank_sizes.get("p")
-        M = target.rank_sizes.get("m")
-        density = 1.0
-        masks = [e.mask for e in target.einsums if e.mask is not None]
-        if masks and P and M:
-            density = mask_density(masks[0], int(P), int(M))
-        return [(target.name, target, density)]
+        return [(target.name, target, _density(target, 1.0))]
     if isinstance(target, (str, Workload)):
         w = workload(target) if isinstance(target, str) else target
-        density = 0.5 if w.variant == "causal" else w.density
-        return [(w.name, w.cascade(1024), density)]
+        c = w.cascade(1024)
+        return [(w.name, c, _density(c, w.density))]
     if callable(target):
         from . import inspect
 
         report = inspect(target, *args)
-        sites = [(f"site {i} ({s.variant})", s.cascade_ir, float(s.density))
+        sites = [(f"site {i} ({s.variant})", s.cascade_ir, _density(s.cascade_ir, float(s.density)))
                  for i, s in enumerate(report.sites) if s.cascade_ir is not None]
         if not sites:
             raise MappingError("inspect found no attention site with a cascade to simulate in "
@@ -100,7 +102,8 @@ def simulate(target: Any = "bert", *args: Any, arch: Any = None,
     baseline: the mapping speedups and energy ratios are relative to (default: "flat" when
         simulated, else the first mapping).
     dataflow: force "os", "ws" or "is" for every contraction (default: the fastest per Einsum).
-    density: kept fraction of score entries for the sparse mapping (default: the site's).
+    density: kept fraction of score tiles for the sparse mapping (default: measured from the
+        site's mask at each size, or the density inspect reports for a run-time block map).
     array: (rows, cols) of the 2-D array, overriding the architecture's.
     """
     sites = _sites(target, args)

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import sympy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rewrite.codegen.spatial import (
@@ -16,9 +17,9 @@ from rewrite.codegen.spatial import (
     evaluate,
     load_architecture,
     map_cascade,
-    mask_density,
     pass_count,
     systolic_cycles,
+    tile_density,
 )
 from rewrite.codegen.spatial.validation import compare_fusemax
 
@@ -158,10 +159,21 @@ def test_dense_mappings_ignore_density():
     assert a == b
 
 
-def test_mask_density():
-    assert mask_density(None, 100, 100) == 1.0
-    assert mask_density(m <= p, 4096, 4096) == pytest.approx(0.5, abs=0.01)
-    assert mask_density(m > p + 10**9, 1024, 1024) == 0.0
+@pytest.mark.parametrize("n", [1024, 4096, 65536])
+def test_tile_density_of_causal_and_banded_masks(n):
+    tiles = n // 256
+    assert tile_density(None, n, n, 256, 256) == 1.0
+    assert tile_density(m <= p, n, n, 256, 256) == pytest.approx((tiles + 1) / (2 * tiles))
+    # |p − m| ≤ 200 touches the diagonal tile and one neighbour on each side (one at the ends).
+    band = (3 * tiles - 2) / tiles**2
+    assert tile_density(sympy.Abs(p - m) <= 200, n, n, 256, 256) == pytest.approx(band, rel=0.05)
+    assert tile_density(m > p + 10**9, n, n, 256, 256) == 0.0
+
+
+def test_tile_density_samples_long_masks_without_bias():
+    n, tiles = 2**20, 2**20 // 256
+    est = tile_density(sympy.Abs(p - m) <= 200, n, n, 256, 256)
+    assert est == pytest.approx((3 * tiles - 2) / tiles**2, rel=0.25)
 
 
 # ---- bad input ------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from .work import (
     resolve_sizes,
     score_shaped,
     subtractions_feeding_exp,
+    tile_density,
     walks_score_tile,
 )
 
@@ -222,19 +223,27 @@ def _staging_words(cascade: Cascade, sizes: Sizes, arch: Architecture) -> int:
 
 # ---- the mapper ------------------------------------------------------------------------------
 def map_cascade(cascade: Cascade, arch: Architecture, kind: str = "fusemax", *,
-                density: float = 1.0, dataflow: str | None = None) -> Mapping:
-    """Map ``cascade`` (with integer rank sizes) onto ``arch`` as a ``kind`` mapping."""
+                density: float | None = None, dataflow: str | None = None) -> Mapping:
+    """Map ``cascade`` (with integer rank sizes) onto ``arch`` as a ``kind`` mapping.
+
+    ``density``: kept fraction of [m, p] tiles for the sparse mapping; None derives it from
+    the cascade's mask at the 2-D array's tile size (1.0 without a mask)."""
     if kind not in MAPPING_KINDS:
         raise MappingError(f"unknown mapping {kind!r}; use one of {MAPPING_KINDS}")
     if dataflow is not None and dataflow not in DATAFLOWS:
         raise MappingError(f"unknown dataflow {dataflow!r}; use one of {DATAFLOWS}")
-    if not 0.0 < density <= 1.0:
+    if density is not None and not 0.0 < density <= 1.0:
         raise MappingError(f"density must be in (0, 1], got {density}")
     notes: list[str] = []
     mapped = one_pass_form(cascade) if kind in ("fusemax", "sparse") else cascade
     if mapped is not cascade:
         notes.append("3-pass softmax rewritten to its 1-pass (online softmax) form")
     sizes = resolve_sizes(mapped, tile=arch.array_2d.cols)
+    if kind == "sparse" and density is None:
+        masks = [e.mask for e in mapped.einsums if e.mask is not None and score_shaped(e)]
+        density = tile_density(masks[0], sizes["p"], sizes["m"], arch.array_2d.rows,
+                               sizes["m0"]) if masks else 1.0
+        notes.append(f"{density:.1%} of {arch.array_2d.rows}x{sizes['m0']} score tiles kept")
     prod = producers(mapped)
     fused = kind != "unfused"
     levels = pass_levels(mapped, "m") if fused else {e.name: 1 for e in mapped.einsums}
@@ -302,7 +311,7 @@ def map_cascade(cascade: Cascade, arch: Architecture, kind: str = "fusemax", *,
             notes.append(f"{passes} passes over m: K and V stream {passes} times per query tile")
     return Mapping(kind=kind, cascade=mapped, arch=arch, sizes=sizes, placements=tuple(placements),
                    kernels=1 if fused else len(placements), passes=passes, tile_p=int(tile_p),
-                   skip_masked=(kind == "sparse"), density=density if kind == "sparse" else 1.0,
+                   skip_masked=(kind == "sparse"), density=(density or 1.0) if kind == "sparse" else 1.0,
                    pipelined=fused, live_words=int(live), resident_words=int(resident),
                    spill_fraction=spill, notes=tuple(notes))
 
