@@ -33,14 +33,14 @@ PROGRESS_THRESHOLD = 24  # points; longer sweeps show a progress bar
 
 
 def _arch_for(arch: Any, mapping: str, array: tuple[int, int] | None) -> Architecture:
-    spec = arch.get(mapping, DEFAULT_ARCH[mapping]) if isinstance(arch, dict) and not _is_arch_dict(arch) \
-        else (arch if arch is not None else DEFAULT_ARCH[mapping])
+    """``arch`` may name one architecture for every mapping or be {mapping: architecture}."""
+    per_mapping = isinstance(arch, dict) and set(arch) <= set(MAPPING_KINDS)
+    if per_mapping:
+        spec = arch.get(mapping, DEFAULT_ARCH[mapping])
+    else:
+        spec = DEFAULT_ARCH[mapping] if arch is None else arch
     a = load_architecture(spec)
     return a.with_array(*array) if array else a
-
-
-def _is_arch_dict(d: dict) -> bool:
-    return "array_2d" in d or "clock_ghz" in d
 
 
 def _density(cascade: Cascade, reported: float) -> float | None:
@@ -129,6 +129,8 @@ def simulate(target: Any = "bert", *args: Any, arch: Any = None,
             dens = density if density is not None else site_density
             costs = {mname: evaluate(map_cascade(sized, archs[mname], mname, density=dens, dataflow=dataflow))
                      for mname in mappings}
+            log.debug("simulated %s at %s: %s", name, L,
+                      {k: f"{c.cycles:.4g} cycles ({c.bound})" for k, c in costs.items()})
             base = costs.get(baseline)
             for mname, c in costs.items():
                 points.append(SimPoint(

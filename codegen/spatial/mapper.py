@@ -278,6 +278,7 @@ def map_cascade(cascade: Cascade, arch: Architecture, kind: str = "fusemax", *,
         while tile_p * 2 <= P and live_at(tile_p * 2) + per_query * tile_p * 2 + staging <= capacity:
             tile_p *= 2
         live, resident = live_at(tile_p), per_query * tile_p
+        notes.append("head granularity" if tile_p == P else f"row granularity, P1 = {tile_p}")
         room = capacity - staging - resident
         if live > room:
             spill = 1.0 - max(room, 0) / live
