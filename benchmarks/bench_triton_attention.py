@@ -65,6 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--sweep", action="store_true", help="time the block-size candidates first")
+    ap.add_argument("--sweep-only", action="store_true", help="stop after the sweep")
     ap.add_argument("--ns", type=int, nargs="+", default=[4096, 16384])
     ap.add_argument("--ds", type=int, nargs="+", default=[64, 128])
     args = ap.parse_args()
@@ -93,6 +94,8 @@ def main() -> None:
                           f"w={cfg.num_warps} s={cfg.num_stages}: "
                           f"{ms:.3f} ms {tf:.0f} TFLOP/s")
 
+    if args.sweep_only:
+        return
     rows = []
     for d in args.ds:
         for n in args.ns:
