@@ -35,7 +35,6 @@ except ImportError:  # pragma: no cover - older Triton: pointer path only
 __all__ = ["AttentionConfig", "choose_config", "triton_attention"]
 
 _LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x · log2 e)
-_LN2 = 0.6931471805599453  # ln(2):   ln(x) = log2(x) · ln 2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -55,9 +54,10 @@ _LN2 = 0.6931471805599453  # ln(2):   ln(x) = log2(x) · ln 2
 # and at the end AV = RNV ÷ RD, LSE = RM + ln RD.
 #
 # exp is exp2 with log2(e) folded into the scale (no bias: BQK is kept in log2 units, so
-# SLN = exp2(BQK − RM')). With a bias the scores stay in natural units and the difference is
-# scaled by log2(e) after the subtraction: folding log2(e) into a bias of finfo.min would overflow
-# it to −inf and turn eager's uniform row into a NaN row.
+# SLN = exp2(BQK − RM'); with scale > 0 the scale itself moves past the row max into exp2's
+# argument, one FMA per score, as in the Triton tutorial). With a bias the scores stay in natural
+# units and the difference is scaled by log2(e) after the subtraction: folding log2(e) into a bias
+# of finfo.min would overflow it to −inf and turn eager's uniform row into a NaN row.
 #
 # Empty rows: while RM' is still −inf (every score so far −inf) the subtraction uses 0 instead of
 # RM', so SLN = exp2(−inf) = 0 and PRM = 0 rather than exp2(−inf − −inf) = NaN. A row that never
