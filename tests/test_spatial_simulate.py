@@ -128,3 +128,36 @@ def test_cli(capsys, tmp_path):
     bad.write_text("name: x\nclock_ghz: -1\n")
     assert cli_main(["bert", "--arch", str(bad), "--seq-lens", "1K"]) == 2
     assert "clock_ghz" in capsys.readouterr().out
+
+
+def test_rewrite_simulate_stays_callable():
+    import rewrite
+
+    first = rewrite.simulate("t5", seq_lens=[1024], mappings=["fusemax"])
+    second = rewrite.simulate("t5", seq_lens=[1024], mappings=["fusemax"])
+    assert first.cycles == second.cycles > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_hugging_face_models(family):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if family == "bert":
+        cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=128, vocab_size=100)
+        model = transformers.BertModel(cfg)
+    else:
+        cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, bos_token_id=0,
+                                      eos_token_id=0)
+        model = transformers.GPT2Model(cfg)
+    ids = torch.randint(0, 100, (2, 32))
+    sim = simulate(model.eval(), ids, seq_lens=[4096], mappings=["flat", "fusemax", "sparse"])
+    sites = sorted({pt.site for pt in sim.points})
+    assert len(sites) == 2  # one attention site per layer
+    for site in sites:
+        fm = sim.point("fusemax", 4096, site)
+        assert fm.speedup > 3 and fm.cost.util_2d > 0.8
+        if family == "gpt2":
+            assert "causal" in site
+            assert sim.point("sparse", 4096, site).cycles < 0.6 * fm.cycles
