@@ -76,13 +76,14 @@ def _sites(target: Any, args: tuple) -> list[tuple[str, Cascade, float | None]]:
 
 
 def _resize(cascade: Cascade, seq_len: int | None) -> Cascade:
-    """The site at another sequence length: queries and keys scale together (cross-attention
-    keeps its key/query ratio)."""
+    """The site at another sequence length. Self-attention (as many queries as keys) gets
+    ``seq_len`` of both; any other site (decoding, cross-attention) keeps its queries and
+    gets ``seq_len`` keys."""
     sizes = cascade.rank_sizes
     if seq_len is None or "p" not in sizes:
         return cascade
     P, M = int(sizes["p"]), int(sizes.get("m", sizes["p"]))
-    return cascade.with_sizes(p=seq_len, m=max(1, round(seq_len * M / P)))
+    return cascade.with_sizes(p=seq_len, m=seq_len) if P == M else cascade.with_sizes(m=seq_len)
 
 
 def simulate(target: Any = "bert", *args: Any, arch: Any = None,
@@ -100,7 +101,8 @@ def simulate(target: Any = "bert", *args: Any, arch: Any = None,
     mappings: any of "unfused", "flat", "fusemax", "sparse" (default: the first three; a cascade
         without query/key ranks, e.g. a GEMM, defaults to "unfused").
     seq_lens: sequence lengths to sweep (default: the site's own length; FuseMax's 1K…1M for
-        a named workload).
+        a named workload). Self-attention sites get that many queries and keys; other sites
+        (decoding, cross-attention) keep their queries and get that many keys.
     baseline: the mapping speedups and energy ratios are relative to (default: "flat" when
         simulated, else the first mapping).
     dataflow: force "os", "ws" or "is" for every contraction (default: the fastest per Einsum).

@@ -161,3 +161,11 @@ def test_hugging_face_models(family):
         if family == "gpt2":
             assert "causal" in site
             assert sim.point("sparse", 4096, site).cycles < 0.6 * fm.cycles
+
+
+def test_decoding_site_keeps_its_queries():
+    c = Cascade.softmax_attention().with_sizes(b=1, h=8, p=1, m=4096, e=64, f=64)
+    sim = simulate(c, seq_lens=[4096, 65536], mappings=["fusemax"])
+    short, long = sim.point(seq_len=4096), sim.point(seq_len=65536)
+    assert long.cost.dram_bytes == pytest.approx(16 * short.cost.dram_bytes, rel=0.01)  # K, V grow
+    assert short.cost.bound == long.cost.bound == "DRAM"  # one query: no reuse of K and V
