@@ -279,37 +279,27 @@ def map_cascade(cascade: Cascade, arch: Architecture, kind: str = "fusemax", *,
             tile_p *= 2
         live, resident = live_at(tile_p), per_query * tile_p
         notes.append("head granularity" if tile_p == P else f"row granularity, P1 = {tile_p}")
-        room = capacity - staging - resident
-        if live > room:
-            spill = 1.0 - max(room, 0) / live
-            notes.append(f"cross-pass fibers need {live * word / 2**20:.1f} MiB per tile of {tile_p} "
-                         f"queries; {spill:.0%} spills to DRAM")
     elif not any(score_shaped(e) for e in mapped.einsums):
         # No [m, p] work (linear, flow): queries need not stay while keys stream; what must
-        # stay is the cross-pass state of a whole head, or it spills.
-        tile_p, resident = P, 0
-        live = live_at(P)
-        room = capacity - staging
-        if live > room:
-            spill = 1.0 - max(room, 0) / live
-            notes.append(f"cross-pass tensors need {live * word / 2**20:.1f} MiB per head; "
-                         f"{spill:.0%} spills to DRAM")
+        # stay is the cross-pass state of a whole head.
+        tile_p, live, resident = P, live_at(P), 0
     else:
         # Q rows and running states of P0 queries stay on chip, double-buffered so the next
         # tile loads while this one computes; K and V stream through in m0 tiles. Cross-pass
         # tensors (none in a 1-pass cascade) get at most half the buffer.
-        live_one = live_at(1)
-        tile_p = min(P, (capacity - staging - min(live_one, capacity // 2)) // (2 * per_query))
+        tile_p = min(P, (capacity - staging - min(live_at(1), capacity // 2)) // (2 * per_query))
         if tile_p < 1:
             raise MappingError(f"cascade {mapped.name}: one query's state ({per_query} words) does "
                                f"not fit the {arch.buffer.capacity_bytes} B buffer of {arch.name}")
         live, resident = live_at(tile_p), 2 * per_query * tile_p
-        room = capacity - staging - resident
-        if live > room:
-            spill = 1.0 - max(room, 0) / live
-            notes.append(f"cross-pass tensors need {live * word / 2**20:.1f} MiB; {spill:.0%} spills")
         if passes > 1:
             notes.append(f"{passes} passes over m: K and V stream {passes} times per query tile")
+    room = capacity - staging - resident
+    if fused and live > room:
+        # What does not fit is written after its pass and read back in each later one.
+        spill = 1.0 - max(room, 0) / live
+        notes.append(f"cross-pass tensors need {live * word / 2**20:.1f} MiB per tile of {tile_p} "
+                     f"queries; {spill:.0%} spills to DRAM")
     return Mapping(kind=kind, cascade=mapped, arch=arch, sizes=sizes, placements=tuple(placements),
                    kernels=1 if fused else len(placements), passes=passes, tile_p=int(tile_p),
                    skip_masked=(kind == "sparse"), density=(density or 1.0) if kind == "sparse" else 1.0,
