@@ -21,7 +21,7 @@ from .cascade import Cascade
 from .codegen.spatial.arch import Architecture, load_architecture
 from .codegen.spatial.cost import evaluate
 from .codegen.spatial.mapper import MAPPING_KINDS, map_cascade
-from .codegen.spatial.result import SimPoint, SimulationResult
+from .codegen.spatial.result import SimPoint, SimulationResult, breakdown_table
 from .codegen.spatial.work import MappingError
 from .codegen.spatial.workloads import Workload, workload
 
@@ -189,6 +189,8 @@ def cli_main(argv: list[str]) -> int:
     ap.add_argument("--density", type=float, default=None)
     ap.add_argument("--baseline", default=None)
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also print cycles per Einsum and per pipeline stage for every point")
     ap.add_argument("--plot", default=None, help="save the speedup/utilisation plot to this file")
     a = ap.parse_args(argv)
     args: tuple = ()
@@ -213,6 +215,12 @@ def cli_main(argv: list[str]) -> int:
         print(f"error: {err}")
         return 2
     print(json.dumps(sim.to_dict(), indent=2, default=str) if a.json else sim)
+    if a.breakdown and not a.json:
+        from rich.console import Console
+
+        console = Console(width=200)
+        for pt in sim.points:
+            console.print(breakdown_table(pt))
     if a.plot:
         sim.plot(a.plot)
         print(f"plot saved to {a.plot}")

@@ -169,3 +169,13 @@ def test_decoding_site_keeps_its_queries():
     short, long = sim.point(seq_len=4096), sim.point(seq_len=65536)
     assert long.cost.dram_bytes == pytest.approx(16 * short.cost.dram_bytes, rel=0.01)  # K, V grow
     assert short.cost.bound == long.cost.bound == "DRAM"  # one query: no reuse of K and V
+
+
+def test_breakdown_and_progress(capsys):
+    sim = simulate("bert", seq_lens=[2**k for k in range(10, 21)], mappings=["flat", "fusemax", "sparse"],
+                   progress=True)
+    assert len(sim.points) == 33
+    assert cli_main(["xlm", "--seq-lens", "64K", "--mappings", "fusemax", "--breakdown"]) == 0
+    out = capsys.readouterr().out
+    for name in ("BQK", "SLNV", "RNV", "stage: 1-D array", "fill+drain"):
+        assert name in out

@@ -33,6 +33,25 @@ class SimPoint:
                 "einsums": [asdict(e) for e in c.einsums], "notes": list(c.notes)}
 
 
+def breakdown_table(pt: SimPoint):
+    """Per Einsum (array, pass, dataflow, cycles, fill/drain) and per pipeline stage."""
+    from rich.table import Table
+
+    c = pt.cost
+    t = Table(title=f"{pt.site} · {_fmt_len(pt.seq_len)} · {pt.mapping} on {c.arch}: {_fmt(c.cycles)} cycles, "
+                    f"{c.bound}-bound" + (f" ({'; '.join(c.notes)})" if c.notes else ""))
+    for col in ("Einsum", "array", "pass", "dataflow", "points", "PE cycles of work", "cycles",
+                "fill+drain", "share of latency"):
+        t.add_column(col, justify="left" if col in ("Einsum", "array", "dataflow") else "right")
+    for e in c.einsums:
+        t.add_row(e.einsum, e.array, str(e.pass_index), e.dataflow or "-", _fmt(e.points), _fmt(e.ops),
+                  _fmt(e.cycles), _fmt(e.fill_drain), f"{e.cycles / c.cycles:.3f}" if c.cycles else "-")
+    for stage, cyc in c.stage_cycles.items():
+        t.add_row(f"stage: {stage}", "", "", "", "", "", _fmt(cyc), "",
+                  f"{cyc / c.cycles:.3f}" if c.cycles else "-")
+    return t
+
+
 def _fmt(x: float) -> str:
     return f"{x:.3g}"
 
