@@ -464,6 +464,10 @@ def match_softmax_attention(sm: Node) -> Site:
         n=math.prod(sizes.sizes[a] for a in n_atoms), m=math.prod(sizes.sizes[a] for a in m_atoms),
         e=math.prod(sizes.sizes[a] for a in e_atoms), f=math.prod(sizes.sizes[a] for a in f_atoms),
     )
+    # GQA/MQA: keys shared by several query heads, by broadcasting or by an explicit repeat.
+    q_batch = math.prod(site.q.shape[:-2])
+    k_batch = math.prod(site.k.shape[:-2])
+    site.gqa_groups = max(q_batch // max(k_batch, 1), _repeat_factor(k_op), 1)
     for node, node_axes, neg, factor in bias_raw:
         site.biases.append(plan(node, node_axes, n_atoms, m_atoms, "a bias", negate=neg, factor=factor))
     for node, node_axes, invert in keeps:
@@ -480,6 +484,28 @@ def match_softmax_attention(sm: Node) -> Site:
         site.notes.append(f"masked_fill({fill:g}): masked weights vanish as long as kept scores exceed "
                           f"{fill + 104:g}; fully-masked rows average V as eager does")
     return site
+
+
+def _repeat_factor(node: Node) -> int:
+    """How many times a key/value operand repeats its heads (repeat_kv's expand+reshape,
+    repeat_interleave), found by walking back through layout ops; 1 if it does not."""
+    for _ in range(12):
+        if not isinstance(node, Node) or node.op != "call_function":
+            return 1
+        t = node.target
+        if t in (aten.repeat_interleave.self_int, aten.repeat_interleave.self_Tensor):
+            reps = node.args[1]
+            return int(reps) if isinstance(reps, int) else 2
+        if t == aten.expand.default:
+            src, dst = shape_of(node.args[0]), shape_of(node)
+            if src is not None and dst is not None:
+                grown = [d for s_, d in zip((1,) * (len(dst) - len(src)) + src, dst) if s_ == 1 and d > 1]
+                if grown:
+                    return math.prod(grown)
+        if not (is_layout_op(node) or t == aten.repeat.default):
+            return 1
+        node = node.args[0]
+    return 1
 
 
 def _score_of(node: Node, chain: list[Node]) -> Node | None:
