@@ -306,7 +306,7 @@ def test_report_fields_json_and_table():
     site = _single_site(report)
     assert site.variant == "dense" and site.rewritten and site.reason is None
     assert isinstance(site.spelling, str) and site.spelling
-    assert "spellings.py" in site.location, site.location  # points at the user's source
+    assert "spelling_fns.py" in site.location, site.location  # points at the user's source
     assert isinstance(site.cascade, str) and "exp" in site.cascade, site.cascade
     assert isinstance(site.mask, str) and isinstance(site.shapes, dict) and site.shapes
     assert isinstance(site.flops, int) and site.flops > 0
