@@ -194,25 +194,34 @@ class Cascade:
         return replace(self, rank_sizes={**self.rank_sizes, **sizes})
 
     # ---- analyses that belong with the IR ------------------------------------------------
-    def pass_count(self, family: str = "m") -> int:
-        """Passes over rank ``family`` (FuseMax §4): an Einsum that iterates the rank and
-        consumes a value reduced over the *whole* fiber must start a new pass."""
-        passes: dict[str, int] = {}
+    def pass_levels(self, family: str = "m") -> dict[str, int]:
+        """The pass over rank ``family`` in which each Einsum runs (0: it does not walk the
+        rank). FuseMax §4: an Einsum that walks the rank and depends on a value reduced over
+        the *whole* fiber must start a new pass, also when the dependency runs through
+        Einsums that do not walk the rank (Flow-Attention's Ô needs Σ_m φK through I)."""
         producer = {e.name: e for e in self.einsums}
-        best = 0
+        level: dict[str, int] = {}
+        complete_after: dict[str, int] = {}  # the pass after which the value is fully known
         for e in self.einsums:
-            level = 1 if e.iterates(family) else 0
+            walks = e.iterates(family)
+            lv = 1 if walks else 0
+            needs = 0
             for i in e.inputs:
                 src = producer.get(i.name)
                 if src is None or src is e:
                     continue
-                lv = passes.get(src.name, 0)
-                if e.iterates(family) and src.reads_whole_fiber(family):
-                    lv += 1
-                level = max(level, lv)
-            passes[e.name] = level
-            best = max(best, level)
-        return best
+                needs = max(needs, complete_after[src.name])
+                lv = max(lv, level[src.name])
+                if walks and complete_after[src.name]:
+                    lv = max(lv, complete_after[src.name] + 1)
+            level[e.name] = lv
+            complete_after[e.name] = max(needs, lv if e.reads_whole_fiber(family) else 0)
+        return level
+
+    def pass_count(self, family: str = "m") -> int:
+        """Passes over rank ``family`` (see ``pass_levels``): 3 for the softmax cascade, 1 for
+        the online-softmax one."""
+        return max(self.pass_levels(family).values(), default=0)
 
     def size(self, rank: str) -> sympy.Expr:
         fam = rank_family(rank)
