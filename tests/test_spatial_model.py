@@ -17,7 +17,6 @@ from rewrite.codegen.spatial import (
     evaluate,
     load_architecture,
     map_cascade,
-    pass_count,
     systolic_cycles,
     tile_density,
 )
@@ -87,10 +86,10 @@ def test_energy_ratio_within_25_percent_where_nothing_spills(fusemax_rows):
 
 # ---- pass counting drives buffer and traffic ------------------------------------------------
 def test_pass_counts():
-    assert pass_count(Cascade.softmax_attention()) == 3
-    assert pass_count(Cascade.online_softmax_attention()) == 1
-    assert pass_count(Cascade.linear_attention()) == pass_count(Cascade.linear_attention(causal=True)) == 1
-    assert pass_count(Cascade.flow_attention()) == 4  # Ô waits for ΣφK through I (transitive)
+    assert Cascade.softmax_attention().pass_count() == 3
+    assert Cascade.online_softmax_attention().pass_count() == 1
+    assert Cascade.linear_attention().pass_count() == Cascade.linear_attention(causal=True).pass_count() == 1
+    assert Cascade.flow_attention().pass_count() == 4  # Ô waits for ΣφK through I (transitive)
 
 
 def test_flat_spills_once_the_fiber_outgrows_the_buffer():

@@ -15,13 +15,13 @@ from .arch import (
 from .cost import Cost, EinsumCost, evaluate
 from .mapper import MAPPING_KINDS, Mapping, Placement, map_cascade, one_pass_form
 from .systolic import DATAFLOWS, GemmShape, SystolicCost, systolic_cycles
-from .work import MappingError, pass_count, pass_levels, tile_density
+from .work import MappingError, tile_density
 from .workloads import WORKLOADS, Workload, workload
 
 __all__ = [
     "Architecture", "ArchitectureError", "Array1D", "Array2D", "Buffer", "Dram", "Energy",
     "load_architecture", "preset_names", "Cost", "EinsumCost", "evaluate", "MAPPING_KINDS",
     "Mapping", "Placement", "map_cascade", "one_pass_form", "DATAFLOWS", "GemmShape",
-    "SystolicCost", "systolic_cycles", "MappingError", "tile_density", "pass_count", "pass_levels",
+    "SystolicCost", "systolic_cycles", "MappingError", "tile_density",
     "WORKLOADS", "Workload", "workload",
 ]

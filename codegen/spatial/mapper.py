@@ -32,7 +32,6 @@ from .work import (
     is_contraction,
     iteration_ranks,
     op_cycles,
-    pass_levels,
     producers,
     resolve_sizes,
     score_shaped,
@@ -246,7 +245,7 @@ def map_cascade(cascade: Cascade, arch: Architecture, kind: str = "fusemax", *,
         notes.append(f"{density:.1%} of {arch.array_2d.rows}x{sizes['m0']} score tiles kept")
     prod = producers(mapped)
     fused = kind != "unfused"
-    levels = pass_levels(mapped, "m") if fused else {e.name: 1 for e in mapped.einsums}
+    levels = mapped.pass_levels("m") if fused else {e.name: 1 for e in mapped.einsums}
     fold_sub = subtractions_feeding_exp(mapped) if fused else set()
     placements = []
     for k, e in enumerate(mapped.einsums):

@@ -161,38 +161,6 @@ def walks_score_tile(e: Einsum, cascade: Cascade) -> bool:
     return "p" in fams and bool(keys)
 
 
-# ---- passes over a sequence rank -------------------------------------------------------------
-def pass_levels(cascade: Cascade, family: str = "m") -> dict[str, int]:
-    """The pass over ``family`` in which each Einsum runs (0: outside any pass).
-
-    Like ``Cascade.pass_count`` but transitive: an Einsum that walks the rank must wait for
-    every whole-fiber reduction it depends on, even through Einsums that do not walk it
-    (Flow-Attention's Ô depends on Σ_m φK through the incoming flow I)."""
-    prod = producers(cascade)
-    level: dict[str, int] = {}
-    done_after: dict[str, int] = {}  # the pass after which a value is complete (whole fiber)
-    for e in cascade.einsums:
-        walks = e.iterates(family)
-        lv = 1 if walks else 0
-        complete = 0
-        for i in e.inputs:
-            src = prod.get(i.name)
-            if src is None or src is e:
-                continue
-            complete = max(complete, done_after[src.name])
-            if walks:
-                lv = max(lv, level[src.name], done_after[src.name] + 1 if done_after[src.name] else 0)
-            else:
-                lv = max(lv, level[src.name])
-        level[e.name] = lv
-        done_after[e.name] = max(complete, lv if e.reads_whole_fiber(family) else 0)
-    return level
-
-
-def pass_count(cascade: Cascade, family: str = "m") -> int:
-    return max(pass_levels(cascade, family).values(), default=0)
-
-
 # ---- masks -----------------------------------------------------------------------------------
 def tile_density(mask: sympy.Basic | None, P: int, M: int, tile_p: int, tile_m: int,
                  max_rows: int = 96, max_cols: int = 512) -> float:
