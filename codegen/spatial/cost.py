@@ -61,7 +61,7 @@ class Cost:
 
 
 def _kept(mapping: Mapping, e: Einsum) -> float:
-    return mapping.density if (mapping.skip_masked and score_shaped(e)) else 1.0
+    return mapping.density if (mapping.skip_masked and score_shaped(e, mapping.cascade)) else 1.0
 
 
 def _einsum_cost(mapping: Mapping, pl: Placement, e: Einsum) -> EinsumCost:
@@ -132,7 +132,7 @@ def _traffic(mapping: Mapping, costs: dict[str, EinsumCost]) -> tuple[list[float
                 readers = [e for e in c.einsums if any(i.name == name for i in e.inputs)]
                 m_passes = {place[e.name].pass_index for e in readers}
                 # Re-streamed for every query tile only when read next to the queries.
-                per_tile = tiles if any(score_shaped(e) for e in readers) else 1
+                per_tile = tiles if any(score_shaped(e, c) for e in readers) else 1
                 dens = mapping.density if mapping.skip_masked else 1.0
                 words *= max(1.0, per_tile * max(1, len(m_passes)) * dens)
             dram[0] += words

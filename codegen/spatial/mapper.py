@@ -89,7 +89,7 @@ def one_pass_form(cascade: Cascade) -> Cascade:
     ein = cascade.einsums
     has_max = any(e.reduce_op == "max" and any(rank_family(r) == "m" for r in e.reduced_ranks)
                   for e in ein)
-    has_exp = any(e.map_op == "exp" and score_shaped(e) for e in ein)
+    has_exp = any(e.map_op == "exp" and score_shaped(e, cascade) for e in ein)
     contractions = [e for e in ein if is_contraction(e)]
     over_m = [e for e in contractions if any(rank_family(r) == "m" for r in e.reduced_ranks)]
     if not (has_max and has_exp and contractions and over_m):
@@ -133,7 +133,8 @@ def _balance(cascade: Cascade, arch: Architecture, placements: list[Placement],
     flexible, load = [], {"2d": 0.0, "1d": 0.0}
     for pl in placements:
         e = by_name[pl.einsum]
-        tied = is_contraction(e) or e.map_op == "fma" or score_shaped(e) or walks_score_tile(e, cascade)
+        tied = (is_contraction(e) or e.map_op == "fma" or score_shaped(e, cascade)
+                or walks_score_tile(e, cascade))
         costs = {a: op_cycles(e, unit[a], fused_sub=e.name in fold_sub) for a in width}
         if tied or None in costs.values():
             load[pl.array] += pl.points * pl.cycles_per_point / width[pl.array]
@@ -239,7 +240,7 @@ def map_cascade(cascade: Cascade, arch: Architecture, kind: str = "fusemax", *,
         notes.append("3-pass softmax rewritten to its 1-pass (online softmax) form")
     sizes = resolve_sizes(mapped, tile=arch.array_2d.cols)
     if kind == "sparse" and density is None:
-        masks = [e.mask for e in mapped.einsums if e.mask is not None and score_shaped(e)]
+        masks = [e.mask for e in mapped.einsums if e.mask is not None and score_shaped(e, mapped)]
         density = tile_density(masks[0], sizes["p"], sizes["m"], arch.array_2d.rows,
                                sizes["m0"]) if masks else 1.0
         notes.append(f"{density:.1%} of {arch.array_2d.rows}x{sizes['m0']} score tiles kept")
@@ -278,7 +279,7 @@ def map_cascade(cascade: Cascade, arch: Architecture, kind: str = "fusemax", *,
             tile_p *= 2
         live, resident = live_at(tile_p), per_query * tile_p
         notes.append("head granularity" if tile_p == P else f"row granularity, P1 = {tile_p}")
-    elif not any(score_shaped(e) for e in mapped.einsums):
+    elif not any(score_shaped(e, mapped) for e in mapped.einsums):
         # No [m, p] work (linear, flow): queries need not stay while keys stream; what must
         # stay is the cross-pass state of a whole head.
         tile_p, live, resident = P, live_at(P), 0

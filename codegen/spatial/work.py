@@ -146,9 +146,10 @@ def tensor_words(ranks, sizes: Sizes) -> int:
     return sizes.space(ranks)
 
 
-def score_shaped(e: Einsum) -> bool:
-    """Walks both query and key positions: the O(P·M) part a sparse mapping can skip."""
-    fams = {rank_family(r) for r in e.iteration_ranks}
+def score_shaped(e: Einsum, cascade: Cascade) -> bool:
+    """Walks both query and key positions: the O(P·M) part a sparse mapping can skip. A read
+    of a recurrence's state at one position (``where m = p``) does not walk the keys."""
+    fams = {rank_family(r) for r in iteration_ranks(e, producers(cascade))}
     return "p" in fams and "m" in fams
 
 
