@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
-from rewrite.codegen.triton_attention import AttentionConfig, _use_tma, choose_config, triton_attention
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from rewrite.codegen.triton_attention import AttentionConfig, _use_tma, choose_config, triton_attention
 
 # Candidates for --sweep (H100 guidance: BLOCK_M=128, BLOCK_N 64/128, 4/8 warps, 3/4 stages).
 _BASE: dict[int, list[tuple[int, int, int, int]]] = {  # (BLOCK_M, BLOCK_N, warps, stages)

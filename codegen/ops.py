@@ -103,7 +103,7 @@ def attention_reference(q, k, v, bias=None, mask=None, scale: float = 1.0, causa
             s = s.masked_fill(~keep, torch.finfo(s.dtype).min)
         else:
             s = s.masked_fill(~keep, float("-inf"))
-    a = torch.softmax(s.float(), -1).to(dt)
+    a = torch.softmax(s, -1)  # as eager: fp32 inside for half types, the input's precision otherwise
     out = a @ v.to(dt)
     if masked_row == "zero":
         out = fix_empty_rows(out, v, bias, mask, causal, causal_offset, masked_row)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import rewrite.codegen.ops  # noqa: F401  (registers torch.ops.rewrite.*)
 import torch
-from rewrite.patterns.site import TensorPlan
 from torch.fx import Graph, Node
+
+import rewrite.codegen.ops  # noqa: F401  (registers torch.ops.rewrite.*)
+from rewrite.patterns.site import TensorPlan
 
 from .plan import Plan
 

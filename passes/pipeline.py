@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 
 import torch
-from rewrite.patterns import find_sites
 from torch.fx import GraphModule
 
 from rewrite.cascade import Cascade
+from rewrite.patterns import find_sites
 from rewrite.report import SiteReport
 
 from .apply import apply_plan

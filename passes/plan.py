@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 
 import sympy
 import torch
-from rewrite.patterns.site import Site, TensorPlan
 from torch.fx import Node
 
 from rewrite.cascade import Cascade
 from rewrite.cascade import m as M_SYM
 from rewrite.cascade import p as P_SYM
+from rewrite.patterns.site import Site, TensorPlan
 
 from . import masks
 from .constants import constant_value

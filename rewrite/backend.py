@@ -8,6 +8,7 @@ recognise attention, plan, rewrite, and from then on run the rewritten graph.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 
@@ -72,13 +73,14 @@ class RewrittenGraph:
         except Exception as exc:  # a graph make_fx cannot lower is left exactly as it was
             self._skip(f"could not lower to ATen ({type(exc).__name__}: {str(exc)[:120]})")
             return self.gm.forward
+        original = GraphModule(aten_gm, copy.deepcopy(aten_gm.graph)) if self.verify else None
         new_gm, sites = rewrite_graph(aten_gm, self.backend)
         for s in sites:
             s.graph = self.graph_index
         if self.report is not None:
             self.report.sites.extend(sites)
         if self.verify and any(s.rewritten for s in sites):
-            _verify(aten_gm, new_gm, sites, args)
+            _verify(original, new_gm, sites, args)
         return new_gm
 
     def _skip(self, why: str) -> None:

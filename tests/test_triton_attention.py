@@ -21,6 +21,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from rewrite.codegen.triton_attention import AttentionConfig, choose_config, triton_attention
 
 TOL: dict[torch.dtype, tuple[float, float, float]] = {  # (norm-relative, atol, rtol)
