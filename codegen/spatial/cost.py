@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from rewrite.cascade import Einsum, rank_family
 
 from .mapper import Mapping, Placement, _cross_pass_tensors, query_tiles
-from .systolic import GemmShape, best_dataflow, gemm_shape, systolic_cycles
+from .systolic import best_dataflow, gemm_shape, systolic_cycles
 from .work import iteration_ranks, producers, score_shaped
 
 
@@ -30,7 +30,8 @@ class EinsumCost:
     cycles: float            # cycles on its array, fill and drain included
     fill_drain: float
     dataflow: str | None
-    bound: str = ""          # for an unfused kernel: what bounds it
+    buffer_reads: float = 0.0  # operand words a contraction streams from the global buffer
+    bound: str = ""          # what bounds the kernel the Einsum runs in
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def _einsum_cost(mapping: Mapping, pl: Placement, e: Einsum) -> EinsumCost:
     kept = _kept(mapping, e)
     points = pl.points * kept
     ops = points * pl.cycles_per_point
-    fill, dataflow = 0.0, None
+    fill, dataflow, reads = 0.0, None, 0.0
     if pl.contraction:
         shape = gemm_shape(e, mapping.sizes, iteration_ranks(e, producers(mapping.cascade)))
         rows, cols = arch.array_2d.rows, arch.array_2d.cols
@@ -79,11 +80,13 @@ def _einsum_cost(mapping: Mapping, pl: Placement, e: Einsum) -> EinsumCost:
             dataflow, sc = best_dataflow(shape, rows, cols, mapping.pipelined)
         cycles = sc.cycles * kept
         fill = sc.fill_drain * kept
+        reads = sc.buffer_reads * kept
     else:
         width = arch.array_2d.pes if pl.array == "2d" else arch.array_1d.lanes
         cycles = ops / width
     return EinsumCost(einsum=e.name, array=pl.array, kernel=pl.kernel, pass_index=pl.pass_index,
-                      points=points, ops=ops, cycles=cycles, fill_drain=fill, dataflow=dataflow)
+                      points=points, ops=ops, cycles=cycles, fill_drain=fill, dataflow=dataflow,
+                      buffer_reads=reads)
 
 
 def _tensor_words(mapping: Mapping, ranks, drop: str | None = None) -> float:
@@ -141,23 +144,18 @@ def _traffic(mapping: Mapping, costs: dict[str, EinsumCost]) -> tuple[list[float
             words = _tensor_words(mapping, e.output.ranks, e.scan)
             dram[0] += mapping.spill_fraction * words * (1 + len(later))
         buf[0] += dram[0]
-    # Edges that leave an array or a pass go through the buffer: one write, one read per reader.
+    # In a fused kernel, a tensor that leaves its array or its pass goes through the buffer:
+    # written once, read once by each such reader (a contraction's reads are its operand streams).
     for e in c.einsums:
         pe = place[e.name]
-        away = [r for r in c.einsums if r is not e and any(i.name == e.name for i in r.inputs)
-                and (mapping.kind == "unfused" or place[r.name].array != pe.array
-                     or place[r.name].pass_index != pe.pass_index)]
-        if away and mapping.kind != "unfused":
-            buf[pe.kernel] += _tensor_words(mapping, e.output.ranks, e.scan) * _kept(mapping, e)
-            for r in away:
-                if not place[r.name].contraction:
-                    buf[pe.kernel] += _read_words(mapping, r, e.output)
-        if pe.contraction:
-            shape: GemmShape = gemm_shape(e, mapping.sizes, iteration_ranks(e, prod))
-            df = costs[e.name].dataflow or "os"
-            sc = systolic_cycles(shape, mapping.arch.array_2d.rows, mapping.arch.array_2d.cols, df,
-                                 mapping.pipelined)
-            buf[pe.kernel] += sc.buffer_reads * _kept(mapping, e)
+        if mapping.kind != "unfused":
+            away = [r for r in c.einsums if r is not e and any(i.name == e.name for i in r.inputs)
+                    and (place[r.name].array != pe.array or place[r.name].pass_index != pe.pass_index)]
+            if away:
+                buf[pe.kernel] += _tensor_words(mapping, e.output.ranks, e.scan) * _kept(mapping, e)
+                buf[pe.kernel] += sum(_read_words(mapping, r, e.output) for r in away
+                                      if not place[r.name].contraction)
+        buf[pe.kernel] += costs[e.name].buffer_reads
     return dram, buf, compulsory
 
 

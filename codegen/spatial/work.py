@@ -20,7 +20,6 @@ from .arch import Array1D, Array2D
 
 UNARY_FUNCTIONS = ("exp", "sigmoid")  # evaluated with the array's exp datapath
 BINARY = ("×", "+", "−", "÷", "max")
-SEQUENCE_FAMILIES = ("p", "m")
 
 
 class MappingError(ValueError):
@@ -113,6 +112,8 @@ def op_cycles(e: Einsum, array: Array2D | Array1D, *, fused_sub: bool = False,
     if op in ("id", "cast"):
         return float(reduce)
     if op == "fma":
+        if "×" not in array.ops or "+" not in array.ops:
+            return None
         return 1.0 if two_d else 2.0
     if op in ("where", "select"):
         return 1.0 + reduce
@@ -140,10 +141,6 @@ def subtractions_feeding_exp(cascade: Cascade) -> set[str]:
                 and set(users[0].output.ranks) == set(e.output.ranks)):
             out.add(e.name)
     return out
-
-
-def tensor_words(ranks, sizes: Sizes) -> int:
-    return sizes.space(ranks)
 
 
 def score_shaped(e: Einsum, cascade: Cascade) -> bool:
