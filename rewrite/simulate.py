@@ -65,11 +65,24 @@ def _sites(target: Any, args: tuple) -> list[tuple[str, Cascade, float | None]]:
         from . import inspect
 
         report = inspect(target, *args)
-        sites = [(f"site {i} ({s.variant})", s.cascade_ir, _density(s.cascade_ir, float(s.density)))
-                 for i, s in enumerate(report.sites) if s.cascade_ir is not None]
-        if not sites:
+        # Identical sites (every layer of a stack) are simulated once, named with their count.
+        groups: dict[tuple, list[int]] = {}
+        found = {}
+        for i, s in enumerate(report.sites):
+            if s.cascade_ir is None:
+                continue
+            key = (str(s.cascade_ir), tuple(sorted(s.cascade_ir.rank_sizes.items())), s.variant, s.density)
+            groups.setdefault(key, []).append(i)
+            found.setdefault(key, s)
+        if not groups:
             raise MappingError("inspect found no attention site with a cascade to simulate in "
                                f"{type(target).__name__}; nothing to map")
+        sites = []
+        for key, idx in groups.items():
+            s = found[key]
+            name = f"site {idx[0]} ({s.variant})" if len(idx) == 1 else \
+                f"{len(idx)}× sites {idx[0]}…{idx[-1]} ({s.variant})"
+            sites.append((name, s.cascade_ir, _density(s.cascade_ir, float(s.density))))
         return sites
     raise TypeError(f"simulate() takes a model, a function, a Cascade or a workload name, "
                     f"not {type(target).__name__}")
@@ -123,6 +136,8 @@ def simulate(target: Any = "bert", *args: Any, arch: Any = None,
     seq_lens = [None if s is None else int(s) for s in seq_lens] if has_seq else [None]
     if baseline is None:
         baseline = "flat" if "flat" in mappings else mappings[0]
+    if baseline not in mappings:
+        raise MappingError(f"baseline {baseline!r} is not among the simulated mappings {mappings}")
     archs = {mname: _arch_for(arch, mname, array) for mname in mappings}
     jobs = [(name, c, d, L) for name, c, d in sites for L in seq_lens]
     show = progress if progress is not None else len(jobs) * len(mappings) > PROGRESS_THRESHOLD
