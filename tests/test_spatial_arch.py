@@ -9,6 +9,7 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from rewrite.codegen.spatial.arch import (
     PRESET_DIR,
     Architecture,
