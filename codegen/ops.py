@@ -170,10 +170,33 @@ def _triton(q, k, v, bias, mask, scale, causal, causal_offset, masked_row) -> to
     return fix_empty_rows(out, v, bias, mask, causal, causal_offset, masked_row) if masked_row != "nan" else out
 
 
+_CAUSAL_MASKS: dict[tuple, bool] = {}
+
+
+def mask_is_causal(mask: torch.Tensor, offset: int) -> bool:
+    """Is this run-time mask tensor exactly m <= p + offset? Checked once per tensor identity
+    (storage, version counter, shape, strides): a registered buffer is checked on the first
+    call only, and any in-place change to it is seen through its version counter."""
+    key = (mask.untyped_storage().data_ptr(), mask.storage_offset(), mask._version, tuple(mask.shape),
+           tuple(mask.stride()), mask.device, offset)
+    hit = _CAUSAL_MASKS.get(key)
+    if hit is None:
+        n, m = mask.shape[-2], mask.shape[-1]
+        hit = bool(torch.equal(mask, causal_keep(n, m, offset, mask.device).expand_as(mask)))
+        if len(_CAUSAL_MASKS) > 256:
+            _CAUSAL_MASKS.clear()
+        _CAUSAL_MASKS[key] = hit
+    return hit
+
+
 @torch.library.custom_op("rewrite::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
               mask: torch.Tensor | None, scale: float, causal: bool, causal_offset: int,
-              masked_row: str, kernel: str, out_dtype: torch.dtype) -> torch.Tensor:
+              masked_row: str, kernel: str, out_dtype: torch.dtype,
+              mask_causal_hint: int | None = None) -> torch.Tensor:
+    if mask_causal_hint is not None and mask is not None and not causal and mask_is_causal(mask, mask_causal_hint):
+        # A run-time mask (a registered tril buffer) that is causal: skip it, run causal.
+        mask, causal, causal_offset = None, True, mask_causal_hint
     if (kernel == "sdpa" and bias is None and mask is None and q.dim() == 4 and q.dtype == k.dtype == v.dtype
             and q.shape[:-2] == k.shape[:-2] == v.shape[:-2] and (not causal or causal_offset == 0)):
         # The common case, without the general path's bookkeeping.
@@ -190,12 +213,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, bias, mask, scale, causal, causal_offset, masked_row, kernel, out_dtype):
+def _attention_fake(q, k, v, bias, mask, scale, causal, causal_offset, masked_row, kernel, out_dtype,
+                    mask_causal_hint=None):
     return q.new_empty(_out_shape(q, k, v, bias, mask), dtype=out_dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, mask, scale, causal, causal_offset, masked_row, _kernel, _dtype = inputs
+    q, k, v, bias, mask, scale, causal, causal_offset, masked_row, _kernel, _dtype, *_hint = inputs
     ctx.save_for_backward(q, k, v, bias, mask)
     ctx.args = (scale, causal, causal_offset, masked_row)
 
@@ -222,7 +246,7 @@ def _backward(ctx, grad):
             result.append(g)
         else:
             result.append(None)
-    return (*result, None, None, None, None, None, None, None)
+    return (*result, None, None, None, None, None, None, None, None)
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

@@ -51,7 +51,7 @@ def apply_plan(graph: Graph, plan: Plan) -> Node:
         keep = _combine(graph, [_canonical(graph, m) for m in plan.keeps], aten.logical_and.default)
         out = graph.call_function(torch.ops.rewrite.attention.default, (
             q, k, v, bias, keep, float(site.scale), bool(plan.causal), int(plan.causal_offset),
-            plan.masked_row, plan.kernel, site.out_dtype))
+            plan.masked_row, plan.kernel, site.out_dtype, plan.mask_causal_hint))
         atoms = getattr(site, "out_atoms_sizes", None)
         if atoms is not None and site.out_perm != list(range(len(site.out_perm))):
             out = graph.call_function(aten.reshape.default, (out, atoms))

@@ -7,10 +7,11 @@ from torch.fx import Node
 from torch.fx.node import map_arg
 
 
-def constant_value(node: Node, limit: int = 2000) -> torch.Tensor | None:
+def constant_value(node: Node, limit: int = 2000, inputs: dict[Node, object] | None = None) -> torch.Tensor | None:
     """The value of ``node`` when it depends on no placeholder, else None.
 
-    The graph is specialised to static shapes, so such a value is the same on every call."""
+    The graph is specialised to static shapes, so such a value is the same on every call.
+    With ``inputs`` (placeholder → the first call's value) it is the first call's value."""
     order: list[Node] = []
     seen: set[Node] = set()
     stack = [node]
@@ -19,13 +20,15 @@ def constant_value(node: Node, limit: int = 2000) -> torch.Tensor | None:
         if n in seen:
             continue
         seen.add(n)
+        if n.op == "placeholder" and inputs is not None and n in inputs:
+            continue
         if n.op == "placeholder" or len(seen) > limit:
             return None
         if n.op not in ("call_function", "get_attr"):
             return None
         order.append(n)
         stack.extend(n.all_input_nodes)
-    env: dict[Node, object] = {}
+    env: dict[Node, object] = dict(inputs or {})
     for n in sorted(order, key=_position(node)):
         if n.op == "get_attr":
             obj = n.graph.owning_module

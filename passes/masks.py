@@ -90,11 +90,28 @@ def _broadcast(a: SymVal, b: SymVal):
     return a.expr, eb, tuple(axes), tuple(shape)
 
 
+def _fold_piecewise(expr):
+    """``Eq(Piecewise((1, c), (0, True)), 0)`` → ``¬c``: comparisons of a where-built tensor."""
+    if not expr.has(sympy.Piecewise) or not _is_bool(expr):
+        return expr
+    folded = sympy.piecewise_fold(expr)
+    if not isinstance(folded, sympy.Piecewise):
+        return folded
+    terms, seen = [], sympy.false
+    for val, cond in folded.args:
+        val = sympy.true if val in (True, sympy.true) else sympy.false if val in (False, sympy.false) else val
+        if not _is_bool(val):
+            return expr
+        terms.append(sympy.And(cond, sympy.Not(seen), val))
+        seen = sympy.Or(seen, cond)
+    return sympy.Or(*terms)
+
+
 def _binary(fn):
     def rule(node, env):
         a, b = (_value(x, env) for x in node.args[:2])
         ea, eb, axes, shape = _broadcast(a, b)
-        return SymVal(fn(ea, eb), axes, shape)
+        return SymVal(_fold_piecewise(fn(ea, eb)), axes, shape)
     return rule
 
 

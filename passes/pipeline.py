@@ -25,11 +25,20 @@ def _shapes(site) -> dict:
             "f": site.f, "q": list(site.q.shape), "k": list(site.k.shape), "v": list(site.v.shape)}
 
 
-def rewrite_graph(gm: GraphModule, backend: str) -> tuple[GraphModule, list[SiteReport]]:
+def rewrite_graph(gm: GraphModule, backend: str, example_inputs=None) -> tuple[GraphModule, list[SiteReport]]:
+    """Rewrite every proven site of ``gm``; ``example_inputs`` (the first call's arguments)
+    let run-time mask tensors be checked on real values."""
+    inputs = None
+    if example_inputs is not None:
+        phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        inputs = dict(zip(phs, example_inputs))
     reports: list[SiteReport] = []
     original_passes = Cascade.softmax_attention().pass_count()
     online_passes = Cascade.online_softmax_attention().pass_count()
     changed = False
+    # Values the caller never reads (MultiheadAttention's averaged weights when the
+    # caller drops them) must not keep a site from being rewritten.
+    gm.graph.eliminate_dead_code()
     for site, reason in find_sites(gm.graph):
         if site is None:
             reports.append(SiteReport(variant="unknown", location=reason[0], spelling=reason[1],
@@ -38,7 +47,7 @@ def rewrite_graph(gm: GraphModule, backend: str) -> tuple[GraphModule, list[Site
             continue
         device = node_device(site.out_node)
         try:
-            plan = plan_site(site, backend, device)
+            plan = plan_site(site, backend, device, inputs)
         except Exception as exc:  # a site the passes cannot prove is left untouched
             log.info("site at %s left alone: %s", site.location, exc)
             reports.append(SiteReport(variant="unknown", location=site.location, spelling=site.spelling,

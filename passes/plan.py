@@ -30,6 +30,7 @@ class Plan:
     keeps: list[TensorPlan] = field(default_factory=list)
     masked_row: str = "nan"
     notes: list[str] = field(default_factory=list)
+    mask_causal_hint: int | None = None  # a run-time mask that was causal on the first call
 
     @property
     def cascade(self) -> Cascade:
@@ -165,8 +166,29 @@ def _concrete_bias_ok(bp: TensorPlan, offset: int) -> bool:
     return keep_ok and bool((masked <= -1e30).all())
 
 
-def plan_site(site: Site, backend: str, device: torch.device | None) -> Plan:
+def _runtime_causal_hint(site: Site, keeps: list[TensorPlan], inputs) -> int | None:
+    """A single run-time bool mask (a registered tril buffer) that is causal on the first
+    call: the op re-checks it per tensor identity, so it is never assumed."""
+    if len(keeps) != 1 or inputs is None:
+        return None
+    kp = keeps[0]
+    val = constant_value(kp.node, inputs=inputs)
+    if val is None or val.dtype != torch.bool:
+        return None
+    val = val.permute(kp.perm).reshape(kp.shape)
+    keep = ~val if kp.invert else val
+    offset = int(keep[..., 0, :].reshape(-1, keep.shape[-1])[0].sum().item()) - 1
+    return offset if offset >= 0 and masks.check_causal(keep, offset) else None
+
+
+def plan_site(site: Site, backend: str, device: torch.device | None, inputs=None) -> Plan:
     spec, keeps, biases, causal, offset, notes = analyse_mask(site)
+    hint = None
+    if spec.kind == "dense" and spec.runtime and not biases:
+        hint = _runtime_causal_hint(site, keeps, inputs)
+        if hint is not None:
+            spec = masks.MaskSpec("causal", predicate=f"m <= p + {hint}", offset=hint, runtime=True)
+            notes.append("run-time mask tensor was causal on the first call; re-checked per tensor identity")
     variant = "causal" if spec.kind == "causal" else "dense"
     fill = site.fill
     masked_row = "zero" if site.kept_as_is else ("mean" if fill is not None and math.isfinite(fill) else "nan")
@@ -178,7 +200,8 @@ def plan_site(site: Site, backend: str, device: torch.device | None) -> Plan:
         kernel = "triton"
     elif backend == "auto" and device is not None and device.type == "cuda" and causal and offset != 0:
         kernel = "triton"  # SDPA has no bottom-right causal without a materialised mask
-    return Plan(site, variant, kernel, spec, causal, offset, biases, keeps, masked_row, notes + site.notes)
+    return Plan(site, variant, kernel, spec, causal, offset, biases, keeps, masked_row, notes + site.notes,
+                mask_causal_hint=hint)
 
 
 def node_device(node: Node) -> torch.device | None:

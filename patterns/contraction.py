@@ -78,14 +78,46 @@ def as_contraction(node: Node) -> Contraction | None:
             return Contraction(node, a, b, la, lb, lo, "baddbmm", added, float(beta), float(alpha))
         if t == aten.einsum.default:
             eq, operands = node.args[:2]
-            if len(operands) != 2 or "..." in eq:
+            if len(operands) != 2 or "->" not in eq:
                 return None
-            lhs, out = eq.replace(" ", "").split("->")
-            ia, ib = lhs.split(",")
+            shapes = [shape_of(o) for o in operands]
+            if any(sh is None for sh in shapes):
+                return None
+            labels = _einsum_labels(eq.replace(" ", ""), shapes)
+            if labels is None:
+                return None
+            (ia, ib), out = labels
             if len(set(ia)) != len(ia) or len(set(ib)) != len(ib):
                 return None  # a diagonal, not a contraction
-            return Contraction(node, operands[0], operands[1], tuple(ia), tuple(ib), tuple(out),
-                               f"einsum('{eq}')")
+            return Contraction(node, operands[0], operands[1], ia, ib, out, f"einsum('{eq}')")
     except NoMatch:
         return None
     return None
+
+
+def _einsum_labels(eq: str, shapes) -> tuple[tuple[tuple[str, ...], ...], tuple[str, ...]] | None:
+    """Split an einsum equation into one label per axis; ``...`` becomes fresh labels,
+    right-aligned across operands as numpy broadcasting aligns them."""
+    lhs, out = eq.split("->")
+    subs = lhs.split(",")
+    free = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq]
+    counts = []
+    for sub, shape in zip(subs, shapes):
+        if "..." in sub:
+            pre, post = sub.split("...")
+            counts.append(len(shape) - len(pre) - len(post))
+        else:
+            counts.append(0)
+    n_ell = max(counts + [0])
+    if n_ell > len(free) or any(c < 0 for c in counts):
+        return None
+    ell = free[:n_ell]
+
+    def expand(sub, count):
+        if "..." not in sub:
+            return tuple(sub)
+        pre, post = sub.split("...")
+        return (*pre, *ell[n_ell - count:], *post)
+
+    operands = tuple(expand(sub, c) for sub, c in zip(subs, counts))
+    return operands, expand(out, n_ell)

@@ -55,7 +55,7 @@ def match_sdpa(node: Node) -> Site:
         scale=float(scale) if scale is not None else 1.0 / math.sqrt(e), nodes=[node],
         batch_sizes=list(sq[:-2]), n=sq[-2], m=sk[-2], e=e, f=sv[-1],
         causal=bool(is_causal), kept_as_is=True,
-        gqa_groups=(sq[-3] // sk[-3]) if len(sq) >= 3 and sk[-3] not in (sq[-3], 1) else 1,
+        gqa_groups=(sq[-3] // sk[-3]) if len(sq) >= 3 and len(sk) >= 3 and sk[-3] < sq[-3] else 1,
     )
     if attn_mask is not None:
         r = len(shape_of(attn_mask))

@@ -215,17 +215,20 @@ def _atoms_for(c: Contraction, sizes: AtomSizes) -> tuple[Axes, Axes, Axes]:
     sa, sb, so = shape_of(c.a), shape_of(c.b), shape_of(c.node)
     if sa is None or sb is None or so is None:
         raise NoMatch("shapes unknown")
+    # Every named axis gets an atom, size 1 included (a decode step has one query); an
+    # axis of size 1 where the same label is longer elsewhere broadcasts and names nothing.
     label_size: dict[str, int] = {}
     for labels, shape in ((c.a_labels, sa), (c.b_labels, sb), (c.out_labels, so)):
         for lab, s in zip(labels, shape):
-            if lab and s != 1:
-                if label_size.setdefault(lab, s) != s:
+            if lab:
+                if s != 1 and label_size.get(lab, 1) not in (1, s):
                     raise NoMatch("inconsistent contraction sizes")
+                label_size[lab] = max(s, label_size.get(lab, 1))
     for lab, s in label_size.items():
         sizes.sizes[f"{lab}@qk"] = s
 
     def axes(labels, shape):
-        return tuple((f"{lab}@qk",) if lab and s != 1 else () for lab, s in zip(labels, shape))
+        return tuple((f"{lab}@qk",) if lab and s == label_size[lab] else () for lab, s in zip(labels, shape))
 
     return axes(c.a_labels, sa), axes(c.b_labels, sb), axes(c.out_labels, so)
 
@@ -407,7 +410,7 @@ def match_softmax_attention(sm: Node) -> Site:
                 raise NoMatch("V does not line up with the weights")
             else:
                 v_axes.append(ax)
-        elif s == 1 or not lab:
+        elif not lab:
             v_axes.append(())
         else:
             atom = f"{lab}@v"
@@ -420,11 +423,11 @@ def match_softmax_attention(sm: Node) -> Site:
     out_axes = []
     for lab, s in zip(av.out_labels, so):
         if lab in label_atoms:
-            out_axes.append(label_atoms[lab] if s != 1 else ())
+            out_axes.append(label_atoms[lab] if s == sizes.of(label_atoms[lab]) else ())
         else:
             idx = list(v_labels).index(lab) if lab in v_labels else None
-            out_axes.append(v_axes[idx] if idx is not None and s != 1 else ())
-    out_atoms = [a for ax in out_axes for a in ax]
+            out_axes.append(v_axes[idx] if idx is not None and s == sizes.of(v_axes[idx]) else ())
+    out_atoms = [a for ax in out_axes for a in ax if sizes.sizes[a] != 1]
     if sorted(out_atoms) != sorted([a for a in batch + n_atoms + f_atoms if sizes.sizes[a] != 1]):
         raise NoMatch("the output of the product with V is not [batch, queries, values]")
     out_node = av.node
@@ -468,6 +471,11 @@ def match_softmax_attention(sm: Node) -> Site:
     q_batch = math.prod(site.q.shape[:-2])
     k_batch = math.prod(site.k.shape[:-2])
     site.gqa_groups = max(q_batch // max(k_batch, 1), _repeat_factor(k_op), 1)
+    if len(n_atoms) > 1 and len(m_atoms) == 1:
+        # Query heads grouped over one key head ([B, Hkv, R, N] against [B, Hkv, M]): the
+        # group is folded into the query rows, so keys are read once per key head.
+        site.gqa_groups = max(site.gqa_groups, math.prod(sizes.sizes[a] for a in n_atoms[:-1]))
+        site.notes.append("grouped query heads folded into the query axis (keys read once per key head)")
     for node, node_axes, neg, factor in bias_raw:
         site.biases.append(plan(node, node_axes, n_atoms, m_atoms, "a bias", negate=neg, factor=factor))
     for node, node_axes, invert in keeps:

@@ -74,7 +74,7 @@ class RewrittenGraph:
             self._skip(f"could not lower to ATen ({type(exc).__name__}: {str(exc)[:120]})")
             return self.gm.forward
         original = GraphModule(aten_gm, copy.deepcopy(aten_gm.graph)) if self.verify else None
-        new_gm, sites = rewrite_graph(aten_gm, self.backend)
+        new_gm, sites = rewrite_graph(aten_gm, self.backend, args)
         for s in sites:
             s.graph = self.graph_index
         if self.report is not None:
