@@ -18,7 +18,7 @@ from pathlib import Path
 import sympy
 
 from rewrite.cascade import Cascade, m, p
-from rewrite.simulate import simulate
+from rewrite.simulation import simulate
 
 HERE = Path(__file__).parent
 SEQ = [2**12, 2**16, 2**20]

@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     if name == "simulate":
-        from .simulate import simulate
+        from .simulation import simulate
 
         return simulate
     raise AttributeError(f"module 'rewrite' has no attribute {name!r}")

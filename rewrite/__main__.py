@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("simulate", help="spatial-array simulation (see python -m rewrite simulate -h)",
                    add_help=False)
     if argv and argv[0] == "simulate":
-        from .simulate import cli_main
+        from .simulation import cli_main
 
         return cli_main(argv[1:])
     args = parser.parse_args(argv)

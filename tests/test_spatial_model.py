@@ -45,7 +45,7 @@ def test_gemm_cycles_match_scalesim_within_10_percent():
 
 
 def test_gemm_cascade_through_simulate_matches_scalesim():
-    from rewrite.simulate import simulate
+    from rewrite.simulation import simulate
 
     r = next(r for r in _scalesim_rows() if r["dataflow"] == "ws" and r["rows"] != r["cols"])
     sim = simulate(Cascade.gemm(int(r["M"]), int(r["N"]), int(r["K"])), arch="fusemax_cloud",

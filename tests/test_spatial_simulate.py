@@ -12,7 +12,7 @@ from torch import nn
 
 from rewrite.cascade import Cascade, m, p
 from rewrite.codegen.spatial import MappingError
-from rewrite.simulate import cli_main, simulate
+from rewrite.simulation import cli_main, simulate
 
 
 class BertLikeSelfAttention(nn.Module):

@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
-import types
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -240,16 +238,3 @@ def cli_main(argv: list[str]) -> int:
         sim.plot(a.plot)
         print(f"plot saved to {a.plot}")
     return 0
-
-
-class _CallableModule(types.ModuleType):
-    """Importing this submodule binds the package attribute ``rewrite.simulate`` to the
-    module (the import system sets submodules on their parent), shadowing the function that
-    ``rewrite/__init__.py`` exposes lazily after the first call; calling the module calls
-    the function, so ``rewrite.simulate(...)`` keeps working."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> SimulationResult:
-        return simulate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
