@@ -133,19 +133,20 @@ def _recompute_grads(ctx, grad, fn):
 
 # ---- flow attention ----------------------------------------------------------------------------
 def flow_reference(q, k, v, causal: bool = False, clamp: bool = True, eps: float = 1e-6) -> torch.Tensor:
-    """Flowformer's official Flow_Attention / Flow_Attention_Causal forward, [.., L, D] layout."""
+    """Flowformer's official Flow_Attention / Flow_Attention_Causal forward (thuml/Flowformer), on
+    [..., L, D] tensors after the projections: the same einsums in the same order."""
     q, k = torch.sigmoid(q), torch.sigmoid(k)
     if not causal:
-        si = 1.0 / ((q + eps) * (k.sum(-2, keepdim=True) + eps)).sum(-1)
-        so = 1.0 / ((k + eps) * (q.sum(-2, keepdim=True) + eps)).sum(-1)
-        c_sink = ((q + eps) * ((k * so[..., None]).sum(-2, keepdim=True) + eps)).sum(-1)
-        c_src = ((k + eps) * ((q * si[..., None]).sum(-2, keepdim=True) + eps)).sum(-1)
+        si = 1.0 / torch.einsum("...ld,...d->...l", q + eps, k.sum(dim=-2) + eps)
+        so = 1.0 / torch.einsum("...ld,...d->...l", k + eps, q.sum(dim=-2) + eps)
+        c_sink = torch.einsum("...ld,...d->...l", q + eps, (k * so[..., None]).sum(dim=-2) + eps)
+        c_src = torch.einsum("...ld,...d->...l", k + eps, (q * si[..., None]).sum(dim=-2) + eps)
         if clamp:
             c_src = torch.clamp(c_src, min=-1.0, max=1.0)
         alloc = torch.sigmoid(c_sink * (float(q.shape[-2]) / float(k.shape[-2])))
         comp = torch.softmax(c_src, dim=-1) * float(k.shape[-2])
-        kv = (k.transpose(-1, -2)) @ (v * comp[..., None])
-        return ((q * si[..., None]) @ kv) * alloc[..., None]
+        kv = torch.einsum("...ld,...lm->...dm", k, v * comp[..., None])
+        return torch.einsum("...ld,...dm->...lm", q * si[..., None], kv) * alloc[..., None]
     si, so, normal, alloc, comp = _causal_flow_prework(q, k, clamp, eps)
     kv = torch.einsum("...ld,...lm->...ldm", k, v * comp[..., None]).cumsum(-3)
     x = torch.einsum("...ld,...ldm->...lm", q * (si / normal)[..., None], kv)
@@ -154,18 +155,18 @@ def flow_reference(q, k, v, causal: bool = False, clamp: bool = True, eps: float
 
 def _causal_flow_prework(q, k, clamp: bool, eps: float):
     """The O(N·D) prefix-sum part of causal Flow-Attention (q, k already sigmoid)."""
-    si = 1.0 / ((q + eps) * (k.cumsum(-2) + eps)).sum(-1)
-    so = 1.0 / ((k + eps) * (q.cumsum(-2) + eps)).sum(-1)
+    si = 1.0 / torch.einsum("...ld,...ld->...l", q + eps, k.cumsum(dim=-2) + eps)
+    so = 1.0 / torch.einsum("...ld,...ld->...l", k + eps, q.cumsum(dim=-2) + eps)
     normal = torch.arange(q.shape[-2], device=q.device).float() + 1.0
     si = si * normal
     so = so * normal
-    c_sink = ((q + eps) * ((k * so[..., None]).cumsum(-2) + eps)).sum(-1) / normal
-    c_src = ((k + eps) * ((q * si[..., None]).cumsum(-2) + eps)).sum(-1) / normal
+    c_sink = torch.einsum("...ld,...ld->...l", q + eps, (k * so[..., None]).cumsum(dim=-2) + eps) / normal
+    c_src = torch.einsum("...ld,...ld->...l", k + eps, (q * si[..., None]).cumsum(dim=-2) + eps) / normal
     if clamp:
         c_src = torch.clamp(c_src, min=-1.0, max=1.0)
     alloc = torch.sigmoid(c_sink)
     c_src = torch.exp(c_src)
-    comp = (c_src / c_src.cumsum(-1)) * normal
+    comp = (c_src / c_src.cumsum(dim=-1)) * normal
     return si, so, normal, alloc, comp
 
 

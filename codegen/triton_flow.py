@@ -144,7 +144,10 @@ def flow_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cau
     if causal:
         from .linear_ops import flow_torch
 
-        return flow_torch(q.to(dt), k.to(dt), v.to(dt), True, clamp, eps, linear=linear_attention_triton)
+        def linear(fq, fk, fv, causal, normalize, eps):  # the state recurrence in the inputs' dtype, as eager
+            return linear_attention_triton(fq.to(dt), fk.to(dt), fv.to(dt), causal, normalize, eps)
+
+        return flow_torch(q.to(dt), k.to(dt), v.to(dt), True, clamp, eps, linear=linear)
     lead = q.shape[:-2]
     n, e = q.shape[-2:]
     m, f = v.shape[-2:]
@@ -152,8 +155,8 @@ def flow_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cau
     bh = q3.shape[0]
     be, bf = max(16, triton.next_power_of_2(e)), max(16, triton.next_power_of_2(f))
     prec, _ = _precisions(dt)
-    block = 64 if max(be, bf) <= 64 else 32
-    nseg, seg_k = _segments(bh, m, block)
+    block = 128 if max(be, bf) <= 64 else 64
+    nseg, seg_k = _segments(bh, m, block, target=1056)
     seg_q = triton.cdiv(triton.cdiv(n, block), nseg) * block
     dev = q.device
     warps = 4 if max(be, bf) <= 64 else 8

@@ -31,13 +31,14 @@ CHUNK = 64
 
 @triton.jit
 def _segment_state(K, V, S, Z, M, seg_len, skb, skm, svb, svm, E: tl.constexpr, F: tl.constexpr,
-                   BE: tl.constexpr, BF: tl.constexpr, BLOCK_M: tl.constexpr, NSEG: tl.constexpr,
+                   BE: tl.constexpr, BF: tl.constexpr, BFT: tl.constexpr, BLOCK_M: tl.constexpr, NSEG: tl.constexpr,
                    PREC: tl.constexpr):
     bh = tl.program_id(0)
     seg = tl.program_id(1)
+    ft = tl.program_id(2)
     offs_e = tl.arange(0, BE)
-    offs_f = tl.arange(0, BF)
-    acc = tl.zeros((BE, BF), dtype=tl.float32)
+    offs_f = ft * BFT + tl.arange(0, BFT)
+    acc = tl.zeros((BE, BFT), dtype=tl.float32)
     z = tl.zeros((BE,), dtype=tl.float32)
     start = seg * seg_len
     end = tl.minimum(start + seg_len, M)
@@ -52,18 +53,20 @@ def _segment_state(K, V, S, Z, M, seg_len, skb, skm, svb, svm, E: tl.constexpr, 
         z += tl.sum(k.to(tl.float32), 0)
     base = (bh * NSEG + seg)
     tl.store(S + base * BE * BF + offs_e[:, None] * BF + offs_f[None, :], acc)
-    tl.store(Z + base * BE + offs_e, z)
+    if ft == 0:
+        tl.store(Z + base * BE + offs_e, z)
 
 
 @triton.jit
 def _noncausal_out(Q, S, Z, Out, N, eps, sqb, sqn, sob, son, E: tl.constexpr, F: tl.constexpr,
-                   BE: tl.constexpr, BF: tl.constexpr, BLOCK_N: tl.constexpr, NORM: tl.constexpr,
+                   BE: tl.constexpr, BF: tl.constexpr, BFT: tl.constexpr, BLOCK_N: tl.constexpr, NORM: tl.constexpr,
                    PREC: tl.constexpr):
     bh = tl.program_id(0)
     nb = tl.program_id(1)
+    ft = tl.program_id(2)
     rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_e = tl.arange(0, BE)
-    offs_f = tl.arange(0, BF)
+    offs_f = ft * BFT + tl.arange(0, BFT)
     rmask = rows < N
     q = tl.load(Q + bh * sqb + rows[:, None] * sqn + offs_e[None, :],
                 mask=rmask[:, None] & (offs_e[None, :] < E), other=0.0).to(tl.float32)
@@ -137,10 +140,10 @@ def segment_states(k: torch.Tensor, v: torch.Tensor, nseg: int, seg_len: int) ->
     s = torch.empty(bh, nseg, be, bf, device=k.device, dtype=torch.float32)
     z = torch.empty(bh, nseg, be, device=k.device, dtype=torch.float32)
     prec, _ = _precisions(k.dtype)
-    block = 64 if max(be, bf) <= 64 else 32
-    _segment_state[(bh, nseg)](k, v, s, z, m, seg_len, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                               E=e, F=f, BE=be, BF=bf, BLOCK_M=block, NSEG=nseg, PREC=prec,
-                               num_warps=4 if max(be, bf) <= 64 else 8)
+    bft = min(bf, 64)
+    _segment_state[(bh, nseg, bf // bft)](k, v, s, z, m, seg_len, k.stride(0), k.stride(1), v.stride(0),
+                                          v.stride(1), E=e, F=f, BE=be, BF=bf, BFT=bft, BLOCK_M=64, NSEG=nseg,
+                                          PREC=prec, num_warps=4 if be <= 64 else 8)
     return s, z
 
 
@@ -166,11 +169,11 @@ def linear_attention_triton(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor,
         nseg, seg_len = _segments(bh, m, 64)
         s, z = segment_states(k3, v3, nseg, seg_len)
         s, z = s.sum(1), z.sum(1)
-        block_n = 64
-        _noncausal_out[(bh, triton.cdiv(n, block_n))](
+        block_n, bft = 64, min(bf, 64)
+        _noncausal_out[(bh, triton.cdiv(n, block_n), bf // bft)](
             q3, s, z, out, n, float(eps), q3.stride(0), q3.stride(1), out.stride(0), out.stride(1),
-            E=e, F=f, BE=be, BF=bf, BLOCK_N=block_n, NORM=normalize, PREC=prec,
-            num_warps=4 if max(be, bf) <= 64 else 8)
+            E=e, F=f, BE=be, BF=bf, BFT=bft, BLOCK_N=block_n, NORM=normalize, PREC=prec,
+            num_warps=4 if be <= 64 else 8)
         return out.reshape(*lead, n, f)
     if n != m:
         raise ValueError("causal linear attention needs as many queries as keys")
@@ -183,5 +186,5 @@ def linear_attention_triton(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor,
         q3, k3, v3, s0, z0, out, n, seg_len, float(eps), q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1),
         v3.stride(0), v3.stride(1), out.stride(0), out.stride(1),
         E=e, F=f, BE=be, BF=bf, BFT=bft, C=CHUNK, NSEG=nseg, NORM=normalize, PREC=prec, PREC_LOW=prec_low,
-        num_warps=4, num_stages=2)
+        num_warps=4 if be <= 64 else 8, num_stages=2)
     return out.reshape(*lead, n, f)
