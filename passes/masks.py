@@ -247,7 +247,9 @@ def _runtime(node, env):
 
 
 def _index(node, env):
-    """``t[i0, i1, ...]`` with index tensors built from aranges: t(i0, i1, ...)."""
+    """``t[i0, i1, ...]`` with index tensors built from aranges. If t itself is known
+    symbolically (an expanded arange of positions), substitute; otherwise t is a run-time
+    tensor and the result is the opaque ``R_t(i0, i1, ...)``."""
     src, indices = node.args[:2]
     if not isinstance(src, Node) or any(i is None for i in indices):
         raise Opaque("index")
@@ -258,6 +260,13 @@ def _index(node, env):
         ea, eb, axes, shape = _broadcast(cur, v)
         exprs = [e.xreplace({}) for e in exprs] + [eb]
         cur = SymVal(ea, axes, shape)
+    try:
+        sv = _value(src, env)
+    except Opaque:
+        sv = None
+    if sv is not None and not sv.expr.atoms(sympy.core.function.AppliedUndef) and len(sv.axes) >= len(exprs):
+        subs = {ax: e for ax, e in zip(sv.axes, exprs) if ax is not None}
+        return SymVal(sv.expr.xreplace(subs), cur.axes, _shape(node))
     fn = sympy.Function(f"R_{src.name}")
     return SymVal(fn(*exprs), cur.axes, _shape(node))
 
