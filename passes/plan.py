@@ -67,22 +67,30 @@ def analyse_mask(site: Site) -> tuple[masks.MaskSpec, list[TensorPlan], list[Ten
     runtime = False
     arbitrary = []
     drop_keeps, drop_biases = [], []
+
+    def absorb(spec: masks.MaskSpec, proven: bool) -> bool:
+        """Fold one mask's class into the site's; True when the tensor can be dropped."""
+        nonlocal found_causal, runtime
+        if spec.kind == "causal":
+            # Several causal masks keep their intersection: the smallest offset.
+            found_causal = spec.offset if found_causal is None else min(found_causal, spec.offset)
+            if proven and not spec.runtime:
+                return True
+            runtime = True
+        elif spec.kind == "arbitrary":
+            arbitrary.append(spec.predicate)
+        else:
+            runtime = runtime or spec.runtime
+        return False
+
     for kp in keeps:
         pred = _pred_for(kp, invert=kp.invert)
         if pred is None:
             runtime = True
             continue
         spec = masks.classify(pred)
-        if spec.kind == "causal" and not spec.runtime and _concrete_ok(kp, spec.offset):
-            found_causal = spec.offset
+        if absorb(spec, spec.kind == "causal" and _concrete_ok(kp, spec.offset)):
             drop_keeps.append(kp)
-        elif spec.kind == "causal":
-            found_causal = spec.offset if found_causal is None else found_causal
-            runtime = True
-        elif spec.kind == "arbitrary":
-            arbitrary.append(spec.predicate)
-        else:
-            runtime = runtime or spec.runtime
     for bp in biases:
         res = _bias_pred_for(bp)
         if res is None:
@@ -91,17 +99,12 @@ def analyse_mask(site: Site) -> tuple[masks.MaskSpec, list[TensorPlan], list[Ten
         pred, fill = res
         spec = masks.classify(pred)
         exact_fill = fill == float("-inf") or fill <= -1e30
-        if (spec.kind == "causal" and not spec.runtime and spec.offset >= 0 and exact_fill
-                and bp.factor > 0 and _concrete_bias_ok(bp, spec.offset)):
-            found_causal = spec.offset
+        proven = (spec.kind == "causal" and spec.offset >= 0 and exact_fill and bp.factor > 0
+                  and _concrete_bias_ok(bp, spec.offset))
+        if spec.kind == "dense" and not spec.runtime:
+            runtime = True  # a where-built bias that keeps everything still adds its values
+        if absorb(spec, proven):
             drop_biases.append(bp)
-        elif spec.kind == "causal":
-            found_causal = spec.offset if found_causal is None else found_causal
-            runtime = True
-        elif spec.kind == "arbitrary":
-            arbitrary.append(spec.predicate)
-        else:
-            runtime = True
     keeps = [k for k in keeps if k not in drop_keeps]
     biases = [b for b in biases if b not in drop_biases]
     causal_flag = found_causal is not None and not keeps and not biases and not arbitrary and not runtime
