@@ -1,0 +1,89 @@
+"""The fx rewrite and the report for the linear-time families (linear and flow attention)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.fx import Graph, Node
+
+import rewrite.codegen.linear_ops  # noqa: F401  (registers torch.ops.rewrite.linear_attention / flow_attention)
+from rewrite.cascade import Cascade
+from rewrite.report import SiteReport
+
+from .apply import _canonical
+from .linearize import LinearPlan, NotLinearizable, plan_linear
+
+log = logging.getLogger("rewrite")
+aten = torch.ops.aten
+
+QUADRATIC_TO_LINEAR = "O(N²·D) → O(N·D²)"
+
+
+def _restore_layout(graph: Graph, out: Node, site) -> Node:
+    """The op returns [*batch atoms, N, F]; give the original output's layout back."""
+    canon = [*site.batch_atoms, "p", "f"]
+    out = graph.call_function(aten.reshape.default, (out, [site.atom_sizes[a] for a in canon]))
+    perm = [canon.index(a) for a in site.out_atoms]
+    if perm != list(range(len(perm))):
+        out = graph.call_function(aten.permute.default, (out, perm))
+    return graph.call_function(aten.reshape.default, (out, list(site.out_shape)))
+
+
+def apply_linear(graph: Graph, plan: LinearPlan) -> Node:
+    site = plan.site
+    with graph.inserting_before(site.out_node):
+        fq = _canonical(graph, site.fq)
+        if site.scale != 1.0:
+            fq = graph.call_function(aten.mul.Tensor, (fq, float(site.scale)))
+        fk = _canonical(graph, site.fk)
+        v = _canonical(graph, site.v)
+        out = graph.call_function(torch.ops.rewrite.linear_attention.default, (
+            fq, fk, v, bool(plan.causal), bool(site.normalize), float(site.eps), plan.kernel, site.out_dtype))
+        out = _restore_layout(graph, out, site)
+    out.meta["rewrite_site"] = site.location
+    site.out_node.replace_all_uses_with(out)
+    return out
+
+
+def _shapes(site) -> dict:
+    b = 1
+    for s in site.batch_sizes:
+        b *= s
+    return {"batch": b, "batch_dims": list(site.batch_sizes), "n": site.n, "m": site.m, "e": site.e, "f": site.f}
+
+
+def rewrite_linear_site(graph: Graph, site, backend: str) -> SiteReport:
+    """Plan, prove and apply one linear or flow site; the SiteReport either way."""
+    if site.kind == "flow":
+        from .flow import rewrite_flow_site
+
+        return rewrite_flow_site(graph, site, backend)
+    val = site.out_node.meta.get("val")
+    device = val.device if isinstance(val, torch.Tensor) else None
+    rewritten = Cascade.linear_attention(causal=False)
+    original_passes = site.cascade.pass_count() if site.cascade is not None else None
+    complexity = QUADRATIC_TO_LINEAR if site.form == "quadratic" else "O(N·D²) → O(N·D²) (one fused pass)"
+    rep = SiteReport(variant="linear", location=site.location, spelling=site.spelling, rewritten=False,
+                     cascade=str(site.cascade) if site.cascade is not None else "", shapes=_shapes(site),
+                     pass_count={"original": original_passes} if original_passes is not None else {},
+                     notes=list(site.notes), cascade_ir=site.cascade)
+    try:
+        plan = plan_linear(site, backend, device)
+    except NotLinearizable as exc:
+        log.info("linear site at %s left alone: %s", site.location, exc)
+        rep.reason = str(exc)
+        return rep
+    rewritten = Cascade.linear_attention(causal=plan.causal)
+    rep.rewritten = True
+    rep.kernel = f"rewrite::linear_attention[{plan.kernel}]"
+    rep.rewritten_cascade = str(rewritten)
+    rep.mask = plan.mask.describe()
+    rep.flops = plan.flops
+    rep.pass_count["rewritten"] = rewritten.pass_count()
+    rep.complexity = complexity
+    rep.notes += ["proof: " + "; ".join(plan.proof), *plan.notes]
+    if site.normalize:
+        rep.notes.append(f"normalised (eps = {site.eps:g})")
+    apply_linear(graph, plan)
+    return rep

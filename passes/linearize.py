@@ -1,0 +1,197 @@
+"""Linearizability: prove on a linear-attention site's cascade that reassociation is exact.
+
+    (φQ φKᵀ ⊙ M) V  =  φQ (φKᵀ V)         when every step between the two products is linear
+                                          in the scores: a scalar scale, a 0/1 mask, a division
+                                          by a row sum (a value per query, constant along m).
+
+The proof reads the *original cascade* the recogniser built from the graph (never the fx
+nodes): every Einsum on the path from the Q·K product to the product with V must be ``×`` by
+a constant or a mask, ``÷`` by a value that does not vary along m, or a layout/cast. Anything
+else (exp, a feature map on the scores, max, a subtraction) is a nonlinearity: left alone.
+
+Two more facts decide whether the rewrite may run:
+- the mask (a sympy predicate over p, m, from passes/masks.py) must be dense or causal m ≤ p
+  with as many queries as keys; anything else is left alone;
+- with a normaliser, both feature maps must be provably non-negative (relu, elu+1, exp,
+  sigmoid, softmax, …). Then each row sum is a sum of non-negative terms in either order, so
+  it is zero in the rewritten form exactly where it is zero in eager (up to underflow): inf and
+  NaN appear in the same places. A signed φ can cancel to zero in one order and not the other.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import Node
+
+from rewrite.cascade import Cascade
+from rewrite.patterns.axes import is_layout_op
+from rewrite.patterns.softmax_attention import scalar_value
+
+from . import masks
+
+aten = torch.ops.aten
+
+LINEAR_MAPS = {"id", "cast", "×", "÷"}
+
+
+@dataclass
+class LinearPlan:
+    site: object
+    kernel: str
+    causal: bool
+    mask: masks.MaskSpec
+    proof: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def flops_original(self) -> int:
+        s = self.site
+        b = math.prod(s.batch_sizes) if s.batch_sizes else 1
+        if s.form == "quadratic":
+            return int(2 * b * s.n * s.m * (s.e + s.f))
+        return int(2 * b * (s.m + s.n) * s.e * s.f)
+
+    @property
+    def flops(self) -> int:
+        s = self.site
+        b = math.prod(s.batch_sizes) if s.batch_sizes else 1
+        return int(2 * b * (s.m + s.n) * s.e * s.f)
+
+
+class NotLinearizable(Exception):
+    """The reason a site is left alone."""
+
+
+def prove_reassociation(cascade: Cascade) -> list[str]:
+    """The steps of the proof, or NotLinearizable naming the Einsum that breaks it."""
+    es = list(cascade.einsums)
+    names = [e.name for e in es]
+    if "QK" not in names:
+        return ["already reassociated: φQ (φKᵀ V), a product over the keys then one over the features"]
+    start = names.index("QK")
+    end = names.index("AV")
+    steps = ["QK[m,p] = Σ_e FQ·FK is bilinear in (FQ, FK)"]
+    producers = {e.name: e for e in es}
+    for e in es[start + 1:end]:
+        if e.reduce_op is not None and e.reduced_ranks:
+            if e.reduce_op != "+" or e.map_op != "id" or e.output.ranks[-1:] != ("p",):
+                raise NotLinearizable(f"{e.name} reduces the scores with {e.reduce_op}: not a row sum")
+            steps.append(f"{e.name}[p] = Σ_m: constant along m")
+            continue
+        if e.map_op not in LINEAR_MAPS:
+            raise NotLinearizable(f"{e.name} = {e.map_op}(…) is a nonlinearity between the two products "
+                                  f"({e.note.removeprefix('nonlinear: ') or e.map_op}): reassociation would change "
+                                  "the result")
+        others = [i for i in e.inputs[1:]]
+        for o in others:
+            if e.map_op == "÷" and "m" in o.ranks:
+                raise NotLinearizable(f"{e.name} divides by {o.name}, which varies along m")
+            if e.map_op == "÷" and o.name in producers and producers[o.name].reduce_op != "+":
+                raise NotLinearizable(f"{e.name} divides by {o.name}, not a row sum")
+        steps.append(f"{e.name} = {e.map_op} by {', '.join(o.name for o in others) or 'nothing'}: linear in the scores")
+    steps.append("AV = Σ_m W·V: so AV = FQ·(Σ_m FK·V) (× mask prefix sums when causal) ÷ the row sums")
+    return steps
+
+
+def feature_map(node) -> tuple[str, bool]:
+    """(name, provably non-negative) of the elementwise map that produced ``node``."""
+    cur = node
+    for _ in range(12):
+        if isinstance(cur, Node) and cur.op == "call_function" and is_layout_op(cur):
+            cur = cur.args[0]
+        else:
+            break
+    if not isinstance(cur, Node) or cur.op != "call_function":
+        return "identity", False
+    t = cur.target
+    if t in (aten.relu.default,):
+        return "relu", True
+    if t in (aten.exp.default,):
+        return "exp", True
+    if t in (aten.sigmoid.default,):
+        return "sigmoid", True
+    if t in (aten._softmax.default, aten.softmax.int):
+        return "softmax over features", True
+    if t in (aten.abs.default, aten.square.default):
+        return str(t).split(".")[-2], True
+    if t == aten.pow.Tensor_Scalar and isinstance(cur.args[1], int) and cur.args[1] % 2 == 0:
+        return f"x^{cur.args[1]}", True
+    if t == aten.softplus.default:
+        return "softplus", True
+    if t in (aten.add.Tensor, aten.add.Scalar):
+        a, b = cur.args[:2]
+        c = scalar_value(b)
+        inner = a
+        if c is None:
+            c, inner = scalar_value(a), b
+        if c is not None and isinstance(inner, Node) and inner.target == aten.elu.default:
+            alpha = float(inner.args[1]) if len(inner.args) > 1 else 1.0
+            scale = float(inner.args[2]) if len(inner.args) > 2 else 1.0
+            return f"elu+{c:g}", alpha >= 0 and scale > 0 and c >= alpha * scale  # elu ≥ −alpha·scale
+        if c is not None and c >= 0:
+            name, nonneg = feature_map(inner)
+            return f"{name}+{c:g}", nonneg
+    if t in (aten.mul.Tensor, aten.mul.Scalar):
+        a, b = cur.args[:2]
+        c = scalar_value(b)
+        inner = a
+        if c is None:
+            c, inner = scalar_value(a), b
+        if c is not None and c > 0:
+            name, nonneg = feature_map(inner)
+            return f"{c:g}·{name}", nonneg
+    name = str(t).replace("aten.", "").split(".")[0]
+    return name, False
+
+
+def mask_spec(site) -> masks.MaskSpec:
+    """Decided on the mask's value (it depends on no input: the recogniser refuses run-time masks);
+    the symbolic predicate from masks.lift is shown in the cascade but not trusted alone."""
+    if site.mask_pred is None:
+        return masks.MaskSpec("dense")
+    keep = site.mask_const
+    if keep is None:
+        return masks.MaskSpec("arbitrary", predicate="unknown", runtime=True)
+    if bool(keep.all()):
+        return masks.MaskSpec("dense", predicate="all kept")
+    if masks.check_causal(keep, 0):
+        return masks.MaskSpec("causal", predicate="m <= p", offset=0)
+    return masks.MaskSpec("arbitrary", predicate="its value is neither all kept nor m <= p")
+
+
+def plan_linear(site, backend: str, device: torch.device | None) -> LinearPlan:
+    """Prove, classify the mask, pick the kernel; NotLinearizable with the reason otherwise."""
+    if site.rejected:
+        raise NotLinearizable(site.rejected)
+    proof = prove_reassociation(site.cascade)
+    spec = mask_spec(site)
+    causal = False
+    if spec.kind == "causal":
+        if spec.runtime:
+            raise NotLinearizable("a run-time mask factor besides the causal one")
+        if spec.offset != 0 or site.n != site.m:
+            raise NotLinearizable(f"causal mask with offset {spec.offset} ({site.n} queries, {site.m} keys): "
+                                  "only m <= p with as many queries as keys runs in O(N)")
+        causal = True
+    elif spec.kind != "dense" or spec.runtime:
+        raise NotLinearizable(f"the mask is not causal or dense ({spec.describe()}): it has no O(N) form here")
+    notes = []
+    if site.normalize:
+        names = [feature_map(tp.node) for tp in (site.fq, site.fk)]
+        if not all(nonneg for _, nonneg in names):
+            raise NotLinearizable(f"normalised, but φ ({names[0][0]}, {names[1][0]}) is not provably non-negative: "
+                                  "the row sums could cancel to zero in one association order and not the other, "
+                                  "so inf/NaN would move")
+        notes.append(f"normaliser: φ ({names[0][0]}, {names[1][0]}) non-negative, so zero row sums stay zero "
+                     "(inf/NaN where eager has them)")
+    if backend == "triton" or (backend == "auto" and device is not None and device.type == "cuda"):
+        kernel = "triton"
+    else:
+        kernel = "torch"
+    return LinearPlan(site, kernel, causal, spec, proof, notes)
+
+
+

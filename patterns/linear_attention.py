@@ -1,0 +1,689 @@
+"""Recognise linear (kernelized) attention, however it is spelled, in an ATen graph.
+
+The softmax recogniser keys on softmax nodes; this one keys on a *contraction chain with no
+softmax in it*. Every matmul / bmm / einsum spelling is read as a labelled `Contraction`
+(contraction.py) and the named axes are carried through layout ops (axes.py), so the
+spellings collapse onto two canonical shapes:
+
+- quadratic:     W = [scale·] φQ φKᵀ [⊙ mask] [÷ Σ_m]  →  out = W V  [÷ Σ_m (φQ φKᵀ ⊙ mask)]
+- reassociated:  KV = φKᵀ V  →  out = φQ KV  [÷ φQ · Σ_m φK]   (non-causal)
+
+Everything met between the two contractions is recorded as an Einsum of the site's
+*original cascade* (a mask as a predicate, a scale as ×, a row-sum normaliser as ÷, anything
+else under its own name), and passes/linearize.py proves on that cascade whether
+reassociation is exact. The recogniser only refuses shapes that are not attention at all
+(silently) and bindings it cannot express (with the reason, for the report).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy
+import torch
+from torch.fx import Graph, Node
+
+from rewrite.cascade import Cascade, Einsum, T
+
+from .axes import AtomSizes, Axes, NoMatch, canonical_plan, dtype_of, is_layout_op, propagate, shape_of
+from .contraction import Contraction, as_contraction
+from .site import TensorPlan
+from .softmax_attention import SOFTMAX_OPS, location_of, scalar_value
+
+aten = torch.ops.aten
+
+MASK_OPS = {aten.mul.Tensor, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self,
+            aten.where.ScalarOther, aten.where.ScalarSelf}
+SCALE_OPS = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
+# Ops that make a chain "attention-like but not linear": reported, never rewritten.
+NONLINEAR = {aten.relu.default: "relu", aten.exp.default: "exp", aten.sigmoid.default: "sigmoid",
+             aten.tanh.default: "tanh", aten.elu.default: "elu", aten.gelu.default: "gelu",
+             aten.pow.Tensor_Scalar: "pow", aten.square.default: "square", aten.abs.default: "abs",
+             aten.silu.default: "silu", aten.softplus.default: "softplus", aten.log.default: "log",
+             aten.sqrt.default: "sqrt", aten.clamp.default: "clamp", aten.clamp_min.default: "clamp"}
+
+
+class NotOurs(Exception):
+    """A chain that belongs to another recogniser (softmax attention): skip silently."""
+
+
+@dataclass
+class LinearSite:
+    """A linear-attention sub-graph: out = (φQ φKᵀ ⊙ mask) V ÷ ((φQ φKᵀ ⊙ mask) 1 + eps)."""
+
+    spelling: str
+    location: str
+    form: str  # "quadratic" | "reassociated"
+    fq: TensorPlan | None
+    fk: TensorPlan | None
+    v: TensorPlan | None
+    out_node: Node
+    out_atoms: list[str] = field(default_factory=list)  # atoms of out_node, dim by dim, flattened
+    out_shape: list[int] = field(default_factory=list)
+    out_dtype: torch.dtype = torch.float32
+    batch_atoms: list[str] = field(default_factory=list)
+    atom_sizes: dict[str, int] = field(default_factory=dict)
+    scale: float = 1.0
+    normalize: bool = False
+    eps: float = 0.0
+    mask_pred: sympy.Basic | None = None  # keep predicate over (p, m); None: dense
+    mask_const: torch.Tensor | None = None  # the mask's value when it depends on no input
+    cascade: Cascade | None = None  # what the graph computes, as written
+    n: int = 0
+    m: int = 0
+    e: int = 0
+    f: int = 0
+    kind: str = "linear"
+    rejected: str | None = None  # set when the site is attention-like but cannot be expressed
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return [self.atom_sizes[a] for a in self.batch_atoms]
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def _reaches_contraction(node, memo: dict, depth: int = 0) -> bool:
+    if not isinstance(node, Node):
+        return False
+    if node in memo:
+        return memo[node]
+    memo[node] = False
+    ok = as_contraction(node) is not None
+    if not ok and depth < 32 and node.op == "call_function" and (
+            is_layout_op(node) or node.target in MASK_OPS | SCALE_OPS | set(NONLINEAR) | SOFTMAX_OPS
+            | {aten.sum.dim_IntList, aten.add.Tensor, aten.sub.Tensor, aten.neg.default}):
+        ok = any(_reaches_contraction(a, memo, depth + 1) for a in node.args[:3] if isinstance(a, Node))
+    memo[node] = ok
+    return ok
+
+
+def _row_sum(node, of: Node | None = None) -> tuple[Node, int, float] | None:
+    """``sum(x, [d], keepdim=True) [+ eps]``: (x, d, eps)."""
+    eps = 0.0
+    if isinstance(node, Node) and node.op == "call_function" and node.target == aten.add.Tensor:
+        a, b = node.args[:2]
+        if scalar_value(b) is not None:
+            node, eps = a, scalar_value(b)
+        elif scalar_value(a) is not None:
+            node, eps = b, scalar_value(a)
+        else:
+            return None
+    if not (isinstance(node, Node) and node.op == "call_function" and node.target == aten.sum.dim_IntList):
+        return None
+    dims = node.args[1]
+    keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    if len(dims) != 1 or not keep or (of is not None and node.args[0] is not of):
+        return None
+    x = node.args[0]
+    d = dims[0] + len(shape_of(x)) if dims[0] < 0 else dims[0]
+    return x, d, float(eps)
+
+
+def _label_atoms(c: Contraction, sizes: AtomSizes) -> tuple[dict[str, str], Axes, Axes, Axes]:
+    """Name C1's axes: batch labels → b0, b1…, the query label → p, key label → m, contracted → e."""
+    sa, sb, so = shape_of(c.a), shape_of(c.b), shape_of(c.node)
+    if sa is None or sb is None or so is None:
+        raise NoMatch("shapes unknown")
+    size: dict[str, int] = {}
+    for labels, shape in ((c.a_labels, sa), (c.b_labels, sb), (c.out_labels, so)):
+        for lab, s in zip(labels, shape):
+            if lab and s != 1:
+                if size.setdefault(lab, s) != s:
+                    raise NoMatch("inconsistent contraction sizes")
+    big = [lab for lab in size]
+    contracted = [lab for lab in big if lab in c.a_labels and lab in c.b_labels and lab not in c.out_labels]
+    only_a = [lab for lab in big if lab in c.a_labels and lab not in c.b_labels]
+    only_b = [lab for lab in big if lab in c.b_labels and lab not in c.a_labels]
+    batch = [lab for lab in big if lab in c.a_labels and lab in c.b_labels and lab in c.out_labels]
+    if len(contracted) != 1 or len(only_a) != 1 or len(only_b) != 1:
+        raise NoMatch("not a product of queries and keys over one feature axis")
+    if not batch:
+        raise NoMatch("no batch axis shared by queries and keys (a plain matrix product)")
+    names = {contracted[0]: "e", only_a[0]: "p", only_b[0]: "m"}
+    for i, lab in enumerate(batch):
+        names[lab] = f"b{i}"
+    for lab, atom in names.items():
+        sizes.sizes[atom] = size[lab]
+
+    def axes(labels, shape):
+        return tuple((names[lab],) if lab in names and s != 1 else () for lab, s in zip(labels, shape))
+
+    return names, axes(c.a_labels, sa), axes(c.b_labels, sb), axes(c.out_labels, so)
+
+
+def _dim_of(axes: Axes, atom: str) -> int | None:
+    for d, ax in enumerate(axes):
+        if ax == (atom,):
+            return d
+    return None
+
+
+def _align(shape: tuple[int, ...], target: Axes, sizes: AtomSizes) -> tuple[int | None, int | None]:
+    """Dims of a broadcast mask that line up with the p and m axes of ``target`` (or None)."""
+    r = len(shape)
+    off = len(target) - r
+    rows = cols = None
+    for i, s in enumerate(shape):
+        j = i + off
+        if j < 0:
+            if s != 1:
+                raise NoMatch("a mask has more dims than the scores")
+            continue
+        if s == 1:
+            continue
+        if s != sizes.of(target[j]):
+            raise NoMatch("a mask does not broadcast to the scores")
+        if target[j] == ("p",):
+            rows = i
+        elif target[j] == ("m",):
+            cols = i
+        else:
+            raise NoMatch("a mask varies along a batch axis (a run-time mask)")
+    return rows, cols
+
+
+def _mask_predicate(node: Node, invert: bool, rows, cols) -> sympy.Basic:
+    """The keep predicate over (p, m) of a bool or 0/1 mask (masks.lift), or NoMatch."""
+    from rewrite.cascade import m as M_SYM
+    from rewrite.cascade import p as P_SYM
+    from rewrite.passes import masks
+
+    try:
+        v = masks.lift(node)
+    except masks.Opaque as exc:
+        raise NoMatch(f"the mask cannot be analysed ({exc})") from exc
+    expr = v.expr
+    if isinstance(expr, sympy.Piecewise) and len(expr.args) == 2 and expr.args[1][0] == 0 and expr.args[0][0] == 1:
+        expr = expr.args[0][1]
+    if not masks._is_bool(expr):
+        if expr == 1:
+            expr = sympy.true
+        else:
+            raise NoMatch("the mask's values are not 0/1")
+    subs = {}
+    if rows is not None and v.axes[rows] is not None:
+        subs[v.axes[rows]] = P_SYM
+    if cols is not None and v.axes[cols] is not None:
+        subs[v.axes[cols]] = M_SYM
+    expr = expr.xreplace(subs)
+    return sympy.Not(expr) if invert else expr
+
+
+# ---- the quadratic form ------------------------------------------------------------------------
+@dataclass
+class _Step:
+    node: Node
+    what: str  # "layout" | "scale" | "mask" | "norm" | "nonlinear"
+    detail: object = None
+
+
+def _walk_back(x: Node) -> tuple[Contraction, list[Node]]:
+    memo: dict = {}
+    chain: list[Node] = []
+    cur = x
+    for _ in range(48):
+        c = as_contraction(cur)
+        if c is not None:
+            return c, list(reversed(chain))
+        if not isinstance(cur, Node) or cur.op != "call_function":
+            raise NoMatch("not a chain from a product")
+        if cur.target in SOFTMAX_OPS:
+            raise NotOurs("softmax")
+        chain.append(cur)
+        if is_layout_op(cur):
+            cur = cur.args[0]
+            continue
+        cands = [a for a in cur.args[:3] if isinstance(a, Node) and _reaches_contraction(a, memo)]
+        if cur.target in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf):
+            cands = [a for a in cands if a is not cur.args[0]]
+        if cur.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+            cands = [a for a in cands if a is cur.args[0]]
+        if cur.target == aten.div.Tensor and len(cands) == 2 and _row_sum(cur.args[1]) is not None:
+            cands = [cur.args[0]]
+        if len(cands) != 1:
+            raise NoMatch(f"cannot tell which operand of {cur.name} holds the scores")
+        cur = cands[0]
+    raise NoMatch("chain too long")
+
+
+def _classify_step(node: Node, axes: Axes, sizes: AtomSizes, score: Node) -> _Step:
+    t = node.target
+    args = node.args
+    if t in SCALE_OPS:
+        other = args[1] if args[0] is score else args[0]
+        val = scalar_value(other)
+        if val is not None and (t in (aten.mul.Tensor, aten.mul.Scalar) or args[0] is score):
+            return _Step(node, "scale", val if t in (aten.mul.Tensor, aten.mul.Scalar) else 1.0 / val)
+        if t == aten.div.Tensor and args[0] is score:
+            rs = _row_sum(args[1], of=score)
+            if rs is not None and axes[rs[1]] == ("m",):
+                return _Step(node, "norm", rs[2])
+            return _Step(node, "nonlinear", "÷ by something other than the row sum of the scores")
+        if t == aten.mul.Tensor and isinstance(other, Node):
+            rows, cols = _align(shape_of(other), axes, sizes)
+            return _Step(node, "mask", (other, False, rows, cols))
+        return _Step(node, "nonlinear", f"{t}")
+    if t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+        if scalar_value(args[2]) != 0.0:
+            return _Step(node, "nonlinear", "masked entries are filled with a non-zero value")
+        rows, cols = _align(shape_of(args[1]), axes, sizes)
+        return _Step(node, "mask", (args[1], True, rows, cols))
+    if t in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf):
+        cond, a, b = args[:3]
+        if a is score and scalar_value(b) == 0.0:
+            invert = False
+        elif b is score and scalar_value(a) == 0.0:
+            invert = True
+        else:
+            return _Step(node, "nonlinear", "where() with a non-zero fill")
+        rows, cols = _align(shape_of(cond), axes, sizes)
+        return _Step(node, "mask", (cond, invert, rows, cols))
+    return _Step(node, "nonlinear", NONLINEAR.get(t, str(t)))
+
+
+def _build_cascade(steps: list[_Step], normalize_after: bool, mask_pred) -> Cascade:
+    """The original cascade, as the graph wrote it (quadratic form)."""
+    b = ("b", "h")
+
+    def t(name, ranks):
+        return T(name, (*b, *ranks))
+
+    es = [Einsum(t("FQ", "ep"), (t("Q", "ep"),), "φ"), Einsum(t("FK", "em"), (t("K", "em"),), "φ"),
+          Einsum(t("QK", "mp"), (t("FQ", "ep"), t("FK", "em")), "×", "+", mask=mask_pred)]
+    cur = "QK"
+    for i, s in enumerate(st for st in steps if st.what != "layout"):
+        name = f"W{i}"
+        if s.what == "scale":
+            es.append(Einsum(t(name, "mp"), (t(cur, "mp"), T("c")), "×", note=f"c = {s.detail:g}"))
+        elif s.what == "mask":
+            es.append(Einsum(t(name, "mp"), (t(cur, "mp"), t("MASK", "mp")), "×", note="0/1 mask"))
+        elif s.what == "norm":
+            es.append(Einsum(t(f"SD{i}", "p"), (t(cur, "mp"),), "id", "+", note="row sum (+ eps)"))
+            es.append(Einsum(t(name, "mp"), (t(cur, "mp"), t(f"SD{i}", "p")), "÷"))
+        else:
+            op = s.detail if s.detail in ("exp", "sigmoid", "max") else "φ"
+            es.append(Einsum(t(name, "mp"), (t(cur, "mp"),), op, note=f"nonlinear: {s.detail}"))
+        cur = name
+    es.append(Einsum(t("AV", "fp"), (t(cur, "mp"), t("V", "fm")), "×", "+"))
+    if normalize_after:
+        es.append(Einsum(t("SD", "p"), (t(cur, "mp"),), "id", "+", note="row sum (+ eps)"))
+        es.append(Einsum(t("O", "fp"), (t("AV", "fp"), t("SD", "p")), "÷"))
+    return Cascade(tuple(es), name="linear-attention (quadratic, as written)")
+
+
+def match_quadratic(c2: Contraction) -> LinearSite:
+    """C2 = W · V where W comes from C1 = φQ · φKᵀ through linear steps."""
+    last_err: Exception | None = None
+    for x, v_node, x_labels, v_labels in ((c2.a, c2.b, c2.a_labels, c2.b_labels),
+                                          (c2.b, c2.a, c2.b_labels, c2.a_labels)):
+        if not isinstance(x, Node):
+            continue
+        try:
+            c1, chain = _walk_back(x)
+        except NoMatch as exc:
+            last_err = exc
+            continue
+        return _match_from(c2, c1, chain, x, v_node, x_labels, v_labels)
+    raise last_err or NoMatch("no product feeds this one")
+
+
+def _match_from(c2, c1, chain, x, v_node, x_labels, v_labels) -> LinearSite:
+    if c1.node is c2.node or c1.added is not None or c2.added is not None:
+        raise NoMatch("baddbmm")
+    sizes = AtomSizes({})
+    names, qa, ka, axes = _label_atoms(c1, sizes)
+    steps: list[_Step] = []
+    score = c1.node
+    scale = c1.alpha * c2.alpha
+    axes_of = {c1.node: axes}
+    for node in chain:
+        if is_layout_op(node):
+            axes = propagate(node, axes, sizes)
+            axes_of[node] = axes
+            steps.append(_Step(node, "layout"))
+        else:
+            steps.append(_classify_step(node, axes, sizes, score))
+            if steps[-1].what == "scale":
+                scale *= steps[-1].detail
+            axes_of[node] = axes
+        score = node
+    # C2's operand x: its labels name atoms.
+    lab2atom: dict[str, str] = {}
+    for lab, ax in zip(x_labels, axes):
+        if lab and ax:
+            if len(ax) != 1:
+                raise NoMatch("the weights merge logical axes before the product with V")
+            lab2atom[lab] = ax[0]
+    contracted = [lab for lab in x_labels if lab in v_labels and lab not in c2.out_labels and lab]
+    if len(contracted) != 1 or lab2atom.get(contracted[0]) != "m":
+        raise NoMatch("the second product does not contract the key axis")
+    sv = shape_of(v_node)
+    v_axes = []
+    f_seen = False
+    for lab, s in zip(v_labels, sv):
+        if s == 1 or not lab:
+            v_axes.append(())
+        elif lab in lab2atom:
+            v_axes.append((lab2atom[lab],))
+        elif not f_seen:
+            v_axes.append(("f",))
+            sizes.sizes["f"] = s
+            f_seen = True
+        else:
+            raise NoMatch("the values have an axis that is not part of attention")
+    if not f_seen:
+        raise NoMatch("the values have no feature axis")
+    v_axes = tuple(v_axes)
+    out_axes = []
+    for lab, s in zip(c2.out_labels, shape_of(c2.node)):
+        if s == 1 or not lab:
+            out_axes.append(())
+        elif lab in lab2atom:
+            out_axes.append((lab2atom[lab],))
+        else:
+            out_axes.append(("f",))
+    out_axes = tuple(out_axes)
+    batch = sorted(a for a in sizes.sizes if a.startswith("b"))
+    if sorted(a for ax in out_axes for a in ax) != sorted([*batch, "p", "f"]):
+        raise NoMatch("the output does not keep batch, query and value axes")
+    location = location_of(c2.node)
+    site = LinearSite(spelling="", location=location, form="quadratic", fq=None, fk=None, v=None, out_node=c2.node,
+                      atom_sizes=dict(sizes.sizes), batch_atoms=batch, scale=scale)
+    site.n, site.m, site.e, site.f = (sizes.sizes[a] for a in ("p", "m", "e", "f"))
+    # Normaliser after the product: (W V) ÷ (Σ_m W + eps), through layout ops.
+    out, out_ax = c2.node, out_axes
+    weights = x
+    normalize_after = False
+    cur = out
+    while len(cur.users) == 1:
+        u = next(iter(cur.users))
+        if is_layout_op(u):
+            out_ax = propagate(u, out_ax, sizes)
+            cur = u
+            continue
+        if u.op == "call_function" and u.target == aten.div.Tensor and u.args[0] is cur:
+            rs = _row_sum(u.args[1])
+            if rs is not None and _same_weights(rs[0], weights) and rs[0] in axes_of:
+                den_axes = _den_axes(rs[0], rs[1], axes_of[rs[0]])
+                if den_axes is not None and _broadcasts_as(den_axes, out_ax):
+                    normalize_after, site.eps, out, out_axes = True, rs[2], u, out_ax
+        break
+    norms = [s for s in steps if s.what == "norm"]
+    if norms:
+        if steps[-1].what != "norm" and any(s.what != "layout" for s in steps[steps.index(norms[-1]) + 1:]):
+            site.rejected = "the weights are changed after their normalisation"
+        site.eps = norms[-1].detail
+    if len(norms) + normalize_after > 1:
+        site.rejected = "normalised twice"
+    site.normalize = bool(norms) or normalize_after
+    # Masks: the keep predicate over (p, m) for the cascade (masks.lift) and, to decide, the mask's
+    # value: it must depend on no input (built from arange/tril/ones at static shapes).
+    from rewrite.passes.constants import constant_value
+
+    preds = []
+    for s in steps:
+        if s.what != "mask":
+            continue
+        node, invert, rows, cols = s.detail
+        try:
+            preds.append(_mask_predicate(node, invert, rows, cols))
+        except NoMatch:
+            preds.append(sympy.Symbol("mask(p,m)"))
+        val = constant_value(node)
+        keep = None if val is None else _mask_2d(~val.to(torch.bool) if invert else val.to(torch.bool), rows, cols)
+        if keep is None:
+            site.rejected = site.rejected or "the mask is a run-time tensor (or varies along batch): no O(N) form"
+        else:
+            site.mask_const = keep if site.mask_const is None else site.mask_const & keep
+    site.mask_pred = sympy.And(*preds) if preds else None
+    nonlinear = [s for s in steps if s.what == "nonlinear"]
+    spelling = [c1.spelling, *(f"{s.what}" for s in steps if s.what != "layout"), c2.spelling]
+    if normalize_after:
+        spelling.append("÷Σ")
+    site.spelling = " → ".join(spelling)
+    site.cascade = _build_cascade(steps, normalize_after, site.mask_pred)
+    site.notes.append(f"φQ, φK: {_phi_name(c1.a)}, {_phi_name(c1.b)}")
+    if nonlinear:
+        site.rejected = site.rejected or (f"a nonlinearity ({nonlinear[0].detail}) sits between the two products: "
+                                          "reassociation would change the result")
+    # Canonical operands (values without the batch axes are a weight: not attention).
+    have_v = {a for ax in v_axes for a in ax}
+    if any(a not in have_v for a in batch):
+        raise NoMatch("the values lack a batch axis")
+    try:
+        site.fq = _plan(c1.a, qa, (batch, ["p"], ["e"]), sizes, "the queries")
+        site.fk = _plan(c1.b, ka, (batch, ["m"], ["e"]), sizes, "the keys")
+        site.v = _plan(v_node, v_axes, (batch, ["m"], ["f"]), sizes, "the values")
+    except NoMatch as exc:
+        site.rejected = site.rejected or str(exc)
+    site.out_node = out
+    site.out_atoms = [a for ax in out_axes for a in ax]
+    site.out_shape = list(shape_of(out))
+    site.out_dtype = dtype_of(out) or torch.float32
+    return site
+
+
+def _mask_2d(val: torch.Tensor, rows, cols) -> torch.Tensor | None:
+    """A constant mask as [n, m] (None when it varies along other dims)."""
+    dims = [d for d in (rows, cols) if d is not None]
+    other = [d for d in range(val.dim()) if d not in dims]
+    if any(val.shape[d] != 1 for d in other):
+        return None
+    v = val.permute(*other, *dims).reshape(*(val.shape[d] for d in dims))
+    if rows is None:
+        v = v.unsqueeze(0)
+    if cols is None:
+        v = v.unsqueeze(-1)
+    return v
+
+
+def _same_weights(a: Node, w: Node) -> bool:
+    """a is w up to layout ops (the normaliser sums the very weights that multiply V)."""
+    for _ in range(8):
+        if a is w:
+            return True
+        if not (isinstance(w, Node) and is_layout_op(w)):
+            return False
+        w = w.args[0]
+    return False
+
+
+def _den_axes(summed: Node, dim: int, axes: Axes) -> Axes | None:
+    """The axes of Σ over ``dim`` (keepdim) of a tensor with ``axes``, if that dim holds the keys."""
+    shape = shape_of(summed)
+    if shape is None or len(shape) != len(axes) or axes[dim] != ("m",):
+        return None
+    return tuple(() if d == dim else ax for d, ax in enumerate(axes))
+
+
+def _broadcasts_as(den_axes: Axes, num_axes: Axes) -> bool:
+    """den (right-aligned) names, dim by dim, the same atoms as the numerator or broadcasts (size 1)."""
+    if len(den_axes) > len(num_axes):
+        return False
+    off = len(num_axes) - len(den_axes)
+    for i, ax in enumerate(den_axes):
+        if ax and ax != num_axes[i + off]:
+            return False
+    return True
+
+
+def _plan(node: Node, axes: Axes, groups, sizes: AtomSizes, what: str) -> TensorPlan:
+    have = {a for ax in axes for a in ax}
+    if any(a not in have for a in groups[0]):
+        raise NoMatch(f"{what} lack a batch axis (a weight, not attention)")
+    perm, shape = canonical_plan(axes, groups, sizes, what)
+    return TensorPlan(node, perm, shape)
+
+
+def _phi_name(node: Node) -> str:
+    from rewrite.passes.linearize import feature_map
+
+    return feature_map(node)[0]
+
+
+# ---- the reassociated form -----------------------------------------------------------------------
+def match_reassociated(c2: Contraction) -> LinearSite:
+    """out = φQ · (φKᵀ V) [÷ φQ · Σ_m φK]: C1 contracts the key axis, C2 the features."""
+    for q_node, kv_node, q_labels, kv_labels in ((c2.a, c2.b, c2.a_labels, c2.b_labels),
+                                                 (c2.b, c2.a, c2.b_labels, c2.a_labels)):
+        cur, layout = kv_node, []
+        while isinstance(cur, Node) and is_layout_op(cur):
+            layout.append(cur)
+            cur = cur.args[0]
+        c1 = as_contraction(cur) if isinstance(cur, Node) else None
+        if c1 is None:
+            continue
+        return _match_reassoc(c2, c1, list(reversed(layout)), q_node, q_labels, kv_labels)
+    raise NoMatch("no state product feeds this one")
+
+
+def _match_reassoc(c2, c1, layout, q_node, q_labels, kv_labels) -> LinearSite:
+    # C1: KV[b, e, f] = Σ_m K[b, m, e] V[b, m, f]
+    sa, sb, so = shape_of(c1.a), shape_of(c1.b), shape_of(c1.node)
+    if sa is None or sb is None or so is None:
+        raise NoMatch("shapes unknown")
+    size: dict[str, int] = {}
+    for labels, shape in ((c1.a_labels, sa), (c1.b_labels, sb), (c1.out_labels, so)):
+        for lab, s in zip(labels, shape):
+            if lab and s != 1:
+                size.setdefault(lab, s)
+    contracted = [lab for lab in size if lab in c1.a_labels and lab in c1.b_labels and lab not in c1.out_labels]
+    batch = [lab for lab in size if lab in c1.a_labels and lab in c1.b_labels and lab in c1.out_labels]
+    only_a = [lab for lab in size if lab in c1.a_labels and lab not in c1.b_labels]
+    only_b = [lab for lab in size if lab in c1.b_labels and lab not in c1.a_labels]
+    if len(contracted) != 1 or len(only_a) != 1 or len(only_b) != 1 or not batch:
+        raise NoMatch("not a state product φKᵀ V")
+    sizes = AtomSizes({})
+    names = {contracted[0]: "m", **{lab: f"b{i}" for i, lab in enumerate(batch)}}
+    # Which of C1's free axes does C2 contract with the queries? That one is e (keys' side).
+    kv_axes = tuple((names.get(lab) or lab,) if lab and s != 1 else () for lab, s in zip(c1.out_labels, so))
+    for lab in size:
+        sizes.sizes[names.get(lab, lab)] = size[lab]
+    for node in layout:
+        kv_axes = propagate(node, kv_axes, sizes)
+    lab2atom = {lab: ax[0] for lab, ax in zip(kv_labels, kv_axes) if lab and len(ax) == 1}
+    contracted2 = [lab for lab in kv_labels if lab and lab in q_labels and lab not in c2.out_labels]
+    if len(contracted2) != 1 or lab2atom.get(contracted2[0]) not in (only_a[0], only_b[0]):
+        raise NoMatch("the query product does not contract a feature axis of the state")
+    e_lab = lab2atom[contracted2[0]]
+    f_lab = only_b[0] if e_lab == only_a[0] else only_a[0]
+    k_node, v_node = (c1.a, c1.b) if e_lab == only_a[0] else (c1.b, c1.a)
+    k_labels, v_labels = (c1.a_labels, c1.b_labels) if e_lab == only_a[0] else (c1.b_labels, c1.a_labels)
+    ren = {e_lab: "e", f_lab: "f"}
+    sizes.sizes["e"], sizes.sizes["f"] = size[e_lab], size[f_lab]
+    lab2atom = {lab: ren.get(a, a) for lab, a in lab2atom.items()}
+
+    def axes_of(labels, shape, table):
+        return tuple((table[lab],) if lab in table and s != 1 else () for lab, s in zip(labels, shape))
+
+    tab1 = {**names, e_lab: "e", f_lab: "f"}
+    k_axes = axes_of(k_labels, shape_of(k_node), tab1)
+    v_axes = axes_of(v_labels, shape_of(v_node), tab1)
+    sq = shape_of(q_node)
+    q_axes, p_seen = [], False
+    for lab, s in zip(q_labels, sq):
+        if s == 1 or not lab:
+            q_axes.append(())
+        elif lab in lab2atom:
+            q_axes.append((lab2atom[lab],))
+        elif not p_seen:
+            q_axes.append(("p",))
+            sizes.sizes["p"] = s
+            lab2atom[lab] = "p"
+            p_seen = True
+        else:
+            raise NoMatch("the queries have an extra axis")
+    if not p_seen:
+        raise NoMatch("the queries have no sequence axis")
+    out_axes = tuple((lab2atom[lab],) if lab in lab2atom and s != 1 else ()
+                     for lab, s in zip(c2.out_labels, shape_of(c2.node)))
+    batch_atoms = sorted(a for a in sizes.sizes if a.startswith("b"))
+    if sorted(a for ax in out_axes for a in ax) != sorted([*batch_atoms, "p", "f"]):
+        raise NoMatch("the output does not keep batch, query and value axes")
+    site = LinearSite(spelling=f"{c1.spelling} → {c2.spelling}", location=location_of(c2.node), form="reassociated",
+                      fq=None, fk=None, v=None, out_node=c2.node, atom_sizes=dict(sizes.sizes),
+                      batch_atoms=batch_atoms, scale=c1.alpha * c2.alpha)
+    site.n, site.m, site.e, site.f = (sizes.sizes[a] for a in ("p", "m", "e", "f"))
+    site.fq = _plan(q_node, tuple(q_axes), (batch_atoms, ["p"], ["e"]), sizes, "the queries")
+    site.fk = _plan(k_node, k_axes, (batch_atoms, ["m"], ["e"]), sizes, "the keys")
+    site.v = _plan(v_node, v_axes, (batch_atoms, ["m"], ["f"]), sizes, "the values")
+    out, out_ax = c2.node, out_axes
+    cur = out
+    while len(cur.users) == 1:
+        u = next(iter(cur.users))
+        if is_layout_op(u):
+            out_ax = propagate(u, out_ax, sizes)
+            cur = u
+            continue
+        if u.op == "call_function" and u.target == aten.div.Tensor and u.args[0] is cur:
+            den = _reassoc_den(u.args[1], q_node, k_node, sizes, q_axes, k_axes)
+            if den is not None and _broadcasts_as(den[0], out_ax):
+                site.normalize, site.eps, out, out_axes = True, den[1], u, out_ax
+                site.spelling += " → ÷ φQ·ΣφK"
+        break
+    site.out_node = out
+    site.out_atoms = [a for ax in out_axes for a in ax]
+    site.out_shape = list(shape_of(out))
+    site.out_dtype = dtype_of(out) or torch.float32
+    site.notes.append(f"φQ, φK: {_phi_name(q_node)}, {_phi_name(k_node)}")
+    es = Cascade.linear_attention(causal=False).einsums
+    if not site.normalize:
+        es = tuple(e for e in es if e.name not in ("KS", "DEN", "AV"))
+    site.cascade = Cascade(es, name="linear-attention (reassociated, as written)")
+    return site
+
+
+def _reassoc_den(node, q_node, k_node, sizes, q_axes, k_axes):
+    """den = (φQ · Σ_m φK) [+ eps] as a contraction or mul+sum; returns (den axes, eps)."""
+    eps = 0.0
+    if isinstance(node, Node) and node.target == aten.add.Tensor and scalar_value(node.args[1]) is not None:
+        node, eps = node.args[0], scalar_value(node.args[1])
+    while isinstance(node, Node) and is_layout_op(node) and node.target in (aten.unsqueeze.default,):
+        node = node.args[0]
+    c = as_contraction(node) if isinstance(node, Node) else None
+    if c is None:
+        return None
+    ks = c.b if c.a is q_node else c.a if c.b is q_node else None
+    if ks is None:
+        return None
+    while isinstance(ks, Node) and is_layout_op(ks):
+        ks = ks.args[0]
+    if not (isinstance(ks, Node) and ks.target == aten.sum.dim_IntList and ks.args[0] is k_node):
+        return None
+    d = ks.args[1][0] if len(ks.args[1]) == 1 else None
+    if d is None or k_axes[d % len(k_axes)] != ("m",):
+        return None
+    # The denominator has one value per (batch, p): as many atoms as the output without f.
+    den_shape = shape_of(node if node.target != aten.unsqueeze.default else node)
+    den_axes = tuple(ax if ax != ("e",) else () for ax in q_axes)
+    if den_shape is None or len(den_shape) > len(q_axes):
+        return None
+    return den_axes, float(eps)
+
+
+# ---- entry point ---------------------------------------------------------------------------------
+def find_linear_sites(graph: Graph) -> list[LinearSite]:
+    """Every linear-attention site (matched, or attention-like and left alone with a reason)."""
+    sites: list[LinearSite] = []
+    claimed: set[Node] = set()
+    for node in list(graph.nodes):
+        c2 = as_contraction(node)
+        if c2 is None or node in claimed:
+            continue
+        site = None
+        try:
+            site = match_quadratic(c2)
+        except (NoMatch, NotOurs):
+            site = None
+        if site is None:
+            try:
+                site = match_reassociated(c2)
+            except NoMatch:
+                site = None
+        if site is None:
+            continue
+        sites.append(site)
+        claimed.add(node)
+    return sites
+
