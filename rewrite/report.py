@@ -27,6 +27,7 @@ class SiteReport:
     gqa: bool = False
     notes: list[str] = field(default_factory=list)
     graph: int = 0  # which captured graph (graph breaks make several)
+    complexity: str = ""  # e.g. "O(N²·D) → O(N·D²)" for the linear-time families
     cascade_ir: Cascade | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -75,9 +76,16 @@ class Report:
         for i, s in enumerate(self.sites):
             console.print(f"[bold]site {i}[/bold] ({s.variant}) at {s.location}")
             console.print("  cascade:\n    " + s.cascade.replace("\n", "\n    "), markup=False)
-            if s.rewritten_cascade:
+            if s.rewritten_cascade and s.variant in ("linear", "flow"):
+                console.print(f"  runs as the {s.pass_count.get('rewritten')}-pass cascade in kernel {s.kernel}:"
+                              "\n    " + s.rewritten_cascade.replace("\n", "\n    "), markup=False)
+            elif s.rewritten_cascade:
                 console.print(f"  runs as the {s.pass_count.get('rewritten')}-pass cascade "
                               f"(online softmax) in kernel {s.kernel}", markup=False)
+            if s.complexity:
+                console.print(f"  complexity: {s.complexity}", markup=False)
+            if not s.rewritten and s.reason and s.variant in ("linear", "flow"):
+                console.print(f"  left alone: {s.reason}", markup=False)
             for n in s.notes:
                 console.print(f"  note: {n}", markup=False)
         for g in self.skipped_graphs:
