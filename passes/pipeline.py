@@ -40,6 +40,13 @@ def rewrite_graph(gm: GraphModule, backend: str, example_inputs=None) -> tuple[G
     # caller drops them) must not keep a site from being rewritten.
     gm.graph.eliminate_dead_code()
     for site, reason in find_sites(gm.graph):
+        if getattr(site, "kind", "softmax") in ("linear", "flow"):
+            from .linear_apply import rewrite_linear_site
+
+            rep = rewrite_linear_site(gm.graph, site, backend)
+            changed |= rep.rewritten
+            reports.append(rep)
+            continue
         if site is None:
             reports.append(SiteReport(variant="unknown", location=reason[0], spelling=reason[1],
                                       rewritten=False, reason=reason[2],
