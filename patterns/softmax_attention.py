@@ -443,7 +443,10 @@ def match_softmax_attention(sm: Node) -> Site:
             aligned = align_broadcast([sizes.of(ax) for ax in sum_axes], tuple(out_axes), sizes)
         except NoMatch:
             raise NoMatch("the normaliser does not line up with the output") from None
-        if [a for ax in aligned for a in ax] != [a for ax in sum_axes for a in ax]:
+        def real(axes_):
+            return [a for ax in axes_ for a in ax if sizes.sizes[a] != 1]
+
+        if real(aligned) != real(sum_axes):
             raise NoMatch("the normaliser does not line up with the output")
         out_node = divs[0]
         nodes += [late_sum, out_node]
