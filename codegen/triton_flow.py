@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_linear import _precisions, _rows, _segments, linear_attention_triton
+from .triton_linear import _dot, _precisions, _rows, _segments, _upcast, linear_attention_triton
 
 PASSES_NONCAUSAL = 4
 
@@ -84,7 +84,7 @@ def _flow_cons(Q, K, SQ, SK, SQI, SKO, N, M, seg_q, seg_k, eps, sqb, sqn, skb, s
 @triton.jit
 def _flow_kv(K, V, SQI, KV, MX, SE, M, seg_k, eps, skb, skm, svb, svm, E: tl.constexpr, F: tl.constexpr,
              BE: tl.constexpr, BF: tl.constexpr, BLOCK: tl.constexpr, NSEG: tl.constexpr, CLAMP: tl.constexpr,
-             PREC: tl.constexpr):
+             PREC: tl.constexpr, UPCAST: tl.constexpr):
     bh = tl.program_id(0)
     seg = tl.program_id(1)
     offs = tl.arange(0, BE)
@@ -109,7 +109,7 @@ def _flow_kv(K, V, SQI, KV, MX, SE, M, seg_k, eps, skb, skm, svb, svm, E: tl.con
         w = tl.exp(src - new_max)  # [BLOCK]
         run_sum = run_sum * alpha + tl.sum(w, 0)
         vw = (v.to(tl.float32) * w[:, None]).to(v.dtype)
-        acc = acc * alpha[:, None] + tl.dot(tl.trans(k.to(v.dtype)), vw, input_precision=PREC)
+        acc = acc * alpha[:, None] + _dot(tl.trans(k.to(v.dtype)), vw, PREC, UPCAST)
         run_max = new_max
     base = bh * NSEG + seg
     tl.store(KV + base * BE * BF + offs[:, None] * BF + offs_f[None, :], acc)
@@ -177,7 +177,7 @@ def flow_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cau
     se = torch.empty(bh, nseg, device=dev, dtype=torch.float32)
     _flow_kv[(bh, nseg)](k3, v3, sqi, kv, mx, se, m, seg_k, float(eps), k3.stride(0), k3.stride(1),
                          v3.stride(0), v3.stride(1), E=e, F=f, BE=be, BF=bf, BLOCK=block, NSEG=nseg,
-                         CLAMP=clamp, PREC=prec, num_warps=warps)
+                         CLAMP=clamp, PREC=prec, UPCAST=_upcast(k3), num_warps=warps)
     # Combine the segments' online softmaxes; fold the competition's × M / Σ e^{Ô−max} into the state.
     gmax = mx.max(1, keepdim=True).values
     scale = torch.exp(mx - gmax)

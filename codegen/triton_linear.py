@@ -30,9 +30,18 @@ CHUNK = 64
 
 
 @triton.jit
+def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """tl.dot; UPCAST for Triton's CPU interpreter, which multiplies bfloat16 dot operands as their
+    uint16 bit patterns (triton 3.8, also noted in triton_attention.py): bf16 → fp32 is exact."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
 def _segment_state(K, V, S, Z, M, seg_len, skb, skm, svb, svm, E: tl.constexpr, F: tl.constexpr,
                    BE: tl.constexpr, BF: tl.constexpr, BFT: tl.constexpr, BLOCK_M: tl.constexpr, NSEG: tl.constexpr,
-                   PREC: tl.constexpr):
+                   PREC: tl.constexpr, UPCAST: tl.constexpr):
     bh = tl.program_id(0)
     seg = tl.program_id(1)
     ft = tl.program_id(2)
@@ -49,7 +58,7 @@ def _segment_state(K, V, S, Z, M, seg_len, skb, skm, svb, svm, E: tl.constexpr, 
                     mask=rmask[:, None] & (offs_e[None, :] < E), other=0.0)
         v = tl.load(V + bh * svb + rows[:, None] * svm + offs_f[None, :],
                     mask=rmask[:, None] & (offs_f[None, :] < F), other=0.0)
-        acc += tl.dot(tl.trans(k), v, input_precision=PREC)
+        acc += _dot(tl.trans(k), v, PREC, UPCAST)
         z += tl.sum(k.to(tl.float32), 0)
     base = (bh * NSEG + seg)
     tl.store(S + base * BE * BF + offs_e[:, None] * BF + offs_f[None, :], acc)
@@ -84,7 +93,7 @@ def _noncausal_out(Q, S, Z, Out, N, eps, sqb, sqn, sob, son, E: tl.constexpr, F:
 def _causal_out(Q, K, V, S0, Z0, Out, N, seg_len, eps, sqb, sqn, skb, skm, svb, svm, sob, son,
                 E: tl.constexpr, F: tl.constexpr, BE: tl.constexpr, BF: tl.constexpr, BFT: tl.constexpr,
                 C: tl.constexpr, NSEG: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr,
-                PREC_LOW: tl.constexpr):
+                PREC_LOW: tl.constexpr, UPCAST: tl.constexpr):
     bh = tl.program_id(0)
     seg = tl.program_id(1)
     ft = tl.program_id(2)
@@ -105,17 +114,21 @@ def _causal_out(Q, K, V, S0, Z0, Out, N, seg_len, eps, sqb, sqn, skb, skm, svb, 
         q = tl.load(Q + bh * sqb + rows[:, None] * sqn + offs_e[None, :], mask=emask, other=0.0)
         k = tl.load(K + bh * skb + rows[:, None] * skm + offs_e[None, :], mask=emask, other=0.0)
         v = tl.load(V + bh * svb + rows[:, None] * svm + offs_f[None, :], mask=fmask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC_LOW)
+        s = _dot(q, tl.trans(k), PREC_LOW, UPCAST)
         s = tl.where(causal, s, 0.0)
         qf = q.to(tl.float32)
-        num = tl.dot(s.to(v.dtype), v, input_precision=PREC_LOW)
+        num = _dot(s.to(v.dtype), v, PREC_LOW, UPCAST)
         num += tl.dot(qf, state, input_precision=PREC)
         if NORM:
             den = tl.sum(s, 1) + tl.sum(qf * z[None, :], 1) + eps
             num = num / den[:, None]
         tl.store(Out + bh * sob + rows[:, None] * son + offs_f[None, :], num.to(Out.dtype.element_ty), mask=fmask)
-        state += tl.dot(tl.trans(k), v, input_precision=PREC_LOW)
+        state += _dot(tl.trans(k), v, PREC_LOW, UPCAST)
         z += tl.sum(k.to(tl.float32), 0)
+
+
+def _upcast(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16)
 
 
 def _precisions(dtype: torch.dtype) -> tuple[str, str]:
@@ -143,7 +156,7 @@ def segment_states(k: torch.Tensor, v: torch.Tensor, nseg: int, seg_len: int) ->
     bft = min(bf, 64)
     _segment_state[(bh, nseg, bf // bft)](k, v, s, z, m, seg_len, k.stride(0), k.stride(1), v.stride(0),
                                           v.stride(1), E=e, F=f, BE=be, BF=bf, BFT=bft, BLOCK_M=64, NSEG=nseg,
-                                          PREC=prec, num_warps=4 if be <= 64 else 8)
+                                          PREC=prec, UPCAST=_upcast(k), num_warps=4 if be <= 64 else 8)
     return s, z
 
 
@@ -186,5 +199,6 @@ def linear_attention_triton(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor,
         q3, k3, v3, s0, z0, out, n, seg_len, float(eps), q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1),
         v3.stride(0), v3.stride(1), out.stride(0), out.stride(1),
         E=e, F=f, BE=be, BF=bf, BFT=bft, C=CHUNK, NSEG=nseg, NORM=normalize, PREC=prec, PREC_LOW=prec_low,
+        UPCAST=_upcast(q3),
         num_warps=4 if be <= 64 else 8, num_stages=2)
     return out.reshape(*lead, n, f)
