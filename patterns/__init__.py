@@ -22,19 +22,22 @@ def find_sites(graph: Graph) -> list[tuple[Site | None, tuple[str, str, str] | N
                 out.append((match_sdpa(node), None))
             except NoMatch as exc:
                 out.append((None, (location_of(node), "F.scaled_dot_product_attention", str(exc))))
+    from .flow_attention import find_flow_sites
+
+    flow = find_flow_sites(graph)  # Flow-Attention's competition softmax is not softmax attention
+    taken = {n for s in flow for n in s.nodes}
+    out.extend((s, None) for s in flow)
     for sm in find_softmax_candidates(graph):
+        if sm in taken:
+            continue
         try:
             out.append((match_softmax_attention(sm), None))
         except NoMatch as exc:
             if _looks_like_attention(sm):
                 out.append((None, (location_of(sm), "softmax between two products", str(exc))))
     # The linear-time families (sites with kind "linear" or "flow", planned by passes/linear_apply.py).
-    from .flow_attention import find_flow_sites
     from .linear_attention import find_linear_sites
 
-    flow = find_flow_sites(graph)
-    taken = {n for s in flow for n in s.nodes}
-    out.extend((s, None) for s in flow)
     out.extend((s, None) for s in find_linear_sites(graph) if s.out_node not in taken)
     return out
 
