@@ -556,22 +556,28 @@ def _match_reassoc(c2, c1, layout, q_node, q_labels, kv_labels) -> LinearSite:
         raise NoMatch("not a state product φKᵀ V")
     sizes = AtomSizes({})
     names = {contracted[0]: "m", **{lab: f"b{i}" for i, lab in enumerate(batch)}}
+
+    def atom(lab):  # the user's letters live in their own namespace ("m@"), never clash with ours
+        return names.get(lab, f"{lab}@")
+
     # Which of C1's free axes does C2 contract with the queries? That one is e (keys' side).
-    kv_axes = tuple((names.get(lab) or lab,) if lab and s != 1 else () for lab, s in zip(c1.out_labels, so))
+    kv_axes = tuple((atom(lab),) if lab and s != 1 else () for lab, s in zip(c1.out_labels, so))
     for lab in size:
-        sizes.sizes[names.get(lab, lab)] = size[lab]
+        sizes.sizes[atom(lab)] = size[lab]
     for node in layout:
         kv_axes = propagate(node, kv_axes, sizes)
     lab2atom = {lab: ax[0] for lab, ax in zip(kv_labels, kv_axes) if lab and len(ax) == 1}
     contracted2 = [lab for lab in kv_labels if lab and lab in q_labels and lab not in c2.out_labels]
-    if len(contracted2) != 1 or lab2atom.get(contracted2[0]) not in (only_a[0], only_b[0]):
+    if len(contracted2) != 1 or lab2atom.get(contracted2[0]) not in (atom(only_a[0]), atom(only_b[0])):
         raise NoMatch("the query product does not contract a feature axis of the state")
-    e_lab = lab2atom[contracted2[0]]
+    e_lab = only_a[0] if lab2atom[contracted2[0]] == atom(only_a[0]) else only_b[0]
     f_lab = only_b[0] if e_lab == only_a[0] else only_a[0]
     k_node, v_node = (c1.a, c1.b) if e_lab == only_a[0] else (c1.b, c1.a)
     k_labels, v_labels = (c1.a_labels, c1.b_labels) if e_lab == only_a[0] else (c1.b_labels, c1.a_labels)
-    ren = {e_lab: "e", f_lab: "f"}
+    ren = {atom(e_lab): "e", atom(f_lab): "f"}
     sizes.sizes["e"], sizes.sizes["f"] = size[e_lab], size[f_lab]
+    for a in ren:
+        sizes.sizes.pop(a, None)
     lab2atom = {lab: ren.get(a, a) for lab, a in lab2atom.items()}
 
     def axes_of(labels, shape, table):

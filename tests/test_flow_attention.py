@@ -1,0 +1,135 @@
+"""Flow-Attention: recognition of the official Flowformer forward, the kernels (torch, Triton under
+TRITON_INTERPRET=1 on a CPU) against the official code in float64."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+import rewrite
+from rewrite.codegen.linear_ops import flow_reference, flow_torch
+from rewrite.patterns.flow_attention import official_flow, official_flow_causal
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON_OK = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+REL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow],
+                phases=(Phase.explicit, Phase.reuse, Phase.generate))
+
+
+def close(actual, expected, dtype, msg=""):
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert a.shape == e.shape, msg
+    assert torch.equal(torch.isnan(a), torch.isnan(e)), f"{msg}: NaN positions differ"
+    assert torch.isfinite(a).all(), f"{msg}: non-finite values"
+    err = (a - e).abs().max() / e.abs().max().clamp_min(1e-30)
+    assert err <= REL[dtype], f"{msg}: relative error {err:.3g} > {REL[dtype]}"
+
+
+class Flowformer(nn.Module):
+    """A Flowformer block as thuml/Flowformer writes it: projections, Flow_Attention, out projection."""
+
+    def __init__(self, d_model=64, n_heads=4, causal=False, eps=1e-6, clamp=True):
+        super().__init__()
+        self.n_heads = n_heads
+        self.query_projection = nn.Linear(d_model, d_model)
+        self.key_projection = nn.Linear(d_model, d_model)
+        self.value_projection = nn.Linear(d_model, d_model)
+        self.out_projection = nn.Linear(d_model, d_model)
+        self.flow = (official_flow_causal if causal else official_flow)(eps, clamp)
+
+    def forward(self, x):
+        B, L, _ = x.shape
+        q = self.query_projection(x).view(B, L, self.n_heads, -1).transpose(1, 2)
+        k = self.key_projection(x).view(B, L, self.n_heads, -1).transpose(1, 2)
+        v = self.value_projection(x).view(B, L, self.n_heads, -1).transpose(1, 2)
+        out = self.flow(q, k, v).transpose(1, 2).reshape(B, L, -1)
+        return self.out_projection(out)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("clamp", [True, False])
+def test_official_module_is_recognised_and_exact(causal, clamp):
+    torch.manual_seed(0)
+    model = Flowformer(causal=causal, clamp=clamp, eps=1e-5).to(DEVICE).double()
+    x = torch.randn(2, 37, 64, device=DEVICE, dtype=torch.float64)
+    torch._dynamo.reset()
+    report = rewrite.inspect(model, x)
+    flow = [s for s in report.sites if s.variant == "flow"]
+    assert len(flow) == 1 and flow[0].rewritten, report
+    assert "eps = 1e-05" in " ".join(flow[0].notes)
+    assert not [s for s in report.sites if s.variant != "flow"], report  # nothing else claimed inside it
+    if not causal:
+        assert flow[0].pass_count["rewritten"] == 4 and "[pass 4]" in flow[0].rewritten_cascade
+    assert flow[0].complexity
+    torch._dynamo.reset()
+    got = rewrite.compile(model)(x)
+    close(got, model(x), torch.float32, f"causal={causal} clamp={clamp}")
+
+
+def test_changed_spelling_is_not_claimed_as_flow():
+    """The clamp moved to [-2, 2]: not the official graph, so no flow site (the result stays exact)."""
+    def flow_variant(q, k, v, eps=1e-6):
+        q, k = torch.sigmoid(q), torch.sigmoid(k)
+        si = 1.0 / torch.einsum("nhld,nhd->nhl", q + eps, k.sum(dim=2) + eps)
+        so = 1.0 / torch.einsum("nhld,nhd->nhl", k + eps, q.sum(dim=2) + eps)
+        cs = torch.einsum("nhld,nhd->nhl", q + eps, (k * so[:, :, :, None]).sum(dim=2) + eps)
+        cr = torch.clamp(torch.einsum("nhld,nhd->nhl", k + eps, (q * si[:, :, :, None]).sum(dim=2) + eps), -2.0, 2.0)
+        alloc = torch.sigmoid(cs)
+        comp = torch.softmax(cr, dim=-1) * float(k.shape[2])
+        kv = torch.einsum("nhld,nhlm->nhdm", k, v * comp[:, :, :, None])
+        return torch.einsum("nhld,nhdm->nhlm", q * si[:, :, :, None], kv) * alloc[:, :, :, None]
+
+    q, k, v = (torch.randn(1, 2, 29, 16, device=DEVICE) for _ in range(3))
+    torch._dynamo.reset()
+    report = rewrite.inspect(flow_variant, q, k, v)
+    assert not [s for s in report.sites if s.variant == "flow"], report
+    torch._dynamo.reset()
+    close(rewrite.compile(flow_variant)(q, k, v), flow_variant(q.double(), k.double(), v.double()), torch.float32)
+
+
+@settings(max_examples=8, **SETTINGS)
+@given(causal=st.booleans(), clamp=st.booleans(), n=st.integers(2, 90).map(lambda x: 2 * x + 1),
+       d=st.sampled_from([16, 24, 64, 128]), f=st.sampled_from([16, 32, 64]), seed=st.integers(0, 2**16),
+       scale=st.sampled_from([1.0, 4.0]))
+def test_kernels_match_official_float64(causal, clamp, n, d, f, seed, scale):
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(2, 2, n, d, generator=g).to(DEVICE) * scale for _ in range(2))
+    v = torch.randn(2, 2, n, f, generator=g).to(DEVICE)
+    want = flow_reference(q.double(), k.double(), v.double(), causal, clamp)
+    close(flow_torch(q, k, v, causal, clamp), want, torch.float32, "torch fp32")
+    close(flow_torch(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal, clamp), want, torch.bfloat16, "torch bf16")
+    if TRITON_OK:
+        from rewrite.codegen.triton_flow import flow_attention_triton
+
+        close(flow_attention_triton(q, k, v, causal, clamp), want, torch.float32, "triton fp32")
+        got = flow_attention_triton(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal, clamp)
+        close(got, want, torch.bfloat16, "triton bf16")
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="needs a GPU or TRITON_INTERPRET=1")
+def test_triton_backend_runs_the_flow_kernel():
+    torch.manual_seed(1)
+    model = Flowformer(d_model=32, n_heads=2).to(DEVICE)
+    x = torch.randn(1, 45, 32, device=DEVICE)
+    torch._dynamo.reset()
+    report = rewrite.inspect(model, x, backend="triton")
+    assert [s.kernel for s in report.sites] == ["rewrite::flow_attention[triton]"], report
+    torch._dynamo.reset()
+    close(rewrite.compile(model, backend="triton")(x), model.double()(x.double()), torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_flow_at_size(d):
+    from rewrite.codegen.triton_flow import flow_attention_triton
+
+    q, k, v = (torch.randn(2, 4, 8191, d, device="cuda") for _ in range(3))
+    want = flow_reference(q.double(), k.double(), v.double(), False, True)
+    close(flow_attention_triton(q.bfloat16(), k.bfloat16(), v.bfloat16()), want, torch.bfloat16, "bf16")
+    close(flow_attention_triton(q, k, v), want, torch.float32, "fp32")
