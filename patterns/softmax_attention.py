@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import operator
+import re
 
 import torch
 from torch.fx import Graph, Node
@@ -44,16 +45,25 @@ DROPOUT_OPS = {aten.dropout.default, aten.feature_dropout.default, aten.alpha_dr
 CAST_OPS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.type_as.default}
 
 
+def module_path_of(node: Node) -> str:
+    """The nn.Module path that ran the node (``transformer.h.0.attn``), or ""."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = str(list(stack.values())[-1][0])
+    for prefix in ("L['self'].", "L['self']", "L['fn']."):
+        if path.startswith(prefix):
+            path = path[len(prefix):]
+    return re.sub(r"\[(\d+)\]", r".\1", path).replace("._modules['", ".").replace("']", "")
+
+
 def location_of(node: Node) -> str:
-    """The user's source line for a node (last frame of its stack trace)."""
+    """Where a site is: the module path (when inside a module) and the user's source line."""
     trace = node.meta.get("stack_trace") or ""
     frames = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().startswith("File ")]
-    if frames:
-        return frames[-1].replace("File ", "").replace('"', "")
-    src = node.meta.get("nn_module_stack")
-    if src:
-        return str(list(src.values())[-1][0])
-    return node.name
+    line = frames[-1].replace("File ", "").replace('"', "") if frames else node.name
+    module = module_path_of(node)
+    return f"{module}: {line}" if module else line
 
 
 def scalar_value(x) -> float | None:
