@@ -31,7 +31,7 @@ from triton.testing import do_bench
 
 from rewrite.codegen.linear_ops import flow_reference, linear_torch
 from rewrite.codegen.triton_flow import flow_attention_triton
-from rewrite.codegen.triton_linear import linear_attention_triton
+from rewrite.codegen.triton_linear import _TUNED, linear_attention_triton
 
 
 def eager_linear(fq, fk, v, eps=1e-6):
@@ -41,6 +41,8 @@ def eager_linear(fq, fk, v, eps=1e-6):
 
 
 def bench(fn):
+    fn()  # the first call on a GPU times a few launch configurations per shape (rewrite's tuner)
+    torch.cuda.synchronize()
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
@@ -85,11 +87,32 @@ def run_one(d: int, n: int, chunk_linear_attn, B: int = 2, H: int = 16, dev: str
     return r
 
 
+def profile(n: int = 16384, d: int = 64) -> None:
+    """Kernel-by-kernel CUDA time of one call (after warm-up), to see where the time goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 16, n, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    fq, fk = F.elu(q) + 1, F.elu(k) + 1
+    for name, fn in (("flow", lambda: flow_attention_triton(q, k, v, False, True)),
+                     ("causal", lambda: linear_attention_triton(fq, fk, v, True, True)),
+                     ("noncausal", lambda: linear_attention_triton(fq, fk, v, False, True))):
+        fn()
+        torch.cuda.synchronize()
+        with prof(activities=[ProfilerActivity.CUDA]) as p:
+            fn()
+            torch.cuda.synchronize()
+        print(f"--- {name} N={n} D={d}")
+        print(p.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=40))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--ns", default="16384,65536")
     ap.add_argument("--ds", default="64,128")
+    ap.add_argument("--profile", action="store_true", help="print per-kernel CUDA times of one call each")
     args = ap.parse_args()
     try:
         import fla
@@ -106,11 +129,14 @@ def main() -> None:
             rows.append(r)
             print(json.dumps(r), flush=True)
             torch.cuda.empty_cache()
+    if args.profile:
+        profile()
     card = torch.cuda.get_device_name()
     meta = {"card": card, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
             "triton": triton.__version__, "fla": fla_version, "python": platform.python_version(),
             "command": "python benchmarks/bench_linear.py --out benchmarks/results", "B": B, "H": H,
-            "dtype": "bfloat16", "timing": "triton.testing.do_bench median, ms"}
+            "dtype": "bfloat16", "timing": "triton.testing.do_bench median, ms",
+            "tuned_configs": {str(k): v for k, v in _TUNED.items()}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"linear_flow_{card.replace(' ', '_')}_{meta['date']}"

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_linear import _dot, _precisions, _rows, _segments, _upcast, linear_attention_triton
+from .triton_linear import _dot, _precisions, _rows, _segments, _tuned, _upcast, linear_attention_triton
 
 PASSES_NONCAUSAL = 4
 
@@ -138,7 +138,7 @@ def _flow_out(Q, SK, SKO, KV, Out, N, eps, ratio, sqb, sqn, sob, son, E: tl.cons
 
 
 def flow_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-                          clamp: bool = True, eps: float = 1e-6) -> torch.Tensor:
+                          clamp: bool = True, eps: float = 1e-6, cfg: dict | None = None) -> torch.Tensor:
     """Flow-Attention of raw q [..., N, E], k [..., M, E], v [..., M, F] (sigmoid applied here)."""
     dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     if causal:
@@ -152,14 +152,27 @@ def flow_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cau
     n, e = q.shape[-2:]
     m, f = v.shape[-2:]
     q3, k3, v3 = _rows(q.to(dt)), _rows(k.to(dt)), _rows(v.to(dt))
-    bh = q3.shape[0]
+    if cfg is None and q3.is_cuda:
+        big = max(e, f) > 64
+        cands = [{"block": 64 if big else 128, "warps": 8 if big else 4, "target": 1056},
+                 {"block": 64, "warps": 4, "target": 1056}, {"block": 128, "warps": 8, "target": 2112},
+                 {"block": 64 if big else 128, "warps": 8 if big else 4, "target": 528}]
+        cfg = _tuned(("flow", clamp, q3.shape[0], n, m, e, f, dt), cands,
+                     lambda c: _flow_launch(q3, k3, v3, clamp, eps, c))
+    return _flow_launch(q3, k3, v3, clamp, eps, cfg or {}).reshape(*lead, n, f)
+
+
+def _flow_launch(q3, k3, v3, clamp: bool, eps: float, cfg: dict) -> torch.Tensor:
+    bh, n, e = q3.shape
+    m, f = v3.shape[-2:]
+    dt = q3.dtype
     be, bf = max(16, triton.next_power_of_2(e)), max(16, triton.next_power_of_2(f))
     prec, _ = _precisions(dt)
-    block = 128 if max(be, bf) <= 64 else 64
-    nseg, seg_k = _segments(bh, m, block, target=1056)
+    block = cfg.get("block", 128 if max(be, bf) <= 64 else 64)
+    warps = cfg.get("warps", 4 if max(be, bf) <= 64 else 8)
+    nseg, seg_k = _segments(bh, m, block, target=cfg.get("target", 1056))
     seg_q = triton.cdiv(triton.cdiv(n, block), nseg) * block
-    dev = q.device
-    warps = 4 if max(be, bf) <= 64 else 8
+    dev = q3.device
 
     def vec():
         return torch.empty(bh, nseg, be, device=dev, dtype=torch.float32)
@@ -187,4 +200,4 @@ def flow_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cau
     _flow_out[(bh, triton.cdiv(n, block))](q3, sk, sko, kv.contiguous(), out, n, float(eps), float(n) / float(m),
                                            q3.stride(0), q3.stride(1), out.stride(0), out.stride(1),
                                            E=e, F=f, BE=be, BF=bf, BLOCK=block, PREC=prec, num_warps=warps)
-    return out.reshape(*lead, n, f)
+    return out

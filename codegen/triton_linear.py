@@ -145,19 +145,60 @@ def _segments(bh: int, n: int, block: int, target: int = 528) -> tuple[int, int]
     return triton.cdiv(n, seg_len), seg_len
 
 
-def segment_states(k: torch.Tensor, v: torch.Tensor, nseg: int, seg_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def segment_states(k: torch.Tensor, v: torch.Tensor, nseg: int, seg_len: int, cfg: dict | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (bh, segment): Σ φKᵀV [bh, nseg, BE, BF] and Σ φK [bh, nseg, BE] in fp32 (padded to powers of 2)."""
     bh, m, e = k.shape
     f = v.shape[-1]
     be, bf = max(16, triton.next_power_of_2(e)), max(16, triton.next_power_of_2(f))
+    cfg = {**default_config(e, f, False), **(cfg or {})}
     s = torch.empty(bh, nseg, be, bf, device=k.device, dtype=torch.float32)
     z = torch.empty(bh, nseg, be, device=k.device, dtype=torch.float32)
     prec, _ = _precisions(k.dtype)
-    bft = min(bf, 64)
+    bft = min(bf, cfg["state_bft"])
     _segment_state[(bh, nseg, bf // bft)](k, v, s, z, m, seg_len, k.stride(0), k.stride(1), v.stride(0),
-                                          v.stride(1), E=e, F=f, BE=be, BF=bf, BFT=bft, BLOCK_M=64, NSEG=nseg,
-                                          PREC=prec, UPCAST=_upcast(k), num_warps=4 if be <= 64 else 8)
+                                          v.stride(1), E=e, F=f, BE=be, BF=bf, BFT=bft, BLOCK_M=cfg["state_block"],
+                                          NSEG=nseg, PREC=prec, UPCAST=_upcast(k), num_warps=cfg["state_warps"])
     return s, z
+
+
+def default_config(e: int, f: int, causal: bool) -> dict:
+    big = max(e, f) > 64
+    return {"state_block": 64, "state_bft": 64, "state_warps": 8 if big else 4, "target": 528,
+            "out_block": 64, "out_bft": 64, "out_warps": 8 if big else 4,
+            "chunk": CHUNK, "causal_bft": 64, "causal_warps": 8 if big else 4, "causal_stages": 2,
+            "causal_target": 264}
+
+
+def candidate_configs(e: int, f: int, causal: bool) -> list[dict]:
+    """A few launch configurations timed once per shape on a GPU (``_tuned``)."""
+    base = default_config(e, f, causal)
+    if causal:
+        return [base, {**base, "causal_bft": 128, "causal_warps": 8},
+                {**base, "causal_stages": 3, "causal_target": 528},
+                {**base, "chunk": 128, "causal_warps": 8},
+                {**base, "chunk": 32, "causal_bft": 128, "causal_target": 528}]
+    return [base, {**base, "out_block": 128, "out_bft": 128, "out_warps": 8},
+            {**base, "out_bft": 128, "state_bft": 128, "state_warps": 8},
+            {**base, "out_block": 128, "state_block": 128, "target": 1056}]
+
+
+_TUNED: dict = {}
+
+
+def _tuned(key, candidates: list[dict], run) -> dict:
+    """The fastest of ``candidates`` for ``key`` on this GPU (timed once, then cached)."""
+    if key not in _TUNED:
+        from triton.testing import do_bench
+
+        times = []
+        for cfg in candidates:
+            try:
+                times.append(do_bench(lambda cfg=cfg: run(cfg), warmup=5, rep=20, return_mode="median"))
+            except Exception:  # a configuration that does not fit this GPU (shared memory)
+                times.append(float("inf"))
+        _TUNED[key] = candidates[min(range(len(times)), key=times.__getitem__)]
+    return _TUNED[key]
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -167,38 +208,51 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def linear_attention_triton(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, causal: bool = False,
-                            normalize: bool = True, eps: float = 0.0) -> torch.Tensor:
-    """Linear attention of feature-mapped queries and keys, [..., N, E] × [..., M, E] × [..., M, F]."""
+                            normalize: bool = True, eps: float = 0.0, cfg: dict | None = None) -> torch.Tensor:
+    """Linear attention of feature-mapped queries and keys, [..., N, E] × [..., M, E] × [..., M, F].
+    On a GPU the launch configuration is picked per shape among a few candidates (timed once)."""
     lead = fq.shape[:-2]
     n, e = fq.shape[-2:]
     m, f = v.shape[-2:]
     dt = torch.promote_types(torch.promote_types(fq.dtype, fk.dtype), v.dtype)
     q3, k3, v3 = _rows(fq.to(dt)), _rows(fk.to(dt)), _rows(v.to(dt))
-    bh = q3.shape[0]
-    out = torch.empty(bh, n, f, device=fq.device, dtype=dt)
+    if causal and n != m:
+        raise ValueError("causal linear attention needs as many queries as keys")
+    if cfg is None and q3.is_cuda:
+        key = ("linear", causal, normalize, q3.shape[0], n, m, e, f, dt)
+        cfg = _tuned(key, candidate_configs(e, f, causal),
+                     lambda c: _launch(q3, k3, v3, causal, normalize, eps, c))
+    out = _launch(q3, k3, v3, causal, normalize, eps, cfg or {})
+    return out.reshape(*lead, n, f)
+
+
+def _launch(q3, k3, v3, causal: bool, normalize: bool, eps: float, cfg: dict) -> torch.Tensor:
+    bh, n, e = q3.shape
+    m, f = v3.shape[-2:]
+    dt = q3.dtype
+    cfg = {**default_config(e, f, causal), **cfg}
+    out = torch.empty(bh, n, f, device=q3.device, dtype=dt)
     be, bf = max(16, triton.next_power_of_2(e)), max(16, triton.next_power_of_2(f))
     prec, prec_low = _precisions(dt)
     if not causal:
-        nseg, seg_len = _segments(bh, m, 64)
-        s, z = segment_states(k3, v3, nseg, seg_len)
+        nseg, seg_len = _segments(bh, m, cfg["state_block"], cfg["target"])
+        s, z = segment_states(k3, v3, nseg, seg_len, cfg)
         s, z = s.sum(1), z.sum(1)
-        block_n, bft = 64, min(bf, 64)
+        block_n, bft = cfg["out_block"], min(bf, cfg["out_bft"])
         _noncausal_out[(bh, triton.cdiv(n, block_n), bf // bft)](
             q3, s, z, out, n, float(eps), q3.stride(0), q3.stride(1), out.stride(0), out.stride(1),
             E=e, F=f, BE=be, BF=bf, BFT=bft, BLOCK_N=block_n, NORM=normalize, PREC=prec,
-            num_warps=4 if be <= 64 else 8)
-        return out.reshape(*lead, n, f)
-    if n != m:
-        raise ValueError("causal linear attention needs as many queries as keys")
-    nseg, seg_len = _segments(bh, n, CHUNK, target=264)
-    s, z = segment_states(k3, v3, nseg, seg_len)
+            num_warps=cfg["out_warps"])
+        return out
+    chunk = cfg["chunk"]
+    nseg, seg_len = _segments(bh, n, chunk, cfg["causal_target"])
+    s, z = segment_states(k3, v3, nseg, seg_len, cfg)
     s0 = torch.cat([torch.zeros_like(s[:, :1]), s[:, :-1].cumsum(1)], 1)  # the state entering each segment
     z0 = torch.cat([torch.zeros_like(z[:, :1]), z[:, :-1].cumsum(1)], 1)
-    bft = min(bf, 64)
+    bft = min(bf, cfg["causal_bft"])
     _causal_out[(bh, nseg, bf // bft)](
         q3, k3, v3, s0, z0, out, n, seg_len, float(eps), q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1),
         v3.stride(0), v3.stride(1), out.stride(0), out.stride(1),
-        E=e, F=f, BE=be, BF=bf, BFT=bft, C=CHUNK, NSEG=nseg, NORM=normalize, PREC=prec, PREC_LOW=prec_low,
-        UPCAST=_upcast(q3),
-        num_warps=4 if be <= 64 else 8, num_stages=2)
-    return out.reshape(*lead, n, f)
+        E=e, F=f, BE=be, BF=bf, BFT=bft, C=chunk, NSEG=nseg, NORM=normalize, PREC=prec, PREC_LOW=prec_low,
+        UPCAST=_upcast(q3), num_warps=cfg["causal_warps"], num_stages=cfg["causal_stages"])
+    return out

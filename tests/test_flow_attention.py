@@ -96,8 +96,9 @@ def test_changed_spelling_is_not_claimed_as_flow():
 @settings(max_examples=8, **SETTINGS)
 @given(causal=st.booleans(), clamp=st.booleans(), n=st.integers(2, 90).map(lambda x: 2 * x + 1),
        d=st.sampled_from([16, 24, 64, 128]), f=st.sampled_from([16, 32, 64]), seed=st.integers(0, 2**16),
-       scale=st.sampled_from([1.0, 4.0]))
-def test_kernels_match_official_float64(causal, clamp, n, d, f, seed, scale):
+       scale=st.sampled_from([1.0, 4.0]), cfg=st.sampled_from([{}, {"block": 64, "warps": 4, "target": 1056},
+                                                               {"block": 128, "warps": 8, "target": 2112}]))
+def test_kernels_match_official_float64(causal, clamp, n, d, f, seed, scale, cfg):
     g = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(2, 2, n, d, generator=g).to(DEVICE) * scale for _ in range(2))
     v = torch.randn(2, 2, n, f, generator=g).to(DEVICE)
@@ -107,8 +108,8 @@ def test_kernels_match_official_float64(causal, clamp, n, d, f, seed, scale):
     if TRITON_OK:
         from rewrite.codegen.triton_flow import flow_attention_triton
 
-        close(flow_attention_triton(q, k, v, causal, clamp), want, torch.float32, "triton fp32")
-        got = flow_attention_triton(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal, clamp)
+        close(flow_attention_triton(q, k, v, causal, clamp, cfg=cfg), want, torch.float32, "triton fp32")
+        got = flow_attention_triton(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal, clamp, cfg=cfg)
         close(got, want, torch.bfloat16, "triton bf16")
 
 

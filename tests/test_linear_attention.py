@@ -139,15 +139,18 @@ def test_spellings_triton_backend(name, n, d, dtype, seed):
 @pytest.mark.skipif(not TRITON_OK, reason="needs a GPU or TRITON_INTERPRET=1")
 @settings(max_examples=8, **SETTINGS)
 @given(causal=st.booleans(), normalize=st.booleans(), n=st.integers(1, 100).map(lambda x: 2 * x + 1),
-       d=st.sampled_from([16, 24, 64, 128]), f=st.sampled_from([16, 48, 64]), seed=st.integers(0, 2**16))
-def test_triton_kernel_matches_quadratic_float64(causal, normalize, n, d, f, seed):
-    from rewrite.codegen.triton_linear import linear_attention_triton
+       d=st.sampled_from([16, 24, 64, 128]), f=st.sampled_from([16, 48, 64]), seed=st.integers(0, 2**16),
+       cfg_index=st.integers(0, 4))
+def test_triton_kernel_matches_quadratic_float64(causal, normalize, n, d, f, seed, cfg_index):
+    from rewrite.codegen.triton_linear import candidate_configs, linear_attention_triton
 
+    cands = candidate_configs(d, f, causal)  # every launch configuration the GPU tuner may pick
+    cfg = cands[cfg_index % len(cands)]
     q, k, v = make(1, 3, n, d, f, seed, torch.float32)
     fq, fk = F.elu(q) + 1, F.elu(k) + 1
     want = linear_reference(fq.double(), fk.double(), v.double(), causal, normalize)
-    close(linear_attention_triton(fq, fk, v, causal, normalize), want, torch.float32, "fp32")
-    got = linear_attention_triton(fq.bfloat16(), fk.bfloat16(), v.bfloat16(), causal, normalize)
+    close(linear_attention_triton(fq, fk, v, causal, normalize, cfg=cfg), want, torch.float32, "fp32")
+    got = linear_attention_triton(fq.bfloat16(), fk.bfloat16(), v.bfloat16(), causal, normalize, cfg=cfg)
     close(got, want, torch.bfloat16, "bf16")
     close(linear_torch(fq, fk, v, causal, normalize), want, torch.float32, "torch path")
 
@@ -196,7 +199,8 @@ def runtime_mask(q, k, v, keep):
 
 def anti_causal(q, k, v):
     n = q.shape[-2]
-    return ((F.relu(q) @ F.relu(k).transpose(-2, -1)) * torch.triu(torch.ones(n, n, device=q.device, dtype=q.dtype))) @ v
+    upper = torch.triu(torch.ones(n, n, device=q.device, dtype=q.dtype))
+    return ((F.relu(q) @ F.relu(k).transpose(-2, -1)) * upper) @ v
 
 
 @pytest.mark.parametrize("fn,reason", [
