@@ -153,15 +153,26 @@ def flow_reference(q, k, v, causal: bool = False, clamp: bool = True, eps: float
     return x * alloc[..., None]
 
 
-def _causal_flow_prework(q, k, clamp: bool, eps: float):
+def _rowdot(a, b):
+    """Σ_d a·b per row, as the official einsum("nhld,nhld->nhl") computes it."""
+    return torch.einsum("...ld,...ld->...l", a, b)
+
+
+def _rowdot_fast(a, b):
+    """The same sum as one elementwise product and one reduction (einsum lowers it to a bmm of
+    N·B·H 1×D×1 products, which is slow on a GPU)."""
+    return (a * b).sum(-1)
+
+
+def _causal_flow_prework(q, k, clamp: bool, eps: float, dot=_rowdot):
     """The O(N·D) prefix-sum part of causal Flow-Attention (q, k already sigmoid)."""
-    si = 1.0 / torch.einsum("...ld,...ld->...l", q + eps, k.cumsum(dim=-2) + eps)
-    so = 1.0 / torch.einsum("...ld,...ld->...l", k + eps, q.cumsum(dim=-2) + eps)
+    si = 1.0 / dot(q + eps, k.cumsum(dim=-2) + eps)
+    so = 1.0 / dot(k + eps, q.cumsum(dim=-2) + eps)
     normal = torch.arange(q.shape[-2], device=q.device).float() + 1.0
     si = si * normal
     so = so * normal
-    c_sink = torch.einsum("...ld,...ld->...l", q + eps, (k * so[..., None]).cumsum(dim=-2) + eps) / normal
-    c_src = torch.einsum("...ld,...ld->...l", k + eps, (q * si[..., None]).cumsum(dim=-2) + eps) / normal
+    c_sink = dot(q + eps, (k * so[..., None]).cumsum(dim=-2) + eps) / normal
+    c_src = dot(k + eps, (q * si[..., None]).cumsum(dim=-2) + eps) / normal
     if clamp:
         c_src = torch.clamp(c_src, min=-1.0, max=1.0)
     alloc = torch.sigmoid(c_sink)
@@ -178,7 +189,7 @@ def flow_torch(q, k, v, causal: bool = False, clamp: bool = True, eps: float = 1
     if not causal:
         return flow_reference(q.to(acc), k.to(acc), v.to(acc), False, clamp, eps).to(dt)
     fq, fk = torch.sigmoid(q.to(acc)), torch.sigmoid(k.to(acc))
-    si, _so, normal, alloc, comp = _causal_flow_prework(fq, fk, clamp, eps)
+    si, _so, normal, alloc, comp = _causal_flow_prework(fq, fk, clamp, eps, dot=_rowdot_fast)
     x = linear(fq * (si / normal)[..., None], fk, v.to(acc) * comp[..., None], True, False, 0.0)
     return (x.to(acc) * alloc[..., None]).to(dt)
 
