@@ -63,7 +63,8 @@ def rewrite_linear_site(graph: Graph, site, backend: str) -> SiteReport:
     device = val.device if isinstance(val, torch.Tensor) else None
     rewritten = Cascade.linear_attention(causal=False)
     original_passes = site.cascade.pass_count() if site.cascade is not None else None
-    complexity = QUADRATIC_TO_LINEAR if site.form == "quadratic" else "O(N·D²) → O(N·D²) (one fused pass)"
+    complexity = {"quadratic": QUADRATIC_TO_LINEAR, "reassociated": "O(N·D²) → O(N·D²) (one fused pass)",
+                  "cumsum": "O(N·D²) memory ([N, D, D] cumsum) → O(N·D) memory, O(N·D²) time"}[site.form]
     rep = SiteReport(variant="linear", location=site.location, spelling=site.spelling, rewritten=False,
                      cascade=str(site.cascade) if site.cascade is not None else "", shapes=_shapes(site),
                      pass_count={"original": original_passes} if original_passes is not None else {},

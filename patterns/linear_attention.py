@@ -53,7 +53,7 @@ class LinearSite:
 
     spelling: str
     location: str
-    form: str  # "quadratic" | "reassociated"
+    form: str  # "quadratic" | "reassociated" | "cumsum"
     fq: TensorPlan | None
     fk: TensorPlan | None
     v: TensorPlan | None
@@ -685,6 +685,13 @@ def find_linear_sites(graph: Graph) -> list[LinearSite]:
         if site is None:
             try:
                 site = match_reassociated(c2)
+            except NoMatch:
+                site = None
+        if site is None:
+            from .linear_cumsum import match_cumsum
+
+            try:
+                site = match_cumsum(c2)
             except NoMatch:
                 site = None
         if site is None:

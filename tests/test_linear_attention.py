@@ -83,7 +83,21 @@ def merged_heads_bmm(q, k, v):  # [B·H, N, D] with bmm
     return (torch.bmm(s, v) / s.sum(-1, keepdim=True)).reshape(b, h, n, -1)
 
 
+def cumsum_outer_normalised(q, k, v):  # causal as a cumsum of outer products (Katharopoulos' reference)
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    kv = torch.einsum("bhnd,bhne->bhnde", k, v).cumsum(2)
+    z = torch.einsum("bhnd,bhnd->bhn", q, k.cumsum(2))
+    return torch.einsum("bhnd,bhnde->bhne", q, kv) / (z.unsqueeze(-1) + 1e-6)
+
+
+def cumsum_outer_plain(q, k, v):  # the same without normaliser, φ = identity
+    kv = torch.einsum("bhnd,bhne->bhnde", k, v).cumsum(2)
+    return torch.einsum("bhnd,bhnde->bhne", q, kv)
+
+
 SPELLINGS = {
+    "cumsum_outer_normalised": (cumsum_outer_normalised, True, True, "elu"),
+    "cumsum_outer_plain": (cumsum_outer_plain, True, False, "id"),
     "quad_elu_norm": (quad_elu_norm, False, True, "elu"),
     "quad_relu_causal_tril": (quad_relu_causal_tril, True, True, "relu"),
     "quad_exp_causal_masked_fill": (quad_exp_causal_masked_fill, True, True, "exp"),
