@@ -31,14 +31,19 @@ def find_sites(graph: Graph) -> list[tuple[Site | None, tuple[str, str, str] | N
         if sm in taken:
             continue
         try:
-            out.append((match_softmax_attention(sm), None))
+            site = match_softmax_attention(sm)
+            out.append((site, None))
+            taken.update(site.nodes)
         except NoMatch as exc:
             if _looks_like_attention(sm):
                 out.append((None, (location_of(sm), "softmax between two products", str(exc))))
+                taken.add(sm)
     # The linear-time families (sites with kind "linear" or "flow", planned by passes/linear_apply.py).
+    # A chain that holds a softmax belongs to the softmax family, matched or not.
     from .linear_attention import find_linear_sites
 
-    out.extend((s, None) for s in find_linear_sites(graph) if s.out_node not in taken)
+    out.extend((s, None) for s in find_linear_sites(graph)
+               if s.out_node not in taken and not taken.intersection(s.nodes))
     return out
 
 
