@@ -43,6 +43,9 @@ NONLINEAR = {aten.relu.default: "relu", aten.exp.default: "exp", aten.sigmoid.de
              aten.sqrt.default: "sqrt", aten.clamp.default: "clamp", aten.clamp_min.default: "clamp"}
 
 
+WRITTEN_SOFTMAX = {aten.exp.default, aten.amax.default, aten.max.dim, aten.logsumexp.default}
+
+
 class NotOurs(Exception):
     """A chain that belongs to another recogniser (softmax attention): skip silently."""
 
@@ -76,6 +79,7 @@ class LinearSite:
     kind: str = "linear"
     rejected: str | None = None  # set when the site is attention-like but cannot be expressed
     notes: list[str] = field(default_factory=list)
+    nodes: list[Node] = field(default_factory=list)  # the products and every node between them
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -228,8 +232,8 @@ def _walk_back(x: Node) -> tuple[Contraction, list[Node]]:
             return c, list(reversed(chain))
         if not isinstance(cur, Node) or cur.op != "call_function":
             raise NoMatch("not a chain from a product")
-        if cur.target in SOFTMAX_OPS:
-            raise NotOurs("softmax")
+        if cur.target in SOFTMAX_OPS or cur.target in WRITTEN_SOFTMAX:
+            raise NotOurs("softmax")  # also written out as exp(x − max)/Σ: the softmax recogniser's
         chain.append(cur)
         if is_layout_op(cur):
             cur = cur.args[0]
@@ -461,6 +465,7 @@ def _match_from(c2, c1, chain, x, v_node, x_labels, v_labels) -> LinearSite:
     site.out_atoms = [a for ax in out_axes for a in ax]
     site.out_shape = list(shape_of(out))
     site.out_dtype = dtype_of(out) or torch.float32
+    site.nodes = [c1.node, *chain, c2.node, *([out] if out is not c2.node else [])]
     return site
 
 
@@ -632,6 +637,7 @@ def _match_reassoc(c2, c1, layout, q_node, q_labels, kv_labels) -> LinearSite:
     site.out_atoms = [a for ax in out_axes for a in ax]
     site.out_shape = list(shape_of(out))
     site.out_dtype = dtype_of(out) or torch.float32
+    site.nodes = [c1.node, *layout, c2.node, *([out] if out is not c2.node else [])]
     site.notes.append(f"φQ, φK: {_phi_name(q_node)}, {_phi_name(k_node)}")
     es = Cascade.linear_attention(causal=False).einsums
     if not site.normalize:

@@ -111,6 +111,7 @@ def _match(c2, c1, cs_dim, q_node, q_labels, kv_labels) -> LinearSite:
     site.out_atoms = [a for ax in out_axes for a in ax]
     site.out_shape = list(shape_of(out))
     site.out_dtype = dtype_of(out) or torch.float32
+    site.nodes = [c1.node, c2.b if c2.a is q_node else c2.a, c2.node, *([out] if out is not c2.node else [])]
     site.notes.append(f"φQ, φK: {_phi_name(q_node)}, {_phi_name(k_node)}")
     es = Cascade.linear_attention(causal=True).einsums
     if not site.normalize:
