@@ -435,6 +435,10 @@ def _match_from(c2, c1, chain, x, v_node, x_labels, v_labels) -> LinearSite:
         except NoMatch:
             preds.append(sympy.Symbol("mask(p,m)"))
         val = constant_value(node)
+        if val is not None and val.dtype != torch.bool and not bool(((val == 0) | (val == 1)).all()):
+            site.rejected = site.rejected or ("the scores are multiplied by a matrix whose values are not 0/1 "
+                                              "(a decay or weight, e.g. RetNet's γ^(p−m)): not a mask")
+            continue
         keep = None if val is None else _mask_2d(~val.to(torch.bool) if invert else val.to(torch.bool), rows, cols)
         if keep is None:
             site.rejected = site.rejected or "the mask is a run-time tensor (or varies along batch): no O(N) form"
