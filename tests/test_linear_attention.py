@@ -295,3 +295,15 @@ def test_gpu_kernels_at_size(d, causal):
     want = linear_torch(fq.double(), fk.double(), v.double(), causal, True)
     close(linear_attention_triton(fq, fk, v, causal, True), want, torch.bfloat16, "bf16 gpu")
     close(linear_attention_triton(fq.float(), fk.float(), v.float(), causal, True), want, torch.float32, "fp32 gpu")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_custom_op_registration_opcheck(causal):
+    """Fake kernel, schema and autograd registration agree with the real kernel (torch.library.opcheck)."""
+    q, k, v = make(1, 1, 7, 16, 16, 2, torch.float64)
+    fq, fk = (F.elu(t) + 1 for t in (q, k))
+    args = (fq.requires_grad_(), fk.requires_grad_(), v.requires_grad_(), causal, True, 1e-6, "torch", torch.float64)
+    torch.library.opcheck(torch.ops.rewrite.linear_attention.default, args)
+    flow_args = (q.detach().requires_grad_(), k.detach().requires_grad_(), v.detach().requires_grad_(), causal, True,
+                 1e-6, "torch", torch.float64)
+    torch.library.opcheck(torch.ops.rewrite.flow_attention.default, flow_args)
