@@ -175,7 +175,10 @@ def find_flow_sites(graph: Graph) -> list[FlowSite]:
                     continue
                 strict = SubgraphMatcher(pattern.graph, match_output=False, match_placeholder=False,
                                          remove_overlapping_matches=True, ignore_literals=True)
-                found = [x for x in strict.match(graph) if x.placeholder_nodes[:3] == [q, k, v]]
+                try:
+                    found = [x for x in strict.match(graph) if x.placeholder_nodes[:3] == [q, k, v]]
+                except Exception:  # best-effort matcher: no flow site here
+                    continue
                 if not found:
                     continue
                 eps = _strict(pattern, found[0], q)
