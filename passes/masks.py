@@ -72,22 +72,26 @@ def _shape(node):
 
 
 def _broadcast(a: SymVal, b: SymVal):
-    """Align axes right; where both name an axis, the names must mean the same position."""
+    """Align axes right, numpy style. Every result dim gets its own fresh position symbol:
+    the same arange used as rows in one operand and as columns in the other
+    (``i[:, None] - i[None, :]``) must stay two positions, not one."""
     ra, rb = len(a.axes), len(b.axes)
     r = max(ra, rb)
     ax_a = (None,) * (r - ra) + a.axes
     ax_b = (None,) * (r - rb) + b.axes
     sh_a = (1,) * (r - ra) + a.shape
     sh_b = (1,) * (r - rb) + b.shape
-    subs = {}
+    sub_a, sub_b = {}, {}
     axes, shape = [], []
     for x, y, sx, sy in zip(ax_a, ax_b, sh_a, sh_b):
-        if x is not None and y is not None and x != y:
-            subs[y] = x
-        axes.append(x if x is not None else y)
+        t = _fresh() if (x is not None or y is not None) else None
+        if x is not None:
+            sub_a[x] = t
+        if y is not None:
+            sub_b[y] = t
+        axes.append(t)
         shape.append(max(sx, sy))
-    eb = b.expr.xreplace(subs) if subs else b.expr
-    return a.expr, eb, tuple(axes), tuple(shape)
+    return a.expr.xreplace(sub_a), b.expr.xreplace(sub_b), tuple(axes), tuple(shape)
 
 
 def _fold_piecewise(expr):
