@@ -358,14 +358,18 @@ def keep_predicate(node: Node, invert: bool, row_axis: int, col_axis: int) -> sy
     """The keep predicate of a bool mask over the score position symbols (p, m).
     row_axis/col_axis: which dims of the mask tensor line up with queries and keys (or None)."""
     v = lift(node)
-    expr = _as_bool(v.expr)
+    expr = at_positions(_as_bool(v.expr), v, row_axis, col_axis)
+    return sympy.Not(expr) if invert else expr
+
+
+def at_positions(expr: sympy.Basic, v: SymVal, row_axis: int | None, col_axis: int | None) -> sympy.Basic:
+    """Rename the symbols of the dims that line up with queries and keys to p and m."""
     subs = {}
     if row_axis is not None and v.axes[row_axis] is not None:
         subs[v.axes[row_axis]] = P_SYM
     if col_axis is not None and v.axes[col_axis] is not None:
         subs[v.axes[col_axis]] = M_SYM
-    expr = expr.xreplace(subs)
-    return sympy.Not(expr) if invert else expr
+    return expr.xreplace(subs)
 
 
 def bias_predicate(node: Node, row_axis, col_axis) -> tuple[sympy.Basic, float] | None:
@@ -377,12 +381,7 @@ def bias_predicate(node: Node, row_axis, col_axis) -> tuple[sympy.Basic, float] 
     (a, cond), (b, _) = e.args
     if not (a.is_Number and b.is_Number):
         return None
-    subs = {}
-    if row_axis is not None and v.axes[row_axis] is not None:
-        subs[v.axes[row_axis]] = P_SYM
-    if col_axis is not None and v.axes[col_axis] is not None:
-        subs[v.axes[col_axis]] = M_SYM
-    cond = cond.xreplace(subs)
+    cond = at_positions(cond, v, row_axis, col_axis)
     if a == 0:
         return cond, float(b)
     if b == 0:

@@ -190,8 +190,6 @@ def _align(shape: tuple[int, ...], target: Axes, sizes: AtomSizes) -> tuple[int 
 
 def _mask_predicate(node: Node, invert: bool, rows, cols) -> sympy.Basic:
     """The keep predicate over (p, m) of a bool or 0/1 mask (masks.lift), or NoMatch."""
-    from rewrite.cascade import m as M_SYM
-    from rewrite.cascade import p as P_SYM
     from rewrite.passes import masks
 
     try:
@@ -206,12 +204,7 @@ def _mask_predicate(node: Node, invert: bool, rows, cols) -> sympy.Basic:
             expr = sympy.true
         else:
             raise NoMatch("the mask's values are not 0/1")
-    subs = {}
-    if rows is not None and v.axes[rows] is not None:
-        subs[v.axes[rows]] = P_SYM
-    if cols is not None and v.axes[cols] is not None:
-        subs[v.axes[cols]] = M_SYM
-    expr = expr.xreplace(subs)
+    expr = masks.at_positions(expr, v, rows, cols)
     return sympy.Not(expr) if invert else expr
 
 
