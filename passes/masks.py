@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sympy
 import torch
@@ -31,20 +31,49 @@ aten = torch.ops.aten
 @dataclass(frozen=True)
 class MaskSpec:
     """What a mask is. kind: "dense" (nothing masked), "causal" (m <= p + offset),
-    "arbitrary" (anything else). ``runtime`` marks a run-time tensor factor (padding)."""
+    "neighborhood" / "blocked" (passes/mask_classes.py: per-axis rules over ``grid``, a token
+    grid flattened row-major), "arbitrary" (anything else: the block-sparse path).
+    ``runtime`` marks a run-time tensor factor (padding).
+
+    Per-axis tuples (one entry per grid axis): ``window`` is a half-width in positions for
+    a sliding axis (|t| <= w, or 0 <= t <= w when causal) and NATTEN's kernel size for a
+    ``clamped`` axis; ``dilation``, ``causal``, ``clamped``, ``stride`` (GNA), ``block`` and
+    ``halo`` (HaloNet, in key positions). In 1-D ``offset`` shifts the window:
+    t = p + offset − m. ``density``: exact kept fraction for the sizes classified with;
+    ``proof``: how the class was confirmed ("symbolic", "exhaustive", "sampled")."""
 
     kind: str
     predicate: str = "True"
     offset: int = 0
     runtime: bool = False
     density: float = 1.0
+    grid: tuple | None = None
+    window: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    causal: tuple[bool, ...] = ()
+    clamped: tuple[bool, ...] = ()
+    stride: tuple[int, ...] = ()
+    block: tuple[int, ...] = ()
+    halo: tuple[int, ...] = ()
+    proof: str = ""
 
     def describe(self) -> str:
+        rt = " & run-time tensor" if self.runtime else ""
         if self.kind == "dense":
             return "none" if not self.runtime else "run-time tensor"
         if self.kind == "causal":
-            base = "causal m <= p" + (f" + {self.offset}" if self.offset else "")
-            return base + (" & run-time tensor" if self.runtime else "")
+            return "causal m <= p" + (f" + {self.offset}" if self.offset else "") + rt
+        if self.kind in ("neighborhood", "blocked"):
+            fields = ["grid", "window", "dilation", "causal", "clamped", "stride", "block", "halo"]
+            # Only what differs from the plain default (dilation and stride 1, no flags).
+            shown = {f: getattr(self, f) for f in fields
+                     if any(v not in (None, 0, 1, False) or (f not in ("dilation", "stride") and v == 1)
+                            for v in getattr(self, f) or ())}
+            if self.offset:
+                shown["offset"] = self.offset
+            args = ", ".join(f"{k}={v}" for k, v in shown.items())
+            dens = f" density={self.density:.4g}" if self.grid and self.grid[0] is not None else ""
+            return f"{self.kind}({args}){dens}{rt}"
         return f"arbitrary: {self.predicate}"
 
 
@@ -299,6 +328,41 @@ def _as_bool(e):
     return sympy.Ne(e, 0)
 
 
+def _clamp(node, env):
+    """clamp / clamp_min / clamp_max with scalar or tensor bounds: Min/Max (NATTEN's
+    edge-clamped window start is written this way)."""
+    a = _value(node.args[0], env)
+    t = node.target
+    if t in (aten.clamp_min.default, aten.clamp_min.Tensor):
+        lo, hi = node.args[1], None
+    elif t in (aten.clamp_max.default, aten.clamp_max.Tensor):
+        lo, hi = None, node.args[1]
+    else:
+        lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+        hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
+    expr, axes, shape = a.expr, a.axes, a.shape
+    # torch.clamp applies min first, then max (so hi wins when lo > hi): Min(Max(x, lo), hi).
+    for bound, fn in ((lo, sympy.Max), (hi, sympy.Min)):
+        if bound is None:
+            continue
+        b = _value(bound, env)
+        ea, eb, axes, shape = _broadcast(SymVal(expr, axes, shape), b)
+        if _is_bool(ea) or _is_bool(eb):
+            raise Opaque("clamp of a boolean")
+        expr = fn(ea, eb)
+    return SymVal(expr, axes, shape)
+
+
+def _minmax(fn):
+    def rule(node, env):
+        a, b = (_value(x, env) for x in node.args[:2])
+        ea, eb, axes, shape = _broadcast(a, b)
+        if _is_bool(ea) or _is_bool(eb):
+            raise Opaque("minimum of booleans")
+        return SymVal(fn(ea, eb), axes, shape)
+    return rule
+
+
 def _mul(node, env):
     a, b = (_value(x, env) for x in node.args[:2])
     ea, eb, axes, shape = _broadcast(a, b)
@@ -331,6 +395,9 @@ _RULES = {
     aten.tril.default: _tri(True), aten.triu.default: _tri(False),
     aten.where.self: _where, aten.where.ScalarOther: _where, aten.where.ScalarSelf: _where,
     aten.index.Tensor: _index,
+    aten.clamp.default: _clamp, aten.clamp.Tensor: _clamp, aten.clamp_min.default: _clamp,
+    aten.clamp_min.Tensor: _clamp, aten.clamp_max.default: _clamp, aten.clamp_max.Tensor: _clamp,
+    aten.minimum.default: _minmax(sympy.Min), aten.maximum.default: _minmax(sympy.Max),
 }
 _LAYOUT = {aten.unsqueeze.default, aten.expand.default, aten.view.default, aten.reshape.default,
            aten._unsafe_view.default, aten.squeeze.dim, aten.squeeze.default, aten.squeeze.dims,
@@ -416,8 +483,19 @@ def _linear_causal(rel) -> int | None:
     return None  # m − p >= c: an upper-triangular (anti-causal) mask
 
 
-def classify(pred: sympy.Basic) -> MaskSpec:
-    """Split a keep predicate into position-only and run-time factors and name it."""
+def classify(pred: sympy.Basic, n: int | None = None, m: int | None = None,
+             structured: bool | None = None) -> MaskSpec:
+    """Split a keep predicate into position-only and run-time factors and name it.
+
+    With the concrete query/key lengths ``n``, ``m`` the position-only part is also tried
+    against the neighborhood/blocked families (passes/mask_classes.py, proven there) and
+    ``density`` is exact. ``structured`` (default: only when sizes are given) enables that
+    attempt without sizes too, where only a symbolic proof is accepted. The default keeps
+    callers that pass no sizes (passes/plan.py) on the three kinds they fold."""
+    from rewrite.passes import mask_classes  # imports this module: late import avoids a cycle
+
+    if structured is None:
+        structured = n is not None and m is not None
     pred = sympy.simplify_logic(pred) if pred.free_symbols and len(pred.free_symbols) < 8 else pred
     if pred is sympy.true:
         return MaskSpec("dense")
@@ -425,11 +503,19 @@ def classify(pred: sympy.Basic) -> MaskSpec:
     runtime = [f for f in factors if f.atoms(sympy.core.function.AppliedUndef) or
                (f.free_symbols - {P_SYM, M_SYM})]
     positional = [f for f in factors if f not in runtime]
+    sized = n is not None and m is not None
     if not positional:
         return MaskSpec("dense", predicate=str(pred), runtime=bool(runtime))
     offsets = [_linear_causal(f) for f in positional]
     if len(positional) == 1 and offsets[0] is not None:
-        return MaskSpec("causal", predicate=str(pred), offset=offsets[0], runtime=bool(runtime))
+        spec = MaskSpec("causal", predicate=str(pred), offset=offsets[0], runtime=bool(runtime))
+        if sized:
+            spec = replace(spec, density=mask_classes.kept_count(spec, n, m) / (n * m))
+        return spec
+    if structured:
+        found = mask_classes.classify_structured(sympy.And(*positional), bool(runtime), n, m)
+        if found is not None:
+            return replace(found, predicate=str(pred))
     return MaskSpec("arbitrary", predicate=str(pred), runtime=bool(runtime))
 
 

@@ -1,0 +1,366 @@
+"""Classify a lifted keep predicate into a structured ``MaskSpec``, and prove it.
+
+Families (REFERENCES.md, "Mask families"), over a token grid of 1, 2 or 3 axes flattened
+row-major (coordinate a of flat index x is ``(x // stride_a) % size_a``); every axis has
+its own rule and a position is kept when every axis keeps it:
+
+- ``window``: t = q + offset − k (offset only in 1-D, where N may differ from M);
+  kept when t ≡ 0 (mod dilation) and |t| ≤ window, or 0 ≤ t ≤ window when causal.
+  ``window`` is a half-width *in positions* (so NATTEN causal kernel k, dilation d is
+  window (k − 1)·d).
+- ``clamped`` (NATTEN): ``window`` is the kernel size k. Positions split by residue
+  r = q mod d; inside the group, with L_r members, index i = q // d, the leader is
+  min((i // s)·s + (s − 1)//2, L_r − 1) (GNA stride s: the queries of a stride group
+  share one window; s = 1 is plain NATTEN) and start = min(max(leader − k//2, 0), L_r − k);
+  keys k ≡ r (mod d) with start ≤ k // d < start + k are kept. Needs L_r ≥ k.
+- ``blocked`` (HaloNet): block B, halo h: B·⌊q/B⌋ − h ≤ k ≤ B·⌊q/B⌋ + B − 1 + h.
+
+Nothing is guessed. Parameters are read off the predicate's values, then a classification
+is accepted only when (a) where feasible (1-D translation-invariant bands), a symbolic
+proof over all integers, and (b) always when sizes are given, an exhaustive vectorised
+comparison of the spec's canonical predicate with the lifted one on the full N×M grid.
+Above ``EXHAUSTIVE_LIMIT`` entries the comparison covers every row near an axis edge plus a
+seeded random sample of rows, and ``proof`` says "sampled".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from functools import reduce
+
+import numpy as np
+import sympy
+
+from rewrite.cascade import m as M_SYM
+from rewrite.cascade import p as P_SYM
+from rewrite.passes.masks import MaskSpec
+
+EXHAUSTIVE_LIMIT = 10**8  # N·M above this: sampled rows (stated in MaskSpec.proof)
+_CHUNK = 1 << 21  # entries evaluated at once, so intermediates stay small
+
+
+@dataclass(frozen=True)
+class Axis:
+    kind: str  # "window" | "clamped" | "blocked"
+    window: int = 0  # half-width (window), kernel size (clamped), unused (blocked)
+    dilation: int = 1
+    causal: bool = False
+    stride: int = 1
+    block: int = 0
+    halo: int = 0
+
+
+# ---------------------------------------------------------------- canonical predicates
+
+def _axis_keep(ax: Axis, q: np.ndarray, k: np.ndarray, size: int, offset: int = 0) -> np.ndarray:
+    """The rule of one axis on integer coordinate arrays (broadcast)."""
+    if ax.kind == "window":
+        t = q + offset - k
+        inside = (t >= 0) & (t <= ax.window) if ax.causal else np.abs(t) <= ax.window
+        return inside & (t % ax.dilation == 0)
+    if ax.kind == "blocked":
+        lo = (q // ax.block) * ax.block
+        return (k >= lo - ax.halo) & (k <= lo + ax.block - 1 + ax.halo)
+    d, kk = ax.dilation, ax.window
+    r, i = q % d, q // d
+    length = (size - r + d - 1) // d
+    leader = np.minimum((i // ax.stride) * ax.stride + (ax.stride - 1) // 2, length - 1)
+    start = np.minimum(np.maximum(leader - kk // 2, 0), length - kk)
+    return (k % d == r) & (k // d >= start) & (k // d < start + kk)
+
+
+def _coords(x: np.ndarray, grid: tuple[int, ...]) -> list[np.ndarray]:
+    strides = [math.prod(grid[a + 1:]) for a in range(len(grid))]
+    return [(x // s) % g if a else x // s for a, (s, g) in enumerate(zip(strides, grid))]
+
+
+def axes_of(spec: MaskSpec) -> list[Axis]:
+    kinds = ["blocked" if spec.block and spec.block[a] else "clamped" if spec.clamped[a] else "window"
+             for a in range(len(spec.grid))]
+    return [Axis(kd, spec.window[a], spec.dilation[a], spec.causal[a], spec.stride[a],
+                 spec.block[a] if spec.block else 0, spec.halo[a] if spec.halo else 0)
+            for a, kd in enumerate(kinds)]
+
+
+def spec_keep(spec: MaskSpec, p: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """The canonical keep predicate of a neighborhood/blocked spec on position arrays."""
+    grid, axes = spec.grid, axes_of(spec)
+    if len(grid) == 1:
+        return _axis_keep(axes[0], p, m, grid[0], spec.offset)
+    out = None
+    for ax, g, q, k in zip(axes, grid, _coords(p, grid), _coords(m, grid)):
+        cur = _axis_keep(ax, q, k, g)
+        out = cur if out is None else out & cur
+    return out
+
+
+def _axis_row_counts(ax: Axis, rows: int, keys: int, size: int, offset: int) -> np.ndarray:
+    """Kept keys per query row of one axis, in closed form (no N×M work)."""
+    q = np.arange(rows, dtype=np.int64)
+    if ax.kind == "window":
+        lo, hi = (0, ax.window) if ax.causal else (-ax.window, ax.window)
+        a = np.maximum(lo, q + offset - (keys - 1))  # t = q + offset − k for k in [0, keys)
+        b = np.minimum(hi, q + offset)
+        d = ax.dilation
+        cnt = b // d - (-(-a // d)) + 1  # multiples of d in [a, b]
+        return np.where(b >= a, cnt, 0)
+    if ax.kind == "blocked":
+        lo = (q // ax.block) * ax.block
+        first = np.maximum(lo - ax.halo, 0)
+        last = np.minimum(lo + ax.block - 1 + ax.halo, keys - 1)
+        return np.maximum(last - first + 1, 0)
+    return np.full(rows, ax.window, dtype=np.int64)  # clamped: exactly k keys (L_r ≥ k)
+
+
+def kept_count(spec: MaskSpec, n: int, m: int) -> int:
+    """Exact number of kept (p, m) pairs; separable axes multiply."""
+    if spec.kind == "causal":
+        q = np.arange(n, dtype=np.int64)
+        return int(np.clip(q + spec.offset + 1, 0, m).sum())
+    if spec.kind == "dense":
+        return n * m
+    grid, axes = spec.grid, axes_of(spec)
+    if len(grid) == 1:
+        return int(_axis_row_counts(axes[0], n, m, grid[0], spec.offset).sum())
+    return math.prod(int(_axis_row_counts(ax, g, g, g, 0).sum()) for ax, g in zip(axes, grid))
+
+
+# ---------------------------------------------------------------- evaluating the lifted predicate
+
+_FDIV = sympy.Function("_fdiv")
+
+
+def _integer_floors(expr: sympy.Basic) -> sympy.Basic:
+    """floor(p/W) → _fdiv(p, W): lambdify would compute floor((1/W)·p) in floating point,
+    and 49·(1/49) < 1 — an exact integer division is required for a proof."""
+    reps = {}
+    for f in expr.atoms(sympy.floor):
+        num, den = sympy.fraction(sympy.together(f.args[0]))
+        reps[f] = _FDIV(_integer_floors(num), den)
+    return expr.xreplace(reps)
+
+
+def evaluator(pred: sympy.Basic):
+    """A numpy function keep(p, m) of the predicate (p, m broadcast integer arrays)."""
+    fn = sympy.lambdify((P_SYM, M_SYM), _integer_floors(pred),
+                        modules=[{"_fdiv": np.floor_divide}, "numpy"])
+
+    def keep(p: np.ndarray, m: np.ndarray) -> np.ndarray:
+        p, m = np.broadcast_arrays(p, m)
+        return np.broadcast_to(np.asarray(fn(p, m), dtype=bool), p.shape)
+    return keep
+
+
+def _rows_to_check(n: int, m: int, grid: tuple[int, ...] | None) -> tuple[np.ndarray, str]:
+    if n * m <= EXHAUSTIVE_LIMIT:
+        return np.arange(n), "exhaustive"
+    # Edges are where windows clamp and blocks end: every row within 2 of an axis edge,
+    # plus a seeded random sample (the check is then sampled, and says so).
+    rows = {0, n - 1}
+    rng = np.random.default_rng(0)
+    rows.update(rng.integers(0, n, size=max(1, EXHAUSTIVE_LIMIT // (8 * m))).tolist())
+    if grid:
+        x = np.arange(n)
+        for c, g in zip(_coords(x, grid), grid):
+            near = (c < 2) | (c >= g - 2)
+            rows.update(rng.choice(x[near], size=min(int(near.sum()), 256), replace=False).tolist())
+    return np.array(sorted(rows)), "sampled"
+
+
+def agrees(keep_a, keep_b, n: int, m: int, grid: tuple[int, ...] | None = None) -> str | None:
+    """Compare two keep functions on the (p, m) grid in row chunks; the proof level or None."""
+    rows, level = _rows_to_check(n, m, grid)
+    cols = np.arange(m)[None, :]
+    step = max(1, _CHUNK // max(m, 1))
+    for s in range(0, len(rows), step):
+        r = rows[s:s + step, None]
+        if not np.array_equal(keep_a(r, cols), keep_b(r, cols)):
+            return None
+    return level
+
+
+# ---------------------------------------------------------------- symbolic proof for 1-D bands
+
+_T = sympy.Symbol("t", integer=True)
+
+
+def band_function(pred: sympy.Basic) -> tuple[list[int], int] | None:
+    """Prove ``pred(p, m) == f(p − m)`` for every integer p, m, and give f's kept set.
+
+    After p := m + t the predicate must lose m (sympy cancels m + t − m). If what remains
+    uses only linear relations, |·| and Mod by constants of t, f is periodic beyond its
+    largest threshold with period lcm(moduli): checking one period past the thresholds on
+    both sides decides f everywhere. Returns (kept t values, lcm) when f is eventually false
+    both ways (a finite band), else None."""
+    f = pred.xreplace({P_SYM: M_SYM + _T})
+    # m <= m + t does not cancel by itself; lhs − rhs (an Add) does.
+    f = f.xreplace({r: type(r)(sympy.expand(r.lhs - r.rhs), 0)
+                    for r in f.atoms(sympy.core.relational.Relational)})
+    if M_SYM in f.free_symbols or f.free_symbols - {_T}:
+        return None
+    mods, bound = [], 0
+    for atom in sympy.preorder_traversal(f):
+        # Sound only for integer-linear pieces: thresholds then lie within the constants.
+        if isinstance(atom, (sympy.floor, sympy.ceiling, sympy.Min, sympy.Max, sympy.Piecewise,
+                             sympy.Pow, sympy.core.function.AppliedUndef)):
+            return None
+        if isinstance(atom, sympy.Number) and not atom.is_Integer:
+            return None
+        if isinstance(atom, sympy.Mul) and sum(not x.is_Number for x in atom.args) > 1:
+            return None
+        if isinstance(atom, sympy.Mod):
+            if not atom.args[1].is_Integer:
+                return None
+            mods.append(abs(int(atom.args[1])))
+        if isinstance(atom, sympy.Number):
+            bound = max(bound, abs(int(atom)))
+    period = reduce(math.lcm, mods, 1)
+    span = bound + 1 + period
+    fn = sympy.lambdify(_T, f, "numpy")
+    ts = np.arange(-span - period, span + period + 1)
+    vals = np.broadcast_to(np.asarray(fn(ts), dtype=bool), ts.shape)
+    tail = np.abs(ts) > bound
+    if vals[tail].any():
+        return None  # not a finite band (e.g. an anti-causal half plane)
+    return ts[vals].tolist(), period
+
+
+def _band_axis(kept: list[int]) -> tuple[Axis, int] | None:
+    """A window axis (and 1-D offset) whose kept t set is exactly ``kept``."""
+    if not kept:
+        return None
+    lo, hi = min(kept), max(kept)
+    if lo == -hi:
+        ax, off = Axis("window", hi), 0
+    elif lo == 0:
+        ax, off = Axis("window", hi, causal=True), 0
+    else:
+        ax, off = Axis("window", hi - lo, causal=True), -lo
+    span = [t + off for t in kept]
+    d = reduce(math.gcd, [abs(t) for t in span if t], 0) or 1
+    ax = replace(ax, dilation=d)
+    want = [t for t in range(lo, hi + 1) if (t + off) % d == 0]
+    return (ax, off) if want == sorted(kept) else None
+
+
+# ---------------------------------------------------------------- fitting on concrete sizes
+
+def _fit_axis(rows: np.ndarray, keep: np.ndarray, size: int, keys: int, offset_ok: bool
+              ) -> tuple[Axis, int] | None:
+    """Read one axis's rule off its (rows × keys) keep matrix; the rule must reproduce it."""
+    def check(ax: Axis, off: int = 0) -> bool:
+        if ax.kind == "clamped":
+            d = ax.dilation
+            if d < 1 or ax.window < 1 or size // d < ax.window:  # NATTEN needs L_r ≥ k
+                return False
+        return np.array_equal(_axis_keep(ax, rows[:, None], np.arange(keys)[None, :], size, off), keep)
+
+    if not keep.any():
+        return None
+    r_idx, k_idx = np.nonzero(keep)
+    ts = sorted(set((rows[r_idx] - k_idx).tolist()))
+    band = _band_axis(ts)
+    if band is not None and (band[1] == 0 or offset_ok) and check(*band):
+        return band
+    first = np.nonzero(keep[0])[0]
+    if rows[0] == 0 and len(first):
+        changed = np.nonzero((keep != keep[0]).any(axis=1))[0]
+        block = int(rows[changed[0]]) if len(changed) else size
+        blocked = Axis("blocked", block=block, halo=int(first[-1]) - (block - 1))
+        if blocked.halo >= 0 and check(blocked):
+            return blocked, 0
+        k = len(first)
+        d = int(first[1] - first[0]) if k > 1 else 1
+        for s in range(1, k + 1):
+            clamped = Axis("clamped", k, d, stride=s)
+            if check(clamped):
+                return clamped, 0
+    return None
+
+
+def _grid_candidates(pred: sympy.Basic, n: int) -> list[tuple[int, ...]]:
+    """Flattened grids suggested by the divisors and moduli the predicate uses."""
+    consts: set[int] = set()
+    for f in pred.atoms(sympy.floor):
+        den = sympy.fraction(sympy.together(f.args[0]))[1]
+        if den.is_Integer:
+            consts.add(int(den))
+    for md in pred.atoms(sympy.Mod):
+        if md.args[1].is_Integer:
+            consts.add(int(md.args[1]))
+    consts = {c for c in consts if 1 < c < n}
+    grids: list[tuple[int, ...]] = [(n,)]
+    grids += [(n // w, w) for w in sorted(consts) if n % w == 0]
+    for w in sorted(consts):
+        for hw in sorted(consts):
+            if hw % w == 0 and hw > w and n % hw == 0 and n > hw:
+                grids.append((n // hw, hw // w, w))
+        for h in sorted(consts):
+            if n % (h * w) == 0 and n > h * w and (n // (h * w), h, w) not in grids:
+                grids.append((n // (h * w), h, w))
+    return grids
+
+
+def _axis_matrix(keep, grid: tuple[int, ...], a: int) -> tuple[np.ndarray, np.ndarray]:
+    """Axis a's keep matrix with the other coordinates of query and key held at the grid
+    centre (every family keeps a query's own coordinate, so this isolates axis a)."""
+    strides = [math.prod(grid[b + 1:]) for b in range(len(grid))]
+    base = sum((g // 2) * s for b, (g, s) in enumerate(zip(grid, strides)) if b != a)
+    g = grid[a]
+    rows = np.arange(g) if g <= 4096 else np.unique(np.r_[np.arange(64), np.arange(g - 64, g),
+                                                         np.linspace(0, g - 1, 256).astype(int)])
+    coord = np.arange(g) * strides[a] + base
+    return rows, keep((rows * strides[a] + base)[:, None], coord[None, :])
+
+
+def _spec(kind: str, grid, axes: list[Axis], offset: int, pred, runtime: bool) -> MaskSpec:
+    return MaskSpec(kind, predicate=str(pred), offset=offset, runtime=runtime, grid=tuple(grid),
+                    window=tuple(a.window for a in axes), dilation=tuple(a.dilation for a in axes),
+                    causal=tuple(a.causal for a in axes), clamped=tuple(a.kind == "clamped" for a in axes),
+                    stride=tuple(a.stride for a in axes), block=tuple(a.block for a in axes),
+                    halo=tuple(a.halo for a in axes))
+
+
+def _kind(axes: list[Axis]) -> str | None:
+    kinds = {a.kind for a in axes}
+    if kinds == {"blocked"}:
+        return "blocked"
+    return "neighborhood" if "blocked" not in kinds else None  # mixed: left to block-sparse
+
+
+def classify_structured(pred: sympy.Basic, runtime: bool, n: int | None = None, m: int | None = None
+                        ) -> MaskSpec | None:
+    """A proven neighborhood/blocked spec for a position-only predicate, or None."""
+    band = band_function(pred)
+    band_axis = _band_axis(band[0]) if band else None
+    if n is None or m is None:
+        if band_axis is None:
+            return None  # without sizes only a symbolic proof counts
+        ax, off = band_axis  # grid (None,): the length is not known, the rule holds for all
+        return replace(_spec("neighborhood", (None,), [ax], off, pred, runtime), proof="symbolic")
+    keep = evaluator(pred)
+    for grid in _grid_candidates(pred, n):
+        if len(grid) > 1 and n != m:
+            continue  # a flattened grid is self-attention over one token layout
+        if len(grid) == 1 and band_axis is not None:
+            axes, off = [band_axis[0]], band_axis[1]  # proven for every size: its own parameters
+        elif len(grid) == 1:
+            rows = np.arange(n) if n <= 4096 else _axis_matrix(keep, (n,), 0)[0]
+            fit = _fit_axis(rows, keep(rows[:, None], np.arange(m)[None, :]), n, m, offset_ok=True)
+            axes, off = ([fit[0]], fit[1]) if fit else (None, 0)
+        else:
+            fits = [_fit_axis(*_axis_matrix(keep, grid, a), grid[a], grid[a], offset_ok=False)
+                    for a in range(len(grid))]
+            axes, off = ([f[0] for f in fits], 0) if all(fits) else (None, 0)
+        kind = _kind(axes) if axes else None
+        if kind is None:
+            continue
+        spec = _spec(kind, grid, axes, off, pred, runtime)
+        level = agrees(keep, lambda p, k, s=spec: spec_keep(s, p, k), n, m, grid)
+        if level is None:
+            continue
+        symbolic = band_axis is not None and len(grid) == 1 and band_axis == (axes[0], off)
+        proof = ("symbolic+" if symbolic else "") + level
+        return replace(spec, proof=proof, density=kept_count(spec, n, m) / (n * m))
+    return None
