@@ -74,7 +74,13 @@ class RewrittenGraph:
             self._skip(f"could not lower to ATen ({type(exc).__name__}: {str(exc)[:120]})")
             return self.gm.forward
         original = GraphModule(aten_gm, copy.deepcopy(aten_gm.graph)) if self.verify else None
-        new_gm, sites = rewrite_graph(aten_gm, self.backend, args)
+        try:
+            new_gm, sites = rewrite_graph(aten_gm, self.backend, args)
+        except Exception as exc:  # a bug of ours must never break the user's model: run it as it was
+            log.warning("rewrite: graph %d left alone after an internal error: %r", self.graph_index, exc)
+            self._skip(f"internal error while rewriting ({type(exc).__name__}: {str(exc)[:160]}); "
+                       "the graph runs unchanged. Please report this model.")
+            return self.gm.forward
         for s in sites:
             s.graph = self.graph_index
         if self.report is not None:
