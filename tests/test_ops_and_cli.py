@@ -120,3 +120,18 @@ def test_cli_demo_small(capsys):
     assert cli_main(["demo", "--seq-len", "64", "--batch", "1"]) == 0
     out = capsys.readouterr().out
     assert "causal" in out and "faster" in out
+
+
+def test_internal_error_leaves_the_graph_unchanged(monkeypatch):
+    """A bug in a pass must not break the user's model: the graph runs as captured."""
+    import rewrite.passes.pipeline as pipeline
+
+    def broken(graph, plan):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(pipeline, "apply_plan", broken)
+    q, k, v = (torch.randn(1, 2, 11, 16) for _ in range(3))
+    report = rewrite.inspect(_eager_causal, q, k, v)
+    assert any("internal error" in g for g in report.skipped_graphs), report.skipped_graphs
+    torch._dynamo.reset()
+    torch.testing.assert_close(rewrite.compile(_eager_causal)(q, k, v), _eager_causal(q, k, v))
