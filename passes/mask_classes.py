@@ -227,21 +227,18 @@ def band_function(pred: sympy.Basic) -> tuple[list[int], int] | None:
 
 
 def _band_axis(kept: list[int]) -> tuple[Axis, int] | None:
-    """A window axis (and 1-D offset) whose kept t set is exactly ``kept``."""
+    """A window axis (and 1-D offset) whose kept t set is exactly ``kept``: a centred
+    window when one fits, else a causal window shifted by the offset."""
     if not kept:
         return None
     lo, hi = min(kept), max(kept)
-    if lo == -hi:
-        ax, off = Axis("window", hi), 0
-    elif lo == 0:
-        ax, off = Axis("window", hi, causal=True), 0
-    else:
-        ax, off = Axis("window", hi - lo, causal=True), -lo
-    span = [t + off for t in kept]
-    d = reduce(math.gcd, [abs(t) for t in span if t], 0) or 1
-    ax = replace(ax, dilation=d)
-    want = [t for t in range(lo, hi + 1) if (t + off) % d == 0]
-    return (ax, off) if want == sorted(kept) else None
+    tries = [(Axis("window", hi), 0)] if lo == -hi else []
+    tries.append((Axis("window", hi - lo, causal=True), -lo))
+    for ax, off in tries:
+        d = reduce(math.gcd, [abs(t + off) for t in kept if t + off], 0) or 1
+        if [t for t in range(lo, hi + 1) if (t + off) % d == 0] == sorted(kept):
+            return replace(ax, dilation=d), off
+    return None
 
 
 # ---------------------------------------------------------------- fitting on concrete sizes

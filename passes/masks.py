@@ -377,6 +377,7 @@ _RULES = {
     aten.ones_like.default: _filled, aten.zeros_like.default: _filled, aten.full_like.default: _filled,
     aten.new_ones.default: _filled, aten.new_zeros.default: _filled, aten.new_full.default: _filled,
     aten.add.Tensor: _binary(operator.add), aten.sub.Tensor: _binary(operator.sub),
+    aten.rsub.Scalar: _binary(lambda a, b: b - a), aten.rsub.Tensor: _binary(lambda a, b: b - a),
     aten.mul.Tensor: _mul, aten.floor_divide.default: _binary(lambda a, b: sympy.floor(a / b)),
     aten.div.Tensor_mode: _binary(lambda a, b: sympy.floor(a / b)),
     aten.remainder.Tensor: _binary(sympy.Mod), aten.remainder.Scalar: _binary(sympy.Mod),
@@ -496,14 +497,18 @@ def classify(pred: sympy.Basic, n: int | None = None, m: int | None = None,
 
     if structured is None:
         structured = n is not None and m is not None
-    pred = sympy.simplify_logic(pred) if pred.free_symbols and len(pred.free_symbols) < 8 else pred
+    sized = n is not None and m is not None
+    if pred.free_symbols and len(pred.free_symbols) < 8 and not (sized and sympy.count_ops(pred) > 80):
+        # With sizes, structure is proven on the grid: skip simplifying every relation
+        # (deep=True), which costs seconds on a 3-D neighborhood and proves nothing more, and
+        # skip the normal form of a large Or of block terms (exponential in its atoms).
+        pred = sympy.simplify_logic(pred, deep=not sized)
     if pred is sympy.true:
         return MaskSpec("dense")
     factors = list(pred.args) if isinstance(pred, sympy.And) else [pred]
     runtime = [f for f in factors if f.atoms(sympy.core.function.AppliedUndef) or
                (f.free_symbols - {P_SYM, M_SYM})]
     positional = [f for f in factors if f not in runtime]
-    sized = n is not None and m is not None
     if not positional:
         return MaskSpec("dense", predicate=str(pred), runtime=bool(runtime))
     offsets = [_linear_causal(f) for f in positional]
