@@ -244,8 +244,10 @@ def _band_axis(kept: list[int]) -> tuple[Axis, int] | None:
 # ---------------------------------------------------------------- fitting on concrete sizes
 
 def _fit_axis(rows: np.ndarray, keep: np.ndarray, size: int, keys: int, offset_ok: bool
-              ) -> tuple[Axis, int] | None:
-    """Read one axis's rule off its (rows × keys) keep matrix; the rule must reproduce it."""
+              ) -> list[tuple[Axis, int]]:
+    """Every rule (window, blocked, clamped: in that preference) read off one axis's
+    (rows × keys) keep matrix that reproduces it exactly. Several can: a clamped kernel of 3
+    on 4 positions is also blocks of 2 with a halo of 1; the caller picks consistently."""
     def check(ax: Axis, off: int = 0) -> bool:
         if ax.kind == "clamped":
             d = ax.dilation
@@ -254,26 +256,40 @@ def _fit_axis(rows: np.ndarray, keep: np.ndarray, size: int, keys: int, offset_o
         return np.array_equal(_axis_keep(ax, rows[:, None], np.arange(keys)[None, :], size, off), keep)
 
     if not keep.any():
-        return None
+        return []
+    found = []
     r_idx, k_idx = np.nonzero(keep)
-    ts = sorted(set((rows[r_idx] - k_idx).tolist()))
-    band = _band_axis(ts)
+    band = _band_axis(sorted(set((rows[r_idx] - k_idx).tolist())))
     if band is not None and (band[1] == 0 or offset_ok) and check(*band):
-        return band
+        found.append(band)
     first = np.nonzero(keep[0])[0]
     if rows[0] == 0 and len(first):
         changed = np.nonzero((keep != keep[0]).any(axis=1))[0]
         block = int(rows[changed[0]]) if len(changed) else size
         blocked = Axis("blocked", block=block, halo=int(first[-1]) - (block - 1))
         if blocked.halo >= 0 and check(blocked):
-            return blocked, 0
+            found.append((blocked, 0))
         k = len(first)
         d = int(first[1] - first[0]) if k > 1 else 1
         for s in range(1, k + 1):
             clamped = Axis("clamped", k, d, stride=s)
             if check(clamped):
-                return clamped, 0
-    return None
+                found.append((clamped, 0))
+                break
+    return found
+
+
+def _choose(fits: list[list[tuple[Axis, int]]]) -> tuple[str, list[Axis], int] | None:
+    """One kind for all axes: blocked when every axis prefers blocks, else neighborhood
+    from each axis's first non-blocked rule (mixed block/window grids: block-sparse path)."""
+    if not all(fits):
+        return None
+    if all(f[0][0].kind == "blocked" for f in fits):
+        return "blocked", [f[0][0] for f in fits], fits[0][0][1]
+    plain = [[x for x in f if x[0].kind != "blocked"] for f in fits]
+    if not all(plain):
+        return None
+    return "neighborhood", [p[0][0] for p in plain], plain[0][0][1]
 
 
 def _grid_candidates(pred: sympy.Basic, n: int) -> list[tuple[int, ...]]:
@@ -300,10 +316,15 @@ def _grid_candidates(pred: sympy.Basic, n: int) -> list[tuple[int, ...]]:
 
 
 def _axis_matrix(keep, grid: tuple[int, ...], a: int) -> tuple[np.ndarray, np.ndarray]:
-    """Axis a's keep matrix with the other coordinates of query and key held at the grid
-    centre (every family keeps a query's own coordinate, so this isolates axis a)."""
+    """Axis a's keep matrix with the other coordinates of query and key held at those of a
+    position that keeps itself (under a GNA stride not every query does): since a kept
+    pair keeps every axis, this isolates axis a."""
+    n = math.prod(grid)
     strides = [math.prod(grid[b + 1:]) for b in range(len(grid))]
-    base = sum((g // 2) * s for b, (g, s) in enumerate(zip(grid, strides)) if b != a)
+    diag = np.arange(n)
+    own = np.nonzero(keep(diag, diag))[0]
+    x0 = int(own[len(own) // 2]) if len(own) else 0
+    base = x0 - ((x0 // strides[a]) % grid[a]) * strides[a]  # x0 with coordinate a set to 0
     g = grid[a]
     rows = np.arange(g) if g <= 4096 else np.unique(np.r_[np.arange(64), np.arange(g - 64, g),
                                                          np.linspace(0, g - 1, 256).astype(int)])
@@ -317,13 +338,6 @@ def _spec(kind: str, grid, axes: list[Axis], offset: int, pred, runtime: bool) -
                     causal=tuple(a.causal for a in axes), clamped=tuple(a.kind == "clamped" for a in axes),
                     stride=tuple(a.stride for a in axes), block=tuple(a.block for a in axes),
                     halo=tuple(a.halo for a in axes))
-
-
-def _kind(axes: list[Axis]) -> str | None:
-    kinds = {a.kind for a in axes}
-    if kinds == {"blocked"}:
-        return "blocked"
-    return "neighborhood" if "blocked" not in kinds else None  # mixed: left to block-sparse
 
 
 def classify_structured(pred: sympy.Basic, runtime: bool, n: int | None = None, m: int | None = None
@@ -341,18 +355,16 @@ def classify_structured(pred: sympy.Basic, runtime: bool, n: int | None = None, 
         if len(grid) > 1 and n != m:
             continue  # a flattened grid is self-attention over one token layout
         if len(grid) == 1 and band_axis is not None:
-            axes, off = [band_axis[0]], band_axis[1]  # proven for every size: its own parameters
+            chosen = ("neighborhood", [band_axis[0]], band_axis[1])  # proven for every size
         elif len(grid) == 1:
             rows = np.arange(n) if n <= 4096 else _axis_matrix(keep, (n,), 0)[0]
-            fit = _fit_axis(rows, keep(rows[:, None], np.arange(m)[None, :]), n, m, offset_ok=True)
-            axes, off = ([fit[0]], fit[1]) if fit else (None, 0)
+            chosen = _choose([_fit_axis(rows, keep(rows[:, None], np.arange(m)[None, :]), n, m, True)])
         else:
-            fits = [_fit_axis(*_axis_matrix(keep, grid, a), grid[a], grid[a], offset_ok=False)
-                    for a in range(len(grid))]
-            axes, off = ([f[0] for f in fits], 0) if all(fits) else (None, 0)
-        kind = _kind(axes) if axes else None
-        if kind is None:
+            chosen = _choose([_fit_axis(*_axis_matrix(keep, grid, a), grid[a], grid[a], offset_ok=False)
+                              for a in range(len(grid))])
+        if chosen is None:
             continue
+        kind, axes, off = chosen
         spec = _spec(kind, grid, axes, off, pred, runtime)
         level = agrees(keep, lambda p, k, s=spec: spec_keep(s, p, k), n, m, grid)
         if level is None:

@@ -19,7 +19,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from rewrite.passes import mask_classes, masks
 
 # No shrinking: a failure prints its example, and shrinking make_fx traces takes minutes.
-FAST = settings(max_examples=20, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+FAST = settings(max_examples=14, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+SLOW = settings(FAST, max_examples=9)  # a lift of a clamp or of an Or of blocks costs ~1 s in sympy
 
 
 def _classify(fn):
@@ -95,7 +96,7 @@ def _grid_coords(i, grid):
     return [i // (h * w), (i // w) % h, i % w]
 
 
-@FAST
+@SLOW
 @given(grid=st.one_of(st.tuples(st.integers(2, 7), st.integers(2, 7)),
                       st.tuples(st.integers(2, 4), st.integers(2, 4), st.integers(2, 5))),
        data=st.data())
@@ -141,7 +142,7 @@ def _natten_axis(c, g, k, d, s, spelling):
     return (key % d == r[:, None]) & (key // d >= start[:, None]) & (key // d < start[:, None] + k)
 
 
-@FAST
+@settings(SLOW, max_examples=6)  # a clamp lifts through sympy Min/Max: ~2 s an example
 @given(grid=st.one_of(st.tuples(st.integers(3, 30)), st.tuples(st.integers(3, 7), st.integers(3, 7))),
        data=st.data(), spelling=st.sampled_from(["clamp_minimum", "maximum_clamp"]))
 def test_natten_clamped(grid, data, spelling):
@@ -169,6 +170,23 @@ def test_natten_clamped(grid, data, spelling):
         # GNA: the smallest stride that reproduces the mask is reported (a stride can equal a
         # block layout, which then may be found first on another grid: checked by (ii)/(iii)).
         assert spec.window == tuple(ks) and all(1 <= got <= s for got, s in zip(spec.stride, ss))
+
+
+def test_gna_stride_where_a_query_is_outside_its_own_window():
+    # Axis 1 (size 6, kernel 2, stride 2): query x = 5 shares x = 4's window {3, 4}. Axes
+    # must be isolated at a position that keeps itself, not at the grid centre.
+    grid, ks, ds, ss = (7, 6), (3, 2), (2, 1), (1, 2)
+
+    def mask():
+        i = torch.arange(42)
+        keep = torch.ones(42, 42, dtype=torch.bool)
+        for c, g, k, d, s in zip(_grid_coords(i, grid), grid, ks, ds, ss):
+            keep = keep & _natten_axis(c, g, k, d, s, "clamp_minimum")
+        return keep
+
+    spec, tensor = _classify(mask)
+    _check_spec(spec, tensor)
+    assert (spec.grid, spec.window, spec.dilation, spec.stride, spec.clamped) == (grid, ks, ds, ss, (True, True))
 
 
 # ---------------------------------------------------------------- blocked and HaloNet
@@ -203,12 +221,16 @@ def test_blocked(n, block, halo, spelling):
 # ---------------------------------------------------------------- what must stay arbitrary
 
 
-@FAST
+@SLOW
 @given(nb=st.integers(4, 5), block=st.integers(2, 3), data=st.data())
 def test_random_block_layout_is_arbitrary(nb, block, data):
-    layout = np.array(data.draw(st.lists(st.booleans(), min_size=nb * nb, max_size=nb * nb))).reshape(nb, nb)
+    # A few random blocks (the lifted Or grows with every block: keep it small) ...
+    extra = data.draw(st.lists(st.tuples(st.integers(0, nb - 1), st.integers(0, nb - 1)), max_size=4))
+    layout = np.zeros((nb, nb), dtype=bool)
+    for a, b in extra:
+        layout[a, b] = True
     r, c = data.draw(st.integers(0, nb - 1)), data.draw(st.integers(0, nb - 4))
-    layout[r, c:c + 4] = [True, True, False, True]  # a run, a one-block gap, a run: no family
+    layout[r, c:c + 4] = [True, True, False, True]  # ... and a run, a one-block gap, a run: no family
     n = nb * block
     kept = [(a, b) for a in range(nb) for b in range(nb) if layout[a, b]]
 
