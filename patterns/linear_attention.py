@@ -559,3 +559,19 @@ def find_linear_sites(graph: Graph) -> list[LinearSite]:
         claimed.add(node)
     return sites
 
+
+def finish_linear_site(site: LinearSite, out: Node, out_axes, nodes: list[Node], q_node: Node, k_node: Node,
+                       causal: bool, form: str) -> LinearSite:
+    """The part every linear recogniser ends with: the output binding, the nodes the site
+    replaces, and the as-written cascade (without the normaliser's Einsums when there is none)."""
+    site.out_node = out
+    site.out_atoms = [a for ax in out_axes for a in ax]
+    site.out_shape = list(shape_of(out))
+    site.out_dtype = dtype_of(out) or torch.float32
+    site.nodes = [*nodes, *([out] if out is not nodes[-1] else [])]
+    site.notes.append(f"φQ, φK: {_phi_name(q_node)}, {_phi_name(k_node)}")
+    es = Cascade.linear_attention(causal=causal).einsums
+    if not site.normalize:
+        es = tuple(e for e in es if e.name not in ("KS", "DEN", "AV"))
+    site.cascade = Cascade(es, name=f"linear-attention ({form}, as written)")
+    return site

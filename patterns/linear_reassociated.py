@@ -11,11 +11,9 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
-from rewrite.cascade import Cascade
-
-from .axes import AtomSizes, NoMatch, dtype_of, is_layout_op, propagate, shape_of
+from .axes import AtomSizes, NoMatch, is_layout_op, propagate, shape_of
 from .contraction import Contraction, as_contraction
-from .linear_attention import LinearSite, _broadcasts_as, _phi_name, _plan
+from .linear_attention import LinearSite, _broadcasts_as, _plan, finish_linear_site
 from .softmax_attention import location_of, scalar_value
 
 aten = torch.ops.aten
@@ -126,17 +124,8 @@ def _match_reassoc(c2, c1, layout, q_node, q_labels, kv_labels) -> LinearSite:
                 site.normalize, site.eps, out, out_axes = True, den[1], u, out_ax
                 site.spelling += " → ÷ φQ·ΣφK"
         break
-    site.out_node = out
-    site.out_atoms = [a for ax in out_axes for a in ax]
-    site.out_shape = list(shape_of(out))
-    site.out_dtype = dtype_of(out) or torch.float32
-    site.nodes = [c1.node, *layout, c2.node, *([out] if out is not c2.node else [])]
-    site.notes.append(f"φQ, φK: {_phi_name(q_node)}, {_phi_name(k_node)}")
-    es = Cascade.linear_attention(causal=False).einsums
-    if not site.normalize:
-        es = tuple(e for e in es if e.name not in ("KS", "DEN", "AV"))
-    site.cascade = Cascade(es, name="linear-attention (reassociated, as written)")
-    return site
+    return finish_linear_site(site, out, out_axes, [c1.node, *layout, c2.node], q_node, k_node, False,
+                              "reassociated")
 
 
 def _reassoc_den(node, q_node, k_node, sizes, q_axes, k_axes):
