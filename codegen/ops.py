@@ -141,12 +141,12 @@ def _sdpa(q, k, v, bias, mask, scale, causal, causal_offset, masked_row) -> torc
     return fix_empty_rows(out, v, bias, mask, False, 0, masked_row)
 
 
-def _triton(q, k, v, bias, mask, scale, causal, causal_offset, masked_row) -> torch.Tensor:
-    from rewrite.codegen.triton_attention import triton_attention
-
+def as_bhnd(q, k, v, bias, mask):
+    """The operands as the fused kernels take them: q [B, Hq, N, D], k/v [B, Hkv, M, D],
+    bias/mask broadcastable to [B, Hq, N, M]; any other batch rank is folded into that form.
+    Returns them and the batch shape to give the output back."""
     groups = gqa_groups(q, k)
     batch = _batch_shape(q, bias, mask) if groups > 1 else _batch_shape(q, k, v, bias, mask)
-    # The kernel takes [B, H, N, D]; fold any other batch rank into that form.
     lead = list(batch)
     if len(lead) == 0:
         lead = [1, 1]
@@ -163,8 +163,14 @@ def _triton(q, k, v, bias, mask, scale, causal, causal_offset, masked_row) -> to
         return t.reshape(*lead[:-1], shape[-1] if shape else 1, *t.shape[-2:])
 
     kv_heads = k.shape[-3] if groups > 1 else None
-    out = triton_attention(four(q), four(k, kv_heads), four(v, kv_heads), scale=scale, bias=four(bias),
-                           mask=four(mask), causal=causal, causal_offset=causal_offset)
+    return (four(q), four(k, kv_heads), four(v, kv_heads), four(bias), four(mask)), batch
+
+
+def _triton(q, k, v, bias, mask, scale, causal, causal_offset, masked_row) -> torch.Tensor:
+    from rewrite.codegen.triton_attention import triton_attention
+
+    (q4, k4, v4, b4, m4), batch = as_bhnd(q, k, v, bias, mask)
+    out = triton_attention(q4, k4, v4, scale=scale, bias=b4, mask=m4, causal=causal, causal_offset=causal_offset)
     out = out.reshape(*batch, *out.shape[-2:])
     # The kernel follows eager softmax (NaN for a row with no key); other spellings differ.
     return fix_empty_rows(out, v, bias, mask, causal, causal_offset, masked_row) if masked_row != "nan" else out
@@ -224,29 +230,30 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (scale, causal, causal_offset, masked_row)
 
 
-def _backward(ctx, grad):
-    q, k, v, bias, mask = ctx.saved_tensors
-    scale, causal, causal_offset, masked_row = ctx.args
-    needs = ctx.needs_input_grad
+def reference_grads(q, k, v, bias, keep, needs, grad, scale, causal, causal_offset, masked_row) -> list:
+    """Gradients of q, k, v, bias (None where not needed) by recomputing the eager reference:
+    the backward of every attention op (no fused backward yet)."""
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(bool(n)) if t is not None and t.is_floating_point() else t
                   for t, n in zip((q, k, v, bias), needs[:4])]
-        out = attention_reference(leaves[0], leaves[1], leaves[2], leaves[3], mask, scale, causal,
+        out = attention_reference(leaves[0], leaves[1], leaves[2], leaves[3], keep, scale, causal,
                                   causal_offset, masked_row)
         wrt = [t for t, n in zip(leaves, needs[:4]) if t is not None and n]
-        grads = torch.autograd.grad(out, wrt, grad.to(out.dtype), allow_unused=True) if wrt else []
-    it = iter(grads)
+        grads = iter(torch.autograd.grad(out, wrt, grad.to(out.dtype), allow_unused=True) if wrt else [])
     result = []
     for t, n in zip(leaves, needs[:4]):
-        if t is not None and n:
-            g = next(it)
-            # Broadcast inputs (a [B,1,1,M] bias, an MQA key) get their gradient summed back.
-            if g is not None and g.shape != t.shape:
-                g = g.sum_to_size(t.shape)
-            result.append(g)
-        else:
-            result.append(None)
-    return (*result, None, None, None, None, None, None, None, None)
+        g = next(grads) if t is not None and n else None
+        # Broadcast inputs (a [B,1,1,M] bias, an MQA key) get their gradient summed back.
+        result.append(g.sum_to_size(t.shape) if g is not None and g.shape != t.shape else g)
+    return result
+
+
+def _backward(ctx, grad):
+    q, k, v, bias, mask = ctx.saved_tensors
+    scale, causal, causal_offset, masked_row = ctx.args
+    grads = reference_grads(q, k, v, bias, mask, ctx.needs_input_grad, grad, scale, causal, causal_offset,
+                            masked_row)
+    return (*grads, None, None, None, None, None, None, None, None)
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

@@ -6,6 +6,7 @@ import torch
 from torch.fx import Graph, Node
 
 import rewrite.codegen.ops  # noqa: F401  (registers torch.ops.rewrite.*)
+from rewrite.codegen.sparse_ops import op_spec
 from rewrite.patterns.site import TensorPlan
 
 from .plan import Plan
@@ -31,6 +32,19 @@ def _canonical(graph: Graph, tp: TensorPlan) -> Node:
     return node
 
 
+def _constant(graph: Graph, value: torch.Tensor) -> Node:
+    """A folded position-only mask as a buffer of the graph's module: the same tensor on every
+    call, so the kernels' block map is built once and cached by tensor identity."""
+    gm = graph.owning_module
+    i = 0
+    while hasattr(gm, f"_rewrite_mask_{i}"):
+        i += 1
+    gm.register_buffer(f"_rewrite_mask_{i}", value.contiguous())
+    node = graph.get_attr(f"_rewrite_mask_{i}")
+    node.meta["val"] = value
+    return node
+
+
 def _combine(graph: Graph, nodes: list[Node], op) -> Node | None:
     if not nodes:
         return None
@@ -48,10 +62,18 @@ def apply_plan(graph: Graph, plan: Plan) -> Node:
         k = _canonical(graph, site.k)
         v = _canonical(graph, site.v)
         bias = _combine(graph, [_canonical(graph, b) for b in plan.biases], aten.add.Tensor)
-        keep = _combine(graph, [_canonical(graph, m) for m in plan.keeps], aten.logical_and.default)
-        out = graph.call_function(torch.ops.rewrite.attention.default, (
-            q, k, v, bias, keep, float(site.scale), bool(plan.causal), int(plan.causal_offset),
-            plan.masked_row, plan.kernel, site.out_dtype, plan.mask_causal_hint))
+        keeps = [_canonical(graph, m) for m in plan.keeps]
+        if plan.constant_mask is not None:
+            keeps.append(_constant(graph, plan.constant_mask))
+        keep = _combine(graph, keeps, aten.logical_and.default)
+        if plan.sparse:
+            out = graph.call_function(torch.ops.rewrite.sparse_attention.default, (
+                q, k, v, bias, keep, float(site.scale), op_spec(plan.mask, plan.implied), plan.masked_row, plan.kernel,
+                site.out_dtype))
+        else:
+            out = graph.call_function(torch.ops.rewrite.attention.default, (
+                q, k, v, bias, keep, float(site.scale), bool(plan.causal), int(plan.causal_offset),
+                plan.masked_row, plan.kernel, site.out_dtype, plan.mask_causal_hint))
         atoms = getattr(site, "out_atoms_sizes", None)
         if atoms is not None and site.out_perm != list(range(len(site.out_perm))):
             out = graph.call_function(aten.reshape.default, (out, atoms))

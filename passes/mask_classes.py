@@ -126,6 +126,24 @@ def kept_count(spec: MaskSpec, n: int, m: int) -> int:
     return math.prod(int(_axis_row_counts(ax, g, g, g, 0).sum()) for ax, g in zip(axes, grid))
 
 
+def has_empty_rows(spec: MaskSpec, n: int, m: int) -> bool:
+    """Does some query keep no key at all? (Closed form, per axis; eager gives such a row
+    NaN with a −inf fill but the average of v with a finite one, so a finite-fill bias can only
+    be replaced by a spec without empty rows.)"""
+    if n == 0:
+        return False
+    if m == 0:
+        return True
+    if spec.kind == "causal":
+        return spec.offset < 0
+    if spec.kind == "dense":
+        return False
+    grid, axes = spec.grid, axes_of(spec)
+    if len(grid) == 1:
+        return bool((_axis_row_counts(axes[0], n, m, grid[0], spec.offset) == 0).any())
+    return any(bool((_axis_row_counts(ax, g, g, g, 0) == 0).any()) for ax, g in zip(axes, grid))
+
+
 # ---------------------------------------------------------------- evaluating the lifted predicate
 
 _FDIV = sympy.Function("_fdiv")

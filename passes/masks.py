@@ -15,6 +15,7 @@ predicate against the concrete tensor the graph computes before trusting it.
 from __future__ import annotations
 
 import itertools
+import json
 import operator
 from dataclasses import dataclass, replace
 
@@ -75,6 +76,22 @@ class MaskSpec:
             dens = f" density={self.density:.4g}" if self.grid and self.grid[0] is not None else ""
             return f"{self.kind}({args}){dens}{rt}"
         return f"arbitrary: {self.predicate}"
+
+    # The structural fields travel through the custom op as one string (ops take no objects).
+    _STRUCT = ("kind", "offset", "grid", "window", "dilation", "causal", "clamped", "stride", "block", "halo")
+
+    def to_json(self) -> str:
+        return json.dumps({f: getattr(self, f) for f in self._STRUCT})
+
+    @classmethod
+    def from_json(cls, text: str) -> MaskSpec:
+        d = json.loads(text)
+        return cls(**{f: tuple(v) if isinstance(v, list) else v for f, v in d.items()})
+
+    @property
+    def ideal_speedup(self) -> float:
+        """GNA's speed-of-light model: dense time × kept fraction, as a speedup over dense."""
+        return 1.0 / self.density if self.density > 0 else float("inf")
 
 
 class Opaque(Exception):
@@ -512,8 +529,9 @@ def classify(pred: sympy.Basic, n: int | None = None, m: int | None = None,
     if not positional:
         return MaskSpec("dense", predicate=str(pred), runtime=bool(runtime))
     offsets = [_linear_causal(f) for f in positional]
-    if len(positional) == 1 and offsets[0] is not None:
-        spec = MaskSpec("causal", predicate=str(pred), offset=offsets[0], runtime=bool(runtime))
+    if all(o is not None for o in offsets):
+        # Several causal relations keep their intersection: the smallest offset.
+        spec = MaskSpec("causal", predicate=str(pred), offset=min(offsets), runtime=bool(runtime))
         if sized:
             spec = replace(spec, density=mask_classes.kept_count(spec, n, m) / (n * m))
         return spec

@@ -68,7 +68,8 @@ def rewrite_graph(gm: GraphModule, backend: str, example_inputs=None) -> tuple[G
             rewritten_cascade=str(Cascade.online_softmax_attention(mask=cascade.einsums[0].mask)),
             mask=plan.mask.describe(), shapes=_shapes(site), flops=plan.flops, density=plan.density,
             pass_count={"original": original_passes, "rewritten": online_passes},
-            gqa=site.gqa_groups > 1, notes=list(plan.notes), cascade_ir=cascade)
+            ideal_speedup=1.0 / plan.density if plan.density > 0 else None, gqa=site.gqa_groups > 1,
+            notes=list(plan.notes), cascade_ir=cascade)
         apply_plan(gm.graph, plan)
         changed = True
         reports.append(rep)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import sympy
 import torch
@@ -21,8 +21,8 @@ from .constants import constant_value
 @dataclass
 class Plan:
     site: Site
-    variant: str  # "dense" | "causal"
-    kernel: str  # "sdpa" | "triton" | "reference"
+    variant: str  # "dense" | "causal" | "neighborhood" | "block_sparse"
+    kernel: str  # "sdpa" | "triton" | "torch" | "reference"
     mask: masks.MaskSpec
     causal: bool = False
     causal_offset: int = 0
@@ -31,12 +31,23 @@ class Plan:
     masked_row: str = "nan"
     notes: list[str] = field(default_factory=list)
     mask_causal_hint: int | None = None  # a run-time mask that was causal on the first call
+    predicate: sympy.Basic | None = None  # the proven positional predicate (for the cascade)
+    constant_mask: torch.Tensor | None = None  # a position-only mask folded to a constant
+    kept_fraction: float | None = None  # measured on the mask tensor (block-sparse sites)
+    implied: bool = False  # the structure is implied by the mask tensors kept (MaskFacts.implied)
+
+    @property
+    def sparse(self) -> bool:
+        """Runs through ``rewrite::sparse_attention`` (a structure or a block map)."""
+        return self.variant in ("neighborhood", "block_sparse")
 
     @property
     def cascade(self) -> Cascade:
         pred = None
         if self.mask.kind == "causal":
             pred = sympy.Le(M_SYM, P_SYM + self.mask.offset)
+        elif self.predicate is not None and self.mask.kind != "dense":
+            pred = self.predicate
         elif self.mask.kind != "dense":
             pred = sympy.Symbol("mask(p,m)")
         s = self.site
@@ -46,11 +57,11 @@ class Plan:
 
     @property
     def density(self) -> float:
-        if self.mask.kind == "causal":
-            n, m, c = self.site.n, self.site.m, self.mask.offset
-            kept = sum(max(0, min(m, i + c + 1)) for i in range(n)) if n <= 1 << 16 else n * m / 2
-            return kept / max(1, n * m)
-        return 1.0
+        if self.kept_fraction is not None:
+            return self.kept_fraction
+        if self.mask.kind == "dense":
+            return 1.0
+        return self.mask.density
 
     @property
     def flops(self) -> int:
@@ -59,67 +70,150 @@ class Plan:
         return int(2 * b * s.n * s.m * (s.e + s.f) * self.density)
 
 
-def analyse_mask(site: Site) -> tuple[masks.MaskSpec, list[TensorPlan], list[TensorPlan], bool, int, list[str]]:
-    """Classify every mask and where-built bias of a site; drop the ones proven causal."""
+# Position-only masks up to this many entries are also checked against the tensor the graph
+# computes (belt and braces over the symbolic/grid proof); above it the proof stands alone.
+CONCRETE_CHECK_LIMIT = 1 << 26
+
+
+@dataclass
+class MaskFacts:
+    spec: masks.MaskSpec  # the site's positional structure; runtime: tensors remain
+    keeps: list[TensorPlan]  # tensors the kernel still applies
+    biases: list[TensorPlan]
+    causal: bool  # causal and nothing else: the kernels' causal flag
+    offset: int
+    predicate: sympy.Basic | None
+    notes: list[str]
+    constant_keep: torch.Tensor | None = None  # the AND of the position-only masks, when evaluated
+    implied: bool = False  # the structure is implied by the tensors that remain (none was dropped)
+
+
+def _split(pred: sympy.Basic) -> tuple[list, list]:
+    """Position-only and run-time factors of a keep predicate."""
+    factors = list(pred.args) if isinstance(pred, sympy.And) else [pred]
+    runtime = [f for f in factors if f.atoms(sympy.core.function.AppliedUndef) or (f.free_symbols - {P_SYM, M_SYM})]
+    return [f for f in factors if f not in runtime], runtime
+
+
+def analyse_mask(site: Site) -> MaskFacts:
+    """Normalise every mask and where-built bias of a site to one positional predicate, classify
+    it with the site's sizes (passes/masks.py, passes/mask_classes.py), and drop the tensors
+    the proven structure replaces. Tensors that read run-time values stay, applied by the kernel."""
+    from . import mask_classes
+
+    n, m = site.n, site.m
     notes: list[str] = []
-    keeps, biases = list(site.keeps), list(site.biases)
-    found_causal: int | None = None
-    runtime = False
-    arbitrary = []
-    drop_keeps, drop_biases = [], []
-
-    def absorb(spec: masks.MaskSpec, proven: bool) -> bool:
-        """Fold one mask's class into the site's; True when the tensor can be dropped."""
-        nonlocal found_causal, runtime
-        if spec.kind == "causal":
-            # Several causal masks keep their intersection: the smallest offset.
-            found_causal = spec.offset if found_causal is None else min(found_causal, spec.offset)
-            if proven and not spec.runtime:
-                return True
-            runtime = True
-        elif spec.kind == "arbitrary":
-            arbitrary.append(spec.predicate)
-        else:
-            runtime = runtime or spec.runtime
-        return False
-
-    for kp in keeps:
+    keeps, biases = [], []
+    droppable: list[tuple[sympy.Basic, TensorPlan, bool, float]] = []  # (pred, tensor, is_bias, fill)
+    hints: list = []  # position-only factors of tensors that also read run-time values
+    for kp in site.keeps:
         pred = _pred_for(kp, invert=kp.invert)
-        if pred is None:
-            runtime = True
-            continue
-        spec = masks.classify(pred)
-        if absorb(spec, spec.kind == "causal" and _concrete_ok(kp, spec.offset)):
-            drop_keeps.append(kp)
-    for bp in biases:
+        pos, rt = _split(pred) if pred is not None else ([], [True])
+        if rt:
+            keeps.append(kp)
+            hints += pos
+        else:
+            droppable.append((pred, kp, False, float("-inf")))
+    for bp in site.biases:
         res = _bias_pred_for(bp)
         if res is None:
-            runtime = True
+            biases.append(bp)
             continue
         pred, fill = res
-        spec = masks.classify(pred)
-        exact_fill = fill == float("-inf") or fill <= -1e30
-        proven = (spec.kind == "causal" and spec.offset >= 0 and exact_fill and bp.factor > 0
-                  and _concrete_bias_ok(bp, spec.offset))
-        if spec.kind == "dense" and not spec.runtime:
-            runtime = True  # a where-built bias that keeps everything still adds its values
-        if absorb(spec, proven):
-            drop_biases.append(bp)
-    keeps = [k for k in keeps if k not in drop_keeps]
-    biases = [b for b in biases if b not in drop_biases]
-    causal_flag = found_causal is not None and not keeps and not biases and not arbitrary and not runtime
-    if causal_flag or (found_causal is not None and not arbitrary):
-        spec = masks.MaskSpec("causal", predicate=f"m <= p + {found_causal}", offset=found_causal,
-                              runtime=runtime or bool(keeps) or bool(biases))
-    elif arbitrary:
-        spec = masks.MaskSpec("arbitrary", predicate=" & ".join(arbitrary), runtime=runtime)
-    else:
-        spec = masks.MaskSpec("dense", runtime=runtime or bool(keeps) or bool(biases))
-    if found_causal is not None and not causal_flag:
-        # Causal proven but other masks remain: drop nothing, the kernel applies the tensors.
-        keeps, biases = list(site.keeps), list(site.biases)
-        notes.append("causal structure proven; run-time mask tensors applied as given")
-    return spec, keeps, biases, causal_flag, found_causal or 0, notes
+        pos, rt = _split(pred)
+        exact_fill = (fill == float("-inf") or fill <= -1e30) and bp.factor > 0
+        if rt or not exact_fill or pred is sympy.true:
+            biases.append(bp)  # run-time values, or values the softmax still sees
+            hints += pos if exact_fill else []
+        else:
+            droppable.append((pred, bp, True, fill))
+
+    def restore():
+        return keeps + [t for _, t, b, _ in droppable if not b], biases + [t for _, t, b, _ in droppable if b]
+
+    spec = masks.classify(sympy.And(*[d[0] for d in droppable]), n, m) if droppable else masks.MaskSpec("dense")
+    constant = None
+    if droppable and spec.kind != "arbitrary":
+        ok, constant = _concrete_check(droppable, spec, n, m)
+        # A finite fill (finfo.min) is not −inf: rows it masks entirely average v in eager, over
+        # keys the structure would skip. Drop such tensors only where that cannot happen.
+        finite_fill = any(math.isfinite(f) for *_, f in droppable)
+        if not ok or (finite_fill and (biases or mask_classes.has_empty_rows(spec, n, m))):
+            notes.append("mask structure not confirmed on the tensor the graph computes; mask applied as given")
+            keeps, biases = restore()
+            spec = masks.MaskSpec("dense", runtime=True)
+            droppable = []
+    if spec.kind == "arbitrary":
+        if constant is None and n * m <= CONCRETE_CHECK_LIMIT:
+            constant = _constant_keep(droppable)
+        if constant is None:
+            keeps, biases = restore()  # applied as the graph computes them
+        # else: the position-only tensors are replaced by their folded constant (Plan.constant_mask)
+        pred = sympy.And(*[d[0] for d in droppable])
+        return MaskFacts(replace(spec, runtime=True), keeps, biases, False, 0, pred, notes, constant)
+    remaining = bool(keeps or biases)
+    if spec.kind == "causal":
+        if remaining:
+            # Causal proven but run-time tensors remain: drop nothing, the kernel applies them.
+            notes.append("causal structure proven; run-time mask tensors applied as given")
+            keeps, biases = restore()
+            return MaskFacts(replace(spec, runtime=True), keeps, biases, False, spec.offset, None, notes)
+        return MaskFacts(spec, [], [], True, spec.offset, None, notes)
+    if spec.kind in ("neighborhood", "blocked"):
+        # The kernel's tiles come from the dropped tensors' structure; run-time tensors left are
+        # applied inside the visited tiles.
+        pred = sympy.And(*[d[0] for d in droppable])
+        return MaskFacts(replace(spec, runtime=remaining), keeps, biases, False, 0, pred, notes)
+    # dense: the position-only masks keep everything. A run-time tensor's own position-only
+    # factors (a Hugging Face 4-D mask: window & padding in one tensor) still give the tiles;
+    # the tensor is applied as given, so the structure is implied, not replacing anything.
+    if hints:
+        hinted = masks.classify(sympy.And(*hints), n, m)
+        if hinted.kind == "causal":
+            notes.append("causal structure proven; run-time mask tensors applied as given")
+            return MaskFacts(replace(hinted, runtime=True), keeps, biases, False, hinted.offset, None, notes)
+        if hinted.kind in ("neighborhood", "blocked"):
+            notes.append(f"{hinted.kind} structure proven on the position-only part of a run-time mask; "
+                         "the tensor is applied inside the visited tiles")
+            return MaskFacts(replace(hinted, runtime=True), keeps, biases, False, 0, sympy.And(*hints), notes,
+                             implied=True)
+    return MaskFacts(masks.MaskSpec("dense", runtime=remaining), keeps, biases, False, 0, None, notes)
+
+
+def _constant_keep(droppable) -> torch.Tensor | None:
+    """The AND of the position-only masks as the graph computes them ([N, M] bool), or None."""
+    out = None
+    for _, tp, is_bias, _ in droppable:
+        val = _canonical_value(tp)
+        if val is None:
+            return None
+        if is_bias:
+            val = -val if tp.negate else val
+            keep = val == 0
+        else:
+            keep = ~val if tp.invert else val.to(torch.bool)
+        keep = keep.reshape(-1, *keep.shape[-2:]).all(0) if keep.dim() > 2 else keep
+        out = keep if out is None else out & keep
+    return out
+
+
+def _concrete_check(droppable, spec: masks.MaskSpec, n: int, m: int) -> tuple[bool, torch.Tensor | None]:
+    """Compare the proven spec with the concrete tensors, where that is cheap."""
+    if n * m > CONCRETE_CHECK_LIMIT:
+        return True, None
+    keep = _constant_keep(droppable)
+    if keep is None:
+        return False, None
+    from rewrite.codegen.sparse_ops import spec_keep_tensor
+
+    want = spec_keep_tensor(spec, n, m, keep.device) if spec.kind != "dense" else torch.ones_like(keep)
+    for _, tp, is_bias, _ in droppable:
+        if is_bias:  # the masked scores must be exactly the −inf (or ≤ −1e30) fill
+            val = _canonical_value(tp)
+            val = -val if tp.negate else val
+            if not bool((val[val != 0] <= -1e30).all()):
+                return False, keep
+    return bool(torch.equal(keep.expand(n, m), want)), keep
 
 
 def _pred_for(kp: TensorPlan, invert: bool):
@@ -151,24 +245,6 @@ def _canonical_value(tp: TensorPlan) -> torch.Tensor | None:
     return val.permute(tp.perm).reshape(tp.shape)
 
 
-def _concrete_ok(kp: TensorPlan, offset: int) -> bool:
-    val = _canonical_value(kp)
-    if val is None:
-        return False
-    keep = ~val if kp.invert else val
-    return masks.check_causal(keep, offset)
-
-
-def _concrete_bias_ok(bp: TensorPlan, offset: int) -> bool:
-    val = _canonical_value(bp)
-    if val is None:
-        return False
-    val = -val if bp.negate else val
-    keep_ok = masks.check_causal(val == 0, offset)
-    masked = val[val != 0]
-    return keep_ok and bool((masked <= -1e30).all())
-
-
 def _runtime_causal_hint(site: Site, keeps: list[TensorPlan], inputs) -> int | None:
     """A single run-time bool mask (a registered tril buffer) that is causal on the first
     call: the op re-checks it per tensor identity, so it is never assumed."""
@@ -185,26 +261,72 @@ def _runtime_causal_hint(site: Site, keeps: list[TensorPlan], inputs) -> int | N
 
 
 def plan_site(site: Site, backend: str, device: torch.device | None, inputs=None) -> Plan:
-    spec, keeps, biases, causal, offset, notes = analyse_mask(site)
+    facts = analyse_mask(site)
+    spec, keeps, biases, notes = facts.spec, facts.keeps, facts.biases, facts.notes
+    causal, offset = facts.causal, facts.offset
     hint = None
     if spec.kind == "dense" and spec.runtime and not biases:
         hint = _runtime_causal_hint(site, keeps, inputs)
         if hint is not None:
             spec = masks.MaskSpec("causal", predicate=f"m <= p + {hint}", offset=hint, runtime=True)
             notes.append("run-time mask tensor was causal on the first call; re-checked per tensor identity")
-    variant = "causal" if spec.kind == "causal" else "dense"
     fill = site.fill
     masked_row = "zero" if site.kept_as_is else ("mean" if fill is not None and math.isfinite(fill) else "nan")
     if site.causal:  # an SDPA call with is_causal=True
-        causal, offset, variant = True, site.causal_offset, "causal"
+        causal, offset = True, site.causal_offset
         spec = masks.MaskSpec("causal", predicate="m <= p", offset=offset, runtime=bool(keeps or biases))
-    kernel = "sdpa"
-    if backend == "triton":
-        kernel = "triton"
-    elif backend == "auto" and device is not None and device.type == "cuda" and causal and offset != 0:
-        kernel = "triton"  # SDPA has no bottom-right causal without a materialised mask
+    variant = {"causal": "causal", "neighborhood": "neighborhood", "blocked": "neighborhood"}.get(spec.kind, "dense")
+    kept_fraction = None
+    constant = None
+    if spec.kind == "arbitrary" and facts.constant_keep is not None:
+        constant = facts.constant_keep
+        kept_fraction = float(constant.float().mean())
+        if kept_fraction <= 0.5:
+            variant = "block_sparse"
+            notes.append("position-only mask of no known family: folded to a constant, block map cached")
+        else:
+            spec = replace(spec, kind="dense")
+            notes.append(f"position-only mask of no known family keeps {kept_fraction:.1%}: folded to a "
+                         "constant, dense kernel with the mask")
+    elif spec.kind in ("dense", "arbitrary") and keeps and not site.causal:
+        val = _first_call_keep(keeps, inputs)
+        # Only masks that vary along queries and keys (routing, layouts): a key-padding mask
+        # [B, 1, 1, M] is a dense site with a run-time mask.
+        if val is not None and val.shape[-2] > 1 and val.shape[-1] > 1:
+            kept_fraction = float(val.float().mean())
+            if kept_fraction <= 0.5:
+                variant = "block_sparse"
+                spec = replace(spec, kind="arbitrary")
+                notes.append(f"run-time mask {kept_fraction:.1%} kept on the first call: block map built per "
+                             "call, block-sparse kernel while at most half the tiles are visited")
+    on_gpu = device is not None and device.type == "cuda"
+    if variant in ("neighborhood", "block_sparse"):
+        kernel = "triton" if backend == "triton" or (backend == "auto" and on_gpu) else "torch"
+    else:
+        kernel = "sdpa"
+        if backend == "triton":
+            kernel = "triton"
+        elif backend == "auto" and on_gpu and causal and offset != 0:
+            kernel = "triton"  # SDPA has no bottom-right causal without a materialised mask
     return Plan(site, variant, kernel, spec, causal, offset, biases, keeps, masked_row, notes + site.notes,
-                mask_causal_hint=hint)
+                mask_causal_hint=hint, predicate=facts.predicate, constant_mask=constant,
+                kept_fraction=kept_fraction, implied=facts.implied)
+
+
+def _first_call_keep(keeps: list[TensorPlan], inputs) -> torch.Tensor | None:
+    """The AND of run-time bool masks on the first call's inputs (for the report and the
+    block-sparse decision; the op decides again on every call)."""
+    if inputs is None:
+        return None
+    out = None
+    for kp in keeps:
+        val = constant_value(kp.node, inputs=inputs)
+        if val is None or val.dtype != torch.bool:
+            return None
+        val = val.permute(kp.perm).reshape(kp.shape)
+        val = ~val if kp.invert else val
+        out = val if out is None else out & val
+    return out
 
 
 def node_device(node: Node) -> torch.device | None:

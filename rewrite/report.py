@@ -23,6 +23,7 @@ class SiteReport:
     shapes: dict[str, Any] = field(default_factory=dict)
     flops: int = 0
     density: float = 1.0
+    ideal_speedup: float | None = None  # dense time × kept fraction, as a speedup (GNA's speed of light)
     pass_count: dict[str, int] = field(default_factory=dict)
     gqa: bool = False
     notes: list[str] = field(default_factory=list)
@@ -82,6 +83,9 @@ class Report:
             elif s.rewritten_cascade:
                 console.print(f"  runs as the {s.pass_count.get('rewritten')}-pass cascade "
                               f"(online softmax) in kernel {s.kernel}", markup=False)
+            if s.variant in ("neighborhood", "block_sparse", "causal") and s.ideal_speedup:
+                console.print(f"  mask: {s.mask}; kept {s.density:.4g} of the scores, ideal speedup over dense "
+                              f"{s.ideal_speedup:.3g}× (dense time × kept fraction)", markup=False)
             if s.complexity:
                 console.print(f"  complexity: {s.complexity}", markup=False)
             if not s.rewritten and s.reason and s.variant in ("linear", "flow"):

@@ -116,3 +116,32 @@ def test_timm_vit(fused):
     out = rewrite.compile(model)(x)
     torch.testing.assert_close(out, eager, **FP32)
     _check_sites(rewrite.inspect(model, x), "dense")
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no_padding", "padding"])
+def test_mistral_sliding_window(padded):
+    """Mistral's sliding window (eager attention) is proven a causal 1-D neighborhood and runs
+    on the sparse path; with a padding mask the run-time part is applied inside the tiles."""
+    from transformers import MistralConfig, MistralModel
+
+    config = MistralConfig(
+        hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, sliding_window=5,
+        attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = MistralModel(config).eval()
+    ids = _ids(seed=5)
+    kw = {"input_ids": ids, "use_cache": False}
+    if padded:
+        mask = torch.ones(2, SEQ, dtype=torch.long)
+        mask[1, :4] = 0  # left padding: rows of padded queries keep no key at all
+        kw["attention_mask"] = mask
+    eager = model(**kw).last_hidden_state
+    out = rewrite.compile(model)(**kw).last_hidden_state
+    torch.testing.assert_close(out, eager, **FP32, equal_nan=True)
+    report = rewrite.inspect(model, **kw)
+    _check_sites(report, "neighborhood", gqa=True)
+    for site in report.sites:
+        assert "neighborhood(grid=(17,), window=(4,)" in site.mask and "causal=(True,)" in site.mask, site.mask
+        assert site.density == pytest.approx(sum(min(i + 1, 5) for i in range(SEQ)) / SEQ**2)

@@ -1,0 +1,204 @@
+"""`rewrite::sparse_attention`: softmax attention whose positional mask is a proven structure.
+
+Same semantics as `rewrite::attention` (codegen/ops.py), with the kept pairs
+
+    keep(p, m) = spec(p, m) ∧ mask[..., p, m]        (mask optional, bias optional)
+
+where ``spec`` is a ``MaskSpec`` (passes/masks.py) sent as JSON: "causal", "neighborhood"
+(1-D/2-D/3-D grids, window, dilation, NATTEN clamp, GNA stride), "blocked" (HaloNet), or
+"arbitrary" (no positional structure known: the mask tensor is everything, and the kernels
+visit the tiles of its block map, codegen/block_map.py).
+
+Kernels: "triton" (codegen/triton_neighborhood.py for the structured kinds, analytic tile
+ranges; codegen/triton_block_sparse.py for "arbitrary"), "torch" (codegen/sparse_torch.py,
+the CPU default: only kept tiles are computed), "sdpa" (the spec materialised as a bool mask,
+for sizes where that is cheap), "reference" (eager math on the materialised mask).
+
+Rows with no kept key hold what the original spelling gave (``masked_row``, as in ops.py): the
+sparse kernels return NaN there and their row log-sum-exp is −inf, which locates the rows
+without materialising the N×M mask.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from rewrite.passes.masks import MaskSpec
+
+from .ops import _sdpa, as_bhnd, attention_reference, reference_grads
+
+SPARSE_KERNELS = ("triton", "torch", "sdpa", "reference")
+# A run-time ("arbitrary") mask goes through the block-sparse kernels only when its block map
+# visits at most this fraction of the key tiles; denser masks run SDPA with the mask.
+BLOCK_SPARSE_MAX_VISITED = 0.5
+
+
+@lru_cache(maxsize=16)
+def _spec_keep_cpu(spec_json: str, n: int, m: int) -> torch.Tensor:
+    from rewrite.passes.mask_classes import spec_keep
+
+    spec = MaskSpec.from_json(spec_json)
+    p = np.arange(n, dtype=np.int64)[:, None]
+    k = np.arange(m, dtype=np.int64)[None, :]
+    if spec.kind == "causal":
+        return torch.from_numpy(k <= p + spec.offset)
+    if spec.kind in ("dense", "arbitrary"):
+        return torch.ones(n, m, dtype=torch.bool)
+    return torch.from_numpy(np.ascontiguousarray(spec_keep(spec, p, k)))
+
+
+def op_spec(spec: MaskSpec, implied: bool) -> str:
+    """The op's ``spec`` argument. ``implied``: the remaining mask/bias tensors already imply the
+    structure (a Hugging Face 4-D mask whose position-only part was proven); otherwise the
+    structure replaced position-only tensors the graph no longer computes."""
+    d = json.loads(spec.to_json())
+    d["implied"] = implied
+    return json.dumps(d)
+
+
+def parse_spec(text: str) -> tuple[MaskSpec, bool]:
+    d = json.loads(text)
+    implied = bool(d.pop("implied", False))
+    return MaskSpec.from_json(json.dumps(d)), implied
+
+
+def spec_keep_tensor(spec: MaskSpec, n: int, m: int, device) -> torch.Tensor:
+    """The [n, m] bool keep mask of a spec (materialised: reference and SDPA paths only)."""
+    return _spec_keep_cpu(spec.to_json(), n, m).to(device)
+
+
+# A row whose every visited score carries a fill of this size (finfo.min, −1e30: finite "masked"
+# values of an additive mask) is a fully masked row written with a finite fill. Eager's softmax
+# then spreads over every key the fill reaches, some of which the kernel skipped.
+_SWAMPED = -1e29
+
+
+def _recompute_swamped(out, lse, q, k, v, bias, mask, spec: MaskSpec, implied: bool, scale: float):
+    """Rows whose kernel LSE is finite but below ``_SWAMPED``: recompute them over every key, as
+    eager does (the spec applied as −inf only when it replaced −inf tensors, i.e. not ``implied``
+    by the remaining ones). Such rows are padding rows: few, so this is cheap."""
+    bad = torch.isfinite(lse) & (lse < _SWAMPED)
+    if bias is None or not bool(bad.any()):
+        return out
+    b, h, r = bad.nonzero(as_tuple=True)
+    g = q.shape[1] // k.shape[1]
+    dt = torch.promote_types(q.dtype, torch.float32)
+    s = torch.einsum("rd,rmd->rm", q[b, h, r].to(dt), k[b, h // g].to(dt)) * scale
+    s = s + bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])[b, h, r].to(dt)
+    if mask is not None:
+        s = s.masked_fill(~mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])[b, h, r], float("-inf"))
+    if not implied and spec.kind not in ("dense", "arbitrary"):
+        keep = spec_keep_tensor(spec, q.shape[2], k.shape[2], q.device)[r]
+        s = s.masked_fill(~keep, float("-inf"))
+    rows = torch.einsum("rm,rmf->rf", s.softmax(-1), v[b, h // g].to(dt))
+    out = out.clone()
+    out[b, h, r] = rows.to(out.dtype)
+    return out
+
+
+def _fix_rows(out: torch.Tensor, lse: torch.Tensor, v: torch.Tensor, masked_row: str) -> torch.Tensor:
+    """Rows that kept no key (LSE −inf): eager's value for the spelling."""
+    if masked_row == "nan":
+        return out
+    empty = (lse == float("-inf")).unsqueeze(-1)
+    if masked_row == "mean":
+        fill = v.float().mean(-2, keepdim=True)
+        if fill.shape[-3] != out.shape[-3]:  # GQA: each query head reads its kv head
+            fill = fill.repeat_interleave(out.shape[-3] // fill.shape[-3], dim=-3)
+        return torch.where(empty, fill.to(out.dtype), out)
+    return out.masked_fill(empty, 0.0)
+
+
+def _block_sparse(q4, k4, v4, b4, m4, scale, on_gpu: bool):
+    """The "arbitrary" kind: the mask tensor alone says what is kept; visit its block map's
+    tiles. None when the map visits too much for sparsity to pay (the caller runs dense)."""
+    from .block_map import cached_block_map
+
+    m4 = m4.expand(*m4.shape[:2], q4.shape[-2], k4.shape[-2])  # a view: broadcast rows get stride 0
+
+    if on_gpu:
+        from .triton_block_sparse import block_sizes, block_sparse_attention
+
+        bm, bn = block_sizes(q4.shape[-1], v4.shape[-1], q4.dtype, q4.device)
+    else:
+        bm, bn = 64, 64
+    bmap = cached_block_map(m4, bm, bn)
+    if bmap.visited_fraction() > BLOCK_SPARSE_MAX_VISITED:
+        return None
+    if on_gpu:
+        return block_sparse_attention(q4, k4, v4, bmap, scale=scale, bias=b4, mask=m4, return_lse=True)
+    from .sparse_torch import sparse_attention_torch
+
+    return sparse_attention_torch(q4, k4, v4, None, scale=scale, bias=b4, mask=m4, block_map=bmap,
+                                  return_lse=True)
+
+
+@torch.library.custom_op("rewrite::sparse_attention", mutates_args=())
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                     mask: torch.Tensor | None, scale: float, spec: str, masked_row: str, kernel: str,
+                     out_dtype: torch.dtype) -> torch.Tensor:
+    mspec, implied = parse_spec(spec)
+    n, m = q.shape[-2], k.shape[-2]
+    if kernel not in SPARSE_KERNELS:
+        raise ValueError(f"rewrite::sparse_attention: unknown kernel {kernel!r}; choose from {SPARSE_KERNELS}")
+    if kernel in ("triton", "torch"):
+        (q4, k4, v4, b4, m4), batch = as_bhnd(q, k, v, bias, mask)
+        res = None
+        if mspec.kind == "arbitrary":
+            if m4 is not None:
+                res = _block_sparse(q4, k4, v4, b4, m4, scale, kernel == "triton")
+        elif kernel == "triton":
+            from .triton_neighborhood import neighborhood_attention
+
+            res = neighborhood_attention(q4, k4, v4, mspec, scale=scale, bias=b4, mask=m4, return_lse=True)
+        else:
+            from .sparse_torch import sparse_attention_torch
+
+            res = sparse_attention_torch(q4, k4, v4, mspec, scale=scale, bias=b4, mask=m4, return_lse=True)
+        if res is not None:
+            out, lse = res
+            out = _recompute_swamped(out, lse, q4, k4, v4, b4, m4, mspec, implied, scale)
+            out = _fix_rows(out, lse, v4, masked_row)
+            return out.reshape(*batch, *out.shape[-2:]).to(out_dtype).contiguous()
+        kernel = "sdpa"  # a dense run-time mask: sparsity would not pay
+    keep = None if mspec.kind in ("dense", "arbitrary") else spec_keep_tensor(mspec, n, m, q.device)
+    if mask is not None:
+        keep = mask if keep is None else mask & keep
+    if kernel == "sdpa":
+        out = _sdpa(q, k, v, bias, keep, scale, False, 0, masked_row)
+    else:
+        out = attention_reference(q, k, v, bias, keep, scale, False, 0, masked_row)
+    return out.to(out_dtype).contiguous()
+
+
+@sparse_attention.register_fake
+def _sparse_attention_fake(q, k, v, bias, mask, scale, spec, masked_row, kernel, out_dtype):
+    from .ops import _out_shape
+
+    return q.new_empty(_out_shape(q, k, v, bias, mask), dtype=out_dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, mask, scale, spec, masked_row, _kernel, _dtype = inputs
+    ctx.save_for_backward(q, k, v, bias, mask)
+    ctx.args = (scale, spec, masked_row)
+
+
+def _backward(ctx, grad):
+    # Backward recomputes the eager math on the materialised mask (no fused sparse backward yet).
+    q, k, v, bias, mask = ctx.saved_tensors
+    scale, spec, masked_row = ctx.args
+    mspec, _ = parse_spec(spec)
+    keep = None if mspec.kind in ("dense", "arbitrary") else spec_keep_tensor(mspec, q.shape[-2], k.shape[-2],
+                                                                                 q.device)
+    if mask is not None:
+        keep = mask if keep is None else mask & keep
+    grads = reference_grads(q, k, v, bias, keep, ctx.needs_input_grad, grad, scale, False, 0, masked_row)
+    return (*grads, None, None, None, None, None, None)
+
+
+sparse_attention.register_autograd(_backward, setup_context=_setup_context)
