@@ -4,24 +4,46 @@ A ``BlockMap`` is FlexAttention's BlockMask in our terms. Query tile ``i`` cover
 ``[i·block_m, (i+1)·block_m)``, key tile ``j`` covers keys ``[j·block_n, (j+1)·block_n)``.
 A key tile is *empty* (every pair masked: never visited), *full* (every pair kept: visited
 without evaluating the mask) or *partial* (visited, mask evaluated element by element).
+"Every pair" counts the pairs inside [0, N) × [0, M) only: the last, ragged tiles of a size
+that is not a multiple of the tile can be full (kernels bound-check them anyway).
 
 Compressed form, per (batch, head, query tile), ascending tile indices:
 
     full_count    int32 [Bm, Hm, Tq]        number of full key tiles
-    full_index    int32 [Bm, Hm, Tq, Tk]    their indices (first full_count entries valid)
+    full_index    int32 [Bm, Hm, Tq, Tk]    their indices (first full_count entries valid, rest 0)
     partial_count int32 [Bm, Hm, Tq]
     partial_index int32 [Bm, Hm, Tq, Tk]
 
 Bm / Hm are 1 when the mask broadcasts over batch / heads. ``mask`` (bool, broadcastable to
 [B, H, N, M], True = keep) is the element mask a kernel evaluates in partial tiles; None when
-the partial tiles' predicate is known to the kernel in closed form (a MaskSpec).
+the partial tiles' predicate is known to the kernel in closed form (a MaskSpec). A mask given
+per block (``mask_block_q``, ``mask_block_k`` > 1) keeps token pair (p, m) iff
+``mask[..., p // mask_block_q, m // mask_block_k]``.
+
+Builders (each on CUDA a Triton kernel, on the CPU torch; ``impl`` picks one explicitly):
+
+* :func:`block_map_from_mask` — an element mask [B?, H?, N, M]: reads the mask once.
+* :func:`block_map_from_block_keep` — a mask given per block (MoBA / BiFormer routing,
+  BigBird layouts): only the small block grid is read; when the blocks are multiples of the
+  tiles no tile is partial.
+* :func:`block_map_from_key_blocks` — per-token query routing (MoBA): keep[B?, H?, N, Mb].
+* :func:`cached_block_map` — the above, cached by tensor identity for constant masks.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
+from torch.multiprocessing.reductions import StorageWeakRef
+
+__all__ = ["BlockMap", "block_map_from_mask", "block_map_from_block_keep", "block_map_from_key_blocks",
+           "cached_block_map", "clear_block_map_cache"]
 
 
 @dataclass
@@ -35,6 +57,8 @@ class BlockMap:
     partial_count: torch.Tensor
     partial_index: torch.Tensor
     mask: torch.Tensor | None = None
+    mask_block_q: int = 1  # granularity of ``mask`` (1, 1: an element mask)
+    mask_block_k: int = 1
 
     @property
     def tiles_q(self) -> int:
@@ -48,3 +72,375 @@ class BlockMap:
         """Visited key tiles over all tiles: the kernel's work relative to dense."""
         total = self.full_count.numel() * self.tiles_k
         return float((self.full_count.sum() + self.partial_count.sum()).item()) / max(1, total)
+
+    def classes(self) -> torch.Tensor:
+        """The uncompressed map: int8 [Bm, Hm, Tq, Tk], 0 empty, 1 partial, 2 full (tests, debugging)."""
+        tk = self.tiles_k
+        out = torch.zeros((*self.full_index.shape[:-1], tk + 1), dtype=torch.int8, device=self.full_index.device)
+        ar = torch.arange(tk, device=out.device)
+        for cnt, idx, val in ((self.partial_count, self.partial_index, 1), (self.full_count, self.full_index, 2)):
+            pos = torch.where(ar < cnt[..., None], idx.long(), tk)  # unused entries land in column tk
+            out.scatter_(-1, pos, val)
+        return out[..., :tk]
+
+
+# --------------------------------------------------------------------------------------------------
+# Shapes and helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _as_4d(t: torch.Tensor, what: str) -> torch.Tensor:
+    """[B?, H?, R, C] -> 4-D view; batch/head dims of stride 0 (expanded) collapse to size 1."""
+    if t.dtype != torch.bool:
+        raise ValueError(f"{what} must be a bool tensor (True = keep); got {t.dtype}")
+    if not 2 <= t.dim() <= 4:
+        raise ValueError(f"{what} must be [B?, H?, rows, cols]; got shape {tuple(t.shape)}")
+    while t.dim() < 4:
+        t = t.unsqueeze(0)
+    for d in (0, 1):
+        if t.shape[d] > 1 and t.stride(d) == 0:
+            t = t.narrow(d, 0, 1)
+    return t
+
+
+def _check_block(name: str, b: int) -> None:
+    if not isinstance(b, int) or b < 1:
+        raise ValueError(f"{name} must be a positive int; got {b!r}")
+
+
+def _pick_impl(impl: str | None, device: torch.device) -> str:
+    if impl is None:
+        return "triton" if device.type == "cuda" else "torch"
+    if impl not in ("triton", "torch"):
+        raise ValueError(f"impl must be 'triton', 'torch' or None; got {impl!r}")
+    if impl == "triton" and device.type != "cuda" and not _interpreting():
+        raise RuntimeError("the Triton block-map kernels need CUDA tensors, or TRITON_INTERPRET=1 on the CPU")
+    return impl
+
+
+def _compress_torch(flag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool [..., Tk] -> (count int32 [...], ascending indices int32 [..., Tk], tail 0)."""
+    tk = flag.shape[-1]
+    ar = torch.arange(tk, device=flag.device)
+    count = flag.sum(-1, dtype=torch.int32)
+    idx = torch.where(flag, ar, ar + tk).sort(-1).values
+    idx = torch.where(ar < count[..., None], idx, 0).to(torch.int32)
+    return count.contiguous(), idx.contiguous()
+
+
+def _from_classes_torch(full: torch.Tensor, part: torch.Tensor, block_m: int, block_n: int, n: int, m: int,
+                        mask: torch.Tensor | None, mbq: int = 1, mbk: int = 1) -> BlockMap:
+    fc, fi = _compress_torch(full)
+    pc, pi = _compress_torch(part & ~full)
+    return BlockMap(block_m, block_n, n, m, fc, fi, pc, pi, mask, mbq, mbk)
+
+
+def _empty_lists(bm_: int, hm: int, tq: int, tk: int, device) -> tuple[torch.Tensor, ...]:
+    return (torch.empty((bm_, hm, tq), dtype=torch.int32, device=device),
+            torch.empty((bm_, hm, tq, tk), dtype=torch.int32, device=device),
+            torch.empty((bm_, hm, tq), dtype=torch.int32, device=device),
+            torch.empty((bm_, hm, tq, tk), dtype=torch.int32, device=device))
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _append(idx_ptr, count, tiles, flag):
+    # Compressed append: flagged tiles go to idx_ptr[count + rank], in ascending order.
+    f = flag.to(tl.int32)
+    pos = count + tl.cumsum(f, 0) - f
+    tl.store(idx_ptr + pos, tiles, mask=flag)
+    return count + tl.sum(f, 0)
+
+
+@triton.jit
+def _zero_tail(idx_ptr, count, TK, CK: tl.constexpr):
+    for j0 in range(0, TK, CK):
+        t = j0 + tl.arange(0, CK)
+        tl.store(idx_ptr + t, tl.zeros([CK], dtype=tl.int32), mask=(t >= count) & (t < TK))
+
+
+@triton.jit
+def _classify_mask_kernel(
+    Mask, Cls, HM, TQ, TK, N, MW,
+    s_b, s_h, s_n, s_m,
+    ALL: tl.constexpr, BLOCK_M: tl.constexpr, TILE_W: tl.constexpr, KT: tl.constexpr,
+    CHECK_N: tl.constexpr, CHECK_M: tl.constexpr,
+):
+    # One program: query tile i of (b, h) x KT key tiles. The mask is read in words of W bytes
+    # (W = 1, 4 or 8: a bool byte is 0 or 1, so a word is all-kept iff it equals ALL = 0x01..01,
+    # and any-kept iff it is nonzero). Writes the tile classes 0 empty / 1 partial / 2 full.
+    row = tl.program_id(0)
+    jc = tl.program_id(1)
+    i = row % TQ
+    bh = row // TQ
+    b = (bh // HM).to(tl.int64)
+    h = (bh % HM).to(tl.int64)
+    rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = jc * (KT * TILE_W) + tl.arange(0, KT * TILE_W)
+    ptrs = Mask + b * s_b + h * s_h + rows.to(tl.int64)[:, None] * s_n + cols[None, :] * s_m
+    if CHECK_N or CHECK_M:
+        inb = (rows[:, None] < N) & (cols[None, :] < MW)
+        w = tl.load(ptrs, mask=inb, other=0)
+        w_all = tl.where(inb, w, ALL)
+    else:
+        w = tl.load(ptrs)
+        w_all = w
+    a = tl.max(tl.reshape(tl.max(w, 0), [KT, TILE_W]), 1)
+    z = tl.min(tl.reshape(tl.min(w_all, 0), [KT, TILE_W]), 1)
+    cls = tl.where(z == ALL, 2, tl.where(a != 0, 1, 0)).to(tl.int8)
+    t = jc * KT + tl.arange(0, KT)
+    tl.store(Cls + row.to(tl.int64) * TK + t, cls, mask=t < TK)
+
+
+@triton.jit
+def _compress_kernel(Cls, FullCnt, FullIdx, PartCnt, PartIdx, TK, CK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    nf = 0
+    npart = 0
+    for j0 in range(0, TK, CK):
+        t = j0 + tl.arange(0, CK)
+        c = tl.load(Cls + row * TK + t, mask=t < TK, other=0)
+        nf = _append(FullIdx + row * TK, nf, t, c == 2)
+        npart = _append(PartIdx + row * TK, npart, t, c == 1)
+    _zero_tail(FullIdx + row * TK, nf, TK, CK)
+    _zero_tail(PartIdx + row * TK, npart, TK, CK)
+    tl.store(FullCnt + row, nf)
+    tl.store(PartCnt + row, npart)
+
+
+@triton.jit
+def _block_keep_kernel(
+    Keep, FullCnt, FullIdx, PartCnt, PartIdx,
+    HM, TQ, TK, N, M, BQ, BK,
+    s_b, s_h, s_n, s_m,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LQ: tl.constexpr, LK: tl.constexpr, CK: tl.constexpr,
+):
+    # One program: query tile i of (b, h). Its rows span keep rows qb0..qb1 (at most LQ); key
+    # tile j spans keep columns kb0..kb1 (at most LK). Full iff every spanned entry is kept,
+    # partial iff some is. Classification and compression in one pass.
+    row = tl.program_id(0)
+    i = row % TQ
+    bh = row // TQ
+    b = (bh // HM).to(tl.int64)
+    h = (bh % HM).to(tl.int64)
+    base = Keep + b * s_b + h * s_h
+    q_lo = i * BLOCK_M
+    q_hi = tl.minimum(q_lo + BLOCK_M, N) - 1
+    qb = q_lo // BQ + tl.arange(0, LQ)
+    qvalid = qb <= q_hi // BQ
+    out = row.to(tl.int64) * TK
+    nf = 0
+    npart = 0
+    for j0 in range(0, TK, CK):
+        t = j0 + tl.arange(0, CK)
+        tvalid = t < TK
+        k_lo = t * BLOCK_N
+        kb0 = k_lo // BK
+        kb1 = (tl.minimum(k_lo + BLOCK_N, M) - 1) // BK
+        any_ = tl.zeros([CK], dtype=tl.int32)
+        all_ = tl.full([CK], 1, dtype=tl.int32)
+        for dk in tl.static_range(LK):
+            kb = kb0 + dk
+            kvalid = (kb <= kb1) & tvalid
+            x = tl.load(base + qb.to(tl.int64)[:, None] * s_n + kb[None, :] * s_m,
+                        mask=qvalid[:, None] & kvalid[None, :], other=0).to(tl.int32)
+            any_ = tl.maximum(any_, tl.max(x, 0))
+            x_all = tl.where(qvalid[:, None] & kvalid[None, :], x, 1)
+            all_ = tl.minimum(all_, tl.min(x_all, 0))
+        full = (all_ != 0) & tvalid
+        part = (any_ != 0) & (all_ == 0) & tvalid
+        nf = _append(FullIdx + out, nf, t, full)
+        npart = _append(PartIdx + out, npart, t, part)
+    _zero_tail(FullIdx + out, nf, TK, CK)
+    _zero_tail(PartIdx + out, npart, TK, CK)
+    tl.store(FullCnt + row, nf)
+    tl.store(PartCnt + row, npart)
+
+
+# --------------------------------------------------------------------------------------------------
+# Builders
+# --------------------------------------------------------------------------------------------------
+
+# Word width (bytes) and key tiles per program of the element-mask kernel: overridable for the
+# benchmark's sweep. Measured on an H100: see benchmarks/results/block_sparse_*.md.
+MASK_WORD_BYTES = 4
+MASK_PROGRAM_BYTES = 32768  # mask bytes one program reads (KT key tiles of block_m x block_n)
+_WORD_DTYPE = {1: torch.uint8, 4: torch.int32, 8: torch.int64}
+_ALL_WORD = {1: 1, 4: 0x01010101, 8: 0x0101010101010101}
+
+
+def _word_view(mask4: torch.Tensor, block_n: int, word: int) -> tuple[torch.Tensor, int]:
+    """The mask's bytes as words of ``word`` bytes where the layout allows, else bytes."""
+    if word > 1 and block_n % word == 0 and mask4.shape[-1] % word == 0 and mask4.stride(-1) == 1:
+        try:
+            return mask4.view(_WORD_DTYPE[word]), word
+        except RuntimeError:  # a stride or the offset is not a multiple of the word
+            pass
+    return mask4.view(torch.uint8), 1
+
+
+def block_map_from_mask(mask: torch.Tensor, block_m: int, block_n: int, *, impl: str | None = None) -> BlockMap:
+    """Block map of an element mask (bool, [B?, H?, N, M], True = keep; size-1, absent or
+    stride-0 batch/head dims stay Bm = 1 / Hm = 1). The map keeps ``mask`` for partial tiles."""
+    _check_block("block_m", block_m)
+    _check_block("block_n", block_n)
+    mask4 = _as_4d(mask, "mask")
+    bm_, hm, n, m = mask4.shape
+    tq, tk = triton.cdiv(n, block_m), triton.cdiv(m, block_n)
+    if _pick_impl(impl, mask4.device) == "torch" or n == 0 or m == 0 or bm_ * hm == 0:
+        pad_n, pad_m = tq * block_m - n, tk * block_n - m
+        t = mask4.reshape(bm_ * hm, n, m)
+        a = torch.nn.functional.pad(t, (0, pad_m, 0, pad_n), value=False)
+        z = torch.nn.functional.pad(t, (0, pad_m, 0, pad_n), value=True)
+        shp = (bm_, hm, tq, block_m, tk, block_n)
+        full = z.reshape(shp).all(5).all(3)
+        part = a.reshape(shp).any(5).any(3)
+        return _from_classes_torch(full, part, block_m, block_n, n, m, mask4)
+    if triton.next_power_of_2(block_m) != block_m or triton.next_power_of_2(block_n) != block_n:
+        raise ValueError(f"the Triton block-map kernel needs power-of-2 tiles; got {block_m} x {block_n}")
+    words, w = _word_view(mask4, block_n, MASK_WORD_BYTES)
+    tile_w = block_n // w
+    kt = triton.next_power_of_2(max(1, MASK_PROGRAM_BYTES // (block_m * block_n)))
+    kt = min(kt, triton.next_power_of_2(tk))
+    cls = torch.empty((bm_, hm, tq, tk), dtype=torch.int8, device=mask4.device)
+    rows = bm_ * hm * tq
+    with torch.cuda.device(mask4.device) if mask4.device.type == "cuda" else _null():
+        _classify_mask_kernel[(rows, triton.cdiv(tk, kt))](
+            words, cls, hm, tq, tk, n, m // w, *words.stride(),
+            ALL=_ALL_WORD[w], BLOCK_M=block_m, TILE_W=tile_w, KT=kt,
+            CHECK_N=n % block_m != 0, CHECK_M=m % block_n != 0 or kt * tile_w * triton.cdiv(tk, kt) != m // w,
+            num_warps=4,
+        )
+        fc, fi, pc, pi = _empty_lists(bm_, hm, tq, tk, mask4.device)
+        _compress_kernel[(rows,)](cls, fc, fi, pc, pi, tk, CK=min(1024, triton.next_power_of_2(tk)), num_warps=4)
+    return BlockMap(block_m, block_n, n, m, fc, fi, pc, pi, mask4)
+
+
+def _spans(lo_block: int, block: int, size: int) -> int:
+    """Most blocks of ``block`` that a tile of ``lo_block`` elements can overlap."""
+    if block % lo_block == 0:
+        return 1
+    if lo_block % block == 0:
+        return lo_block // block
+    return (lo_block - 1) // block + 2
+
+
+def block_map_from_block_keep(keep_blocks: torch.Tensor, block_q: int, block_k: int, n: int, m: int,
+                              block_m: int, block_n: int, *, impl: str | None = None) -> BlockMap:
+    """Block map of a mask given per block: token pair (p, m) is kept iff
+    ``keep_blocks[..., p // block_q, m // block_k]``; keep_blocks bool
+    [B?, H?, ceil(n / block_q), ceil(m / block_k)]. When block_q, block_k are multiples of
+    block_m, block_n every visited tile is full; otherwise partial tiles evaluate the block
+    mask (the map's ``mask`` is keep_blocks itself, with mask_block_q/k set)."""
+    for name, b in (("block_q", block_q), ("block_k", block_k), ("block_m", block_m), ("block_n", block_n)):
+        _check_block(name, b)
+    keep4 = _as_4d(keep_blocks, "keep_blocks")
+    bm_, hm, nb, mb = keep4.shape
+    if nb != triton.cdiv(n, block_q) or mb != triton.cdiv(m, block_k):
+        raise ValueError(f"keep_blocks of shape {tuple(keep_blocks.shape)} does not tile n={n}, m={m} in "
+                         f"blocks of {block_q} x {block_k} (need [..., {triton.cdiv(n, block_q)}, "
+                         f"{triton.cdiv(m, block_k)}])")
+    tq, tk = triton.cdiv(n, block_m), triton.cdiv(m, block_n)
+    lq = min(_spans(block_m, block_q, n), max(nb, 1))
+    lk = min(_spans(block_n, block_k, m), max(mb, 1))
+    if _pick_impl(impl, keep4.device) == "torch" or n == 0 or m == 0 or bm_ * hm == 0:
+        full, part = _block_keep_classes_torch(keep4, block_q, block_k, n, m, block_m, block_n, lq, lk)
+        return _from_classes_torch(full, part, block_m, block_n, n, m, keep4, block_q, block_k)
+    if triton.next_power_of_2(block_m) != block_m or triton.next_power_of_2(block_n) != block_n:
+        raise ValueError(f"the Triton block-map kernel needs power-of-2 tiles; got {block_m} x {block_n}")
+    kb = keep4.view(torch.uint8)
+    fc, fi, pc, pi = _empty_lists(bm_, hm, tq, tk, keep4.device)
+    with torch.cuda.device(keep4.device) if keep4.device.type == "cuda" else _null():
+        _block_keep_kernel[(bm_ * hm * tq,)](
+            kb, fc, fi, pc, pi, hm, tq, tk, n, m, block_q, block_k, *kb.stride(),
+            BLOCK_M=block_m, BLOCK_N=block_n, LQ=triton.next_power_of_2(lq), LK=lk,
+            CK=min(256 if lq <= 8 else 64, triton.next_power_of_2(tk)), num_warps=4,
+        )
+    return BlockMap(block_m, block_n, n, m, fc, fi, pc, pi, keep4, block_q, block_k)
+
+
+def _block_keep_classes_torch(keep4, bq, bk, n, m, block_m, block_n, lq, lk):
+    dev = keep4.device
+
+    def span_idx(tiles, tile, block, size, lmax):
+        lo = torch.arange(tiles, device=dev) * tile
+        b0 = lo // block
+        b1 = (torch.clamp(lo + tile, max=size) - 1) // block
+        idx = b0[:, None] + torch.arange(lmax, device=dev)[None, :]
+        return torch.minimum(idx, b1[:, None])  # repeats the last block: harmless for any/all
+
+    qi = span_idx(triton.cdiv(n, block_m), block_m, bq, n, lq)  # [Tq, LQ]
+    ki = span_idx(triton.cdiv(m, block_n), block_n, bk, m, lk)  # [Tk, LK]
+    g = keep4[:, :, qi]  # [Bm, Hm, Tq, LQ, Mb]
+    a_q, z_q = g.any(3), g.all(3)  # [Bm, Hm, Tq, Mb]
+    full = z_q[..., ki].all(-1)  # [Bm, Hm, Tq, Tk]
+    part = a_q[..., ki].any(-1)
+    return full, part
+
+
+def block_map_from_key_blocks(keep: torch.Tensor, block_k: int, m: int, block_m: int, block_n: int, *,
+                              impl: str | None = None) -> BlockMap:
+    """Per-token query routing (MoBA): query p keeps key block kb iff keep[..., p, kb];
+    keep bool [B?, H?, N, ceil(m / block_k)]. A tile is full where every query row of the tile
+    keeps every key block the tile touches."""
+    return block_map_from_block_keep(keep, 1, block_k, keep.shape[-2], m, block_m, block_n, impl=impl)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Cache for constant masks (registered buffers)
+# --------------------------------------------------------------------------------------------------
+
+CACHE_MAX_ENTRIES = 32
+CACHE_MAX_BYTES = 1 << 30  # index lists held, all entries together
+_CACHE: OrderedDict[tuple, tuple[StorageWeakRef, BlockMap, int]] = OrderedDict()
+
+
+def clear_block_map_cache() -> None:
+    _CACHE.clear()
+
+
+def cached_block_map(mask: torch.Tensor, block_m: int, block_n: int, *, block_q: int = 1, block_k: int = 1,
+                     n: int | None = None, m: int | None = None, impl: str | None = None) -> BlockMap:
+    """``block_map_from_mask(mask, block_m, block_n)`` (or, with block_q / block_k > 1,
+    ``block_map_from_block_keep``), cached by tensor identity: storage, offset, version counter,
+    shape, strides, device and block sizes. A registered buffer is analysed on its first call
+    only; an in-place change bumps its version and rebuilds. The cache holds a weak reference to
+    the storage (a freed mask whose memory is reused is never mistaken for the old one) and never
+    keeps the mask alive; it is bounded (CACHE_MAX_ENTRIES, CACHE_MAX_BYTES, least recently used
+    out first)."""
+    key = (mask.untyped_storage().data_ptr(), mask.storage_offset(), mask._version, tuple(mask.shape),
+           tuple(mask.stride()), mask.device, mask.dtype, block_m, block_n, block_q, block_k, n, m, impl)
+    hit = _CACHE.get(key)
+    if hit is not None and not hit[0].expired():
+        _CACHE.move_to_end(key)
+        return dataclasses.replace(hit[1], mask=_as_4d(mask, "mask"))
+    if block_q == 1 and block_k == 1 and n is None and m is None:
+        bmap = block_map_from_mask(mask, block_m, block_n, impl=impl)
+    else:
+        nn = n if n is not None else mask.shape[-2] * block_q
+        mm = m if m is not None else mask.shape[-1] * block_k
+        bmap = block_map_from_block_keep(mask, block_q, block_k, nn, mm, block_m, block_n, impl=impl)
+    size = sum(t.numel() * t.element_size() for t in (bmap.full_count, bmap.full_index, bmap.partial_count,
+                                                        bmap.partial_index))
+    for k in [k for k, v in _CACHE.items() if v[0].expired()]:
+        del _CACHE[k]
+    _CACHE[key] = (StorageWeakRef(mask.untyped_storage()), dataclasses.replace(bmap, mask=None), size)
+    while _CACHE and (len(_CACHE) > CACHE_MAX_ENTRIES or sum(v[2] for v in _CACHE.values()) > CACHE_MAX_BYTES):
+        _CACHE.popitem(last=False)
+    return bmap

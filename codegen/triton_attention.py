@@ -93,7 +93,11 @@ def _attn_tile(
     KEY_BOUND: tl.constexpr, ROW_BOUND: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, FOLD_SCALE: tl.constexpr,
     kv_b, kv_h, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASK_DIV_N: tl.constexpr = 1, MASK_DIV_M: tl.constexpr = 1,
 ):
+    # MASK_DIV_N / MASK_DIV_M (optional): the mask is given per block of MASK_DIV_N queries by
+    # MASK_DIV_M keys (token (p, m) reads mask[p // MASK_DIV_N, m // MASK_DIV_M]; block-sparse
+    # layouts); 1 = an element mask.
     cols = start_n + offs_n
     # BKᵀ tile [BLOCK_D, BLOCK_N] and BV tile [BLOCK_N, BLOCK_DV]. With TMA (k_base, v_base are
     # tensor descriptors) the copy engine zero-fills rows past M and columns past D.
@@ -114,8 +118,13 @@ def _attn_tile(
     else:
         s = bqk * qk_scale  # log2 units: qk_scale = scale · log2 e
     if HAS_MASK:
-        keep = _load_tile(mask_base + offs_m[:, None] * stride_mn + cols[None, :] * stride_mm,
-                          offs_m, cols, N, M, ROW_BOUND, KEY_BOUND)
+        if MASK_DIV_N == 1 and MASK_DIV_M == 1:
+            keep = _load_tile(mask_base + offs_m[:, None] * stride_mn + cols[None, :] * stride_mm,
+                              offs_m, cols, N, M, ROW_BOUND, KEY_BOUND)
+        else:
+            keep = _load_tile(mask_base + (offs_m // MASK_DIV_N)[:, None] * stride_mn
+                              + (cols // MASK_DIV_M)[None, :] * stride_mm,
+                              offs_m, cols, N, M, ROW_BOUND, KEY_BOUND)
         s = tl.where(keep != 0, s, float("-inf"))
     if ON_DIAGONAL:
         s = tl.where(cols[None, :] <= offs_m[:, None] + causal_offset, s, float("-inf"))
