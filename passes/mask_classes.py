@@ -186,6 +186,106 @@ def _rows_to_check(n: int, m: int, grid: tuple[int, ...] | None) -> tuple[np.nda
     return np.array(sorted(rows)), "sampled"
 
 
+def _interval(expr: sympy.Basic, ranges: dict) -> tuple[int, int] | None:
+    """Integer bounds of a linear expression in the coordinate symbols, or None."""
+    expr = sympy.expand(expr)
+    lo = hi = 0
+    for term, coeff in expr.as_coefficients_dict().items():
+        if not coeff.is_Integer:
+            return None
+        c = int(coeff)
+        if term == 1:
+            lo, hi = lo + c, hi + c
+        elif term in ranges:
+            a, b = ranges[term]
+            lo, hi = lo + min(c * a, c * b), hi + max(c * a, c * b)
+        else:
+            return None
+    return lo, hi
+
+
+def _split_div(expr: sympy.Basic, w: int, ranges: dict):
+    """expr = w·A + R with A an integer combination of the coordinates and R's bounds known:
+    (A, R, bounds of R), or None."""
+    expr = sympy.expand(expr)
+    whole, rest = sympy.Integer(0), sympy.Integer(0)
+    for term, coeff in expr.as_coefficients_dict().items():
+        if not coeff.is_Integer:
+            return None
+        q, r = divmod(int(coeff), w)
+        whole += q * term
+        rest += r * term
+    bounds = _interval(rest, ranges)
+    return None if bounds is None else (whole, rest, bounds)
+
+
+def _reduce_coordinates(expr: sympy.Basic, ranges: dict) -> sympy.Basic:
+    """Simplify floor(x / w) and Mod(x, w) of linear x over bounded integer coordinates:
+    floor((w·A + R)/w) = A + floor(R/w), exactly A + f when R's whole range lies in one
+    w-interval [w·f, w·f + w); Mod(w·A + R, w) = R − w·f likewise. Innermost first."""
+    if not expr.args:
+        return expr
+    expr = expr.func(*[_reduce_coordinates(a, ranges) for a in expr.args])
+    if isinstance(expr, sympy.floor):
+        num, den = sympy.fraction(sympy.together(expr.args[0]))
+        if den.is_Integer and int(den) > 0:
+            split = _split_div(num, int(den), ranges)
+            if split is not None:
+                whole, _, (lo, hi) = split
+                if lo // int(den) == hi // int(den):
+                    return whole + lo // int(den)
+    if isinstance(expr, sympy.Mod) and expr.args[1].is_Integer and int(expr.args[1]) > 0:
+        w = int(expr.args[1])
+        split = _split_div(expr.args[0], w, ranges)
+        if split is not None:
+            _, rest, (lo, hi) = split
+            if lo // w == hi // w:
+                return rest - w * (lo // w)
+    return expr
+
+
+def prove_per_axis(pred: sympy.Basic, spec: MaskSpec) -> bool:
+    """Prove ``pred == spec`` on the whole N×N grid without N² work: substitute the row-major
+    coordinates (p = Σ c_a·S_a, 0 ≤ c_a < G_a, likewise m), reduce every floor/Mod exactly over
+    those bounds, and require a conjunction whose factors each read one axis's (query, key)
+    coordinate pair; then compare each axis's factors with the spec's rule exhaustively on
+    G_a × G_a. False means "not proven this way" (the caller falls back to evaluation)."""
+    grid = spec.grid
+    if len(grid) < 2 or any(g is None for g in grid):
+        return False
+    strides = [math.prod(grid[a + 1:]) for a in range(len(grid))]
+    cq = [sympy.Symbol(f"cq{a}", integer=True) for a in range(len(grid))]
+    ck = [sympy.Symbol(f"ck{a}", integer=True) for a in range(len(grid))]
+    ranges = {s: (0, g - 1) for syms in (cq, ck) for s, g in zip(syms, grid)}
+    flat_q = sum(s * c for s, c in zip(strides, cq))
+    flat_k = sum(s * c for s, c in zip(strides, ck))
+    try:
+        reduced = _reduce_coordinates(pred.xreplace({P_SYM: flat_q, M_SYM: flat_k}), ranges)
+    except (TypeError, ValueError):
+        return False
+    factors = list(reduced.args) if isinstance(reduced, sympy.And) else [reduced]
+    per_axis: list[list] = [[] for _ in grid]
+    for f in factors:
+        if f is sympy.true:
+            continue
+        axes = {a for a in range(len(grid)) if {cq[a], ck[a]} & f.free_symbols}
+        if len(axes) != 1 or f.free_symbols - {cq[a] for a in axes} - {ck[a] for a in axes}:
+            return False
+        per_axis[axes.pop()].append(f)
+    for a, (ax, g) in enumerate(zip(axes_of(spec), grid)):
+        c = np.arange(g)
+        want = _axis_keep(ax, c[:, None], c[None, :], g)
+        if per_axis[a]:
+            fn = sympy.lambdify((cq[a], ck[a]), _integer_floors(sympy.And(*per_axis[a])),
+                                modules=[{"_fdiv": np.floor_divide}, "numpy"])
+            got = np.broadcast_to(np.asarray(fn(c[:, None], c[None, :]), dtype=bool), want.shape)
+        else:
+            got = np.ones_like(want)
+        if not np.array_equal(got, want):
+            return False
+    return True
+
+
 def agrees(keep_a, keep_b, n: int, m: int, grid: tuple[int, ...] | None = None) -> str | None:
     """Compare two keep functions on the (p, m) grid in row chunks; the proof level or None."""
     rows, level = _rows_to_check(n, m, grid)
@@ -271,7 +371,12 @@ def _fit_axis(rows: np.ndarray, keep: np.ndarray, size: int, keys: int, offset_o
             d = ax.dilation
             if d < 1 or ax.window < 1 or size // d < ax.window:  # NATTEN needs L_r ≥ k
                 return False
-        return np.array_equal(_axis_keep(ax, rows[:, None], np.arange(keys)[None, :], size, off), keep)
+        cols = np.arange(keys)[None, :]
+        # A few rows first: most candidates fail there, before the whole matrix is evaluated.
+        head = slice(0, min(8, len(rows)))
+        if not np.array_equal(_axis_keep(ax, rows[head, None], cols, size, off), keep[head]):
+            return False
+        return np.array_equal(_axis_keep(ax, rows[:, None], cols, size, off), keep)
 
     if not keep.any():
         return []
@@ -284,9 +389,16 @@ def _fit_axis(rows: np.ndarray, keep: np.ndarray, size: int, keys: int, offset_o
     if rows[0] == 0 and len(first):
         changed = np.nonzero((keep != keep[0]).any(axis=1))[0]
         block = int(rows[changed[0]]) if len(changed) else size
-        blocked = Axis("blocked", block=block, halo=int(first[-1]) - (block - 1))
-        if blocked.halo >= 0 and check(blocked):
-            found.append((blocked, 0))
+        # The halo read off the first row is clipped where the first block's keys run past M;
+        # the second block's first kept key (block − halo) is not clipped.
+        halos = [int(first[-1]) - (block - 1)]
+        if len(changed) and keep[changed[0]].any():
+            halos.append(block - int(np.nonzero(keep[changed[0]])[0][0]))
+        for halo in dict.fromkeys(halos):
+            blocked = Axis("blocked", block=block, halo=halo)
+            if halo >= 0 and check(blocked):
+                found.append((blocked, 0))
+                break
         k = len(first)
         d = int(first[1] - first[0]) if k > 1 else 1
         for s in range(1, k + 1):
@@ -384,7 +496,10 @@ def classify_structured(pred: sympy.Basic, runtime: bool, n: int | None = None, 
             continue
         kind, axes, off = chosen
         spec = _spec(kind, grid, axes, off, pred, runtime)
-        level = agrees(keep, lambda p, k, s=spec: spec_keep(s, p, k), n, m, grid)
+        if n * m > EXHAUSTIVE_LIMIT and prove_per_axis(pred, spec):
+            level = "per-axis"  # exact for every pair, G_a² work per axis
+        else:
+            level = agrees(keep, lambda p, k, s=spec: spec_keep(s, p, k), n, m, grid)
         if level is None:
             continue
         symbolic = band_axis is not None and len(grid) == 1 and band_axis == (axes[0], off)
