@@ -69,7 +69,7 @@ def rewrite_graph(gm: GraphModule, backend: str, example_inputs=None) -> tuple[G
             mask=plan.mask.describe(), shapes=_shapes(site), flops=plan.flops, density=plan.density,
             pass_count={"original": original_passes, "rewritten": online_passes},
             ideal_speedup=1.0 / plan.density if plan.density > 0 else None, gqa=site.gqa_groups > 1,
-            notes=list(plan.notes), cascade_ir=cascade)
+            notes=list(plan.notes), cascade_ir=cascade, mask_spec=plan.mask)
         apply_plan(gm.graph, plan)
         changed = True
         reports.append(rep)

@@ -30,10 +30,12 @@ class SiteReport:
     graph: int = 0  # which captured graph (graph breaks make several)
     complexity: str = ""  # e.g. "O(N²·D) → O(N·D²)" for the linear-time families
     cascade_ir: Cascade | None = field(default=None, repr=False, compare=False)
+    mask_spec: Any = field(default=None, repr=False, compare=False)  # passes.masks.MaskSpec the kernel runs
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("cascade_ir", None)
+        d.pop("mask_spec", None)
         return d
 
 
