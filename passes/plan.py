@@ -296,7 +296,8 @@ def plan_site(site: Site, backend: str, device: torch.device | None, inputs=None
             kept_fraction = float(val.float().mean())
             if kept_fraction <= 0.5:
                 variant = "block_sparse"
-                spec = replace(spec, kind="arbitrary")
+                spec = masks.MaskSpec("arbitrary", predicate=f"run-time tensor, {kept_fraction:.3g} kept on the "
+                                      "first call", runtime=True, density=kept_fraction)
                 notes.append(f"run-time mask {kept_fraction:.1%} kept on the first call: block map built per "
                              "call, block-sparse kernel while at most half the tiles are visited")
     on_gpu = device is not None and device.type == "cuda"
