@@ -269,8 +269,9 @@ def _block_keep_kernel(
 # Builders
 # --------------------------------------------------------------------------------------------------
 
-# Word width (bytes) and key tiles per program of the element-mask kernel: overridable for the
-# benchmark's sweep. Measured on an H100: see benchmarks/results/block_sparse_*.md.
+# Word width (bytes) and mask bytes per program of the element-mask kernel (overridable: the
+# benchmark sweeps them). H100, a dense 64k x 64k mask (4 GiB): 4- or 8-byte words 1.41 ms
+# (3.0 TB/s, the bandwidth floor), single bytes 3.3 ms; 32 or 64 KiB per program alike.
 MASK_WORD_BYTES = 4
 MASK_PROGRAM_BYTES = 32768  # mask bytes one program reads (KT key tiles of block_m x block_n)
 _WORD_DTYPE = {1: torch.uint8, 4: torch.int32, 8: torch.int64}
@@ -424,9 +425,13 @@ def cached_block_map(mask: torch.Tensor, block_m: int, block_n: int, *, block_q:
     the storage (a freed mask whose memory is reused is never mistaken for the old one) and never
     keeps the mask alive; it is bounded (CACHE_MAX_ENTRIES, CACHE_MAX_BYTES, least recently used
     out first)."""
-    key = (mask.untyped_storage().data_ptr(), mask.storage_offset(), mask._version, tuple(mask.shape),
+    try:
+        version = mask._version
+    except RuntimeError:  # an inference-mode tensor has no version counter: never cached
+        version = None
+    key = (mask.untyped_storage().data_ptr(), mask.storage_offset(), version, tuple(mask.shape),
            tuple(mask.stride()), mask.device, mask.dtype, block_m, block_n, block_q, block_k, n, m, impl)
-    hit = _CACHE.get(key)
+    hit = _CACHE.get(key) if version is not None else None
     if hit is not None and not hit[0].expired():
         _CACHE.move_to_end(key)
         return dataclasses.replace(hit[1], mask=_as_4d(mask, "mask"))
@@ -438,6 +443,8 @@ def cached_block_map(mask: torch.Tensor, block_m: int, block_n: int, *, block_q:
         bmap = block_map_from_block_keep(mask, block_q, block_k, nn, mm, block_m, block_n, impl=impl)
     size = sum(t.numel() * t.element_size() for t in (bmap.full_count, bmap.full_index, bmap.partial_count,
                                                         bmap.partial_index))
+    if version is None:
+        return bmap
     for k in [k for k, v in _CACHE.items() if v[0].expired()]:
         del _CACHE[k]
     _CACHE[key] = (StorageWeakRef(mask.untyped_storage()), dataclasses.replace(bmap, mask=None), size)

@@ -172,10 +172,12 @@ def _block_sparse_fwd_kernel(
 
 
 def choose_block_sparse_config(d: int, dv: int, dtype: torch.dtype, device: torch.device) -> AttentionConfig:
-    """Launch table (no autotuning). H100 (triton 3.6), bf16, 10 %-dense random 128 x 128 block
-    layouts at 16k-64k (benchmarks/bench_block_sparse.py --sweep): 128 x 128 tiles for D ≤ 128
-    (the layouts' own granularity, one map tile per kernel tile), 4 warps at D ≤ 64, 8 at 128,
-    3 stages; the partial-tile loop runs 2 stages (its mask tiles also take shared memory)."""
+    """Launch table (no autotuning). Measured on an H100 (triton 3.6), bf16, 10 %-dense random
+    128 x 128 block layouts at 64k (benchmarks/results/block_sparse_NVIDIA_H100_80GB_HBM3_2026-11-28.md):
+    128 x 128 tiles for D ≤ 128 (one kernel tile per map tile), D=64 4 warps 3 stages (8.87 ms;
+    8 warps 10.64 ms; 128 x 64 tiles 8.68 ms, within noise), D=128 8 warps 3 stages (15.86 ms;
+    2 stages 15.83 ms; 128 x 64 tiles 16.59 ms). The partial-tile loop runs at most 2 stages (its
+    mask tiles also take shared memory). Wider heads and fp32: smaller tiles, not measured."""
     if device.type != "cuda":
         return AttentionConfig(block_m=32, block_n=16, num_warps=4, num_stages=1)
     dmax = max(d, dv)

@@ -216,6 +216,9 @@ def test_cached_block_map_identity(monkeypatch) -> None:
             break
     d = cached_block_map(new, 16, 16)
     assert int(d.full_count.sum() + d.partial_count.sum()) == 0
+    with torch.inference_mode():  # no version counter: built every call, still correct
+        inf_mask = torch.rand(40, 40) < 0.5
+        assert_same_map(cached_block_map(inf_mask, 16, 16), real(inf_mask, 16, 16))
     # block-level keeps go through block_map_from_block_keep
     keep = torch.rand(3, 3) < 0.5
     e = cached_block_map(keep, 16, 16, block_q=32, block_k=32, n=90, m=70)
