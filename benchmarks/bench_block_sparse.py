@@ -46,8 +46,8 @@ from rewrite.codegen.triton_block_sparse import block_sparse_attention, choose_b
 
 BLOCK = 128
 SWEEP = {  # (BLOCK_M, BLOCK_N, warps, stages): kernel tiles dividing the 128 x 128 map tiles
-    64: [(128, 128, 4, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 4, 4)],
-    128: [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 128, 8, 4)],
+    64: [(128, 128, 8, 3), (128, 64, 4, 3)],
+    128: [(128, 128, 8, 2), (128, 64, 8, 3)],
 }
 
 
@@ -137,7 +137,7 @@ def main() -> None:
                                  ms=t, gbps=dense.numel() / t / 1e6))
             log(args.out, kind="builder", **builders[-1])
             for word in (1, 4, 8):
-                for prog in (16384, 32768, 65536):
+                for prog in (32768, 65536):
                     bmod.MASK_WORD_BYTES, bmod.MASK_PROGRAM_BYTES = word, prog
                     try:
                         m1 = block_map_from_mask(dense, cfg.block_m, cfg.block_n)
