@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
-from torch.multiprocessing.reductions import StorageWeakRef
+
+from .identity_cache import IdentityCache
 
 __all__ = ["BlockMap", "block_map_from_mask", "block_map_from_block_keep", "block_map_from_key_blocks",
            "cached_block_map", "clear_block_map_cache"]
@@ -409,7 +409,7 @@ class _null:
 
 CACHE_MAX_ENTRIES = 32
 CACHE_MAX_BYTES = 1 << 30  # index lists held, all entries together
-_CACHE: OrderedDict[tuple, tuple[StorageWeakRef, BlockMap, int]] = OrderedDict()
+_CACHE = IdentityCache(CACHE_MAX_ENTRIES, CACHE_MAX_BYTES)
 
 
 def clear_block_map_cache() -> None:
@@ -425,16 +425,10 @@ def cached_block_map(mask: torch.Tensor, block_m: int, block_n: int, *, block_q:
     the storage (a freed mask whose memory is reused is never mistaken for the old one) and never
     keeps the mask alive; it is bounded (CACHE_MAX_ENTRIES, CACHE_MAX_BYTES, least recently used
     out first)."""
-    try:
-        version = mask._version
-    except RuntimeError:  # an inference-mode tensor has no version counter: never cached
-        version = None
-    key = (mask.untyped_storage().data_ptr(), mask.storage_offset(), version, tuple(mask.shape),
-           tuple(mask.stride()), mask.device, mask.dtype, block_m, block_n, block_q, block_k, n, m, impl)
-    hit = _CACHE.get(key) if version is not None else None
-    if hit is not None and not hit[0].expired():
-        _CACHE.move_to_end(key)
-        return dataclasses.replace(hit[1], mask=_as_4d(mask, "mask"))
+    extra = (block_m, block_n, block_q, block_k, n, m, impl)
+    hit = _CACHE.get(mask, extra)
+    if hit is not None:
+        return dataclasses.replace(hit, mask=_as_4d(mask, "mask"))
     if block_q == 1 and block_k == 1 and n is None and m is None:
         bmap = block_map_from_mask(mask, block_m, block_n, impl=impl)
     else:
@@ -443,11 +437,5 @@ def cached_block_map(mask: torch.Tensor, block_m: int, block_n: int, *, block_q:
         bmap = block_map_from_block_keep(mask, block_q, block_k, nn, mm, block_m, block_n, impl=impl)
     size = sum(t.numel() * t.element_size() for t in (bmap.full_count, bmap.full_index, bmap.partial_count,
                                                         bmap.partial_index))
-    if version is None:
-        return bmap
-    for k in [k for k, v in _CACHE.items() if v[0].expired()]:
-        del _CACHE[k]
-    _CACHE[key] = (StorageWeakRef(mask.untyped_storage()), dataclasses.replace(bmap, mask=None), size)
-    while _CACHE and (len(_CACHE) > CACHE_MAX_ENTRIES or sum(v[2] for v in _CACHE.values()) > CACHE_MAX_BYTES):
-        _CACHE.popitem(last=False)
+    _CACHE.put(mask, extra, dataclasses.replace(bmap, mask=None), size)
     return bmap

@@ -24,6 +24,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .identity_cache import IdentityCache
+
 KERNELS = ("sdpa", "triton", "reference")
 MASKED_ROWS = ("nan", "mean", "zero")
 
@@ -176,22 +178,18 @@ def _triton(q, k, v, bias, mask, scale, causal, causal_offset, masked_row) -> to
     return fix_empty_rows(out, v, bias, mask, causal, causal_offset, masked_row) if masked_row != "nan" else out
 
 
-_CAUSAL_MASKS: dict[tuple, bool] = {}
+_CAUSAL_MASKS = IdentityCache(256)
 
 
 def mask_is_causal(mask: torch.Tensor, offset: int) -> bool:
     """Is this run-time mask tensor exactly m <= p + offset? Checked once per tensor identity
-    (storage, version counter, shape, strides): a registered buffer is checked on the first
-    call only, and any in-place change to it is seen through its version counter."""
-    key = (mask.untyped_storage().data_ptr(), mask.storage_offset(), mask._version, tuple(mask.shape),
-           tuple(mask.stride()), mask.device, offset)
-    hit = _CAUSAL_MASKS.get(key)
+    (codegen/identity_cache.py): a registered buffer is checked on the first call only, and any
+    in-place change to it is seen through its version counter."""
+    hit = _CAUSAL_MASKS.get(mask, (offset,))
     if hit is None:
         n, m = mask.shape[-2], mask.shape[-1]
         hit = bool(torch.equal(mask, causal_keep(n, m, offset, mask.device).expand_as(mask)))
-        if len(_CAUSAL_MASKS) > 256:
-            _CAUSAL_MASKS.clear()
-        _CAUSAL_MASKS[key] = hit
+        _CAUSAL_MASKS.put(mask, (offset,), hit)
     return hit
 
 
