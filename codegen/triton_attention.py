@@ -94,7 +94,11 @@ def _attn_tile(
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, FOLD_SCALE: tl.constexpr,
     kv_b, kv_h, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_DIV_N: tl.constexpr = 1, MASK_DIV_M: tl.constexpr = 1,
+    keep_pred=0, HAS_PRED: tl.constexpr = False,
 ):
+    # HAS_PRED (optional): ``keep_pred`` is a bool [BLOCK_M, BLOCK_N] predicate the caller computed
+    # in closed form (triton_neighborhood.py's structured masks), ANDed like the bool mask. There
+    # offs_m and start_n + offs_n are gathered flat indices of grid patches, N / M where invalid.
     # MASK_DIV_N / MASK_DIV_M (optional): the mask is given per block of MASK_DIV_N queries by
     # MASK_DIV_M keys (token (p, m) reads mask[p // MASK_DIV_N, m // MASK_DIV_M]; block-sparse
     # layouts); 1 = an element mask.
@@ -126,6 +130,8 @@ def _attn_tile(
                               + (cols // MASK_DIV_M)[None, :] * stride_mm,
                               offs_m, cols, N, M, ROW_BOUND, KEY_BOUND)
         s = tl.where(keep != 0, s, float("-inf"))
+    if HAS_PRED:
+        s = tl.where(keep_pred, s, float("-inf"))
     if ON_DIAGONAL:
         s = tl.where(cols[None, :] <= offs_m[:, None] + causal_offset, s, float("-inf"))
     if KEY_BOUND:

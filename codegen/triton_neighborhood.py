@@ -1,0 +1,699 @@
+"""Fused sparse softmax attention for structured masks (causal, neighborhood, blocked) in Triton.
+
+Public entry point: :func:`neighborhood_attention`. Per batch ``b`` and query head ``h`` it computes
+
+    S = scale · q kᵀ + bias,   S[p, m] = −inf unless spec_keep(spec, p, m) and mask[p, m]
+    O = softmax(S, dim=-1) @ v          (float32 arithmetic, cast to q.dtype)
+
+exactly as eager float32 attention with the materialised mask would: a row that keeps no key is
+NaN (softmax of all −inf), its LSE −inf. ``spec_keep`` (passes/mask_classes.py) is the reference.
+The tile body (online softmax, names RM / RD / RNV) is ``_attn_tile`` of triton_attention.py; this
+file only decides which key tiles a query tile visits and which of them need the predicate.
+
+Geometry. A spec is a token grid of 1-3 axes flattened row-major (flat = Σ_a coord_a · stride_a);
+each axis keeps, for a query coordinate q, keys k with a per-axis rule. In kernel terms every axis
+(window of half-width w and dilation d, causal or not; NATTEN ``clamped``; HaloNet ``blocked``):
+
+    queries of residue class r = q mod d (q = r + d·i) keep keys of one residue class
+    r_k = (r + offset) mod d (k = r_k + d·j), and there exactly the j in an interval
+    [lo(i), hi(i)] whose ends are non-decreasing in i:
+      window      |c + i − j| ≤ W   (0 ≤ c + i − j ≤ W causal), W = ⌊w/d⌋, c = (r + offset − r_k)/d
+      clamped     j ∈ [start(i), start(i) + k − 1], NATTEN's start with GNA stride s (L_r = ⌈(G−r)/d⌉)
+      blocked     k ∈ [B⌊q/B⌋ − h, B⌊q/B⌋ + B − 1 + h]  (d = 1)
+    ("causal" specs are a 1-D causal window of unbounded W; 1-D grids may have N ≠ M.)
+
+Tiling (all analytic, no block map in memory). A program owns a query *patch*: P_a consecutive
+class indices i per axis (one residue class per axis, NATTEN's trick: a dilated window is a plain
+window inside its class, so it gets full tiles as a plain one does). By monotonicity the patch's
+keys along an axis lie in [lo(i_first), hi(i_last)] ∩ [0, L_k); key patches of KP_a indices tile
+that range from its start (not grid-aligned: fewer tiles). A key tile is FULL along an axis when
+lo(i_last) ≤ j_first and j_last ≤ min(hi(i_first), L_k − 1), i.e. every query of the patch keeps
+every key; full along every axis means full: no predicate, no bounds checks. The full tiles form a
+box in tile space; the kernel walks that box in one loop and the shell around it (partial tiles:
+per-axis predicate from coordinates, plus bounds) in a second, each a single flat loop so Triton
+software-pipelines it. Rows and columns are gathered by pointer arithmetic from their coordinates
+(no permuted copy of q/k/v); out-of-grid rows/keys get the flat index N / M, which
+``_attn_tile``'s ROW_BOUND / KEY_BOUND checks mask.
+
+The runtime ``mask`` (bool, True = keep) and ``bias`` are loaded in every visited tile; tiles the
+spec skips are never read, which is exact because spec-masked entries are −inf whatever the bias.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from rewrite.codegen.triton_attention import (
+    _LOG2E,
+    _attn_tile,
+    _broadcast_4d,
+    _interpreting,
+    _is_interpreted,
+    _load_tile,
+)
+from rewrite.passes.mask_classes import axes_of
+from rewrite.passes.masks import MaskSpec
+
+__all__ = ["NeighborhoodConfig", "choose_config", "neighborhood_attention", "plan_tiles"]
+
+# axis kinds in the kernel (constexpr); 0 is a size-1 axis padding a 1-D / 2-D grid to three
+_TRIVIAL, _WINDOW, _CAUSAL, _CLAMPED, _BLOCKED = 0, 1, 2, 3, 4
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernel
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _interval(i, KIND: tl.constexpr, pa, pb, c, length):
+    # Kept key class indices [lo, hi] of query class index i (scalar or vector), not clipped to
+    # [0, L_k). pa / pb: W / − (window), k / s (clamped), B / h (blocked); length: NATTEN's L_r.
+    if KIND == 3:
+        leader = tl.minimum((i // pb) * pb + (pb - 1) // 2, length - 1)
+        lo = tl.minimum(tl.maximum(leader - pa // 2, 0), length - pa)
+        hi = lo + pa - 1
+    elif KIND == 4:
+        first = (i // pa) * pa
+        lo = first - pb
+        hi = first + pa - 1 + pb
+    elif KIND == 2:
+        lo = i + c - pa
+        hi = i + c
+    else:  # window (and the trivial axis: pa = 0, c = 0)
+        lo = i + c - pa
+        hi = i + c + pa
+    return lo, hi
+
+
+@triton.jit
+def _axis_setup(idx, NT, QG, KG, G, d, off, pa, pb,
+                KIND: tl.constexpr, P: tl.constexpr, KP: tl.constexpr):
+    # One axis of the program's query patch: class r (keys of class rk), first class index i0,
+    # class lengths, and the key tiles: nk tiles of KP from klo, of which [flo, fhi) are full along
+    # this axis. A trivial (size-1) axis: one query, one key, one full tile.
+    if KIND == 0:
+        r, rk, c, i0, lq, lk, lf, klo, nk, flo, fhi = 0, 0, 0, 0, 1, 1, 1, 0, 1, 0, 1
+    else:
+        r = idx // NT
+        i0 = (idx % NT) * P
+        if KIND == 1 or KIND == 2:
+            rk = ((r + off) % d + d) % d
+        else:
+            rk = r
+        c = (r + off - rk) // d  # exact
+        lq = (QG - r + d - 1) // d
+        lk = (KG - rk + d - 1) // d
+        lf = (G - r + d - 1) // d
+        imax = tl.minimum(i0 + P - 1, lq - 1)
+        lo_first, hi_first = _interval(i0, KIND, pa, pb, c, lf)
+        lo_last, hi_last = _interval(imax, KIND, pa, pb, c, lf)
+        klo = tl.maximum(lo_first, 0)
+        khi = tl.minimum(hi_last, lk - 1)
+        nk = tl.where((khi >= klo) & (i0 < lq), (khi - klo + KP) // KP, 0)
+        fhi = tl.minimum(tl.maximum(tl.minimum(hi_first, lk - 1) + 1 - klo, 0) // KP, nk)
+        flo = tl.minimum((tl.maximum(lo_last - klo, 0) + KP - 1) // KP, fhi)
+    return r, rk, c, i0, lq, lk, lf, klo, nk, flo, fhi
+
+
+@triton.jit
+def _shell2(v, n1, n2, a1, b1, a2, b2):
+    # v-th tile (row-major) of the n1 × n2 box minus [a1, b1) × [a2, b2).
+    mw = n2 - (b2 - a2)
+    top = a1 * n2
+    mid = (b1 - a1) * mw
+    mwc = tl.maximum(mw, 1)
+    w = v - top
+    cm = w % mwc
+    wb = v - top - mid
+    t1 = tl.where(v < top, v // n2, tl.where(v < top + mid, a1 + w // mwc, b1 + wb // n2))
+    t2 = tl.where(v < top, v % n2, tl.where(v < top + mid, tl.where(cm < a2, cm, cm + (b2 - a2)), wb % n2))
+    return t1, t2
+
+
+@triton.jit
+def _row_coords(rows, i0, r, d, lq, KIND: tl.constexpr, P: tl.constexpr, INNER: tl.constexpr):
+    # Class index and grid coordinate of the patch rows along one axis (INNER: product of the
+    # patch sizes of the axes inside this one).
+    if KIND == 0:
+        qi = rows * 0
+        coord = qi
+        ok = qi == 0
+    else:
+        if INNER == 1:
+            qi = i0 + rows % P
+        else:
+            qi = i0 + (rows // INNER) % P
+        coord = r + d * qi
+        ok = qi < lq
+    return qi, coord, ok
+
+
+@triton.jit
+def _tile_start(t0, t1, t2, klo0, klo1, klo2, rk0, rk1, rk2, D0, D1, D2, KG1, KG2,
+                NDIM: tl.constexpr, KP0: tl.constexpr, KP1: tl.constexpr, KP2: tl.constexpr):
+    # First key class index of tile (t0, t1, t2) along each axis, and the flat index of its
+    # first key (the tile's keys are that plus col_base).
+    jb2 = klo2 + t2 * KP2
+    base = rk2 + D2 * jb2
+    jb1 = 0
+    jb0 = 0
+    if NDIM >= 2:
+        jb1 = klo1 + t1 * KP1
+        base += (rk1 + D1 * jb1) * KG2
+    if NDIM == 3:
+        jb0 = klo0 + t0 * KP0
+        base += (rk0 + D0 * jb0) * (KG1 * KG2)
+    return jb0, jb1, jb2, base
+
+
+@triton.jit
+def _nbhd_fwd_kernel(
+    Q, K, V, Bias, Mask, Out, Lse,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_bb, stride_bh, stride_bn, stride_bm,
+    stride_mb, stride_mh, stride_mn, stride_mm,
+    stride_ob, stride_oh, stride_on, stride_od,
+    HQ, GROUP, N, M, D, DV, qk_scale, OFF,
+    QG0, QG1, QG2, KG0, KG1, KG2, G0, G1, G2, D0, D1, D2,
+    PA0, PA1, PA2, PB0, PB1, PB2, NT0, NT1, NT2, T1, T2,
+    KIND0: tl.constexpr, KIND1: tl.constexpr, KIND2: tl.constexpr, NDIM: tl.constexpr,
+    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+    KP0: tl.constexpr, KP1: tl.constexpr, KP2: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, RETURN_LSE: tl.constexpr, REVERSE: tl.constexpr,
+    EVEN_Q: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, FOLD_SCALE: tl.constexpr,
+):
+    # grid: (query patches of all residue classes, B · Hq); patches of one (b, h) are adjacent
+    # (they share K/V in L2), axis 2 fastest. Axis 2 is the innermost (contiguous) grid axis; a
+    # 1-D / 2-D grid pads on the left with trivial axes (KIND 0), which cost nothing.
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    idx2 = pid % T2
+    if REVERSE:  # causal: the patches with the most key tiles start first (shorter tail)
+        idx2 = T2 - 1 - idx2
+    idx1 = (pid // T2) % T1
+    idx0 = pid // (T2 * T1)
+    b32 = bh // HQ
+    h32 = bh % HQ
+    b = b32.to(tl.int64)
+    h = h32.to(tl.int64)
+    hk = (h32 // GROUP).to(tl.int64)  # GQA / MQA
+
+    r0, rk0, c0, i00, lq0, lk0, lf0, klo0, nk0, flo0, fhi0 = _axis_setup(
+        idx0, NT0, QG0, KG0, G0, D0, 0, PA0, PB0, KIND0, P0, KP0)
+    r1, rk1, c1, i01, lq1, lk1, lf1, klo1, nk1, flo1, fhi1 = _axis_setup(
+        idx1, NT1, QG1, KG1, G1, D1, 0, PA1, PB1, KIND1, P1, KP1)
+    r2, rk2, c2, i02, lq2, lk2, lf2, klo2, nk2, flo2, fhi2 = _axis_setup(
+        idx2, NT2, QG2, KG2, G2, D2, OFF, PA2, PB2, KIND2, P2, KP2)
+
+    # Rows: the patch's query coordinates (flat index N where off the grid) and, per axis, the
+    # kept key interval [lo, hi] of each row: the predicate of partial tiles.
+    rows = tl.arange(0, BLOCK_M)
+    qi2, x2, ok2 = _row_coords(rows, i02, r2, D2, lq2, KIND2, P2, 1)
+    qi1, x1, ok1 = _row_coords(rows, i01, r1, D1, lq1, KIND1, P1, P2)
+    qi0, x0, ok0 = _row_coords(rows, i00, r0, D0, lq0, KIND0, P0, P2 * P1)
+    if NDIM == 1:
+        offs_m = x2
+        row_ok = ok2
+    elif NDIM == 2:
+        offs_m = x1 * QG2 + x2
+        row_ok = ok1 & ok2
+    else:
+        offs_m = (x0 * QG1 + x1) * QG2 + x2
+        row_ok = ok0 & ok1 & ok2
+    if not EVEN_Q:
+        offs_m = tl.where(row_ok, offs_m, N)
+    lo0, hi0 = _interval(qi0, KIND0, PA0, PB0, c0, lf0)
+    lo1, hi1 = _interval(qi1, KIND1, PA1, PB1, c1, lf1)
+    lo2, hi2 = _interval(qi2, KIND2, PA2, PB2, c2, lf2)
+
+    # Columns: key patch offsets per axis; a tile's flat key index is one scalar plus col_base.
+    cn = tl.arange(0, BLOCK_N)
+    kc2 = cn % KP2
+    kc1 = (cn // KP2) % KP1
+    kc0 = cn // (KP2 * KP1)
+    if NDIM == 1:
+        col_base = D2 * kc2
+    elif NDIM == 2:
+        col_base = D1 * kc1 * KG2 + D2 * kc2
+    else:
+        col_base = (D0 * kc0 * KG1 + D1 * kc1) * KG2 + D2 * kc2
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                   offs_m, offs_d, N, D, not EVEN_Q, PAD_D)
+    out_dtype = q.dtype
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    bias_base = Bias + b * stride_bb + h * stride_bh
+    mask_base = Mask + b * stride_mb + h * stride_mh
+
+    rm = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    rd = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    # FULL tiles: the box [flo, fhi) per axis, no predicate, no bounds.
+    nf0 = fhi0 - flo0
+    nf1 = fhi1 - flo1
+    nf2 = fhi2 - flo2
+    n_full = nf0 * nf1 * nf2
+    for u in range(0, n_full):
+        if NDIM == 1:
+            t0 = 0
+            t1 = 0
+            t2 = flo2 + u
+        elif NDIM == 2:
+            t0 = 0
+            t1 = flo1 + u // nf2
+            t2 = flo2 + u % nf2
+        else:
+            t0 = flo0 + u // (nf2 * nf1)
+            t1 = flo1 + (u // nf2) % nf1
+            t2 = flo2 + u % nf2
+        jb0, jb1, jb2, start = _tile_start(t0, t1, t2, klo0, klo1, klo2, rk0, rk1, rk2, D0, D1, D2, KG1, KG2,
+                                           NDIM, KP0, KP1, KP2)
+        cols = col_base + start
+        acc, rd, rm = _attn_tile(
+            acc, rd, rm, q, k_base, v_base, bias_base, mask_base,
+            0, offs_m, cols, offs_d, offs_dv, N, M, D, DV, qk_scale, 0,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_bn, stride_bm, stride_mn, stride_mm,
+            HAS_BIAS, HAS_MASK, False, False, not EVEN_Q, PAD_D, PAD_DV, DOT_PRECISION, UPCAST_DOT,
+            FOLD_SCALE, b32, h32, False, BLOCK_N, BLOCK_D, BLOCK_DV,
+        )
+
+    # PARTIAL tiles: the shell of the tile box around the full box (all of it when none is full).
+    none_full = n_full == 0
+    a0 = tl.where(none_full, 0, flo0)
+    b0 = tl.where(none_full, 0, fhi0)
+    a1 = tl.where(none_full, 0, flo1)
+    b1 = tl.where(none_full, 0, fhi1)
+    a2 = tl.where(none_full, 0, flo2)
+    b2 = tl.where(none_full, 0, fhi2)
+    n_shell = nk0 * nk1 * nk2 - n_full
+    for v in range(0, n_shell):
+        if NDIM == 1:
+            pt0 = 0
+            pt1 = 0
+            pt2 = tl.where(v < a2, v, v + (b2 - a2))
+        elif NDIM == 2:
+            pt0 = 0
+            pt1, pt2 = _shell2(v, nk1, nk2, a1, b1, a2, b2)
+        else:
+            plane = nk1 * nk2
+            ps = plane - (b1 - a1) * (b2 - a2)  # shell tiles of a plane crossing the full box
+            top = a0 * plane
+            mid = (b0 - a0) * ps
+            ps_c = tl.maximum(ps, 1)
+            w = v - top
+            wb = v - top - mid
+            t1m, t2m = _shell2(w % ps_c, nk1, nk2, a1, b1, a2, b2)
+            in_top = v < top
+            in_mid = v < top + mid
+            pt0 = tl.where(in_top, v // plane, tl.where(in_mid, a0 + w // ps_c, b0 + wb // plane))
+            pt1 = tl.where(in_top, (v // nk2) % nk1, tl.where(in_mid, t1m, (wb // nk2) % nk1))
+            pt2 = tl.where(in_top, v % nk2, tl.where(in_mid, t2m, wb % nk2))
+        pj0, pj1, pj2, pstart = _tile_start(pt0, pt1, pt2, klo0, klo1, klo2, rk0, rk1, rk2, D0, D1, D2, KG1, KG2,
+                                           NDIM, KP0, KP1, KP2)
+        # key k = jb + kc is kept by row i along an axis iff lo(i) ≤ k ≤ hi(i) and k < L_k
+        keep = (kc2[None, :] >= (lo2 - pj2)[:, None]) & (kc2[None, :] <= (hi2 - pj2)[:, None])
+        col_ok = kc2 < lk2 - pj2
+        if NDIM >= 2:
+            keep &= (kc1[None, :] >= (lo1 - pj1)[:, None]) & (kc1[None, :] <= (hi1 - pj1)[:, None])
+            col_ok &= kc1 < lk1 - pj1
+        if NDIM == 3:
+            keep &= (kc0[None, :] >= (lo0 - pj0)[:, None]) & (kc0[None, :] <= (hi0 - pj0)[:, None])
+            col_ok &= kc0 < lk0 - pj0
+        pcols = tl.where(col_ok, col_base + pstart, M)
+        acc, rd, rm = _attn_tile(
+            acc, rd, rm, q, k_base, v_base, bias_base, mask_base,
+            0, offs_m, pcols, offs_d, offs_dv, N, M, D, DV, qk_scale, 0,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_bn, stride_bm, stride_mn, stride_mm,
+            HAS_BIAS, HAS_MASK, False, True, not EVEN_Q, PAD_D, PAD_DV, DOT_PRECISION, UPCAST_DOT,
+            FOLD_SCALE, b32, h32, False, BLOCK_N, BLOCK_D, BLOCK_DV,
+            keep_pred=keep, HAS_PRED=True,
+        )
+
+    # AV = RNV ÷ RD: 0 ÷ 0 = NaN for rows that never saw a finite score, as in eager.
+    out = (acc / rd[:, None]).to(out_dtype)
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od
+    if EVEN_Q and not PAD_DV:
+        tl.store(o_ptrs, out)
+    else:
+        tl.store(o_ptrs, out, mask=(offs_m[:, None] < N) & (offs_dv[None, :] < DV))
+    if RETURN_LSE:
+        if HAS_BIAS:
+            lse = rm + tl.math.log2(rd) * 0.6931471805599453
+        else:
+            lse = (rm + tl.math.log2(rd)) * 0.6931471805599453
+        lse_ptrs = Lse + bh.to(tl.int64) * N + offs_m
+        if EVEN_Q:
+            tl.store(lse_ptrs, lse)
+        else:
+            tl.store(lse_ptrs, lse, mask=offs_m < N)
+
+
+# --------------------------------------------------------------------------------------------------
+# Host side: the spec in kernel terms, the patch planner, the launch table
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Axis:
+    """One kernel axis: query / key grid sizes, NATTEN's size, dilation, offset, parameters."""
+
+    kind: int
+    qg: int = 1
+    kg: int = 1
+    g: int = 1
+    d: int = 1
+    off: int = 0
+    pa: int = 0
+    pb: int = 1
+
+
+def kernel_axes(spec: MaskSpec, n: int, m: int) -> list[_Axis]:
+    """The spec's grid axes in kernel terms, left-padded to three; raises on sizes that don't fit."""
+    if spec.kind in ("causal", "dense"):
+        big = n + m + abs(spec.offset) + 1  # an unbounded window: lo(i) < 0 for every i
+        kind = _CAUSAL if spec.kind == "causal" else _WINDOW
+        return [_Axis(_TRIVIAL), _Axis(_TRIVIAL), _Axis(kind, n, m, n, 1, spec.offset, big)]
+    if spec.kind not in ("neighborhood", "blocked") or not spec.grid:
+        raise ValueError(f"neighborhood_attention takes causal, dense, neighborhood or blocked specs; "
+                         f"got {spec.describe()}")
+    grid = tuple(spec.grid)
+    if len(grid) == 1:
+        if grid[0] not in (None, n):
+            raise ValueError(f"1-D spec over {grid[0]} positions, but N = {n}")
+        sizes = [(n, m, n)]
+        offset = spec.offset
+    else:
+        if len(grid) > 3 or any(g is None or g < 1 for g in grid):
+            raise ValueError(f"grids of 1-3 known axes only; got {grid}")
+        if n != math.prod(grid) or m != n:
+            raise ValueError(f"grid {grid} flattens to {math.prod(grid)} tokens; need N = M = that, "
+                             f"got N = {n}, M = {m}")
+        sizes = [(g, g, g) for g in grid]
+        offset = 0
+    out = []
+    for ax, (qg, kg, g) in zip(axes_of(spec), sizes):
+        if ax.kind == "window":
+            if ax.dilation < 1 or ax.window < 0:
+                raise ValueError(f"window axis needs dilation >= 1 and window >= 0: {ax}")
+            out.append(_Axis(_CAUSAL if ax.causal else _WINDOW, qg, kg, g, ax.dilation, offset,
+                             ax.window // ax.dilation))
+        elif ax.kind == "clamped":
+            if ax.dilation < 1 or ax.window < 1 or ax.stride < 1:
+                raise ValueError(f"clamped axis needs dilation, kernel size and stride >= 1: {ax}")
+            if len(grid) == 1 and m != n:
+                raise ValueError("a clamped (NATTEN) axis attends within one grid: need N = M")
+            out.append(_Axis(_CLAMPED, qg, kg, g, ax.dilation, 0, ax.window, ax.stride))
+        else:
+            if ax.block < 1 or ax.halo < 0:
+                raise ValueError(f"blocked axis needs block >= 1 and halo >= 0: {ax}")
+            out.append(_Axis(_BLOCKED, qg, kg, g, 1, 0, ax.block, ax.halo))
+    return [_Axis(_TRIVIAL)] * (3 - len(out)) + out
+
+
+def _interval_np(i: np.ndarray, ax: _Axis, c: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """The kernel's ``_interval`` in numpy (i ≥ 0 wherever a floor division happens)."""
+    if ax.kind == _CLAMPED:
+        leader = np.minimum((i // ax.pb) * ax.pb + (ax.pb - 1) // 2, length - 1)
+        lo = np.minimum(np.maximum(leader - ax.pa // 2, 0), length - ax.pa)
+        return lo, lo + ax.pa - 1
+    if ax.kind == _BLOCKED:
+        first = (i // ax.pa) * ax.pa
+        return first - ax.pb, first + ax.pa - 1 + ax.pb
+    if ax.kind == _CAUSAL:
+        return i + c - ax.pa, i + c
+    return i + c - ax.pa, i + c + ax.pa
+
+
+def _patches_per_class(ax: _Axis, p: int) -> int:
+    """Query patches of p class indices per residue class (the longest class, r = 0)."""
+    return (ax.qg + ax.d - 1) // ax.d // p + ((ax.qg + ax.d - 1) // ax.d % p != 0)
+
+
+def axis_patches(ax: _Axis, p: int, kp: int):
+    """Per residue class r, the kernel's view of one axis (``_axis_setup``) for all its query
+    patches of p class indices: yields (r, rk, c, lq, lk, lf, i0, klo, nk, flo, fhi), the last five
+    arrays over the patches (key tiles of kp from klo; [flo, fhi) full along the axis)."""
+    nt = _patches_per_class(ax, p)
+    i0 = np.arange(nt, dtype=np.int64) * p
+    for r in range(ax.d):
+        rk = (r + ax.off) % ax.d if ax.kind in (_WINDOW, _CAUSAL) else r
+        c = (r + ax.off - rk) // ax.d
+        lq = (ax.qg - r + ax.d - 1) // ax.d
+        lk = (ax.kg - rk + ax.d - 1) // ax.d
+        lf = (ax.g - r + ax.d - 1) // ax.d
+        imax = np.minimum(i0 + p - 1, lq - 1)
+        lo_first, hi_first = _interval_np(i0, ax, c, lf)
+        lo_last, hi_last = _interval_np(np.maximum(imax, 0), ax, c, lf)
+        klo = np.maximum(lo_first, 0)
+        khi = np.minimum(hi_last, lk - 1)
+        nk = np.where((khi >= klo) & (i0 < lq), (khi - klo + kp) // kp, 0)
+        fhi = np.minimum(np.maximum(np.minimum(hi_first, lk - 1) + 1 - klo, 0) // kp, nk)
+        flo = np.minimum((np.maximum(lo_last - klo, 0) + kp - 1) // kp, fhi)
+        yield r, rk, c, lq, lk, lf, i0, klo, nk, flo, fhi
+
+
+@lru_cache(maxsize=4096)
+def _axis_tiles(ax: _Axis, p: int, kp: int) -> tuple[int, int]:
+    """(key tiles visited, of them full) summed over the axis's query patches. Tile counts of a
+    2-D/3-D grid multiply across axes (the patches and their tile boxes are products)."""
+    total = full = 0
+    for *_, nk, flo, fhi in axis_patches(ax, p, kp):
+        total += int(nk.sum())
+        full += int((fhi - flo).sum())
+    return total, full
+
+
+@dataclass(frozen=True)
+class NeighborhoodConfig:
+    """Launch parameters. ``q_patch`` / ``k_patch``: per spec axis (outermost first), powers of two
+    with product block_m / block_n; None lets :func:`plan_tiles` choose them."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    q_patch: tuple[int, ...] | None = None
+    k_patch: tuple[int, ...] | None = None
+
+
+def _splits(total_log2: int, ndim: int) -> list[tuple[int, ...]]:
+    return [tuple(1 << e for e in es) for es in itertools.product(range(total_log2 + 1), repeat=ndim)
+            if sum(es) == total_log2]
+
+
+# Relative cost of a partial tile over a full one (predicate, bounds, masked loads), and of a
+# program's prologue/epilogue (q load, output store) in tile units: estimates, not fits (the H100
+# sweep varied tile sizes with the planner's patches; patch shapes were not swept on their own).
+_PARTIAL_COST = 0.15
+_PROGRAM_COST = 0.5
+
+
+@lru_cache(maxsize=1024)
+def plan_tiles(axes: tuple[_Axis, ...], block_m: int, block_n: int
+               ) -> tuple[tuple[int, ...], tuple[int, ...], float, int, int]:
+    """Query and key patch shapes (per real axis) for these tile sizes, minimising the modelled
+    work: visited tiles × (1 + _PARTIAL_COST if partial) + programs × _PROGRAM_COST, in units of a
+    block_m × block_n tile. Returns (q_patch, k_patch, cost, tiles visited, of them full)."""
+    real = [ax for ax in axes if ax.kind != _TRIVIAL]
+    nd = len(real)
+    best = None
+    lm, ln = int(math.log2(block_m)), int(math.log2(block_n))
+    for qp in _splits(lm, nd):
+        programs = math.prod(ax.d * _patches_per_class(ax, p) for ax, p in zip(real, qp))
+        for kpatch in _splits(ln, nd):
+            counts = [_axis_tiles(ax, p, kp) for ax, p, kp in zip(real, qp, kpatch)]
+            total = math.prod(t for t, _ in counts)
+            full = math.prod(f for _, f in counts)
+            cost = total + _PARTIAL_COST * (total - full) + _PROGRAM_COST * programs
+            # ties: wider contiguous (last-axis) key rows, then query rows
+            key = (cost, -kpatch[-1], -qp[-1])
+            if best is None or key < best[0]:
+                best = (key, qp, kpatch, total, full)
+    (cost, _, _), qp, kpatch, total, full = best
+    return qp, kpatch, cost, total, full
+
+
+# Throughput per score entry of a tile shape relative to 128 × 64 on the GPU, for choosing between
+# them with the planner's tile counts (2-D/3-D). H100, 256 × 256 grid, 13 × 13 window: 64 × 64 tiles
+# ran 0.83 (D = 64) and 0.99 (D = 128) of 128 × 64's entries per ms; 0.8 is the conservative side.
+_TILE_EFFICIENCY = {(128, 64): 1.0, (64, 64): 0.8}
+
+
+def choose_config(d: int, dv: int, dtype: torch.dtype, device: torch.device, axes: tuple[_Axis, ...] | None = None,
+                  has_bias_or_mask: bool = False) -> NeighborhoodConfig:
+    """Tile sizes and warps from a small table; patch shapes are left to :func:`plan_tiles`.
+
+    Measured on an H100, bf16, B=2, H=16 (benchmarks/bench_sparse.py --sweep; the sweep is listed in
+    benchmarks/results/sparse_neighborhood_NVIDIA_H100_80GB_HBM3_2026-11-28.md), times in ms:
+
+    - 1-D band (|i − j| ≤ 512, N = 16384): D = 64: 64×64 w4 s3 0.380, 128×64 w4 s3 0.418 (s4 0.429),
+      128×128 w4 0.478 (w8 0.525); D = 128: 128×64 w8 s3 0.725, 64×64 w4 0.727, 128×128 w8 0.765,
+      128×64 w4 1.016.
+    - causal / windows as long as the sequence: dense attention's tiles (triton_attention's table:
+      128×64 w4 for D ≤ 64, 128×128 w8 for D ≤ 128), 1.04-1.30x cuDNN's causal time.
+    - 2-D 256×256, 13×13 window (plain and dilated alike): D = 64: 64×64 w4 s3 1.107 (s2 1.124),
+      64×32 1.247, 128×64 1.310, 128×32 1.520; D = 128: 64×64 w4 s3 1.729 (s2 1.841), 64×32 1.805,
+      128×64 w8 2.441, 128×32 2.837. 2-D/3-D take 128×64 or 64×64, whichever the planner's
+      tile count × _TILE_EFFICIENCY says is cheaper (small windows: 64, fewer wasted keys a patch).
+    """
+    if device.type != "cuda":
+        # Interpreter: the smallest tiles tl.dot takes, so small test grids span several patches.
+        return NeighborhoodConfig(16, 16, 4, 1)
+    dmax = max(d, dv)
+    wide = dtype == torch.float32
+    if wide or dmax > 128:
+        return NeighborhoodConfig(64, 32, 4, 2) if dmax <= 128 or not wide else NeighborhoodConfig(32, 32, 4, 1)
+    major, _ = torch.cuda.get_device_capability(device)
+    if major < 9:
+        return NeighborhoodConfig(128, 64, 4, 2) if dmax <= 64 else NeighborhoodConfig(64, 64, 4, 2)
+    real = [ax for ax in axes or () if ax.kind != _TRIVIAL]
+    if len(real) <= 1:
+        ax = real[0] if real else None
+        band = ax is not None and ax.kind in (_WINDOW, _CAUSAL) and ax.pa < ax.kg  # narrower than the keys
+        if band and not has_bias_or_mask:
+            return NeighborhoodConfig(64, 64, 4, 3) if dmax <= 64 else NeighborhoodConfig(128, 64, 8, 3)
+        if dmax <= 64:
+            return NeighborhoodConfig(128, 64, 4, 3)
+        return NeighborhoodConfig(128, 64 if has_bias_or_mask else 128, 8, 3)
+    cands = [NeighborhoodConfig(128, 64, 4 if dmax <= 64 else 8, 3), NeighborhoodConfig(64, 64, 4, 3)]
+    return min(cands, key=lambda c: plan_tiles(tuple(axes), c.block_m, c.block_n)[2] * c.block_m * c.block_n
+               / _TILE_EFFICIENCY[(c.block_m, c.block_n)])
+
+
+# --------------------------------------------------------------------------------------------------
+# Python entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def neighborhood_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: MaskSpec,
+    *,
+    scale: float,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    return_lse: bool = False,
+    config: NeighborhoodConfig | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """softmax(scale · q kᵀ + bias, −inf outside ``spec`` and ``mask``) @ v, fused and sparse.
+
+    q [B, Hq, N, D], k [B, Hkv, M, D], v [B, Hkv, M, Dv] (Hq % Hkv == 0, head h reads kv head
+    h // (Hq // Hkv)), any strides, fp16/bf16/fp32, D and Dv in 1..256. ``spec``: a causal,
+    neighborhood or blocked ``MaskSpec`` (2-D/3-D grids need N = M = prod(grid)).
+    bias: float, broadcastable to [B, Hq, N, M]. mask: bool, broadcastable, True = keep.
+    Returns out [B, Hq, N, Dv] in q.dtype (NaN rows where no key is kept), and with
+    ``return_lse`` the float32 row log-sum-exp [B, Hq, N] (−inf for such rows).
+    ``config`` overrides the table (and, with patches given, the planner)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be 4-D [B, H, L, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    B, HQ, N, D = q.shape
+    Bk, HKV, M, Dk = k.shape
+    Bv, HKVv, Mv, DV = v.shape
+    if Bk != B or Bv != B or HKVv != HKV or Mv != M or Dk != D or HKV == 0 or HQ % HKV != 0:
+        raise ValueError(
+            "shape mismatch: need q [B, Hq, N, D], k [B, Hkv, M, D], v [B, Hkv, M, Dv] with "
+            f"Hq % Hkv == 0; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q, k, v must share one dtype of float16/bfloat16/float32; got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if not (1 <= D <= 256 and 1 <= DV <= 256):
+        raise ValueError(f"head dims must be in 1..256; got D={D}, Dv={DV}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v on different devices: {q.device}, {k.device}, {v.device}")
+    if q.device.type == "cpu":
+        if not _interpreting() or not _is_interpreted(_nbhd_fwd_kernel):
+            raise RuntimeError(
+                "neighborhood_attention got CPU tensors: the Triton kernel runs on a CUDA GPU, or on "
+                "the CPU only under TRITON_INTERPRET=1 set before rewrite.codegen is imported.")
+    elif q.device.type != "cuda":
+        raise RuntimeError(f"neighborhood_attention needs CUDA tensors; got device {q.device}")
+    axes = kernel_axes(spec, N, M)
+
+    shape4 = (B, HQ, N, M)
+    if bias is not None:
+        if not bias.is_floating_point():
+            raise ValueError(f"bias must be a float tensor; got {bias.dtype}")
+        bias = _broadcast_4d(bias, shape4, "bias")
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor (True = keep); got {mask.dtype}")
+        mask = _broadcast_4d(mask, shape4, "mask").view(torch.uint8)
+
+    out = torch.empty((B, HQ, N, DV), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, HQ, N) if return_lse else (1,), dtype=torch.float32, device=q.device)
+    if N == 0 or B == 0 or HQ == 0:
+        return (out, lse) if return_lse else out
+    if M == 0:
+        out.zero_()  # eager: an empty softmax row, an empty sum
+        lse.fill_(float("-inf"))
+        return (out, lse) if return_lse else out
+
+    ndim = sum(ax.kind != _TRIVIAL for ax in axes)
+    has_bias, has_mask = bias is not None, mask is not None
+    cfg = config or choose_config(D, DV, q.dtype, q.device, tuple(axes), has_bias or has_mask)
+    if cfg.q_patch is not None and cfg.k_patch is not None:
+        qp, kpatch = tuple(cfg.q_patch), tuple(cfg.k_patch)
+        if (len(qp) != ndim or len(kpatch) != ndim or math.prod(qp) != cfg.block_m
+                or math.prod(kpatch) != cfg.block_n):
+            raise ValueError(f"patches {qp} / {kpatch} don't fit {ndim} axes and tiles "
+                             f"{cfg.block_m} x {cfg.block_n}")
+    else:
+        qp, kpatch = plan_tiles(tuple(axes), cfg.block_m, cfg.block_n)[:2]
+    qp = (1,) * (3 - ndim) + qp
+    kpatch = (1,) * (3 - ndim) + kpatch
+    nt = [_patches_per_class(ax, p) for ax, p in zip(axes, qp)]
+    tiles = [ax.d * t for ax, t in zip(axes, nt)]
+    even_q = all(ax.qg % ax.d == 0 and (ax.qg // ax.d) % p == 0 for ax, p in zip(axes, qp))
+
+    block_d = max(16, triton.next_power_of_2(D))
+    block_dv = max(16, triton.next_power_of_2(DV))
+    bias_arg = bias if has_bias else q  # dummy pointer, never read
+    mask_arg = mask if has_mask else q
+    bs = bias.stride() if has_bias else (0, 0, 0, 0)
+    ms = mask.stride() if has_mask else (0, 0, 0, 0)
+    qk_scale = float(scale) if has_bias else float(scale) * _LOG2E
+    grid = (math.prod(tiles), B * HQ)
+    a0, a1, a2 = axes
+    with torch.cuda.device(q.device) if q.device.type == "cuda" else nullcontext():
+        _nbhd_fwd_kernel[grid](
+            q, k, v, bias_arg, mask_arg, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *bs, *ms, *out.stride(),
+            HQ, HQ // HKV, N, M, D, DV, qk_scale, a2.off,
+            a0.qg, a1.qg, a2.qg, a0.kg, a1.kg, a2.kg, a0.g, a1.g, a2.g, a0.d, a1.d, a2.d,
+            a0.pa, a1.pa, a2.pa, a0.pb, a1.pb, a2.pb, nt[0], nt[1], nt[2], tiles[1], tiles[2],
+            KIND0=a0.kind, KIND1=a1.kind, KIND2=a2.kind, NDIM=max(ndim, 1),
+            P0=qp[0], P1=qp[1], P2=qp[2], KP0=kpatch[0], KP1=kpatch[1], KP2=kpatch[2],
+            HAS_BIAS=has_bias, HAS_MASK=has_mask, RETURN_LSE=return_lse,
+            REVERSE=spec.kind == "causal",
+            EVEN_Q=even_q, PAD_D=block_d != D, PAD_DV=block_dv != DV,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            # the interpreter multiplies bf16 dot operands as raw bits (triton_attention.py)
+            UPCAST_DOT=q.device.type == "cpu" and q.dtype == torch.bfloat16,
+            FOLD_SCALE=not has_bias and scale > 0,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return (out, lse) if return_lse else out
