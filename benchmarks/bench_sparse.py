@@ -236,6 +236,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also time the SWEEP block-size candidates")
     ap.add_argument("--cases", nargs="+", default=list(CASES))
     ap.add_argument("--ds", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--ns", type=int, nargs="+", default=None, help="only these N (default: each case's own)")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--date", default=dt.date.today().isoformat())
     args = ap.parse_args()
@@ -266,6 +267,8 @@ def main() -> None:
 
     for name in args.cases:
         for n in CASES[name][2]:
+            if args.ns and n not in args.ns:
+                continue
             for d in args.ds:
                 rows.append(run_one(name, n, d, args, flex, cbm, dense, sweep_rows, errors))
                 torch.cuda.empty_cache()

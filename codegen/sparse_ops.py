@@ -60,6 +60,7 @@ def op_spec(spec: MaskSpec, implied: bool) -> str:
     return json.dumps(d)
 
 
+@lru_cache(maxsize=256)
 def parse_spec(text: str) -> tuple[MaskSpec, bool]:
     d = json.loads(text)
     implied = bool(d.pop("implied", False))
@@ -81,8 +82,10 @@ def _recompute_swamped(out, lse, q, k, v, bias, mask, spec: MaskSpec, implied: b
     """Rows whose kernel LSE is finite but below ``_SWAMPED``: recompute them over every key, as
     eager does (the spec applied as −inf only when it replaced −inf tensors, i.e. not ``implied``
     by the remaining ones). Such rows are padding rows: few, so this is cheap."""
+    if bias is None:
+        return out
     bad = torch.isfinite(lse) & (lse < _SWAMPED)
-    if bias is None or not bool(bad.any()):
+    if not bool(bad.any()):
         return out
     b, h, r = bad.nonzero(as_tuple=True)
     g = q.shape[1] // k.shape[1]
@@ -146,7 +149,12 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     if kernel not in SPARSE_KERNELS:
         raise ValueError(f"rewrite::sparse_attention: unknown kernel {kernel!r}; choose from {SPARSE_KERNELS}")
     if kernel in ("triton", "torch"):
-        (q4, k4, v4, b4, m4), batch = as_bhnd(q, k, v, bias, mask)
+        if bias is None and mask is None and q.dim() == k.dim() == v.dim() == 4 and q.shape[0] == k.shape[0]:
+            (q4, k4, v4, b4, m4), batch = (q, k, v, None, None), q.shape[:2]  # the common case, no bookkeeping
+        else:
+            (q4, k4, v4, b4, m4), batch = as_bhnd(q, k, v, bias, mask)
+        # The row log-sum-exp is only needed to find rows to fix.
+        want_lse = bias is not None or masked_row != "nan"
         res = None
         if mspec.kind == "arbitrary":
             if m4 is not None:
@@ -154,15 +162,18 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
         elif kernel == "triton":
             from .triton_neighborhood import neighborhood_attention
 
-            res = neighborhood_attention(q4, k4, v4, mspec, scale=scale, bias=b4, mask=m4, return_lse=True)
+            res = neighborhood_attention(q4, k4, v4, mspec, scale=scale, bias=b4, mask=m4, return_lse=want_lse)
         else:
             from .sparse_torch import sparse_attention_torch
 
-            res = sparse_attention_torch(q4, k4, v4, mspec, scale=scale, bias=b4, mask=m4, return_lse=True)
+            res = sparse_attention_torch(q4, k4, v4, mspec, scale=scale, bias=b4, mask=m4, return_lse=want_lse)
         if res is not None:
-            out, lse = res
-            out = _recompute_swamped(out, lse, q4, k4, v4, b4, m4, mspec, implied, scale)
-            out = _fix_rows(out, lse, v4, masked_row)
+            if want_lse:
+                out, lse = res
+                out = _recompute_swamped(out, lse, q4, k4, v4, b4, m4, mspec, implied, scale)
+                out = _fix_rows(out, lse, v4, masked_row)
+            else:
+                out = res[0] if isinstance(res, tuple) else res
             return out.reshape(*batch, *out.shape[-2:]).to(out_dtype).contiguous()
         kernel = "sdpa"  # a dense run-time mask: sparsity would not pay
     keep = None if mspec.kind in ("dense", "arbitrary") else spec_keep_tensor(mspec, n, m, q.device)

@@ -30,7 +30,7 @@ def _fresh_dynamo():
 
 def _window_1d(w: int, d: int, causal: bool):
     def fn(q, k, v):
-        i = torch.arange(q.shape[-2])
+        i = torch.arange(q.shape[-2], device=q.device)
         t = i[:, None] - i[None, :]
         keep = ((t >= 0) & (t <= w) if causal else t.abs() <= w) & (t % d == 0)
         s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
@@ -40,7 +40,7 @@ def _window_1d(w: int, d: int, causal: bool):
 
 def _window_2d(width: int, ry: int, rx: int, d: int):
     def fn(q, k, v):
-        i = torch.arange(q.shape[-2])
+        i = torch.arange(q.shape[-2], device=q.device)
         y, x = i // width, i % width
         dy, dx = y[:, None] - y[None, :], x[:, None] - x[None, :]
         keep = (dy.abs() <= ry * d) & (dx.abs() <= rx * d) & (dy % d == 0) & (dx % d == 0)
@@ -52,7 +52,7 @@ def _window_2d(width: int, ry: int, rx: int, d: int):
 
 def _halo(block: int, halo: int):
     def fn(q, k, v):
-        i = torch.arange(q.shape[-2])
+        i = torch.arange(q.shape[-2], device=q.device)
         start = (i // block) * block
         keep = (i[None, :] >= start[:, None] - halo) & (i[None, :] <= start[:, None] + block - 1 + halo)
         s = torch.einsum("bhnd,bhmd->bhnm", q, k) * 0.3
@@ -133,7 +133,7 @@ def test_window_density_and_report_fields():
 
 def _unknown_layout(q, k, v):
     """A position-only mask of no known family (a hashed layout, diagonal kept): block-sparse."""
-    i = torch.arange(q.shape[-2])
+    i = torch.arange(q.shape[-2], device=q.device)
     keep = ((i[:, None] // 8 * 5 + i[None, :] // 8 * 3) % 7 == 0) | (i[:, None] // 8 == i[None, :] // 8)
     s = q @ k.transpose(-1, -2) * 0.25
     return s.masked_fill(~keep, float("-inf")).softmax(-1) @ v
