@@ -40,8 +40,15 @@ def find_sites(graph: Graph) -> list[tuple[Site | None, tuple[str, str, str] | N
                 taken.add(sm)
     # The linear-time families (sites with kind "linear" or "flow", planned by passes/linear_apply.py).
     # A chain that holds a softmax belongs to the softmax family, matched or not.
+    # The chunked causal form first: its intra-chunk part alone is a (small) quadratic site too.
     from .linear_attention import find_linear_sites
+    from .linear_chunked import find_chunked_sites, functional_masked_fill
 
+    functional_masked_fill(graph)
+    for s in find_chunked_sites(graph):
+        if s.out_node not in taken and not taken.intersection(s.nodes):
+            out.append((s, None))
+            taken.update(s.nodes)
     out.extend((s, None) for s in find_linear_sites(graph)
                if s.out_node not in taken and not taken.intersection(s.nodes))
     return out

@@ -81,6 +81,9 @@ class LinearSite:
     rejected: str | None = None  # set when the site is attention-like but cannot be expressed
     notes: list[str] = field(default_factory=list)
     nodes: list[Node] = field(default_factory=list)  # the products and every node between them
+    # The quadratic form's operands and their named axes (q, k, v, weights nodes; q_axes, k_axes, v_axes,
+    # out_axes of the second product; axes_of: each chain node's axes), for recognisers built on it.
+    bindings: dict = field(default_factory=dict)
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -381,7 +384,7 @@ def _match_from(c2, c1, chain, x, v_node, x_labels, v_labels) -> LinearSite:
             out_axes.append((lab2atom[lab],))
         else:
             out_axes.append(("f",))
-    out_axes = tuple(out_axes)
+    out_axes = out_axes_c2 = tuple(out_axes)
     batch = sorted(a for a in sizes.sizes if a.startswith("b"))
     if sorted(a for ax in out_axes for a in ax) != sorted([*batch, "p", "f"]):
         raise NoMatch("the output does not keep batch, query and value axes")
@@ -464,6 +467,8 @@ def _match_from(c2, c1, chain, x, v_node, x_labels, v_labels) -> LinearSite:
     site.out_shape = list(shape_of(out))
     site.out_dtype = dtype_of(out) or torch.float32
     site.nodes = [c1.node, *chain, c2.node, *([out] if out is not c2.node else [])]
+    site.bindings = {"q": c1.a, "k": c1.b, "v": v_node, "weights": x, "q_axes": qa, "k_axes": ka,
+                     "v_axes": v_axes, "out_axes": tuple(out_axes_c2), "axes_of": axes_of, "c1": c1, "c2": c2}
     return site
 
 
