@@ -44,7 +44,7 @@ def _window_2d(width: int, ry: int, rx: int, d: int):
         y, x = i // width, i % width
         dy, dx = y[:, None] - y[None, :], x[:, None] - x[None, :]
         keep = (dy.abs() <= ry * d) & (dx.abs() <= rx * d) & (dy % d == 0) & (dx % d == 0)
-        bias = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+        bias = torch.zeros(keep.shape, device=q.device).masked_fill(~keep, float("-inf"))
         s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias
         return s.softmax(-1) @ v
     return fn
