@@ -271,7 +271,16 @@ def _tri(lower: bool):
 
 
 def _where(node, env):
-    c, a, b = (_value(x, env) for x in node.args[:3])
+    return _select(*(_value(x, env) for x in node.args[:3]))
+
+
+def _masked_fill(node, env):
+    """masked_fill(x, c, v) is where(c, v, x)."""
+    x, c, v = (_value(a, env) for a in node.args[:3])
+    return _select(c, v, x)
+
+
+def _select(c: SymVal, a: SymVal, b: SymVal) -> SymVal:
     ec, ea, axes, shape = _broadcast(c, a)
     cc = SymVal(ec, axes, shape)
     ec, eb, axes, shape = _broadcast(cc, b)
@@ -412,6 +421,7 @@ _RULES = {
     aten.logical_not.default: _logical_not, aten.bitwise_not.default: _logical_not,
     aten.tril.default: _tri(True), aten.triu.default: _tri(False),
     aten.where.self: _where, aten.where.ScalarOther: _where, aten.where.ScalarSelf: _where,
+    aten.masked_fill.Scalar: _masked_fill, aten.masked_fill.Tensor: _masked_fill,
     aten.index.Tensor: _index,
     aten.clamp.default: _clamp, aten.clamp.Tensor: _clamp, aten.clamp_min.default: _clamp,
     aten.clamp_min.Tensor: _clamp, aten.clamp_max.default: _clamp, aten.clamp_max.Tensor: _clamp,
