@@ -64,7 +64,9 @@ def rewrite_linear_site(graph: Graph, site, backend: str) -> SiteReport:
     rewritten = Cascade.linear_attention(causal=False)
     original_passes = site.cascade.pass_count() if site.cascade is not None else None
     complexity = {"quadratic": QUADRATIC_TO_LINEAR, "reassociated": "O(N·D²) → O(N·D²) (one fused pass)",
-                  "cumsum": "O(N·D²) memory ([N, D, D] cumsum) → O(N·D) memory, O(N·D²) time"}[site.form]
+                  "cumsum": "O(N·D²) memory ([N, D, D] cumsum) → O(N·D) memory, O(N·D²) time",
+                  "chunked": "O(N·C·D + N·D²) with [N/C, D, D] states in memory → one fused pass, O(N·D) memory"
+                  }[site.form]
     rep = SiteReport(variant="linear", location=site.location, spelling=site.spelling, rewritten=False,
                      cascade=str(site.cascade) if site.cascade is not None else "", shapes=_shapes(site),
                      pass_count={"original": original_passes} if original_passes is not None else {},

@@ -57,7 +57,7 @@ class LinearSite:
 
     spelling: str
     location: str
-    form: str  # "quadratic" | "reassociated" | "cumsum"
+    form: str  # "quadratic" | "reassociated" | "cumsum" | "chunked"
     fq: TensorPlan | None
     fk: TensorPlan | None
     v: TensorPlan | None

@@ -373,7 +373,7 @@ def match_chunked(add: Node) -> LinearSite:
 
 def _rejected(add: Node, qs: LinearSite, parts: list[Node], reason: str) -> LinearSite:
     site = LinearSite(spelling="chunked: inter-chunk state product + intra-chunk " + qs.spelling,
-                      location=location_of(add), form="cumsum", fq=None, fk=None, v=None, out_node=add,
+                      location=location_of(add), form="chunked", fq=None, fk=None, v=None, out_node=add,
                       rejected=f"chunked linear attention: {reason}")
     site.n, site.m, site.e, site.f = qs.n, qs.m, qs.e, qs.f
     site.nodes = list(dict.fromkeys(parts))
@@ -510,7 +510,7 @@ def _prove(add, qs, src, intra_steps, intra_scale, c_inter, inter_steps, inter_s
     n_chunks = sizes.sizes[chunk] if chunk else 1
     n = n_chunks * C
     site = LinearSite(spelling=f"chunked (C = {C}): {c_kv.spelling} → {how} → {c_inter.spelling} + intra "
-                      f"{qs.spelling}{den_how}", location=location_of(add), form="cumsum", fq=None, fk=None, v=None,
+                      f"{qs.spelling}{den_how}", location=location_of(add), form="chunked", fq=None, fk=None, v=None,
                       out_node=out, batch_atoms=rest, scale=intra_scale, normalize=normalize, eps=eps)
     site.fq = _plan(q_src, q_ax, (rest, [*rows, "p"], ["e"]), sizes, "the queries")
     site.fk = _plan(k_src, k_ax, (rest, [*rows, "m"], ["e"]), sizes, "the keys")
