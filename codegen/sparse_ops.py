@@ -21,6 +21,7 @@ without materialising the N×M mask.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from functools import lru_cache
 
@@ -51,20 +52,32 @@ def _spec_keep_cpu(spec_json: str, n: int, m: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(spec_keep(spec, p, k)))
 
 
-def op_spec(spec: MaskSpec, implied: bool) -> str:
+def op_spec(spec: MaskSpec, implied: bool, mask_blocks: tuple[int, int] | None = None) -> str:
     """The op's ``spec`` argument. ``implied``: the remaining mask/bias tensors already imply the
     structure (a Hugging Face 4-D mask whose position-only part was proven); otherwise the
-    structure replaced position-only tensors the graph no longer computes."""
+    structure replaced position-only tensors the graph no longer computes. ``mask_blocks``
+    (bq, bk): the mask operand is a block table, token (p, m) kept iff mask[.., p // bq, m // bk]."""
     d = json.loads(spec.to_json())
     d["implied"] = implied
+    if mask_blocks is not None:
+        d["mask_blocks"] = list(mask_blocks)
     return json.dumps(d)
 
 
 @lru_cache(maxsize=256)
-def parse_spec(text: str) -> tuple[MaskSpec, bool]:
+def parse_spec(text: str) -> tuple[MaskSpec, bool, tuple[int, int] | None]:
     d = json.loads(text)
     implied = bool(d.pop("implied", False))
-    return MaskSpec.from_json(json.dumps(d)), implied
+    blocks = d.pop("mask_blocks", None)
+    return MaskSpec.from_json(json.dumps(d)), implied, tuple(blocks) if blocks else None
+
+
+def token_mask(mask: torch.Tensor | None, blocks: tuple[int, int] | None, n: int, m: int) -> torch.Tensor | None:
+    """A block-table mask expanded to tokens (the paths that need it element by element)."""
+    if mask is None or blocks is None:
+        return mask
+    bq, bk = blocks
+    return mask.repeat_interleave(bq, -2)[..., :n, :].repeat_interleave(bk, -1)[..., :m]
 
 
 def spec_keep_tensor(spec: MaskSpec, n: int, m: int, device) -> torch.Tensor:
@@ -116,26 +129,33 @@ def _fix_rows(out: torch.Tensor, lse: torch.Tensor, v: torch.Tensor, masked_row:
     return out.masked_fill(empty, 0.0)
 
 
-def _block_sparse(q4, k4, v4, b4, m4, scale, on_gpu: bool):
+def _block_sparse(q4, k4, v4, b4, m4, scale, on_gpu: bool, blocks: tuple[int, int] | None):
     """The "arbitrary" kind: the mask tensor alone says what is kept; visit its block map's
     tiles. None when the map visits too much for sparsity to pay (the caller runs dense)."""
     from .block_map import cached_block_map
 
-    m4 = m4.expand(*m4.shape[:2], q4.shape[-2], k4.shape[-2])  # a view: broadcast rows get stride 0
-
+    n, m = q4.shape[-2], k4.shape[-2]
     if on_gpu:
         from .triton_block_sparse import block_sizes, block_sparse_attention
 
         bm, bn = block_sizes(q4.shape[-1], v4.shape[-1], q4.dtype, q4.device)
     else:
         bm, bn = 64, 64
-    bmap = cached_block_map(m4, bm, bn)
+    if blocks is None:
+        m4 = m4.expand(*m4.shape[:2], n, m)  # a view: broadcast rows get stride 0
+        bmap = cached_block_map(m4, bm, bn)
+    else:  # a block table: the map (and, on the GPU, the kernel) read it per block
+        bmap = cached_block_map(m4, bm, bn, block_q=blocks[0], block_k=blocks[1], n=n, m=m)
     if bmap.visited_fraction() > BLOCK_SPARSE_MAX_VISITED:
         return None
     if on_gpu:
-        return block_sparse_attention(q4, k4, v4, bmap, scale=scale, bias=b4, mask=m4, return_lse=True)
+        mask = m4 if blocks is None else None  # None: the map carries the table
+        return block_sparse_attention(q4, k4, v4, bmap, scale=scale, bias=b4, mask=mask, return_lse=True)
     from .sparse_torch import sparse_attention_torch
 
+    if blocks is not None:  # the CPU path evaluates element masks: expand the table
+        m4 = token_mask(m4, blocks, n, m)
+        bmap = dataclasses.replace(bmap, mask=None, mask_block_q=1, mask_block_k=1)
     return sparse_attention_torch(q4, k4, v4, None, scale=scale, bias=b4, mask=m4, block_map=bmap,
                                   return_lse=True)
 
@@ -144,7 +164,7 @@ def _block_sparse(q4, k4, v4, b4, m4, scale, on_gpu: bool):
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                      mask: torch.Tensor | None, scale: float, spec: str, masked_row: str, kernel: str,
                      out_dtype: torch.dtype) -> torch.Tensor:
-    mspec, implied = parse_spec(spec)
+    mspec, implied, blocks = parse_spec(spec)
     n, m = q.shape[-2], k.shape[-2]
     if kernel not in SPARSE_KERNELS:
         raise ValueError(f"rewrite::sparse_attention: unknown kernel {kernel!r}; choose from {SPARSE_KERNELS}")
@@ -158,7 +178,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
         res = None
         if mspec.kind == "arbitrary":
             if m4 is not None:
-                res = _block_sparse(q4, k4, v4, b4, m4, scale, kernel == "triton")
+                res = _block_sparse(q4, k4, v4, b4, m4, scale, kernel == "triton", blocks)
         elif kernel == "triton":
             from .triton_neighborhood import neighborhood_attention
 
@@ -170,12 +190,14 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
         if res is not None:
             if want_lse:
                 out, lse = res
-                out = _recompute_swamped(out, lse, q4, k4, v4, b4, m4, mspec, implied, scale)
+                out = _recompute_swamped(out, lse, q4, k4, v4, b4, token_mask(m4, blocks, n, m), mspec, implied,
+                                         scale)
                 out = _fix_rows(out, lse, v4, masked_row)
             else:
                 out = res[0] if isinstance(res, tuple) else res
             return out.reshape(*batch, *out.shape[-2:]).to(out_dtype).contiguous()
         kernel = "sdpa"  # a dense run-time mask: sparsity would not pay
+    mask = token_mask(mask, blocks, n, m)
     keep = None if mspec.kind in ("dense", "arbitrary") else spec_keep_tensor(mspec, n, m, q.device)
     if mask is not None:
         keep = mask if keep is None else mask & keep
@@ -203,7 +225,8 @@ def _backward(ctx, grad):
     # Backward recomputes the eager math on the materialised mask (no fused sparse backward yet).
     q, k, v, bias, mask = ctx.saved_tensors
     scale, spec, masked_row = ctx.args
-    mspec, _ = parse_spec(spec)
+    mspec, _, blocks = parse_spec(spec)
+    mask = token_mask(mask, blocks, q.shape[-2], k.shape[-2])
     keep = None if mspec.kind in ("dense", "arbitrary") else spec_keep_tensor(mspec, q.shape[-2], k.shape[-2],
                                                                                  q.device)
     if mask is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import operator
 from dataclasses import dataclass, replace
 
@@ -222,13 +223,7 @@ def _layout(node, env):
         return SymVal(a.expr, (None,) * lead + a.axes, shape)
     if t in (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.squeeze.dim,
              aten.squeeze.default, aten.squeeze.dims):
-        # Only views that add or drop size-1 dims keep position symbols meaningful.
-        kept = [(ax, s) for ax, s in zip(a.axes, a.shape) if s != 1]
-        if [s for s in shape if s != 1] != [s for _, s in kept]:
-            raise Opaque("a reshape that merges positions")
-        it = iter(kept)
-        axes = tuple(next(it)[0] if s != 1 else None for s in shape)
-        return SymVal(a.expr, axes, shape)
+        return _reshape(a, shape)
     if t == aten.slice.Tensor:
         dim = node.args[1] if len(node.args) > 1 else 0
         dim = dim + len(a.axes) if dim < 0 else dim
@@ -251,6 +246,53 @@ def _layout(node, env):
             order[d0], order[d1] = order[d1], order[d0]
         return SymVal(a.expr, tuple(a.axes[d] for d in order), shape)
     return SymVal(a.expr, a.axes, shape)  # casts, clones, aliases
+
+
+def _reshape(a: SymVal, shape: tuple[int, ...]) -> SymVal:
+    """A row-major reshape: dims are grouped into runs of equal extent; inside a run the flat
+    index F = Σ new_j · stride_j gives each old coordinate as ⌊F / stride_i⌋ mod size_i."""
+    old = [(ax, sz) for ax, sz in zip(a.axes, a.shape) if sz != 1]
+    new_sizes = [sz for sz in shape if sz != 1]
+    if math.prod(sz for _, sz in old) != math.prod(new_sizes):
+        raise Opaque("a reshape of another size")
+    subs, new_axes, i, j = {}, [], 0, 0
+    while i < len(old) or j < len(new_sizes):
+        oi, nj = i + 1, j + 1
+        po, pn = old[i][1] if i < len(old) else 1, new_sizes[j] if j < len(new_sizes) else 1
+        while po != pn:  # grow the smaller side until both runs cover the same extent
+            if po < pn:
+                po *= old[oi][1]
+                oi += 1
+            else:
+                pn *= new_sizes[nj]
+                nj += 1
+        syms = [_fresh() for _ in range(j, nj)]
+        flat = sum(sym * math.prod(new_sizes[t + 1:nj]) for sym, t in zip(syms, range(j, nj)))
+        for t in range(i, oi):
+            ax, sz = old[t]
+            if ax is not None:
+                stride = math.prod(o[1] for o in old[t + 1:oi])
+                coord = sympy.floor(flat / stride) if stride > 1 else flat
+                subs[ax] = coord if t == i else sympy.Mod(coord, sz)
+        new_axes += syms
+        i, j = oi, nj
+    it = iter(new_axes)
+    axes = tuple(next(it) if sz != 1 else None for sz in shape)
+    return SymVal(a.expr.xreplace(subs), axes, tuple(shape))
+
+
+def _repeat_interleave(node, env):
+    """repeat_interleave(x, r, dim): out[.., j, ..] = x[.., ⌊j / r⌋, ..] (block-granular masks)."""
+    a = _value(node.args[0], env)
+    reps, dim = node.args[1], node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    if not isinstance(reps, int) or dim is None:
+        raise Opaque("repeat_interleave without an int count and a dim")
+    dim = dim + len(a.axes) if dim < 0 else dim
+    new = _fresh()
+    axes = list(a.axes)
+    expr = a.expr.xreplace({axes[dim]: sympy.floor(new / reps)}) if axes[dim] is not None else a.expr
+    axes[dim] = new
+    return SymVal(expr, tuple(axes), _shape(node))
 
 
 def _tri(lower: bool):
@@ -422,6 +464,7 @@ _RULES = {
     aten.tril.default: _tri(True), aten.triu.default: _tri(False),
     aten.where.self: _where, aten.where.ScalarOther: _where, aten.where.ScalarSelf: _where,
     aten.masked_fill.Scalar: _masked_fill, aten.masked_fill.Tensor: _masked_fill,
+    aten.repeat_interleave.self_int: _repeat_interleave,
     aten.index.Tensor: _index,
     aten.clamp.default: _clamp, aten.clamp.Tensor: _clamp, aten.clamp_min.default: _clamp,
     aten.clamp_min.Tensor: _clamp, aten.clamp_max.default: _clamp, aten.clamp_max.Tensor: _clamp,
@@ -452,9 +495,14 @@ def lift(node: Node) -> SymVal:
 def keep_predicate(node: Node, invert: bool, row_axis: int, col_axis: int) -> sympy.Basic:
     """The keep predicate of a bool mask over the score position symbols (p, m).
     row_axis/col_axis: which dims of the mask tensor line up with queries and keys (or None)."""
+    return keep_predicate_and_axes(node, invert, row_axis, col_axis)[0]
+
+
+def keep_predicate_and_axes(node: Node, invert: bool, row_axis: int, col_axis: int) -> tuple[sympy.Basic, SymVal]:
+    """``keep_predicate`` and the lifted value whose axis symbols it uses."""
     v = lift(node)
     expr = at_positions(_as_bool(v.expr), v, row_axis, col_axis)
-    return sympy.Not(expr) if invert else expr
+    return (sympy.Not(expr) if invert else expr), v
 
 
 def at_positions(expr: sympy.Basic, v: SymVal, row_axis: int | None, col_axis: int | None) -> sympy.Basic:

@@ -35,6 +35,7 @@ class Plan:
     constant_mask: torch.Tensor | None = None  # a position-only mask folded to a constant
     kept_fraction: float | None = None  # measured on the mask tensor (block-sparse sites)
     implied: bool = False  # the structure is implied by the mask tensors kept (MaskFacts.implied)
+    mask_blocks: tuple[int, int] | None = None  # the one mask is a block table: keep[⌊p/bq⌋, ⌊m/bk⌋]
 
     @property
     def sparse(self) -> bool:
@@ -278,6 +279,7 @@ def plan_site(site: Site, backend: str, device: torch.device | None, inputs=None
     variant = {"causal": "causal", "neighborhood": "neighborhood", "blocked": "neighborhood"}.get(spec.kind, "dense")
     kept_fraction = None
     constant = None
+    mask_blocks = None
     if spec.kind == "arbitrary" and facts.constant_keep is not None:
         constant = facts.constant_keep
         kept_fraction = float(constant.float().mean())
@@ -300,6 +302,13 @@ def plan_site(site: Site, backend: str, device: torch.device | None, inputs=None
                                       "first call", runtime=True, density=kept_fraction)
                 notes.append(f"run-time mask {kept_fraction:.1%} kept on the first call: block map built per "
                              "call, block-sparse kernel while at most half the tiles are visited")
+                granular = _block_granular(keeps[0]) if len(keeps) == 1 else None
+                if granular is not None:
+                    # The mask is a block table read at ⌊p/bq⌋, ⌊m/bk⌋ (MoBA/BiFormer routing, BigBird
+                    # layouts): pass the table itself; the token-level mask is never built.
+                    keeps, mask_blocks = [granular[0]], granular[1:]
+                    notes.append(f"the mask reads a run-time table per {mask_blocks[0]}×{mask_blocks[1]} block: "
+                                 "the kernel takes the table, the token-level mask is not materialised")
     on_gpu = device is not None and device.type == "cuda"
     if variant in ("neighborhood", "block_sparse"):
         kernel = "triton" if backend == "triton" or (backend == "auto" and on_gpu) else "torch"
@@ -311,7 +320,63 @@ def plan_site(site: Site, backend: str, device: torch.device | None, inputs=None
             kernel = "triton"  # SDPA has no bottom-right causal without a materialised mask
     return Plan(site, variant, kernel, spec, causal, offset, biases, keeps, masked_row, notes + site.notes,
                 mask_causal_hint=hint, predicate=facts.predicate, constant_mask=constant,
-                kept_fraction=kept_fraction, implied=facts.implied)
+                kept_fraction=kept_fraction, implied=facts.implied, mask_blocks=mask_blocks)
+
+
+def _block_granular(kp: TensorPlan) -> tuple[TensorPlan, int, int] | None:
+    """A run-time bool mask that is a table read per block, ``T[.., ⌊p/bq⌋, ⌊m/bk⌋]``
+    (repeat_interleave, expand+reshape): (a plan giving T as [*batch, ⌈N/bq⌉, ⌈M/bk⌉], bq, bk)."""
+    try:
+        pred, v = masks.keep_predicate_and_axes(kp.node, kp.invert, kp.rows_dim, kp.cols_dim)
+    except masks.Opaque:
+        return None
+    if not isinstance(pred, sympy.core.function.AppliedUndef):
+        return None
+    name = type(pred).__name__[2:]  # R_<node name>
+    src = next((n for n in kp.node.graph.nodes if n.name == name), None)
+    shape = list(src.meta["val"].shape) if src is not None and "val" in src.meta else None
+    if shape is None or src.meta["val"].dtype != torch.bool:
+        return None
+    canon = {ax: kp.perm.index(d) for d, ax in enumerate(v.axes) if ax is not None}  # symbol → canonical dim
+    rank = len(kp.shape)
+    src_dims = [d for d, sz in enumerate(shape) if sz != 1]
+    if len(src_dims) != len(pred.args):
+        return None
+    target = [1] * rank
+    order: list[tuple[int, int]] = []  # (canonical dim, source dim)
+    bq = bk = None
+    for d, arg in zip(src_dims, pred.args):
+        if arg in (P_SYM, M_SYM):
+            blk, sym = 1, arg
+        elif isinstance(arg, sympy.floor) and len(arg.args[0].free_symbols) == 1:
+            sym = next(iter(arg.args[0].free_symbols))
+            blk = sympy.simplify(sym / arg.args[0])
+            if not blk.is_Integer or int(blk) < 1:
+                return None
+            blk = int(blk)
+        elif arg in canon and arg not in (P_SYM, M_SYM):
+            c = canon[arg]
+            if c >= rank - 2 or kp.shape[c] != shape[d]:
+                return None
+            target[c] = shape[d]
+            order.append((c, d))
+            continue
+        else:
+            return None
+        if sym == P_SYM and bq is None:
+            bq, c = blk, rank - 2
+        elif sym == M_SYM and bk is None:
+            bk, c = blk, rank - 1
+        else:
+            return None
+        target[c] = shape[d]
+        order.append((c, d))
+    n, m = kp.shape[-2], kp.shape[-1]
+    bq = bq if bq is not None else n  # no query index: one block of all rows
+    if bk is None or bk == 1 and bq == 1 or target[-2] != -(-n // bq) or target[-1] != -(-m // bk):
+        return None
+    perm = [d for _, d in sorted(order)] + [d for d in range(len(shape)) if d not in {d for _, d in order}]
+    return TensorPlan(src, perm, target), bq, bk
 
 
 def _first_call_keep(keeps: list[TensorPlan], inputs) -> torch.Tensor | None:
