@@ -168,6 +168,28 @@ def _attn_tile(
 
 
 @triton.jit
+def _store_rows(out, rm, rd, o_ptrs, lse_ptrs, offs_m, offs_dv, N, DV, STORE_OUT: tl.constexpr,
+                HAS_BIAS: tl.constexpr, RETURN_LSE: tl.constexpr, EVEN_ROWS: tl.constexpr, PAD_DV: tl.constexpr):
+    """Every fused kernel's epilogue: the output rows (AV, already RNV ÷ RD) and, when asked, the
+    natural-log LSE of S: −inf for empty rows (RM = −inf, ln 0 = −inf). Without a bias RM is kept in
+    log2 units (see the header), so the whole sum is converted; with one only ln RD is."""
+    if STORE_OUT:
+        if EVEN_ROWS and not PAD_DV:
+            tl.store(o_ptrs, out)
+        else:
+            tl.store(o_ptrs, out, mask=(offs_m[:, None] < N) & (offs_dv[None, :] < DV))
+    if RETURN_LSE:
+        if HAS_BIAS:
+            lse = rm + tl.math.log2(rd) * 0.6931471805599453
+        else:
+            lse = (rm + tl.math.log2(rd)) * 0.6931471805599453
+        if EVEN_ROWS:
+            tl.store(lse_ptrs, lse)
+        else:
+            tl.store(lse_ptrs, lse, mask=offs_m < N)
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, Bias, Mask, Out, Lse,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -259,24 +281,12 @@ def _attn_fwd_kernel(
     out = (acc / rd[:, None]).to(out_dtype)
     if USE_TMA:
         Out.store([b32, h32, start_m, 0], out.reshape(1, 1, BLOCK_M, BLOCK_DV))  # clipped at N, DV
+        o_ptrs = Lse  # unused: the copy engine stored the rows
     else:
         o_ptrs = (Out + b * stride_ob + h * stride_oh
                   + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od)
-        if EVEN_N and not PAD_DV:
-            tl.store(o_ptrs, out)
-        else:
-            tl.store(o_ptrs, out, mask=(offs_m[:, None] < N) & (offs_dv[None, :] < DV))
-    if RETURN_LSE:
-        # natural-log LSE of S; −inf for empty rows (RM = −inf, ln 0 = −inf)
-        if HAS_BIAS:
-            lse = rm + tl.math.log2(rd) * 0.6931471805599453
-        else:
-            lse = (rm + tl.math.log2(rd)) * 0.6931471805599453
-        lse_ptrs = Lse + bh.to(tl.int64) * N + offs_m
-        if EVEN_N:
-            tl.store(lse_ptrs, lse)
-        else:
-            tl.store(lse_ptrs, lse, mask=offs_m < N)
+    _store_rows(out, rm, rd, o_ptrs, Lse + bh.to(tl.int64) * N + offs_m, offs_m, offs_dv, N, DV,
+                not USE_TMA, HAS_BIAS, RETURN_LSE, EVEN_N, PAD_DV)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -351,6 +361,36 @@ def _broadcast_4d(t: torch.Tensor, shape: tuple[int, int, int, int], what: str) 
                          f"[B, Hq, N, M] = {list(shape)}") from e
 
 
+def check_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, name: str, kernel) -> tuple[int, ...]:
+    """The checks every fused entry point makes (shapes, dtypes, head dims, devices, and that a
+    CPU tensor can only run under the interpreter); returns B, Hq, N, D, Hkv, M, Dv."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be 4-D [B, H, L, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    B, HQ, N, D = q.shape
+    Bk, HKV, M, Dk = k.shape
+    Bv, HKVv, Mv, DV = v.shape
+    if Bk != B or Bv != B or HKVv != HKV or Mv != M or Dk != D or HKV == 0 or HQ % HKV != 0:
+        raise ValueError(
+            "shape mismatch: need q [B, Hq, N, D], k [B, Hkv, M, D], v [B, Hkv, M, Dv] with "
+            f"Hq % Hkv == 0; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q, k, v must share one dtype of float16/bfloat16/float32; got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if not (1 <= D <= 256 and 1 <= DV <= 256):
+        raise ValueError(f"head dims must be in 1..256; got D={D}, Dv={DV}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v on different devices: {q.device}, {k.device}, {v.device}")
+    if q.device.type == "cpu":
+        if not _interpreting() or not _is_interpreted(kernel):
+            raise RuntimeError(
+                f"{name} got CPU tensors: the Triton kernel runs on a CUDA GPU, or on the CPU only under "
+                "TRITON_INTERPRET=1 set before rewrite.codegen is imported. Use the torch kernels on the CPU.")
+    elif q.device.type != "cuda":
+        raise RuntimeError(f"{name} needs CUDA tensors; got device {q.device}")
+    return B, HQ, N, D, HKV, M, DV
+
+
 def triton_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -373,32 +413,7 @@ def triton_attention(
     log-sum-exp [B, Hq, N] of the scores (−inf for fully masked rows).
     ``config`` overrides the block-size table (benchmarks, tests).
     """
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be 4-D [B, H, L, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    B, HQ, N, D = q.shape
-    Bk, HKV, M, Dk = k.shape
-    Bv, HKVv, Mv, DV = v.shape
-    if Bk != B or Bv != B or HKVv != HKV or Mv != M or Dk != D or HKV == 0 or HQ % HKV != 0:
-        raise ValueError(
-            "shape mismatch: need q [B, Hq, N, D], k [B, Hkv, M, D], v [B, Hkv, M, Dv] with "
-            f"Hq % Hkv == 0; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16,
-                                                               torch.float32):
-        raise ValueError(f"q, k, v must share one dtype of float16/bfloat16/float32; got "
-                         f"{q.dtype}, {k.dtype}, {v.dtype}")
-    if not (1 <= D <= 256 and 1 <= DV <= 256):
-        raise ValueError(f"head dims must be in 1..256; got D={D}, Dv={DV}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v on different devices: {q.device}, {k.device}, {v.device}")
-    if q.device.type == "cpu":
-        if not _interpreting() or not _is_interpreted(_attn_fwd_kernel):
-            raise RuntimeError(
-                "triton_attention got CPU tensors: the Triton kernel runs on a CUDA GPU, or on the "
-                "CPU only under TRITON_INTERPRET=1 set before rewrite.codegen.triton_attention is "
-                "imported. Use the torch reference kernel on the CPU.")
-    elif q.device.type != "cuda":
-        raise RuntimeError(f"triton_attention needs CUDA tensors; got device {q.device}")
+    B, HQ, N, D, HKV, M, DV = check_operands(q, k, v, "triton_attention", _attn_fwd_kernel)
 
     shape4 = (B, HQ, N, M)
     if bias is not None:

@@ -56,9 +56,9 @@ from rewrite.codegen.triton_attention import (
     _LOG2E,
     _attn_tile,
     _broadcast_4d,
-    _interpreting,
-    _is_interpreted,
     _load_tile,
+    _store_rows,
+    check_operands,
 )
 from rewrite.passes.mask_classes import axes_of
 from rewrite.passes.masks import MaskSpec
@@ -352,20 +352,8 @@ def _nbhd_fwd_kernel(
     # AV = RNV ÷ RD: 0 ÷ 0 = NaN for rows that never saw a finite score, as in eager.
     out = (acc / rd[:, None]).to(out_dtype)
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od
-    if EVEN_Q and not PAD_DV:
-        tl.store(o_ptrs, out)
-    else:
-        tl.store(o_ptrs, out, mask=(offs_m[:, None] < N) & (offs_dv[None, :] < DV))
-    if RETURN_LSE:
-        if HAS_BIAS:
-            lse = rm + tl.math.log2(rd) * 0.6931471805599453
-        else:
-            lse = (rm + tl.math.log2(rd)) * 0.6931471805599453
-        lse_ptrs = Lse + bh.to(tl.int64) * N + offs_m
-        if EVEN_Q:
-            tl.store(lse_ptrs, lse)
-        else:
-            tl.store(lse_ptrs, lse, mask=offs_m < N)
+    _store_rows(out, rm, rd, o_ptrs, Lse + bh.to(tl.int64) * N + offs_m, offs_m, offs_dv, N, DV,
+                True, HAS_BIAS, RETURN_LSE, EVEN_Q, PAD_DV)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -606,30 +594,7 @@ def neighborhood_attention(
     Returns out [B, Hq, N, Dv] in q.dtype (NaN rows where no key is kept), and with
     ``return_lse`` the float32 row log-sum-exp [B, Hq, N] (−inf for such rows).
     ``config`` overrides the table (and, with patches given, the planner)."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be 4-D [B, H, L, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    B, HQ, N, D = q.shape
-    Bk, HKV, M, Dk = k.shape
-    Bv, HKVv, Mv, DV = v.shape
-    if Bk != B or Bv != B or HKVv != HKV or Mv != M or Dk != D or HKV == 0 or HQ % HKV != 0:
-        raise ValueError(
-            "shape mismatch: need q [B, Hq, N, D], k [B, Hkv, M, D], v [B, Hkv, M, Dv] with "
-            f"Hq % Hkv == 0; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"q, k, v must share one dtype of float16/bfloat16/float32; got "
-                         f"{q.dtype}, {k.dtype}, {v.dtype}")
-    if not (1 <= D <= 256 and 1 <= DV <= 256):
-        raise ValueError(f"head dims must be in 1..256; got D={D}, Dv={DV}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v on different devices: {q.device}, {k.device}, {v.device}")
-    if q.device.type == "cpu":
-        if not _interpreting() or not _is_interpreted(_nbhd_fwd_kernel):
-            raise RuntimeError(
-                "neighborhood_attention got CPU tensors: the Triton kernel runs on a CUDA GPU, or on "
-                "the CPU only under TRITON_INTERPRET=1 set before rewrite.codegen is imported.")
-    elif q.device.type != "cuda":
-        raise RuntimeError(f"neighborhood_attention needs CUDA tensors; got device {q.device}")
+    B, HQ, N, D, HKV, M, DV = check_operands(q, k, v, "neighborhood_attention", _nbhd_fwd_kernel)
     axes = kernel_axes(spec, N, M)
 
     shape4 = (B, HQ, N, M)
