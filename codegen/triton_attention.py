@@ -391,6 +391,35 @@ def check_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, name: str,
     return B, HQ, N, D, HKV, M, DV
 
 
+def prepare_bias_mask(bias, mask, shape4: tuple[int, int, int, int]):
+    """bias as a float view broadcast to [B, Hq, N, M]; mask as a uint8 view of the same bools
+    (same-size reinterpretation, no copy: Triton loads bytes, the kernels test != 0)."""
+    if bias is not None:
+        if not bias.is_floating_point():
+            raise ValueError(f"bias must be a float tensor; got {bias.dtype}")
+        bias = _broadcast_4d(bias, shape4, "bias")
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor (True = keep); got {mask.dtype}")
+        mask = _broadcast_4d(mask, shape4, "mask").view(torch.uint8)
+    return bias, mask
+
+
+def allocate_rows(q: torch.Tensor, shape4: tuple[int, int, int, int], dv: int, return_lse: bool):
+    """out [B, Hq, N, Dv] and lse, and whether the launch can be skipped (the result is already
+    eager's: nothing to compute, or no keys: an empty softmax row, an empty sum, LSE −inf)."""
+    B, HQ, N, M = shape4
+    out = torch.empty((B, HQ, N, dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, HQ, N) if return_lse else (1,), dtype=torch.float32, device=q.device)
+    if N == 0 or B == 0 or HQ == 0:
+        return out, lse, True
+    if M == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse, True
+    return out, lse, False
+
+
 def triton_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -416,24 +445,9 @@ def triton_attention(
     B, HQ, N, D, HKV, M, DV = check_operands(q, k, v, "triton_attention", _attn_fwd_kernel)
 
     shape4 = (B, HQ, N, M)
-    if bias is not None:
-        if not bias.is_floating_point():
-            raise ValueError(f"bias must be a float tensor; got {bias.dtype}")
-        bias = _broadcast_4d(bias, shape4, "bias")
-    if mask is not None:
-        if mask.dtype != torch.bool:
-            raise ValueError(f"mask must be a bool tensor (True = keep); got {mask.dtype}")
-        # same-size reinterpretation, no copy: Triton loads bytes, the kernel tests != 0
-        mask = _broadcast_4d(mask, shape4, "mask").view(torch.uint8)
-
-    out = torch.empty((B, HQ, N, DV), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, HQ, N) if return_lse else (1,), dtype=torch.float32, device=q.device)
-    if N == 0 or B == 0 or HQ == 0:
-        return (out, lse) if return_lse else out
-    if M == 0:
-        # eager: softmax over an empty row is empty, and an empty sum is 0
-        out.zero_()
-        lse.fill_(float("-inf"))
+    bias, mask = prepare_bias_mask(bias, mask, shape4)
+    out, lse, done = allocate_rows(q, shape4, DV, return_lse)
+    if done:
         return (out, lse) if return_lse else out
 
     cfg = config or choose_config(D, DV, q.dtype, q.device, causal, bias is not None or mask is not None)

@@ -44,7 +44,9 @@ from .triton_attention import (
     _broadcast_4d,
     _load_tile,
     _store_rows,
+    allocate_rows,
     check_operands,
+    prepare_bias_mask,
 )
 
 __all__ = ["block_sizes", "choose_block_sparse_config", "block_sparse_attention", "dense_block_map"]
@@ -301,18 +303,9 @@ def block_sparse_attention(
         rows = triton.cdiv(N, div_n)
         cols = triton.cdiv(M, div_m)
         pmask = _broadcast_4d(pmask, (B, HQ, rows, cols), "block map mask").view(torch.uint8)
-    if bias is not None:
-        if not bias.is_floating_point():
-            raise ValueError(f"bias must be a float tensor; got {bias.dtype}")
-        bias = _broadcast_4d(bias, shape4, "bias")
-
-    out = torch.empty((B, HQ, N, DV), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, HQ, N) if return_lse else (1,), dtype=torch.float32, device=q.device)
-    if N == 0 or B == 0 or HQ == 0:
-        return (out, lse) if return_lse else out
-    if M == 0:
-        out.zero_()
-        lse.fill_(float("-inf"))
+    bias, _ = prepare_bias_mask(bias, None, shape4)
+    out, lse, done = allocate_rows(q, shape4, DV, return_lse)
+    if done:
         return (out, lse) if return_lse else out
 
     block_d = max(16, triton.next_power_of_2(D))

@@ -55,10 +55,11 @@ import triton.language as tl
 from rewrite.codegen.triton_attention import (
     _LOG2E,
     _attn_tile,
-    _broadcast_4d,
     _load_tile,
     _store_rows,
+    allocate_rows,
     check_operands,
+    prepare_bias_mask,
 )
 from rewrite.passes.mask_classes import axes_of
 from rewrite.passes.masks import MaskSpec
@@ -598,22 +599,9 @@ def neighborhood_attention(
     axes = kernel_axes(spec, N, M)
 
     shape4 = (B, HQ, N, M)
-    if bias is not None:
-        if not bias.is_floating_point():
-            raise ValueError(f"bias must be a float tensor; got {bias.dtype}")
-        bias = _broadcast_4d(bias, shape4, "bias")
-    if mask is not None:
-        if mask.dtype != torch.bool:
-            raise ValueError(f"mask must be a bool tensor (True = keep); got {mask.dtype}")
-        mask = _broadcast_4d(mask, shape4, "mask").view(torch.uint8)
-
-    out = torch.empty((B, HQ, N, DV), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, HQ, N) if return_lse else (1,), dtype=torch.float32, device=q.device)
-    if N == 0 or B == 0 or HQ == 0:
-        return (out, lse) if return_lse else out
-    if M == 0:
-        out.zero_()  # eager: an empty softmax row, an empty sum
-        lse.fill_(float("-inf"))
+    bias, mask = prepare_bias_mask(bias, mask, shape4)
+    out, lse, done = allocate_rows(q, shape4, DV, return_lse)
+    if done:
         return (out, lse) if return_lse else out
 
     ndim = sum(ax.kind != _TRIVIAL for ax in axes)
