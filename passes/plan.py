@@ -160,6 +160,8 @@ def analyse_mask(site: Site) -> MaskFacts:
             keeps, biases = restore()
             return MaskFacts(replace(spec, runtime=True), keeps, biases, False, spec.offset, None, notes)
         return MaskFacts(spec, [], [], True, spec.offset, None, notes)
+    if spec.kind in ("neighborhood", "blocked") and spec.density == 1.0:
+        spec = masks.MaskSpec("dense")  # a window that covers every key (proven, counted exactly)
     if spec.kind in ("neighborhood", "blocked"):
         # The kernel's tiles come from the dropped tensors' structure; run-time tensors left are
         # applied inside the visited tiles.

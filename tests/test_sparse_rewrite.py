@@ -253,3 +253,33 @@ def test_block_table_masks_pass_the_table(case, backend):
         want = fn(q.double(), k.double(), v.double(), t)
         assert want.isnan().any()  # some rows keep no key: NaN, as eager
         torch.testing.assert_close(fast(q, k, v, t).double(), want, atol=2e-5, rtol=2e-5, equal_nan=True)
+
+
+def _natten_2d(h: int, w: int, ks: int):
+    """NATTEN's edge-clamped window, written as users write it (the window start clamped)."""
+    def fn(q, k, v):
+        i = torch.arange(q.shape[-2], device=q.device)
+        y, x = i // w, i % w
+        sy = (y - ks // 2).clamp(0, h - ks)
+        sx = (x - ks // 2).clamp(0, w - ks)
+        keep = ((y[None, :] >= sy[:, None]) & (y[None, :] < sy[:, None] + ks)
+                & (x[None, :] >= sx[:, None]) & (x[None, :] < sx[:, None] + ks))
+        s = q @ k.transpose(-1, -2) * 0.25
+        return s.masked_fill(~keep, float("-inf")).softmax(-1) @ v
+    return fn
+
+
+@SETTINGS
+@given(h=st.integers(3, 8), w=st.integers(3, 8), ks=st.sampled_from([3, 5]),
+       backend=st.sampled_from(["torch", "triton"]), seed=st.integers(0, 99))
+def test_natten_clamped_2d(h, w, ks, backend, seed):
+    ks = min(ks, h, w) | 1
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, 2, h * w, 16, generator=g) for _ in range(3))
+    fn = _natten_2d(h, w, ks)
+    site, out = _run(fn, q, k, v, backend)
+    kept = (ks * ks) / (h * w)
+    assert site.variant == ("dense" if kept == 1 else "neighborhood"), site
+    # (on small axes an equivalent rule may be chosen: a clamped 3-window on 4 is also blocks + halo)
+    assert site.density == pytest.approx(kept)
+    torch.testing.assert_close(out.double(), _reference(fn, q, k, v), atol=2e-5, rtol=2e-5)
