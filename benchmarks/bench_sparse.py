@@ -90,8 +90,10 @@ CASES = {
 GOALS = {"1d_w512": ("flex", 1.25), "2d_13x13": ("flex", 5.0), "2d_13x13_dil2": ("flex", 5.0)}
 
 SWEEP = {  # (block_m, block_n, warps, stages) tried with --sweep at the given N
-    ("1d_w512", 64): [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (128, 128, 4, 3), (64, 64, 4, 3)],
-    ("1d_w512", 128): [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
+    ("1d_w512", 64): [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (128, 128, 4, 3), (64, 64, 4, 3),
+                      (64, 64, 4, 4), (64, 32, 4, 3), (32, 64, 4, 3), (64, 128, 4, 3)],
+    ("1d_w512", 128): [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2),
+                       (64, 32, 4, 3), (64, 64, 8, 3)],
     ("2d_13x13", 64): [(128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 4, 3)],
     ("2d_13x13", 128): [(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 3)],
     ("2d_13x13_dil2", 64): [(128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
@@ -192,8 +194,11 @@ def run_one(name: str, n: int, d: int, args, flex, cbm, dense: dict, sweep_rows:
     ours = functools.partial(neighborhood_attention, q, k, v, spec, scale=scale)
     out = guarded(f"ours {name} {n} {d}", ours, errors)
     row["ours_ms"] = guarded(f"ours bench {name}", lambda: bench(ours), errors)
-    if args.sweep and (name, d) in SWEEP and (n == 16384 or name.startswith("2d")):
-        for c in SWEEP[(name, d)]:
+    if args.sweep and (name, d) in SWEEP and (n == 16384 or name.startswith("2d") or args.ns):
+        configs = SWEEP[(name, d)]
+        if args.ns:  # a focused re-run: the candidates not yet measured at this N, and the table's
+            configs = [c for c in configs if c[:2] != (128, 128) and c != (128, 64, 4, 4)]
+        for c in configs:
             c = NeighborhoodConfig(*c)
             cq, ck, _, ct, _ = plan_tiles(axes, c.block_m, c.block_n)
             fn = functools.partial(neighborhood_attention, q, k, v, spec, scale=scale, config=c)
