@@ -409,11 +409,16 @@ def _fit_axis(rows: np.ndarray, keep: np.ndarray, size: int, keys: int, offset_o
     return found
 
 
-def _choose(fits: list[list[tuple[Axis, int]]]) -> tuple[str, list[Axis], int] | None:
+def _choose(fits: list[list[tuple[Axis, int]]], clamp_written: bool = False) -> tuple[str, list[Axis], int] | None:
     """One kind for all axes: blocked when every axis prefers blocks, else neighborhood
-    from each axis's first non-blocked rule (mixed block/window grids: block-sparse path)."""
+    from each axis's first non-blocked rule (mixed block/window grids: block-sparse path).
+    Where a clamped window and blocks both fit exactly (a kernel of 5 on 6 positions is also
+    blocks of 3 with a halo of 2), the name follows the spelling: a predicate written with
+    clamp/min/max is NATTEN's window (``clamp_written``)."""
     if not all(fits):
         return None
+    if clamp_written and all(any(x[0].kind == "clamped" for x in f) for f in fits):
+        fits = [[x for x in f if x[0].kind != "blocked"] for f in fits]
     if all(f[0][0].kind == "blocked" for f in fits):
         return "blocked", [f[0][0] for f in fits], fits[0][0][1]
     plain = [[x for x in f if x[0].kind != "blocked"] for f in fits]
@@ -481,6 +486,7 @@ def classify_structured(pred: sympy.Basic, runtime: bool, n: int | None = None, 
         ax, off = band_axis  # grid (None,): the length is not known, the rule holds for all
         return replace(_spec("neighborhood", (None,), [ax], off, pred, runtime), proof="symbolic")
     keep = evaluator(pred)
+    clamped = bool(pred.atoms(sympy.Min, sympy.Max))
     for grid in _grid_candidates(pred, n):
         if len(grid) > 1 and n != m:
             continue  # a flattened grid is self-attention over one token layout
@@ -488,10 +494,10 @@ def classify_structured(pred: sympy.Basic, runtime: bool, n: int | None = None, 
             chosen = ("neighborhood", [band_axis[0]], band_axis[1])  # proven for every size
         elif len(grid) == 1:
             rows = np.arange(n) if n <= 4096 else _axis_matrix(keep, (n,), 0)[0]
-            chosen = _choose([_fit_axis(rows, keep(rows[:, None], np.arange(m)[None, :]), n, m, True)])
+            chosen = _choose([_fit_axis(rows, keep(rows[:, None], np.arange(m)[None, :]), n, m, True)], clamped)
         else:
             chosen = _choose([_fit_axis(*_axis_matrix(keep, grid, a), grid[a], grid[a], offset_ok=False)
-                              for a in range(len(grid))])
+                              for a in range(len(grid))], clamped)
         if chosen is None:
             continue
         kind, axes, off = chosen

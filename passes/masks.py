@@ -462,7 +462,7 @@ _RULES = {
     aten.bitwise_or.Tensor: _andor(sympy.Or), aten.__or__.Tensor: _andor(sympy.Or),
     aten.logical_not.default: _logical_not, aten.bitwise_not.default: _logical_not,
     aten.tril.default: _tri(True), aten.triu.default: _tri(False),
-    aten.where.self: _where, aten.where.ScalarOther: _where, aten.where.ScalarSelf: _where,
+    aten.where.self: _where, aten.where.ScalarOther: _where, aten.where.ScalarSelf: _where, aten.where.Scalar: _where,
     aten.masked_fill.Scalar: _masked_fill, aten.masked_fill.Tensor: _masked_fill,
     aten.repeat_interleave.self_int: _repeat_interleave,
     aten.index.Tensor: _index,
@@ -506,8 +506,10 @@ def keep_predicate_and_axes(node: Node, invert: bool, row_axis: int, col_axis: i
 
 
 def at_positions(expr: sympy.Basic, v: SymVal, row_axis: int | None, col_axis: int | None) -> sympy.Basic:
-    """Rename the symbols of the dims that line up with queries and keys to p and m."""
-    subs = {}
+    """Rename the symbols of the dims that line up with queries and keys to p and m. The
+    coordinate of any other size-1 dim is 0 (a symbol of no dim left belonged to one)."""
+    live = {ax for d, ax in enumerate(v.axes) if ax is not None and (v.shape[d] != 1 or d in (row_axis, col_axis))}
+    subs = {s: sympy.Integer(0) for s in expr.free_symbols - live if s not in (P_SYM, M_SYM) and s.name[0] in "ir"}
     if row_axis is not None and v.axes[row_axis] is not None:
         subs[v.axes[row_axis]] = P_SYM
     if col_axis is not None and v.axes[col_axis] is not None:
@@ -525,9 +527,9 @@ def bias_predicate(node: Node, row_axis, col_axis) -> tuple[sympy.Basic, float] 
     if not (a.is_Number and b.is_Number):
         return None
     cond = at_positions(cond, v, row_axis, col_axis)
-    if a == 0:
+    if a.is_zero:  # (0.0 == 0 is False in sympy: a float zero is still zero)
         return cond, float(b)
-    if b == 0:
+    if b.is_zero:
         return sympy.Not(cond), float(a)
     return None
 

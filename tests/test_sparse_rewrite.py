@@ -284,3 +284,19 @@ def test_natten_clamped_2d(h, w, ks, backend, seed):
     # (on small axes an equivalent rule may be chosen: a clamped 3-window on 4 is also blocks + halo)
     assert site.density == pytest.approx(kept)
     torch.testing.assert_close(out.double(), _reference(fn, q, k, v), atol=2e-5, rtol=2e-5)
+
+
+def _sliding_bias(q, k, v, window=6):
+    """Mistral-style sliding window as an additive bias built with where(cond, 0.0, -inf)."""
+    i = torch.arange(q.shape[-2], device=q.device)
+    dist = i[:, None] - i[None, :]
+    bias = torch.where((dist >= 0) & (dist < window), 0.0, float("-inf"))
+    return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5 + bias, dim=-1) @ v
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sliding_window_written_as_where_bias(backend):
+    q, k, v = (torch.randn(1, 3, 45, 16, generator=torch.Generator().manual_seed(4)) for _ in range(3))
+    site, out = _run(_sliding_bias, q, k, v, backend)
+    assert site.variant == "neighborhood" and "causal=(True,)" in site.mask and "window=(5,)" in site.mask, site
+    torch.testing.assert_close(out.double(), _reference(_sliding_bias, q, k, v), atol=2e-5, rtol=2e-5)

@@ -66,7 +66,10 @@ def test_inspect_reports_one_rewritten_site(spelling, data):
     assert len(report.sites) == 1, f"expected one attention site, found {len(report.sites)}:\n{report}"
     site = report.sites[0]
     assert site.rewritten, f"{spelling.name} left alone: {site.reason}"
-    assert site.variant == spelling.expected_variant, f"{spelling.name}: variant {site.variant!r}"
+    allowed = {spelling.expected_variant}
+    if spelling.expected_variant == "causal" and shape.M == 1:
+        allowed.add("dense")  # one key: a top-left causal mask keeps it for every query (all kept)
+    assert site.variant in allowed, f"{spelling.name}: variant {site.variant!r}"
     assert site.pass_count == {"original": 3, "rewritten": 1}
     assert site.gqa == (spelling.kv_heads != "same"), f"{spelling.name}: gqa={site.gqa}"
 
