@@ -7,16 +7,13 @@ GPU when there is one).
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timing import DEVICE, timed  # examples/timing.py
 
 import rewrite
 from rewrite.patterns.flow_attention import official_flow
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class LinearAttention(nn.Module):
@@ -52,22 +49,6 @@ class Flowformer(nn.Module):
         b, n, _ = x.shape
         q, k, v = (p(x).view(b, n, self.h, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
         return self.out(self.flow(q, k, v).transpose(1, 2).reshape(b, n, -1))
-
-
-def timed(fn, x, reps=5):
-    """Best of ``reps`` calls after a warm-up (the machine may be shared: the minimum is the stable one)."""
-    best = float("inf")
-    with torch.no_grad():
-        fn(x)
-        for _ in range(reps):
-            if DEVICE == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn(x)
-            if DEVICE == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t0)
-    return best * 1e3
 
 
 def main():

@@ -11,14 +11,11 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn as nn
+from timing import DEVICE, timed  # examples/timing.py
 
 import rewrite
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class NeighborhoodViTBlock(nn.Module):
@@ -59,22 +56,6 @@ class SlidingWindowBlock(nn.Module):
         bias = torch.where((dist >= 0) & (dist < self.window), 0.0, float("-inf"))
         s = (q @ k.transpose(-2, -1)) / q.shape[-1] ** 0.5 + bias
         return self.out((torch.softmax(s, dim=-1) @ v).transpose(1, 2).reshape(b, n, -1))
-
-
-def timed(fn, x, reps=5):
-    """Best of ``reps`` calls after a warm-up (the minimum is the stable figure on a shared machine)."""
-    best = float("inf")
-    with torch.no_grad():
-        fn(x)
-        for _ in range(reps):
-            if DEVICE == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn(x)
-            if DEVICE == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t0)
-    return best * 1e3
 
 
 def main():
