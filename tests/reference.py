@@ -94,3 +94,53 @@ def attention_reference(
         empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
         out = out.masked_fill(empty, 0.0)
     return out
+
+
+# Fused kernels against the float64 reference: (norm-relative, atol, rtol) per input dtype.
+# The norm-relative bound catches a systematically wrong kernel that elementwise tolerances
+# sized for bf16 rounding would let through.
+KERNEL_TOL: dict[torch.dtype, tuple[float, float, float]] = {
+    torch.float32: (1e-5, 1e-5, 1e-4),
+    torch.float16: (2e-3, 5e-3, 5e-3),
+    torch.bfloat16: (1.5e-2, 3e-2, 2e-2),
+}
+
+
+def check_kernel(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "",
+                 lse: torch.Tensor | None = None, ref_lse: torch.Tensor | None = None) -> None:
+    """A kernel's output (and row LSE) against the float64 reference: NaN rows in the same
+    places (rows with no kept key), the rest within ``KERNEL_TOL``; LSE −inf on the same rows."""
+    assert out.shape == ref.shape, what
+    o = out.double()
+    nan_o, nan_r = torch.isnan(o), torch.isnan(ref)
+    assert torch.equal(nan_o, nan_r), (f"{what}: NaN positions differ ({int(nan_o.sum())} vs "
+                                       f"{int(nan_r.sum())} expected)")
+    o, r = o[~nan_r], ref[~nan_r]
+    if r.numel():
+        rel, atol, rtol = KERNEL_TOL[dtype]
+        err = float((o - r).norm() / r.norm().clamp_min(1e-30))
+        assert err <= rel, f"{what}: relative error {err:.3g} > {rel}"
+        torch.testing.assert_close(o, r, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+    if lse is not None:
+        finite = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isfinite(lse), finite), f"{what}: LSE −inf rows differ"
+        assert (lse[~finite] == float("-inf")).all()
+        torch.testing.assert_close(lse.double()[finite], ref_lse[finite], atol=1e-4, rtol=1e-5)
+
+
+# Linear-time kernels (linear, flow): error relative to the largest |expected|.
+LINEAR_REL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float64: 1e-10}
+
+
+def close_relative(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, msg: str = "") -> None:
+    """NaN and inf in the same places as the reference; finite entries within ``LINEAR_REL``
+    of the largest finite |expected|."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert a.shape == e.shape, msg
+    assert torch.equal(torch.isnan(a), torch.isnan(e)), f"{msg}: NaN positions differ"
+    assert torch.equal(torch.isinf(a), torch.isinf(e)), f"{msg}: inf positions differ"
+    fin = torch.isfinite(e)
+    if not fin.any():
+        return
+    err = (a[fin] - e[fin]).abs().max() / e[fin].abs().max().clamp_min(1e-30)
+    assert err <= LINEAR_REL[dtype], f"{msg}: relative error {err:.3g} > {LINEAR_REL[dtype]}"

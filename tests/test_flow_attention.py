@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from reference import close_relative
 
 import rewrite
 from rewrite.codegen.linear_ops import flow_reference, flow_torch
@@ -17,18 +18,11 @@ from rewrite.patterns.flow_attention import official_flow, official_flow_causal
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_OK = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-REL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow],
                 phases=(Phase.explicit, Phase.reuse, Phase.generate))
 
 
-def close(actual, expected, dtype, msg=""):
-    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert a.shape == e.shape, msg
-    assert torch.equal(torch.isnan(a), torch.isnan(e)), f"{msg}: NaN positions differ"
-    assert torch.isfinite(a).all(), f"{msg}: non-finite values"
-    err = (a - e).abs().max() / e.abs().max().clamp_min(1e-30)
-    assert err <= REL[dtype], f"{msg}: relative error {err:.3g} > {REL[dtype]}"
+close = close_relative
 
 
 class Flowformer(nn.Module):

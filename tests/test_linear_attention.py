@@ -10,27 +10,18 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from reference import close_relative
 
 import rewrite
 from rewrite.codegen.linear_ops import linear_reference, linear_torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_OK = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-REL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow],
                 phases=(Phase.explicit, Phase.reuse, Phase.generate))
 
 
-def close(actual, expected, dtype, msg=""):
-    """Relative to the largest |expected|; NaN and inf in the same places."""
-    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert a.shape == e.shape, msg
-    assert torch.equal(torch.isnan(a), torch.isnan(e)), f"{msg}: NaN positions differ"
-    assert torch.equal(torch.isinf(a), torch.isinf(e)), f"{msg}: inf positions differ"
-    fin = torch.isfinite(e)
-    scale = e[fin].abs().max().clamp_min(1e-30)
-    err = (a[fin] - e[fin]).abs().max() / scale
-    assert err <= REL[dtype], f"{msg}: relative error {err:.3g} > {REL[dtype]}"
+close = close_relative
 
 
 # ---- spellings ------------------------------------------------------------------------------

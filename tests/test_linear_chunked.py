@@ -12,24 +12,18 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from reference import close_relative
 
 import rewrite
 from rewrite.codegen.linear_ops import linear_reference
 
 TRITON_OK = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-REL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float64: 1e-10}
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow],
                 phases=(Phase.explicit, Phase.reuse, Phase.generate))
 
 
-def close(actual, expected, dtype, msg=""):
-    """Relative to the largest |expected|."""
-    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert a.shape == e.shape, msg
-    assert torch.isfinite(a).all(), msg
-    err = (a - e).abs().max() / e.abs().max().clamp_min(1e-30)
-    assert err <= REL[dtype], f"{msg}: relative error {err:.3g} > {REL[dtype]}"
+close = close_relative
 
 
 def phi_elu(x):

@@ -21,14 +21,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference import KERNEL_TOL, check_kernel
 
 from rewrite.codegen.triton_attention import AttentionConfig, choose_config, triton_attention
 
-TOL: dict[torch.dtype, tuple[float, float, float]] = {  # (norm-relative, atol, rtol)
-    torch.float32: (1e-5, 1e-5, 1e-4),
-    torch.float16: (2e-3, 5e-3, 5e-3),
-    torch.bfloat16: (1.5e-2, 3e-2, 2e-2),
-}
 F32_MIN = torch.finfo(torch.float32).min
 
 
@@ -53,19 +49,7 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     return torch.softmax(s, dim=-1) @ v64, torch.logsumexp(s, dim=-1)
 
 
-def check(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
-    assert out.shape == ref.shape, what
-    o = out.double()
-    nan_o, nan_r = torch.isnan(o), torch.isnan(ref)
-    assert torch.equal(nan_o, nan_r), (f"{what}: NaN positions differ ({int(nan_o.sum())} vs "
-                                       f"{int(nan_r.sum())} expected)")
-    o, r = o[~nan_r], ref[~nan_r]
-    if r.numel() == 0:
-        return
-    rel, atol, rtol = TOL[dtype]
-    err = float((o - r).norm() / r.norm().clamp_min(1e-30))
-    assert err <= rel, f"{what}: relative error {err:.3g} > {rel}"
-    torch.testing.assert_close(o, r, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+check = check_kernel
 
 
 def randn(shape: tuple[int, ...], dtype: torch.dtype, layout: str, gen: torch.Generator,
@@ -181,7 +165,7 @@ def test_empty_rows_nan_and_finfo_min_rows_uniform(dtype: torch.dtype) -> None:
     assert torch.isnan(out[0, :, 3]).all() and torch.isnan(out[0, 1, 11]).all()
     assert not torch.isnan(out[0, 0, 11]).any()
     torch.testing.assert_close(out[0, :, 5].double(), v[0].double().mean(dim=1),
-                               atol=TOL[dtype][1], rtol=TOL[dtype][2])
+                               atol=KERNEL_TOL[dtype][1], rtol=KERNEL_TOL[dtype][2])
     check(out, ref, dtype)
 
 

@@ -23,6 +23,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference import check_kernel
 
 from rewrite.codegen.triton_neighborhood import (
     NeighborhoodConfig,
@@ -35,11 +36,6 @@ from rewrite.codegen.triton_neighborhood import (
 from rewrite.passes.mask_classes import _axis_keep, axes_of, spec_keep
 from rewrite.passes.masks import MaskSpec
 
-TOL: dict[torch.dtype, tuple[float, float, float]] = {  # (norm-relative, atol, rtol)
-    torch.float32: (1e-5, 1e-5, 1e-4),
-    torch.float16: (2e-3, 5e-3, 5e-3),
-    torch.bfloat16: (1.5e-2, 3e-2, 2e-2),
-}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 cpu = pytest.mark.skipif(torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
@@ -85,19 +81,7 @@ def reference(q, k, v, spec, scale, bias=None, mask=None):
     return torch.softmax(s, dim=-1) @ v64, torch.logsumexp(s, dim=-1)
 
 
-def check(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
-    assert out.shape == ref.shape, what
-    o = out.double()
-    nan_o, nan_r = torch.isnan(o), torch.isnan(ref)
-    assert torch.equal(nan_o, nan_r), (f"{what}: NaN positions differ ({int(nan_o.sum())} vs "
-                                       f"{int(nan_r.sum())} expected)")
-    o, r = o[~nan_r], ref[~nan_r]
-    if r.numel() == 0:
-        return
-    rel, atol, rtol = TOL[dtype]
-    err = float((o - r).norm() / r.norm().clamp_min(1e-30))
-    assert err <= rel, f"{what}: relative error {err:.3g} > {rel}"
-    torch.testing.assert_close(o, r, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+check = check_kernel
 
 
 def randn(shape, dtype, layout, gen, device="cpu"):
