@@ -14,7 +14,8 @@ finite value such as finfo.min: softmax over equal scores averages v), "zero" (w
 F.scaled_dot_product_attention itself returns).
 
 The op carries a fake kernel (so graphs that call it still export and compile under
-Inductor) and an autograd formula that recomputes the eager reference in backward.
+Inductor) and an autograd formula that recomputes the forward through SDPA in backward (its fused
+backward, no N×M scores kept), or the eager reference where a row keeps no key.
 """
 
 from __future__ import annotations
@@ -228,14 +229,16 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (scale, causal, causal_offset, masked_row)
 
 
-def reference_grads(q, k, v, bias, keep, needs, grad, scale, causal, causal_offset, masked_row) -> list:
-    """Gradients of q, k, v, bias (None where not needed) by recomputing the eager reference:
-    the backward of every attention op (no fused backward yet)."""
+def recompute_grads(forward, tensors, needs, grad) -> list | None:
+    """Gradients of ``tensors`` (q, k, v, bias; None where not needed) by running ``forward`` (a
+    differentiable function of them) again under autograd: every attention op's backward. ``forward``
+    may return None (its path does not apply to these inputs); then so does this."""
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(bool(n)) if t is not None and t.is_floating_point() else t
-                  for t, n in zip((q, k, v, bias), needs[:4])]
-        out = attention_reference(leaves[0], leaves[1], leaves[2], leaves[3], keep, scale, causal,
-                                  causal_offset, masked_row)
+                  for t, n in zip(tensors, needs[:4])]
+        out = forward(*leaves)
+        if out is None:
+            return None
         wrt = [t for t, n in zip(leaves, needs[:4]) if t is not None and n]
         grads = iter(torch.autograd.grad(out, wrt, grad.to(out.dtype), allow_unused=True) if wrt else [])
     result = []
@@ -246,11 +249,39 @@ def reference_grads(q, k, v, bias, keep, needs, grad, scale, causal, causal_offs
     return result
 
 
+def concrete(*tensors: torch.Tensor | None) -> bool:
+    """Real values in hand (an eager backward, as rewritten graphs run it), not a trace (AOTAutograd,
+    export, opcheck), where a backward must not branch on data."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not torch.compiler.is_compiling() and not any(is_fake(t) for t in tensors if t is not None)
+
+
+def has_empty_rows(bias, mask, causal: bool, causal_offset: int, n: int, m: int, device) -> bool:
+    """Does some query row keep no key (every score −inf)?"""
+    keep = keep_mask(bias, mask, causal, causal_offset, n, m, device)
+    return keep is not None and not bool(keep.any(-1).all())
+
+
+def dense_grads(q, k, v, bias, keep, needs, grad, scale, causal, causal_offset, masked_row) -> list:
+    """Gradients through SDPA (FlashAttention / memory-efficient / cuDNN backward where the device
+    has them: no N×M scores kept) unless a row keeps no key. Eager's gradient there (NaN through the
+    softmax of an all −inf row) is reproduced by recomputing the eager reference itself, as it is
+    under tracing, where whether rows are empty is not known."""
+    n, m = q.shape[-2], k.shape[-2]
+    if not concrete(q, k, v, bias, keep) or has_empty_rows(bias, keep, causal, causal_offset, n, m, q.device):
+        def forward(q, k, v, bias):
+            return attention_reference(q, k, v, bias, keep, scale, causal, causal_offset, masked_row)
+    else:
+        def forward(q, k, v, bias):
+            return _sdpa(q, k, v, bias, keep, scale, causal, causal_offset, masked_row)
+    return recompute_grads(forward, (q, k, v, bias), needs, grad)
+
+
 def _backward(ctx, grad):
     q, k, v, bias, mask = ctx.saved_tensors
     scale, causal, causal_offset, masked_row = ctx.args
-    grads = reference_grads(q, k, v, bias, mask, ctx.needs_input_grad, grad, scale, causal, causal_offset,
-                            masked_row)
+    grads = dense_grads(q, k, v, bias, mask, ctx.needs_input_grad, grad, scale, causal, causal_offset, masked_row)
     return (*grads, None, None, None, None, None, None, None, None)
 
 

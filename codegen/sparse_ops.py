@@ -17,6 +17,10 @@ for sizes where that is cheap), "reference" (eager math on the materialised mask
 Rows with no kept key hold what the original spelling gave (``masked_row``, as in ops.py): the
 sparse kernels return NaN there and their row log-sum-exp is −inf, which locates the rows
 without materialising the N×M mask.
+
+Backward recomputes the forward through the torch path's kept tiles under autograd (memory for
+the kept scores only); with a bias, a row that keeps no key, or a mask too dense for tiles to pay,
+through SDPA or the eager reference on the materialised mask (ops.dense_grads).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch
 
 from rewrite.passes.masks import MaskSpec
 
-from .ops import _sdpa, as_bhnd, attention_reference, reference_grads
+from .ops import _sdpa, as_bhnd, attention_reference, concrete, dense_grads, recompute_grads
 
 SPARSE_KERNELS = ("triton", "torch", "sdpa", "reference")
 # A run-time ("arbitrary") mask goes through the block-sparse kernels only when its block map
@@ -221,17 +225,43 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (scale, spec, masked_row)
 
 
+def _tiled_forward(mask, scale: float, spec: MaskSpec, blocks):
+    """The op's forward as the CPU path computes it (sparse_torch.py: only the kept tiles, in
+    differentiable torch), for recomputation under autograd: the backward then keeps the kept tiles'
+    scores, never N×M. Returns None where it does not apply: a row keeps no key (eager's NaN
+    gradient is reproduced by the reference instead), or the map visits too much to pay."""
+    from .sparse_torch import sparse_attention_torch
+
+    def forward(q, k, v, _bias):
+        (q4, k4, v4, _, m4), batch = as_bhnd(q, k, v, None, mask)
+        if spec.kind == "arbitrary":
+            res = _block_sparse(q4, k4, v4, None, m4, scale, False, blocks) if m4 is not None else None
+        else:
+            res = sparse_attention_torch(q4, k4, v4, spec, scale=scale, mask=m4, return_lse=True)
+        if res is None or bool((res[1] == float("-inf")).any()):
+            return None
+        return res[0].reshape(*batch, *res[0].shape[-2:])
+
+    return forward
+
+
 def _backward(ctx, grad):
-    # Backward recomputes the eager math on the materialised mask (no fused sparse backward yet).
+    # Recompute through the tiled CPU path (memory for kept tiles only); with a bias, or where
+    # that path does not apply, through SDPA / the eager reference on the materialised mask.
     q, k, v, bias, mask = ctx.saved_tensors
     scale, spec, masked_row = ctx.args
     mspec, _, blocks = parse_spec(spec)
-    mask = token_mask(mask, blocks, q.shape[-2], k.shape[-2])
-    keep = None if mspec.kind in ("dense", "arbitrary") else spec_keep_tensor(mspec, q.shape[-2], k.shape[-2],
-                                                                                 q.device)
-    if mask is not None:
-        keep = mask if keep is None else mask & keep
-    grads = reference_grads(q, k, v, bias, keep, ctx.needs_input_grad, grad, scale, False, 0, masked_row)
+    needs = ctx.needs_input_grad
+    grads = None
+    if bias is None and concrete(q, k, v, mask):  # the tiled path plans from values (not traceable)
+        grads = recompute_grads(_tiled_forward(mask, scale, mspec, blocks), (q, k, v, None), needs, grad)
+    if grads is None:
+        mask = token_mask(mask, blocks, q.shape[-2], k.shape[-2])
+        keep = None if mspec.kind in ("dense", "arbitrary") else spec_keep_tensor(mspec, q.shape[-2], k.shape[-2],
+                                                                                     q.device)
+        if mask is not None:
+            keep = mask if keep is None else mask & keep
+        grads = dense_grads(q, k, v, bias, keep, needs, grad, scale, False, 0, masked_row)
     return (*grads, None, None, None, None, None, None)
 
 

@@ -304,9 +304,11 @@ def _merge(parts, qs, shape, want_lse: bool):
         s, vp, _, _ = parts[0]
         lse = torch.logsumexp(s, -1) if want_lse else None
         return torch.softmax(s, -1) @ vp, lse
+    # The running max only shifts exp's argument (out and lse do not depend on it): detached, so
+    # the in-place steps below stay out of autograd's way when the backward recomputes this.
     mx = qs.new_full((bsz, hkv, tc, r), neg)
     for s, _, loc, _ in parts:
-        row_max = s.amax(-1)
+        row_max = s.detach().amax(-1)
         mx.scatter_reduce_(2, loc.view(1, 1, -1, 1).expand_as(row_max), row_max, "amax")
     mx.masked_fill_(mx == neg, 0.0)
     den = qs.new_zeros(bsz, hkv, tc, r)
