@@ -56,18 +56,24 @@ def rewrite_flow_site(graph: Graph, site, backend: str) -> SiteReport:
     rep.flops = int(2 * b * (site.n + site.m) * site.e * site.f)
     if site.causal:
         rep.pass_count["rewritten"] = 1
-        rep.rewritten_cascade = ("every sum of the flow cascade becomes a prefix sum: one scan in the cascade; here "
-                                 "the vector prefix sums run in PyTorch and the [D, D] state in the chunked causal "
-                                 "linear-attention kernel (no [N, D, D] cumsum)")
         rep.complexity = "O(N·D²) memory ([N, D, D] cumsum) → O(N·D) memory, O(N·D²) time"
-        rep.notes.append("causal: the implementation makes ~15 passes over the sequence (PyTorch prefix sums of "
-                         "vectors, then 2 kernel passes), not the cascade's 1")
+        if kernel == "triton":
+            rep.rewritten_cascade = ("every sum of the flow cascade becomes a prefix sum: one scan, run as one "
+                                     "fused Triton kernel walking the sequence in chunks (vector prefix sums by "
+                                     "tl.cumsum plus carries, the [D, D] state Lightning-style)")
+        else:
+            rep.rewritten_cascade = ("every sum of the flow cascade becomes a prefix sum: one scan in the cascade; "
+                                     "the torch path runs the vector prefix sums as PyTorch cumsums and the [D, D] "
+                                     "state chunked (no [N, D, D] cumsum)")
+            rep.notes.append("causal, torch path: ~15 passes over the sequence (PyTorch prefix sums of vectors, "
+                             "then the chunked state), not the cascade's 1; the Triton kernel makes 1")
     else:
         rep.pass_count["rewritten"] = cascade.pass_count("m")
         rep.rewritten_cascade = fused_passes(cascade)
         rep.complexity = (f"O(N·D²) → O(N·D²) in {cascade.pass_count('m')} fused passes over the sequence "
                           f"(eager: {eager} ops over it)")
         if kernel == "triton":
-            rep.notes.append("Triton: 4 kernels, one per pass (sums; conservation; competition + state; output)")
+            rep.notes.append("Triton: 4 kernels, one per pass (Σφk; Σφq and conservation; competition + state; "
+                             "output), 6 tensor reads/writes")
     rep.notes.append(f"eps = {site.eps:g}, clamp of the conserved outgoing flow: {'yes' if site.clamp else 'no'}")
     return rep

@@ -23,6 +23,10 @@ SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow],
 
 
 close = close_relative
+# launch configurations (non-causal keys: block, warps, target, stages, atomic; causal: chunk, bft, warps, stages);
+# target 8 splits each (bh) row in several segments even at the small sizes of the CPU interpreter
+CONFIGS = [{}, {"block": 64, "warps": 4, "target": 8, "atomic": False, "chunk": 32, "bft": 16},
+           {"block": 128, "warps": 8, "target": 2112, "stages": 2, "chunk": 128, "bft": 64}]
 
 
 class Flowformer(nn.Module):
@@ -90,8 +94,7 @@ def test_changed_spelling_is_not_claimed_as_flow():
 @settings(max_examples=8, **SETTINGS)
 @given(causal=st.booleans(), clamp=st.booleans(), n=st.integers(2, 90).map(lambda x: 2 * x + 1),
        d=st.sampled_from([16, 24, 64, 128]), f=st.sampled_from([16, 32, 64]), seed=st.integers(0, 2**16),
-       scale=st.sampled_from([1.0, 4.0]), cfg=st.sampled_from([{}, {"block": 64, "warps": 4, "target": 1056},
-                                                               {"block": 128, "warps": 8, "target": 2112}]))
+       scale=st.sampled_from([1.0, 4.0]), cfg=st.sampled_from(CONFIGS))
 def test_kernels_match_official_float64(causal, clamp, n, d, f, seed, scale, cfg):
     g = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(2, 2, n, d, generator=g).to(DEVICE) * scale for _ in range(2))
@@ -121,10 +124,83 @@ def test_triton_backend_runs_the_flow_kernel():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [64, 128])
-def test_gpu_flow_at_size(d):
+@pytest.mark.parametrize("cfg", [{}, {"atomic": False, "target": 528, "stages": 2}])
+def test_gpu_flow_at_size(d, cfg):
     from rewrite.codegen.triton_flow import flow_attention_triton
 
     q, k, v = (torch.randn(2, 4, 8191, d, device="cuda") for _ in range(3))
     want = flow_reference(q.double(), k.double(), v.double(), False, True)
-    close(flow_attention_triton(q.bfloat16(), k.bfloat16(), v.bfloat16()), want, torch.bfloat16, "bf16")
-    close(flow_attention_triton(q, k, v), want, torch.float32, "fp32")
+    close(flow_attention_triton(q.bfloat16(), k.bfloat16(), v.bfloat16(), cfg=cfg), want, torch.bfloat16, "bf16")
+    close(flow_attention_triton(q, k, v, cfg=cfg), want, torch.float32, "fp32")
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="needs a GPU or TRITON_INTERPRET=1")
+@settings(max_examples=10, **SETTINGS)
+@given(clamp=st.booleans(), n=st.integers(1, 150).map(lambda x: 2 * x + 1),
+       m=st.integers(1, 150).map(lambda x: 2 * x + 1),
+       e=st.sampled_from([16, 40, 64, 128]), f=st.sampled_from([16, 24, 64, 128]), seed=st.integers(0, 2**16),
+       scale=st.sampled_from([1.0, 4.0]), cfg=st.sampled_from(CONFIGS))
+def test_triton_noncausal_queries_and_keys_differ(clamp, n, m, e, f, seed, scale, cfg):
+    """N != M, E != F, segments that do not divide the sequence: the 4 passes against float64."""
+    from rewrite.codegen.triton_flow import flow_attention_triton
+
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(3, n, e, generator=g) * scale).to(DEVICE)
+    k = (torch.randn(3, m, e, generator=g) * scale).to(DEVICE)
+    v = torch.randn(3, m, f, generator=g).to(DEVICE)
+    want = flow_reference(q.double(), k.double(), v.double(), False, clamp)
+    close(flow_attention_triton(q, k, v, False, clamp, cfg=cfg), want, torch.float32, "triton fp32")
+    close(flow_attention_triton(q.bfloat16(), k.bfloat16(), v.bfloat16(), False, clamp, cfg=cfg), want,
+          torch.bfloat16, "triton bf16")
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("cfg", CONFIGS[:2])
+def test_triton_causal_overflow_is_nan_where_eager_is(cfg):
+    """Unclamped causal: e^{src} overflows at the rows where k jumps from -30 to +30; eager's comp is
+    inf/inf = NaN there and every later row is NaN. The fused kernel: the same NaN rows, the rest exact."""
+    from rewrite.codegen.triton_flow import flow_attention_triton
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 2, 77, 16, generator=g) + 30
+    k = torch.randn(1, 2, 77, 16, generator=g) - 30
+    k[0, 0, 40] += 60
+    k[0, 1, 55] += 60
+    v = torch.randn(1, 2, 77, 16, generator=g)
+    q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
+    want = flow_reference(q.double(), k.double(), v.double(), True, False)
+    nan_rows = torch.isnan(want).any(-1)[0]
+    assert nan_rows[0, 40:].all() and not nan_rows[0, :40].any() and nan_rows[1, 55:].all()
+    assert torch.equal(torch.isnan(want), torch.isnan(flow_reference(q, k, v, True, False)))  # fp32 eager too
+    close(flow_attention_triton(q, k, v, True, False, cfg=cfg), want, torch.float32, "fp32")
+    close(flow_attention_triton(q.bfloat16(), k.bfloat16(), v.bfloat16(), True, False, cfg=cfg), want,
+          torch.bfloat16, "bf16")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("clamp", [True, False])
+def test_gpu_causal_flow_at_size(d, clamp):
+    from rewrite.codegen.triton_flow import flow_attention_triton
+
+    g = torch.Generator(device="cuda").manual_seed(d)
+    q, k, v = (torch.randn(1, 2, 4097, d, device="cuda", generator=g) for _ in range(3))
+    want = flow_reference(q.double(), k.double(), v.double(), True, clamp)
+    close(flow_attention_triton(q.bfloat16(), k.bfloat16(), v.bfloat16(), True, clamp, cfg={}), want,
+          torch.bfloat16, "bf16")
+    close(flow_attention_triton(q, k, v, True, clamp, cfg={}), want, torch.float32, "fp32")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("clamp", [True, False])
+def test_gpu_noncausal_flow_long_unequal(clamp):
+    from rewrite.codegen.triton_flow import flow_attention_triton
+
+    g = torch.Generator(device="cuda").manual_seed(7)
+    q = torch.randn(2, 3, 20001, 96, device="cuda", generator=g) * 3
+    k = torch.randn(2, 3, 9999, 96, device="cuda", generator=g) * 3
+    v = torch.randn(2, 3, 9999, 80, device="cuda", generator=g)
+    want = flow_reference(q.double(), k.double(), v.double(), False, clamp)
+    close(flow_attention_triton(q.bfloat16(), k.bfloat16(), v.bfloat16(), False, clamp, cfg={}), want,
+          torch.bfloat16, "bf16")
+    close(flow_attention_triton(q, k, v, False, clamp, cfg={}), want, torch.float32, "fp32")
