@@ -78,13 +78,15 @@ def _flow_sum_k(K, WS, M, seg_k, wsb, skb, skm, E: tl.constexpr, BE: tl.constexp
     bh = tl.program_id(0)
     seg = tl.program_id(1)
     offs = tl.arange(0, BE)
-    acc = tl.zeros((BE,), dtype=tl.float32)
+    # Column sums accumulate elementwise in a [BLOCK, BE] tile and are reduced across rows once
+    # after the loop: a reduction over rows per iteration costs shared-memory round trips and barriers.
+    acc = tl.zeros((BLOCK, BE), dtype=tl.float32)
     end = tl.minimum(seg * seg_k + seg_k, M)
     for r0 in tl.range(seg * seg_k, end, BLOCK, num_stages=STAGES):
         rows = r0 + tl.arange(0, BLOCK)
         k, _ = _load_sig(K, bh, skb, skm, rows, offs, rows < end, E)
-        acc += tl.sum(k, 0)
-    tl.store(WS + bh * wsb + seg * BE + offs, acc)
+        acc += k
+    tl.store(WS + bh * wsb + seg * BE + offs, tl.sum(acc, 0))
     if seg == 0:
         zb = tl.arange(0, 1024)
         for z0 in range(0, ZERO, 1024):
@@ -105,17 +107,17 @@ def _flow_sum_q(Q, WS, N, seg_q, eps, wsb, sqb, sqn, E: tl.constexpr, BE: tl.con
     acc = ws + nseg * BE  # SK, SQ, SQI, SKO, SE, KV
     if seg == 0:
         tl.store(acc + offs, sk)
-    aq = tl.zeros((BE,), dtype=tl.float32)
-    aqi = tl.zeros((BE,), dtype=tl.float32)
+    aq = tl.zeros((BLOCK, BE), dtype=tl.float32)  # column sums reduced after the loop (see pass 1)
+    aqi = tl.zeros((BLOCK, BE), dtype=tl.float32)
     end = tl.minimum(seg * seg_q + seg_q, N)
     for r0 in tl.range(seg * seg_q, end, BLOCK, num_stages=STAGES):
         rows = r0 + tl.arange(0, BLOCK)
         q, m = _load_sig(Q, bh, sqb, sqn, rows, offs, rows < end, E)
         inc = 1.0 / _rowdot_eps(q, sk, m, eps)  # 1 / I_p
-        aq += tl.sum(q, 0)
-        aqi += tl.sum(tl.where(m, q * inc[:, None], 0.0), 0)
-    tl.atomic_add(acc + BE + offs, aq, mask=emask, sem="relaxed")
-    tl.atomic_add(acc + 2 * BE + offs, aqi, mask=emask, sem="relaxed")
+        aq += q
+        aqi += tl.where(m, q * inc[:, None], 0.0)
+    tl.atomic_add(acc + BE + offs, tl.sum(aq, 0), mask=emask, sem="relaxed")
+    tl.atomic_add(acc + 2 * BE + offs, tl.sum(aqi, 0), mask=emask, sem="relaxed")
 
 
 @triton.jit
@@ -132,10 +134,11 @@ def _flow_state(K, V, WS, KVP, M, seg_k, eps, wsb, skb, skm, svb, svm, E: tl.con
     acc = WS + bh * wsb + nseg * BE
     sq = tl.load(acc + BE + offs)
     sqi = tl.load(acc + 2 * BE + offs)
-    ako = tl.zeros((BE,), dtype=tl.float32)
+    ako = tl.zeros((BLOCK, BE), dtype=tl.float32)  # column sums reduced after the loop (see pass 1)
     state = tl.zeros((BE, BF), dtype=tl.float32)
     run_max = tl.full((1,), float("-inf"), tl.float32)
     run_sum = tl.zeros((1,), dtype=tl.float32)
+    w_rows = tl.zeros((BLOCK,), dtype=tl.float32)  # ATOMIC: Σe per row slot, reduced after the loop
     end = tl.minimum(seg * seg_k + seg_k, M)
     for r0 in tl.range(seg * seg_k, end, BLOCK, num_stages=STAGES):
         rows = r0 + tl.arange(0, BLOCK)
@@ -144,13 +147,13 @@ def _flow_state(K, V, WS, KVP, M, seg_k, eps, wsb, skb, skm, svb, svm, E: tl.con
         v = tl.load(V + bh * svb + rows[:, None] * svm + offs_f[None, :],
                     mask=rmask[:, None] & (offs_f[None, :] < F), other=0.0)
         outg = 1.0 / _rowdot_eps(k, sq, m, eps)  # 1 / O_m
-        ako += tl.sum(tl.where(m, k * outg[:, None], 0.0), 0)
+        ako += tl.where(m, k * outg[:, None], 0.0)
         src = _rowdot_eps(k, sqi, m, eps)  # conserved source Ô_m
         if CLAMP:
             src = tl.minimum(tl.maximum(src, -1.0), 1.0)
         if ATOMIC:
             w = tl.where(rmask, tl.exp(src), 0.0)
-            run_sum += tl.sum(w, 0)
+            w_rows += w
         else:
             src = tl.where(rmask, src, float("-inf"))
             new_max = tl.maximum(run_max, tl.max(src, 0))
@@ -162,9 +165,9 @@ def _flow_state(K, V, WS, KVP, M, seg_k, eps, wsb, skb, skm, svb, svm, E: tl.con
         vw = (v.to(tl.float32) * w[:, None]).to(v.dtype)
         state += _dot(tl.trans(k.to(v.dtype)), vw, PREC, UPCAST)
     kv_offs = offs[:, None] * BF + offs_f[None, :]
-    tl.atomic_add(acc + 3 * BE + offs, ako, mask=offs < E, sem="relaxed")
+    tl.atomic_add(acc + 3 * BE + offs, tl.sum(ako, 0), mask=offs < E, sem="relaxed")
     if ATOMIC:
-        tl.atomic_add(acc + 4 * BE + tl.arange(0, 1), run_sum, sem="relaxed")
+        tl.atomic_add(acc + 4 * BE + tl.arange(0, 1), run_sum + tl.sum(w_rows, 0), sem="relaxed")
         tl.atomic_add(acc + 5 * BE + kv_offs, state, sem="relaxed")
     else:  # partial (state, max, Σe) of this segment, combined by _flow_softmax_combine
         base = KVP + (bh * nseg + seg) * (BE * BF + 2)
