@@ -199,3 +199,41 @@ def test_sparse_backward_block_table(monkeypatch):
     keep = table.repeat_interleave(blk, -2).repeat_interleave(blk, -1)
     _, want = eager_grads(q, k, v, None, keep, 0.25, grad)
     compare(got, want, torch.float32, "block table")
+
+
+# ---------------------------------------------------------------- on a GPU (FlashAttention / cuDNN backward)
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal,gqa,dtype", [(True, False, torch.bfloat16), (False, True, torch.float16),
+                                              (True, True, torch.float32)])
+def test_dense_gradients_gpu(causal, gqa, dtype):
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (t.cuda() for t in _inputs(gen, 2, 8, 2 if gqa else 8, 1031, 1031, 64, dtype))
+    keep = ops.keep_mask(None, None, causal, 0, 1031, 1031, "cuda")
+
+    def call(q, k, v, b):
+        return torch.ops.rewrite.attention(q, k, v, b, None, 0.125, causal, 0, "nan", "sdpa", dtype)
+
+    grad = torch.randn(2, 8, 1031, 67, generator=gen, dtype=torch.float64).cuda()
+    _, got = op_grads(call, q, k, v, None, grad)
+    _, want = eager_grads(q, k, v, None, keep, 0.125, grad)
+    compare(got, want, torch.bfloat16 if dtype != torch.float32 else dtype, f"gpu dense causal={causal}")
+
+
+@pytest.mark.gpu
+def test_sparse_gradients_gpu(monkeypatch):
+    """A 1-D window through the Triton forward; backward through the kept tiles on the GPU."""
+    _forbid(monkeypatch, sparse_ops, "dense_grads")
+    n = 2049
+    spec = make_spec([n], [Axis("window", 100, 1, False)])
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (t.cuda() for t in _inputs(gen, 1, 8, 2, n, n, 64, torch.bfloat16))
+
+    def call(q, k, v, b):
+        return torch.ops.rewrite.sparse_attention(q, k, v, b, None, 0.125, op_spec(spec, False), "nan", "triton",
+                                                  torch.bfloat16)
+
+    grad = torch.randn(1, 8, n, 67, generator=gen, dtype=torch.float64).cuda()
+    _, got = op_grads(call, q, k, v, None, grad)
+    _, want = eager_grads(q, k, v, None, spec_matrix(spec, n, n).cuda(), 0.125, grad)
+    compare(got, want, torch.bfloat16, "gpu 1-D window")
