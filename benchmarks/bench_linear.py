@@ -1,7 +1,7 @@
-"""GPU benchmark: linear and Flow-Attention kernels (codegen/triton_linear.py, triton_flow.py)
-against the baselines of ../shared/REFERENCES.md, side by side in one run.
+"""GPU benchmark: the linear-attention kernels (codegen/triton_linear.py) against the baselines of
+../shared/REFERENCES.md, side by side in one run. (Flow-Attention has its own: bench_flow.py.)
 
-    python benchmarks/bench_linear.py --out benchmarks/results
+    python benchmarks/bench_linear.py --out benchmarks/results [--sweep] [--profile]
 
 B=2, H=16, bf16, D in (64, 128), N in (16k, 64k), layout [B, H, N, D] (fla gets its native
 [B, N, H, D], made contiguous outside the timing). Kernel only: the feature map (elu+1) is
@@ -10,10 +10,9 @@ applied before timing, for every contender. ``triton.testing.do_bench`` median.
 Rows:
 - causal linear: ours (rewrite::linear_attention, kernel="triton") vs fla ``chunk_linear_attn``
   (scale=1, so both compute the same sums), normalised and not; chunked PyTorch C=64 for scale.
-- non-causal linear: ours vs the eager einsum form (state, then queries, normaliser).
-- flow (non-causal, official clamp): ours vs eager PyTorch (Flowformer's official code);
-  GB/s over the minimum traffic (read q, k, v, write out once) and over the kernels' real traffic
-  (4 passes: q 3×, k 3×, v 1×, out 1×), against the 3.0 TB/s copy ceiling.
+- non-causal linear (normalised, eps=1e-6): ours vs the eager einsum form (state, then queries,
+  normaliser).
+- ``--sweep``: every launch configuration the one-time tuner timed, per shape (always in the JSON).
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ import argparse
 import datetime
 import json
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -29,9 +29,8 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from rewrite.codegen.linear_ops import flow_reference, linear_torch
-from rewrite.codegen.triton_flow import flow_attention_triton
-from rewrite.codegen.triton_linear import _TUNED, linear_attention_triton
+from rewrite.codegen.linear_ops import linear_torch
+from rewrite.codegen.triton_linear import _TUNED, TIMINGS, linear_attention_triton
 
 
 def eager_linear(fq, fk, v, eps=1e-6):
@@ -65,27 +64,19 @@ def run_one(d: int, n: int, chunk_linear_attn, B: int = 2, H: int = 16, dev: str
         r["causal_fla"] = bench(lambda: chunk_linear_attn(tq, tk, tv, scale=1.0, normalize=False))
         o_fla = chunk_linear_attn(tq, tk, tv, scale=1.0, normalize=False)[0].transpose(1, 2)
         r["causal_err_vs_fla"] = relerr(linear_attention_triton(fq, fk, v, True, False), o_fla)
+        del tq, tk, tv, o_fla
     sl = slice(0, 1)
     ref = linear_torch(fq[sl, :2].float(), fk[sl, :2].float(), v[sl, :2].float(), True, True)
     r["causal_err_vs_fp32"] = relerr(linear_attention_triton(fq, fk, v, True, True)[sl, :2], ref)
+    ref = linear_torch(fq[sl, :2].float(), fk[sl, :2].float(), v[sl, :2].float(), True, False)
+    r["causal_unnorm_err_vs_fp32"] = relerr(linear_attention_triton(fq, fk, v, True, False)[sl, :2], ref)
     # non-causal linear
     r["noncausal_ours"] = bench(lambda: linear_attention_triton(fq, fk, v, False, True, 1e-6))
     r["noncausal_eager"] = bench(lambda: eager_linear(fq, fk, v))
-    r["noncausal_err_vs_eager"] = relerr(linear_attention_triton(fq, fk, v, False, True, 1e-6),
-                                         eager_linear(fq.float(), fk.float(), v.float()))
-    # flow
-    r["flow_ours"] = bench(lambda: flow_attention_triton(q, k, v, False, True))
-    r["flow_eager"] = bench(lambda: flow_reference(q, k, v, False, True))
-    r["flow_err_vs_fp32"] = relerr(flow_attention_triton(q, k, v, False, True),
-                                   flow_reference(q.float(), k.float(), v.float(), False, True))
-    r["causal_flow_ours"] = bench(lambda: flow_attention_triton(q, k, v, True, True))
-    # The official causal code does not run in bf16 (its float32 `normal` meets bf16 in an einsum): fp32 here.
-    qf, kf, vf = q.float(), k.float(), v.float()
-    r["causal_flow_eager_fp32"] = bench(lambda: flow_reference(qf, kf, vf, True, True)) if n * d <= 16384 * 64 \
-        else None
-    tensor_bytes = B * H * n * d * 2
-    r["flow_GBps_min_traffic"] = 4 * tensor_bytes / (r["flow_ours"] * 1e-3) / 1e9
-    r["flow_GBps_kernel_traffic"] = 8 * tensor_bytes / (r["flow_ours"] * 1e-3) / 1e9
+    r["noncausal_err_vs_fp32"] = relerr(linear_attention_triton(fq, fk, v, False, True, 1e-6),
+                                        eager_linear(fq.float(), fk.float(), v.float()))
+    r["noncausal_eager_err_vs_fp32"] = relerr(eager_linear(fq, fk, v), eager_linear(fq.float(), fk.float(),
+                                                                                     v.float()))
     return r
 
 
@@ -97,8 +88,7 @@ def profile(n: int = 16384, d: int = 64) -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(2, 16, n, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
     fq, fk = F.elu(q) + 1, F.elu(k) + 1
-    for name, fn in (("flow", lambda: flow_attention_triton(q, k, v, False, True)),
-                     ("causal", lambda: linear_attention_triton(fq, fk, v, True, True)),
+    for name, fn in (("causal", lambda: linear_attention_triton(fq, fk, v, True, False)),
                      ("noncausal", lambda: linear_attention_triton(fq, fk, v, False, True))):
         fn()
         torch.cuda.synchronize()
@@ -114,6 +104,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--ns", default="16384,65536")
     ap.add_argument("--ds", default="64,128")
+    ap.add_argument("--sweep", action="store_true", help="print every tuner candidate's time per shape")
     ap.add_argument("--profile", action="store_true", help="print per-kernel CUDA times of one call each")
     args = ap.parse_args()
     try:
@@ -132,19 +123,24 @@ def main() -> None:
             print(json.dumps(r), flush=True)
             torch.cuda.empty_cache()
     if args.profile:
-        profile()
+        for d in (int(x) for x in args.ds.split(",")):
+            profile(d=d)
     card = torch.cuda.get_device_name()
     meta = {"card": card, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
             "triton": triton.__version__, "fla": fla_version, "python": platform.python_version(),
-            "command": "python benchmarks/bench_linear.py --out benchmarks/results", "B": B, "H": H,
+            "command": "python " + " ".join(sys.argv), "B": B, "H": H,
             "dtype": "bfloat16", "timing": "triton.testing.do_bench median, ms",
             "tuned_configs": {str(k): v for k, v in _TUNED.items()}}
+    sweep = [{"key": str(k), "candidates": [{"cfg": c, "ms": t} for c, t in v]} for k, v in TIMINGS.items()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"linear_flow_{card.replace(' ', '_')}_{meta['date']}"
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (out / f"{stem}.md").write_text(_markdown(meta, rows))
-    print(_markdown(meta, rows))
+    stem = f"linear_{card.replace(' ', '_')}_{meta['date']}"
+    table = _markdown(meta, rows)
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows, "sweep": sweep}, indent=1))
+    (out / f"{stem}.md").write_text(table + (_sweep_markdown(sweep) if args.sweep else ""))
+    if args.sweep:
+        print(_sweep_markdown(sweep))
+    print(table)
 
 
 def _fmt(x):
@@ -152,29 +148,35 @@ def _fmt(x):
 
 
 def _markdown(meta, rows) -> str:
-    lines = [f"# Linear and Flow-Attention kernels on {meta['card']}", "",
+    lines = [f"# Linear-attention kernels on {meta['card']}", "",
              f"{meta['date']}, torch {meta['torch']}, triton {meta['triton']}, fla-core {meta['fla']}, "
              f"B={meta['B']}, H={meta['H']}, {meta['dtype']}, {meta['timing']}.", "",
              f"Command: `{meta['command']}`", "",
              "| D | N | causal ours (norm) | fla chunk (norm) | × | causal ours | fla chunk | × | torch chunked | "
-             "non-causal ours | eager einsum | × | flow ours | flow eager | × | flow GB/s (min / real traffic) "
-             "| causal flow ours | causal flow eager (fp32) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "non-causal ours | eager einsum | × |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         def ratio(a, b, r=r):
             return "—" if r.get(a) is None or r.get(b) is None else f"{r[b] / r[a]:.2f}"
         lines.append(
             f"| {r['D']} | {r['N']} | {_fmt(r['causal_ours_norm'])} | {_fmt(r.get('causal_fla_norm'))} | "
             f"{ratio('causal_ours_norm', 'causal_fla_norm')} | {_fmt(r['causal_ours'])} | "
-            f"{_fmt(r.get('causal_fla'))} | "
-            f"{ratio('causal_ours', 'causal_fla')} | {_fmt(r['causal_torch_chunked'])} | "
-            f"{_fmt(r['noncausal_ours'])} | "
-            f"{_fmt(r['noncausal_eager'])} | {ratio('noncausal_ours', 'noncausal_eager')} | {_fmt(r['flow_ours'])} | "
-            f"{_fmt(r['flow_eager'])} | {ratio('flow_ours', 'flow_eager')} | {r['flow_GBps_min_traffic']:.0f} / "
-            f"{r['flow_GBps_kernel_traffic']:.0f} | {_fmt(r['causal_flow_ours'])} | "
-            f"{_fmt(r['causal_flow_eager_fp32'])} |")
+            f"{_fmt(r.get('causal_fla'))} | {ratio('causal_ours', 'causal_fla')} | "
+            f"{_fmt(r['causal_torch_chunked'])} | {_fmt(r['noncausal_ours'])} | {_fmt(r['noncausal_eager'])} | "
+            f"{ratio('noncausal_ours', 'noncausal_eager')} |")
     lines += ["", "× = baseline time ÷ ours (higher is better). Max relative errors per row are in the JSON "
-              "(`*_err_*`). Copy ceiling on this card: 3.0 TB/s (REFERENCES.md)."]
+              "(`*_err_*`, relative to the largest |reference|)."]
+    return "\n".join(lines) + "\n"
+
+
+def _sweep_markdown(sweep) -> str:
+    lines = ["", "## Tuner candidates (ms, do_bench median over 20 ms; the fastest is used)", ""]
+    for entry in sweep:
+        lines.append(f"- `{entry['key']}`")
+        best = min(c["ms"] for c in entry["candidates"])
+        for c in entry["candidates"]:
+            mark = " **(picked)**" if c["ms"] == best else ""
+            lines.append(f"  - {c['ms']:.3f}{mark}: `{json.dumps(c['cfg'], sort_keys=True)}`")
     return "\n".join(lines) + "\n"
 
 

@@ -259,6 +259,9 @@ def concrete(*tensors: torch.Tensor | None) -> bool:
 
 def has_empty_rows(bias, mask, causal: bool, causal_offset: int, n: int, m: int, device) -> bool:
     """Does some query row keep no key (every score −inf)?"""
+    if bias is None and mask is None:
+        # no keys at all, or row 0 keeping keys ≤ offset: none when the offset is negative
+        return n > 0 and (m == 0 or (causal and causal_offset < 0))
     keep = keep_mask(bias, mask, causal, causal_offset, n, m, device)
     return keep is not None and not bool(keep.any(-1).all())
 

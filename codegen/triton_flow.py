@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_linear import _dot, _precisions, _rows, _segments, _tuned, _upcast
+from .triton_linear import _cdiv, _dot, _pow2, _precisions, _rows, _segments, _tuned, _upcast
 
 PASSES_NONCAUSAL = 4  # passes over the sequence of the non-causal kernels (k; q; k+v; q+out)
 _ACCS = 5  # [BE] vectors in the workspace after the pass-1 partials: SK, SQ, SQI, SKO, SE (SE uses 1 slot)
@@ -319,7 +319,7 @@ def flow_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cau
 
 
 def _pads(e: int, f: int) -> tuple[int, int]:
-    return max(16, triton.next_power_of_2(e)), max(16, triton.next_power_of_2(f))
+    return max(16, _pow2(e)), max(16, _pow2(f))
 
 
 def _causal_launch(q3, k3, v3, clamp: bool, eps: float, cfg: dict) -> torch.Tensor:
@@ -348,9 +348,9 @@ def _flow_launch(q3, k3, v3, clamp: bool, eps: float, cfg: dict) -> torch.Tensor
     stages = cfg.get("stages", 1)
     kw = {"num_warps": cfg.get("warps", 4 if max(be, bf) <= 64 else 8)}
     nseg, seg_k = _segments(bh, max(n, m), block, target=cfg.get("target", 1056))
-    seg_k = triton.cdiv(triton.cdiv(m, block), nseg) * block
-    seg_q = triton.cdiv(triton.cdiv(n, block), nseg) * block
-    nsegp = triton.next_power_of_2(nseg)
+    seg_k = _cdiv(_cdiv(m, block), nseg) * block
+    seg_q = _cdiv(_cdiv(n, block), nseg) * block
+    nsegp = _pow2(nseg)
     # workspace per bh: pass-1 partials [NSEG, BE], then SK, SQ, SQI, SKO, SE ([BE] each), KV [BE, BF]
     zero = _ACCS * be + be * bf
     ws = torch.empty(bh, nseg * be + zero, device=q3.device, dtype=torch.float32)

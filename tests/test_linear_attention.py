@@ -145,11 +145,11 @@ def test_spellings_triton_backend(name, n, d, dtype, seed):
 @settings(max_examples=8, **SETTINGS)
 @given(causal=st.booleans(), normalize=st.booleans(), n=st.integers(1, 100).map(lambda x: 2 * x + 1),
        d=st.sampled_from([16, 24, 64, 128]), f=st.sampled_from([16, 48, 64]), seed=st.integers(0, 2**16),
-       cfg_index=st.integers(0, 4))
+       cfg_index=st.integers(0, 15))
 def test_triton_kernel_matches_quadratic_float64(causal, normalize, n, d, f, seed, cfg_index):
     from rewrite.codegen.triton_linear import candidate_configs, linear_attention_triton
 
-    cands = candidate_configs(d, f, causal)  # every launch configuration the GPU tuner may pick
+    cands = candidate_configs(d, f, causal)  # every launch configuration the GPU tuner may pick (bf16)
     cfg = cands[cfg_index % len(cands)]
     q, k, v = make(1, 3, n, d, f, seed, torch.float32)
     fq, fk = F.elu(q) + 1, F.elu(k) + 1
@@ -158,6 +158,50 @@ def test_triton_kernel_matches_quadratic_float64(causal, normalize, n, d, f, see
     got = linear_attention_triton(fq.bfloat16(), fk.bfloat16(), v.bfloat16(), causal, normalize, cfg=cfg)
     close(got, want, torch.bfloat16, "bf16")
     close(linear_torch(fq, fk, v, causal, normalize), want, torch.float32, "torch path")
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="needs a GPU or TRITON_INTERPRET=1")
+@settings(max_examples=10, **SETTINGS)
+@given(causal=st.booleans(), normalize=st.booleans(), n=st.integers(1, 150).map(lambda x: 2 * x + 1),
+       d=st.sampled_from([16, 24, 40, 64, 72, 128]), f=st.sampled_from([16, 24, 64, 128]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), target=st.sampled_from([1, 5, 10**6]),
+       chunk=st.sampled_from([64, 128]), eps=st.sampled_from([0.0, 1e-6]), seed=st.integers(0, 2**16))
+def test_triton_segments_and_runs(causal, normalize, n, d, f, dtype, target, chunk, eps, seed):
+    """Every way the kernels split the sequence: one segment (a walk over many chunks / query blocks per
+    program), a few, one block each; several heads (the per-(bh, segment) state indexing)."""
+    from rewrite.codegen.triton_linear import linear_attention_triton
+
+    cfg = {"target": target, "out_target": target, "causal_target": target, "chunk": chunk, "out_block": chunk}
+    q, k, v = make(2, 3, n, d, f, seed, torch.float32)
+    fq, fk = F.elu(q) + 1, F.elu(k) + 1
+    want = linear_reference(fq.double(), fk.double(), v.double(), causal, normalize, eps)
+    got = linear_attention_triton(fq.to(dtype), fk.to(dtype), v.to(dtype), causal, normalize, eps, cfg=cfg)
+    assert got.dtype == dtype and got.shape == want.shape
+    close(got, want, dtype, f"{dtype} target={target} chunk={chunk}")
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="needs a GPU or TRITON_INTERPRET=1")
+@settings(max_examples=6, **SETTINGS)
+@given(nseg=st.integers(1, 9), unfilled=st.integers(0, 2), be=st.sampled_from([16, 32, 64]),
+       bf=st.sampled_from([16, 64]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       seed=st.integers(0, 2**16))
+def test_combine_states_prefix_and_total(nseg, unfilled, be, bf, dtype, seed):
+    """Segments past ``filled`` hold garbage (NaN here) and must count as 0."""
+    from rewrite.codegen.triton_linear import combine_states
+
+    filled = max(0, nseg - unfilled)
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(3, nseg, be, bf, generator=g).to(DEVICE)
+    z = torch.randn(3, nseg, be, generator=g).to(DEVICE)
+    s[:, filled:], z[:, filled:] = float("nan"), float("nan")
+    s_ref, z_ref = s.double().nan_to_num(0.0), z.double().nan_to_num(0.0)
+    s_total, z_total = combine_states(s.clone(), z.clone(), exclusive=False, dtype=dtype, filled=filled)
+    assert s_total.dtype == dtype and z_total.dtype == torch.float32
+    close(s_total, s_ref.sum(1), dtype, "total")
+    close(z_total, z_ref.sum(1), torch.float32, "z total")
+    s_pre, z_pre = combine_states(s.clone(), z.clone(), exclusive=True, filled=filled)
+    close(s_pre, s_ref.cumsum(1) - s_ref, torch.float32, "exclusive prefix")
+    close(z_pre, z_ref.cumsum(1) - z_ref, torch.float32, "z exclusive prefix")
 
 
 # ---- near-zero normalisers --------------------------------------------------------------------
@@ -298,3 +342,33 @@ def test_custom_op_registration_opcheck(causal):
     flow_args = (q.detach().requires_grad_(), k.detach().requires_grad_(), v.detach().requires_grad_(), causal, True,
                  1e-6, "torch", torch.float64)
     torch.library.opcheck(torch.ops.rewrite.flow_attention.default, flow_args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_every_candidate_config(d, causal):
+    """The tuner may pick any candidate on the GPU: each one against float64 (bf16 normalised and not,
+    fp32 normalised with the default configuration, the one fp32 inputs get),
+    at a size with many segments and runs. A configuration that does not fit the GPU's shared memory raises
+    OutOfResources, which the tuner skips too; at least the default must run."""
+    from triton.runtime.errors import OutOfResources
+
+    from rewrite.codegen.triton_linear import candidate_configs, linear_attention_triton
+
+    q, k, v = make(2, 4, 4097, d, d, 1, torch.float32)
+    fq, fk = F.elu(q) + 1, F.elu(k) + 1
+    skipped = []
+    for normalize in (True, False):
+        want = linear_torch(fq.double(), fk.double(), v.double(), causal, normalize)
+        for i, cfg in enumerate(candidate_configs(d, d, causal)):
+            for dtype in (torch.bfloat16, torch.float32) if normalize and i == 0 else (torch.bfloat16,):
+                try:
+                    got = linear_attention_triton(fq.to(dtype), fk.to(dtype), v.to(dtype), causal, normalize,
+                                                  cfg=cfg)
+                except OutOfResources:
+                    assert i > 0, f"the default configuration does not fit: {dtype} {cfg}"
+                    skipped.append((dtype, cfg))
+                    continue
+                close(got, want, dtype, f"{dtype} normalize={normalize} {cfg}")
+    print("out of resources (skipped by the tuner too):", skipped)
