@@ -43,9 +43,11 @@ def find_sites(graph: Graph) -> list[tuple[Site | None, tuple[str, str, str] | N
     # The chunked causal form first: its intra-chunk part alone is a (small) quadratic site too.
     from .linear_attention import find_linear_sites
     from .linear_chunked import find_chunked_sites, functional_masked_fill
+    from .linear_loop import find_loop_sites
 
     functional_masked_fill(graph)
-    for s in find_chunked_sites(graph):
+    # A Python loop over chunks, unrolled: its per-chunk bodies are chunked-form and quadratic sites too.
+    for s in [*find_loop_sites(graph), *find_chunked_sites(graph)]:
         if s.out_node not in taken and not taken.intersection(s.nodes):
             out.append((s, None))
             taken.update(s.nodes)
