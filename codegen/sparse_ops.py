@@ -34,6 +34,7 @@ import torch
 
 from rewrite.passes.masks import MaskSpec
 
+from .identity_cache import IdentityCache
 from .ops import _sdpa, as_bhnd, attention_reference, concrete, dense_grads, recompute_grads
 
 SPARSE_KERNELS = ("triton", "torch", "sdpa", "reference")
@@ -42,38 +43,71 @@ SPARSE_KERNELS = ("triton", "torch", "sdpa", "reference")
 BLOCK_SPARSE_MAX_VISITED = 0.5
 
 
-@lru_cache(maxsize=16)
-def _spec_keep_cpu(spec_json: str, n: int, m: int) -> torch.Tensor:
+def _spec_keep_rows(spec: MaskSpec, r0: int, r1: int, n: int, m: int) -> torch.Tensor:
+    """Rows r0:r1 of the [n, m] bool keep mask of a spec (CPU)."""
     from rewrite.passes.mask_classes import spec_keep
 
-    spec = MaskSpec.from_json(spec_json)
-    p = np.arange(n, dtype=np.int64)[:, None]
+    p = np.arange(r0, r1, dtype=np.int64)[:, None]
     k = np.arange(m, dtype=np.int64)[None, :]
     if spec.kind == "causal":
         return torch.from_numpy(k <= p + spec.offset)
     if spec.kind in ("dense", "arbitrary"):
-        return torch.ones(n, m, dtype=torch.bool)
-    return torch.from_numpy(np.ascontiguousarray(spec_keep(spec, p, k)))
+        return torch.ones(r1 - r0, m, dtype=torch.bool)
+    return torch.from_numpy(np.array(np.broadcast_to(spec_keep(spec, p, k), (r1 - r0, m))))
 
 
-def op_spec(spec: MaskSpec, implied: bool, mask_blocks: tuple[int, int] | None = None) -> str:
+@lru_cache(maxsize=16)
+def _spec_keep_cpu(spec_json: str, n: int, m: int) -> torch.Tensor:
+    return _spec_keep_rows(MaskSpec.from_json(spec_json), 0, n, n, m)
+
+
+def op_spec(spec: MaskSpec, implied: bool, mask_blocks: tuple[int, int] | None = None, recheck: bool = False) -> str:
     """The op's ``spec`` argument. ``implied``: the remaining mask/bias tensors already imply the
     structure (a Hugging Face 4-D mask whose position-only part was proven); otherwise the
     structure replaced position-only tensors the graph no longer computes. ``mask_blocks``
-    (bq, bk): the mask operand is a block table, token (p, m) kept iff mask[.., p // bq, m // bk]."""
+    (bq, bk): the mask operand is a block table, token (p, m) kept iff mask[.., p // bq, m // bk].
+    ``recheck``: the structure was read off the mask's value on the first call (a band buffer),
+    so every new mask tensor is checked to keep nothing outside it (``mask_within_spec``)."""
     d = json.loads(spec.to_json())
     d["implied"] = implied
     if mask_blocks is not None:
         d["mask_blocks"] = list(mask_blocks)
+    if recheck:
+        d["recheck"] = True
     return json.dumps(d)
 
 
 @lru_cache(maxsize=256)
-def parse_spec(text: str) -> tuple[MaskSpec, bool, tuple[int, int] | None]:
+def parse_spec(text: str) -> tuple[MaskSpec, bool, tuple[int, int] | None, bool]:
+    """(spec, implied, mask_blocks, recheck) of an ``op_spec`` string."""
     d = json.loads(text)
     implied = bool(d.pop("implied", False))
     blocks = d.pop("mask_blocks", None)
-    return MaskSpec.from_json(json.dumps(d)), implied, tuple(blocks) if blocks else None
+    recheck = bool(d.pop("recheck", False))
+    return MaskSpec.from_json(json.dumps(d)), implied, tuple(blocks) if blocks else None, recheck
+
+
+_WITHIN = IdentityCache(256)
+_CHECK_ROWS = 4096  # rows of the spec's keep mask materialised at a time
+
+
+def mask_within_spec(mask: torch.Tensor, spec: MaskSpec) -> bool:
+    """Does the bool ``mask`` [.., N, M] keep nothing outside ``spec``? Once per tensor identity
+    (codegen/identity_cache.py: a buffer is checked on its first call, and again after an in-place
+    change), by blocks of rows so that the spec's mask is never built whole."""
+    key = (spec.to_json(),)
+    hit = _WITHIN.get(mask, key)
+    if hit is None:
+        n, m = mask.shape[-2:]
+        hit = True
+        for r0 in range(0, n, _CHECK_ROWS):
+            r1 = min(r0 + _CHECK_ROWS, n)
+            keep = _spec_keep_rows(spec, r0, r1, n, m).to(mask.device)
+            if bool((mask[..., r0:r1, :] & ~keep).any()):
+                hit = False
+                break
+        _WITHIN.put(mask, key, hit)
+    return hit
 
 
 def token_mask(mask: torch.Tensor | None, blocks: tuple[int, int] | None, n: int, m: int) -> torch.Tensor | None:
@@ -168,8 +202,11 @@ def _block_sparse(q4, k4, v4, b4, m4, scale, on_gpu: bool, blocks: tuple[int, in
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                      mask: torch.Tensor | None, scale: float, spec: str, masked_row: str, kernel: str,
                      out_dtype: torch.dtype) -> torch.Tensor:
-    mspec, implied, blocks = parse_spec(spec)
+    mspec, implied, blocks, recheck = parse_spec(spec)
     n, m = q.shape[-2], k.shape[-2]
+    if recheck and mask is not None and not mask_within_spec(mask, mspec):
+        # This tensor keeps keys outside the band read off the first one: it is all there is.
+        mspec, implied = MaskSpec("arbitrary", runtime=True), False
     if kernel not in SPARSE_KERNELS:
         raise ValueError(f"rewrite::sparse_attention: unknown kernel {kernel!r}; choose from {SPARSE_KERNELS}")
     if kernel in ("triton", "torch"):
@@ -250,7 +287,9 @@ def _backward(ctx, grad):
     # that path does not apply, through SDPA / the eager reference on the materialised mask.
     q, k, v, bias, mask = ctx.saved_tensors
     scale, spec, masked_row = ctx.args
-    mspec, _, blocks = parse_spec(spec)
+    mspec, _, blocks, recheck = parse_spec(spec)
+    if recheck and mask is not None and not mask_within_spec(mask, mspec):
+        mspec = MaskSpec("arbitrary", runtime=True)
     needs = ctx.needs_input_grad
     grads = None
     if bias is None and concrete(q, k, v, mask):  # the tiled path plans from values (not traceable)

@@ -68,7 +68,8 @@ def apply_plan(graph: Graph, plan: Plan) -> Node:
         keep = _combine(graph, keeps, aten.logical_and.default)
         if plan.sparse:
             out = graph.call_function(torch.ops.rewrite.sparse_attention.default, (
-                q, k, v, bias, keep, float(site.scale), op_spec(plan.mask, plan.implied, plan.mask_blocks),
+                q, k, v, bias, keep, float(site.scale),
+                op_spec(plan.mask, plan.implied, plan.mask_blocks, plan.recheck),
                 plan.masked_row, plan.kernel, site.out_dtype))
         else:
             out = graph.call_function(torch.ops.rewrite.attention.default, (

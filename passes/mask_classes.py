@@ -126,6 +126,43 @@ def kept_count(spec: MaskSpec, n: int, m: int) -> int:
     return math.prod(int(_axis_row_counts(ax, g, g, g, 0).sum()) for ax, g in zip(axes, grid))
 
 
+def band_of_tensor(keep) -> MaskSpec | None:
+    """The 1-D window a bool mask tensor ``keep`` [.., N, N] holds, read from its values (the same
+    for every batch and head): row i keeps exactly the keys i − a … i + b clipped to [0, N), with
+    a, b ≥ 0. As a spec: |i + offset − j| ≤ w with w = (a + b) / 2, offset = (b − a) / 2 (a + b
+    even), or the causal window a when b = 0. None when it is not such a band. A value seen once,
+    not a proof: the op re-checks each new tensor (codegen/sparse_ops.py, ``mask_within_spec``)."""
+    import torch
+
+    n, m = keep.shape[-2:]
+    if n != m or n < 2 or keep.dtype != torch.bool:
+        return None
+    k2 = keep.reshape(-1, n, m)
+    k = k2[0]
+    if k2.shape[0] > 1 and not bool((k2 == k).all()):
+        return None
+    counts = k.sum(-1)
+    if not bool((counts > 0).all()):
+        return None
+    k8 = k.to(torch.uint8)
+    first = k8.argmax(-1)
+    last = (m - 1) - k8.flip(-1).argmax(-1)
+    if not bool((last - first + 1 == counts).all()):
+        return None  # a hole inside some row
+    i = torch.arange(n, device=k.device)
+    a, b = int((i - first).max()), int((last - i).max())
+    if a < 0 or b < 0 or (b > 0 and (a + b) % 2):
+        return None
+    if not (torch.equal(first, (i - a).clamp(min=0)) and torch.equal(last, (i + b).clamp(max=m - 1))):
+        return None
+    causal = b == 0
+    w, off = (a, 0) if causal else ((a + b) // 2, (b - a) // 2)
+    spec = MaskSpec("neighborhood", predicate=f"run-time tensor: {-a} <= m - p <= {b} on the first call",
+                    offset=off, runtime=True, grid=(n,), window=(w,), dilation=(1,), causal=(causal,),
+                    clamped=(False,), stride=(1,), proof="first-call value, re-checked per tensor")
+    return replace(spec, density=kept_count(spec, n, m) / (n * m))
+
+
 def has_empty_rows(spec: MaskSpec, n: int, m: int) -> bool:
     """Does some query keep no key at all? (Closed form, per axis; eager gives such a row
     NaN with a −inf fill but the average of v with a finite one, so a finite-fill bias can only

@@ -36,6 +36,7 @@ class Plan:
     kept_fraction: float | None = None  # measured on the mask tensor (block-sparse sites)
     implied: bool = False  # the structure is implied by the mask tensors kept (MaskFacts.implied)
     mask_blocks: tuple[int, int] | None = None  # the one mask is a block table: keep[⌊p/bq⌋, ⌊m/bk⌋]
+    recheck: bool = False  # the structure was read off a run-time mask's first value: the op re-checks it
 
     @property
     def sparse(self) -> bool:
@@ -282,6 +283,7 @@ def plan_site(site: Site, backend: str, device: torch.device | None, inputs=None
     kept_fraction = None
     constant = None
     mask_blocks = None
+    recheck, implied = False, facts.implied
     if spec.kind == "arbitrary" and facts.constant_keep is not None:
         constant = facts.constant_keep
         kept_fraction = float(constant.float().mean())
@@ -298,7 +300,17 @@ def plan_site(site: Site, backend: str, device: torch.device | None, inputs=None
         # [B, 1, 1, M] is a dense site with a run-time mask.
         if val is not None and val.shape[-2] > 1 and val.shape[-1] > 1:
             kept_fraction = float(val.float().mean())
-            if kept_fraction <= 0.5:
+            from .mask_classes import band_of_tensor
+
+            band = band_of_tensor(val) if kept_fraction <= 0.5 and not biases else None
+            if band is not None:
+                # A band buffer (a sliding window built once, passed in): its tiles come from the band,
+                # the tensor is still applied inside them, and the op re-checks every new tensor.
+                variant, spec, recheck, implied = "neighborhood", band, True, True
+                notes.append(f"run-time mask was a 1-D band on the first call ({band.describe()}): analytic "
+                             "tiles, the tensor applied inside them; each new tensor re-checked, one outside "
+                             "the band runs block-sparse")
+            elif kept_fraction <= 0.5:
                 variant = "block_sparse"
                 spec = masks.MaskSpec("arbitrary", predicate=f"run-time tensor, {kept_fraction:.3g} kept on the "
                                       "first call", runtime=True, density=kept_fraction)
@@ -322,7 +334,7 @@ def plan_site(site: Site, backend: str, device: torch.device | None, inputs=None
             kernel = "triton"  # SDPA has no bottom-right causal without a materialised mask
     return Plan(site, variant, kernel, spec, causal, offset, biases, keeps, masked_row, notes + site.notes,
                 mask_causal_hint=hint, predicate=facts.predicate, constant_mask=constant,
-                kept_fraction=kept_fraction, implied=facts.implied, mask_blocks=mask_blocks)
+                kept_fraction=kept_fraction, implied=implied, mask_blocks=mask_blocks, recheck=recheck)
 
 
 def _block_granular(kp: TensorPlan) -> tuple[TensorPlan, int, int] | None:

@@ -300,3 +300,45 @@ def test_sliding_window_written_as_where_bias(backend):
     site, out = _run(_sliding_bias, q, k, v, backend)
     assert site.variant == "neighborhood" and "causal=(True,)" in site.mask and "window=(5,)" in site.mask, site
     torch.testing.assert_close(out.double(), _reference(_sliding_bias, q, k, v), atol=2e-5, rtol=2e-5)
+
+
+class _BandBuffer(torch.nn.Module):
+    """A sliding window built once in __init__ and registered (Longformer-style local attention):
+    under torch.compile the buffer is a run-time input, not a mask the graph computes."""
+
+    def __init__(self, n: int, before: int, after: int):
+        super().__init__()
+        i = torch.arange(n)
+        self.register_buffer("local", ((i[None, :] - i[:, None]) >= -before) & ((i[None, :] - i[:, None]) <= after))
+
+    def forward(self, q, k, v):
+        s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        return s.masked_fill(~self.local, float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("before,after", [(5, 5), (7, 0), (3, 9)])
+def test_band_buffer_runs_neighborhood_and_is_rechecked(backend, before, after):
+    """A registered band buffer: read as a 1-D window on the first call (analytic tiles, the tensor still
+    applied inside them); a later in-place change that keeps keys outside the band is seen (version
+    counter) and runs block-sparse; both equal eager float64."""
+    g = torch.Generator().manual_seed(before * 10 + after)
+    n = 83
+    model = _BandBuffer(n, before, after)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g) for _ in range(3))
+    report = rewrite.inspect(model, q, k, v, backend=backend)
+    site = report.sites[0]
+    assert site.variant == "neighborhood", site
+    assert site.mask_spec.proof.startswith("first-call value") and site.mask_spec.window == (max(before, after) if not after else (before + after) // 2,), site.mask_spec
+    torch._dynamo.reset()
+    compiled = rewrite.compile(model, backend=backend)
+    ref = _BandBuffer(n, before, after).double()
+    torch.testing.assert_close(compiled(q, k, v).double(), ref(q.double(), k.double(), v.double()),
+                               atol=2e-5, rtol=2e-5)
+    # In place: a key far outside the band for some rows, and a row that loses its band entirely (NaN).
+    with torch.no_grad():
+        model.local[10, 60] = True
+        model.local[40] = False
+        ref.local.copy_(model.local)
+    torch.testing.assert_close(compiled(q, k, v).double(), ref(q.double(), k.double(), v.double()),
+                               atol=2e-5, rtol=2e-5, equal_nan=True)
