@@ -1,4 +1,5 @@
-"""A causal linear-attention transformer and a Flowformer, compiled and inspected: the report shows
+"""A causal linear-attention transformer (written quadratic, and as a loop over chunks) and a
+Flowformer, compiled and inspected: the report shows
 the complexity change, and the rewritten model is timed against eager at growing N (CPU, or the
 GPU when there is one).
 
@@ -35,6 +36,35 @@ class LinearAttention(nn.Module):
         return self.out((a @ v).transpose(1, 2).reshape(b, n, -1))
 
 
+class ChunkLoopLinearAttention(nn.Module):
+    """Causal linear attention as Lightning Attention's reference writes it (no decay): a Python loop
+    over chunks, the quadratic form inside a chunk, a running K^T V state across chunks. torch.compile
+    unrolls the loop; rewrite proves the unrolled chunks add up to causal linear attention and runs one
+    kernel instead."""
+
+    def __init__(self, d_model=256, n_heads=4, chunk=256):
+        super().__init__()
+        self.h, self.chunk = n_heads, chunk
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.h, -1).permute(2, 0, 3, 1, 4)
+        q, k = F.elu(q) + 1, F.elu(k) + 1
+        c = self.chunk
+        mask = torch.tril(torch.ones(c, c, dtype=torch.bool, device=x.device))
+        state = q.new_zeros(b, self.h, q.shape[-1], v.shape[-1])
+        outs = []
+        for s in range(0, n, c):
+            qi, ki, vi = q[:, :, s:s + c], k[:, :, s:s + c], v[:, :, s:s + c]
+            li = qi.shape[2]
+            intra = (qi @ ki.transpose(-2, -1)).masked_fill(~mask[:li, :li], 0.0) @ vi
+            outs.append(qi @ state + intra)
+            state = state + ki.transpose(-2, -1) @ vi
+        return self.out(torch.cat(outs, 2).transpose(1, 2).reshape(b, n, -1))
+
+
 class Flowformer(nn.Module):
     """A Flowformer block: projections, the official Flow_Attention forward, out projection."""
 
@@ -53,7 +83,8 @@ class Flowformer(nn.Module):
 
 def main():
     torch.manual_seed(0)
-    for model in (LinearAttention().to(DEVICE).eval(), Flowformer().to(DEVICE).eval()):
+    for model in (LinearAttention().to(DEVICE).eval(), ChunkLoopLinearAttention().to(DEVICE).eval(),
+                  Flowformer().to(DEVICE).eval()):
         name = type(model).__name__
         x = torch.randn(1, 257, 256, device=DEVICE)
         torch._dynamo.reset()
