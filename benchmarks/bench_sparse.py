@@ -39,13 +39,8 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from rewrite.codegen.triton_neighborhood import (
-    NeighborhoodConfig,
-    choose_config,
-    kernel_axes,
-    neighborhood_attention,
-    plan_tiles,
-)
+from rewrite.codegen.neighborhood_tiles import NeighborhoodConfig, choose_config, kernel_axes, plan_tiles
+from rewrite.codegen.triton_neighborhood import neighborhood_attention
 from rewrite.passes.mask_classes import kept_count
 from rewrite.passes.masks import MaskSpec
 

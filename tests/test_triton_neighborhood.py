@@ -25,14 +25,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import check_kernel
 
-from rewrite.codegen.triton_neighborhood import (
+from rewrite.codegen.neighborhood_tiles import (
     NeighborhoodConfig,
     _axis_tiles,
     axis_patches,
     kernel_axes,
-    neighborhood_attention,
     plan_tiles,
 )
+from rewrite.codegen.triton_neighborhood import neighborhood_attention
 from rewrite.passes.mask_classes import _axis_keep, axes_of, spec_keep
 from rewrite.passes.masks import MaskSpec
 
