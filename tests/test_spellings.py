@@ -69,6 +69,12 @@ def test_inspect_reports_one_rewritten_site(spelling, data):
     allowed = {spelling.expected_variant}
     if spelling.expected_variant == "causal" and shape.M == 1:
         allowed.add("dense")  # one key: a top-left causal mask keeps it for every query (all kept)
+    runtime_mask = any(isinstance(a, torch.Tensor) and a.dtype == torch.bool and a.dim() >= 2 and a.shape[-2] > 1
+                       and a.shape[-1] > 1 for a in case.args)
+    if spelling.expected_variant == "dense" and runtime_mask and site.density <= 0.5:
+        # A run-time mask over queries and keys keeping at most half on the first call (small N with an
+        # emptied row): the planner visits its tiles only (passes/plan.py), a band through the analytic kernel.
+        allowed |= {"block_sparse", "neighborhood"}
     assert site.variant in allowed, f"{spelling.name}: variant {site.variant!r}"
     assert site.pass_count == {"original": 3, "rewritten": 1}
     assert site.gqa == (spelling.kv_heads != "same"), f"{spelling.name}: gqa={site.gqa}"
