@@ -8,6 +8,10 @@
 2. The ``gpu`` marker (declared in pyproject.toml): such tests are skipped without CUDA.
 3. One intra-op thread: the suite's tensors are small, and on a 2-core CI machine thread
    hand-offs cost more than they save (the spelling suite runs ~2x faster).
+4. Hypothesis profiles: "ci" (the default) derandomises, so a run tests the examples the last run
+   tested (same Hypothesis version and test code) and a red CI is a real change, not a new draw;
+   ``HYPOTHESIS_PROFILE=explore`` draws fresh examples every run, for looking for bugs. Loaded here,
+   before the test modules build their own ``settings`` (which inherit the profile's fields).
 """
 
 from __future__ import annotations
@@ -16,6 +20,11 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
+
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
