@@ -17,9 +17,9 @@ import rewrite
 from rewrite.patterns.flow_attention import official_flow
 
 
-class LinearAttention(nn.Module):
-    """Katharopoulos et al.'s causal linear attention, written the way it is explained: φ(Q)φ(K)ᵀ,
-    masked with tril, normalised by its row sums, times V (quadratic in N as written)."""
+class _FeatureMapped(nn.Module):
+    """The projections both linear-attention models share: φ(Q), φ(K) = elu + 1 and V per head, in;
+    the heads merged and projected, out."""
 
     def __init__(self, d_model=256, n_heads=4):
         super().__init__()
@@ -27,34 +27,43 @@ class LinearAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
 
-    def forward(self, x):
+    def heads(self, x):
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.h, -1).permute(2, 0, 3, 1, 4)
-        q, k = F.elu(q) + 1, F.elu(k) + 1
+        return F.elu(q) + 1, F.elu(k) + 1, v
+
+    def merge(self, o):
+        b, _, n, _ = o.shape
+        return self.out(o.transpose(1, 2).reshape(b, n, -1))
+
+
+class LinearAttention(_FeatureMapped):
+    """Katharopoulos et al.'s causal linear attention, written the way it is explained: φ(Q)φ(K)ᵀ,
+    masked with tril, normalised by its row sums, times V (quadratic in N as written)."""
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        n = q.shape[2]
         s = (q @ k.transpose(-2, -1)) * torch.tril(torch.ones(n, n, device=x.device))
         a = s / (s.sum(-1, keepdim=True) + 1e-6)
-        return self.out((a @ v).transpose(1, 2).reshape(b, n, -1))
+        return self.merge(a @ v)
 
 
-class ChunkLoopLinearAttention(nn.Module):
+class ChunkLoopLinearAttention(_FeatureMapped):
     """Causal linear attention as Lightning Attention's reference writes it (no decay): a Python loop
     over chunks, the quadratic form inside a chunk, a running K^T V state across chunks. torch.compile
     unrolls the loop; rewrite proves the unrolled chunks add up to causal linear attention and runs one
     kernel instead."""
 
     def __init__(self, d_model=256, n_heads=4, chunk=256):
-        super().__init__()
-        self.h, self.chunk = n_heads, chunk
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.out = nn.Linear(d_model, d_model)
+        super().__init__(d_model, n_heads)
+        self.chunk = chunk
 
     def forward(self, x):
-        b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.h, -1).permute(2, 0, 3, 1, 4)
-        q, k = F.elu(q) + 1, F.elu(k) + 1
-        c = self.chunk
+        q, k, v = self.heads(x)
+        n, c = q.shape[2], self.chunk
         mask = torch.tril(torch.ones(c, c, dtype=torch.bool, device=x.device))
-        state = q.new_zeros(b, self.h, q.shape[-1], v.shape[-1])
+        state = q.new_zeros(q.shape[0], self.h, q.shape[-1], v.shape[-1])
         outs = []
         for s in range(0, n, c):
             qi, ki, vi = q[:, :, s:s + c], k[:, :, s:s + c], v[:, :, s:s + c]
@@ -62,7 +71,7 @@ class ChunkLoopLinearAttention(nn.Module):
             intra = (qi @ ki.transpose(-2, -1)).masked_fill(~mask[:li, :li], 0.0) @ vi
             outs.append(qi @ state + intra)
             state = state + ki.transpose(-2, -1) @ vi
-        return self.out(torch.cat(outs, 2).transpose(1, 2).reshape(b, n, -1))
+        return self.merge(torch.cat(outs, 2))
 
 
 class Flowformer(nn.Module):
