@@ -103,12 +103,10 @@ class FlowSite:
 
 def _trace(fn, shapes, device="cpu", dtype=torch.float32) -> GraphModule:
     """The template's ATen graph on fake tensors of the candidate's shapes, device and dtype."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.proxy_tensor import make_fx
+    from rewrite.capture import to_aten  # the template is captured exactly as user graphs are
 
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        args = [torch.empty(s, device=device, dtype=dtype) for s in shapes]
-    return make_fx(fn, tracing_mode="fake", pre_dispatch=True)(*args)
+    args = [torch.randn(s, dtype=dtype) for s in shapes]
+    return to_aten(fn, args)
 
 
 def _same_literals(pa, ta, nodes_map, eps_seen: list) -> bool:

@@ -14,8 +14,8 @@ import os
 
 import torch
 from torch.fx import GraphModule
-from torch.fx.experimental.proxy_tensor import make_fx
 
+from .capture import CaptureError, to_aten
 from .errors import RewriteMismatch
 from .report import Report, SiteReport
 
@@ -65,13 +65,9 @@ class RewrittenGraph:
                        "pass dynamic=False to torch.compile)")
             return self.gm.forward
         try:
-            # preserve_node_meta carries each Dynamo node's stack trace onto its ATen nodes,
-            # so reports and errors can name the user's source line.
-            interp = torch.fx.Interpreter(self.gm)
-            with torch.fx.traceback.preserve_node_meta():
-                aten_gm = make_fx(interp.run, tracing_mode="fake", pre_dispatch=True)(*args)
-        except Exception as exc:  # a graph make_fx cannot lower is left exactly as it was
-            self._skip(f"could not lower to ATen ({type(exc).__name__}: {str(exc)[:120]})")
+            aten_gm = to_aten(self.gm, args)
+        except CaptureError as exc:  # a graph that cannot be lowered is left exactly as it was
+            self._skip(str(exc))
             return self.gm.forward
         original = GraphModule(aten_gm, copy.deepcopy(aten_gm.graph)) if self.verify else None
         try:
