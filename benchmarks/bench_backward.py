@@ -26,7 +26,7 @@ import triton
 from triton.testing import do_bench
 
 from rewrite.codegen.sparse_ops import op_spec
-from rewrite.passes.masks import MaskSpec
+from rewrite.ir.mask import MaskSpec
 
 B, H, D = 1, 8, 64
 DTYPE = torch.bfloat16

@@ -41,8 +41,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rewrite.codegen.neighborhood_tiles import NeighborhoodConfig, choose_config, kernel_axes, plan_tiles
 from rewrite.codegen.triton_neighborhood import neighborhood_attention
-from rewrite.passes.mask_classes import kept_count
-from rewrite.passes.masks import MaskSpec
+from rewrite.ir.mask import MaskSpec, kept_count
 
 B, H, DTYPE = 2, 16, torch.bfloat16
 G2 = 256  # 2-D grid side

@@ -33,8 +33,7 @@ import torch
 
 from rewrite.codegen.block_map import BlockMap
 from rewrite.codegen.sparse_torch import sparse_attention_torch
-from rewrite.passes.mask_classes import spec_keep
-from rewrite.passes.masks import MaskSpec
+from rewrite.ir.mask import MaskSpec, keep_matrix
 
 B, H, D = 1, 4, 64
 
@@ -62,12 +61,7 @@ def neighborhood(grid, window) -> MaskSpec:
 
 
 def keep_of(spec: MaskSpec, n: int) -> torch.Tensor:
-    import numpy as np
-
-    p, k = np.arange(n)[:, None], np.arange(n)[None, :]
-    if spec.kind == "causal":
-        return torch.from_numpy(k <= p)
-    return torch.from_numpy(np.array(np.broadcast_to(spec_keep(spec, p, k), (n, n))))
+    return keep_matrix(spec, n, n)
 
 
 def bigbird(n: int, tile: int, gen: torch.Generator) -> torch.Tensor:

@@ -134,7 +134,7 @@ def main() -> None:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     from rewrite.codegen.triton_neighborhood import neighborhood_attention
-    from rewrite.passes.masks import MaskSpec
+    from rewrite.ir.mask import MaskSpec
 
     flex = torch.compile(flex_attention, dynamic=False)
     cbm = torch.compile(create_block_mask, dynamic=False)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import sympy
 
-from rewrite.cascade import Cascade, m, p
+from rewrite.ir.cascade import Cascade, m, p
 from rewrite.simulation import simulate
 
 HERE = Path(__file__).parent

@@ -15,8 +15,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from rewrite.passes.mask_classes import axes_of
-from rewrite.passes.masks import MaskSpec
+from rewrite.ir.mask import MaskSpec, axes_of
 
 __all__ = ["NeighborhoodConfig", "axis_patches", "choose_config", "kernel_axes", "plan_tiles"]
 

@@ -4,7 +4,7 @@ Same semantics as `rewrite::attention` (codegen/ops.py), with the kept pairs
 
     keep(p, m) = spec(p, m) ∧ mask[..., p, m]        (mask optional, bias optional)
 
-where ``spec`` is a ``MaskSpec`` (passes/masks.py) sent as JSON: "causal", "neighborhood"
+where ``spec`` is a ``MaskSpec`` (rewrite/ir/mask.py) sent as JSON: "causal", "neighborhood"
 (1-D/2-D/3-D grids, window, dilation, NATTEN clamp, GNA stride), "blocked" (HaloNet), or
 "arbitrary" (no positional structure known: the mask tensor is everything, and the kernels
 visit the tiles of its block map, codegen/block_map.py).
@@ -29,10 +29,9 @@ import dataclasses
 import json
 from functools import lru_cache
 
-import numpy as np
 import torch
 
-from rewrite.passes.masks import MaskSpec
+from rewrite.ir.mask import MaskSpec, keep_matrix, keep_rows
 
 from .identity_cache import IdentityCache
 from .ops import _sdpa, as_bhnd, attention_reference, concrete, dense_grads, recompute_grads
@@ -43,22 +42,9 @@ SPARSE_KERNELS = ("triton", "torch", "sdpa", "reference")
 BLOCK_SPARSE_MAX_VISITED = 0.5
 
 
-def _spec_keep_rows(spec: MaskSpec, r0: int, r1: int, n: int, m: int) -> torch.Tensor:
-    """Rows r0:r1 of the [n, m] bool keep mask of a spec (CPU)."""
-    from rewrite.passes.mask_classes import spec_keep
-
-    p = np.arange(r0, r1, dtype=np.int64)[:, None]
-    k = np.arange(m, dtype=np.int64)[None, :]
-    if spec.kind == "causal":
-        return torch.from_numpy(k <= p + spec.offset)
-    if spec.kind in ("dense", "arbitrary"):
-        return torch.ones(r1 - r0, m, dtype=torch.bool)
-    return torch.from_numpy(np.array(np.broadcast_to(spec_keep(spec, p, k), (r1 - r0, m))))
-
-
 @lru_cache(maxsize=16)
 def _spec_keep_cpu(spec_json: str, n: int, m: int) -> torch.Tensor:
-    return _spec_keep_rows(MaskSpec.from_json(spec_json), 0, n, n, m)
+    return keep_matrix(MaskSpec.from_json(spec_json), n, m)
 
 
 def op_spec(spec: MaskSpec, implied: bool, mask_blocks: tuple[int, int] | None = None, recheck: bool = False) -> str:
@@ -102,7 +88,7 @@ def mask_within_spec(mask: torch.Tensor, spec: MaskSpec) -> bool:
         hit = True
         for r0 in range(0, n, _CHECK_ROWS):
             r1 = min(r0 + _CHECK_ROWS, n)
-            keep = _spec_keep_rows(spec, r0, r1, n, m).to(mask.device)
+            keep = keep_rows(spec, r0, r1, n, m, mask.device)
             if bool((mask[..., r0:r1, :] & ~keep).any()):
                 hit = False
                 break

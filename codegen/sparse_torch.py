@@ -32,11 +32,9 @@ from functools import lru_cache
 
 import torch
 
-from rewrite.passes.mask_classes import axes_of
-from rewrite.passes.masks import MaskSpec
+from rewrite.ir.mask import MaskSpec, axes_of, axis_interval, grid_of, in_interval, spec_keep
 
 from .block_map import BlockMap
-from .mask_ranges import axis_interval, grid_of, in_interval, spec_keep_torch
 
 TILE_OVERHEAD = 8192  # per-tile cost, in score entries, when choosing neighborhood tile sizes
 CHUNK_ELEMS = 1 << 22  # score entries (all batch·heads together) computed at once: cache-sized chunks
@@ -201,7 +199,7 @@ def _map_plan(bmap: BlockMap, b: int, h: int, spec: MaskSpec | None) -> _Plan:
         kidx, kvalid = _key_tiles(index[ti, slot], bmap.block_n, bmap.m)
         keep = kvalid[:, None, :]
         if partial and spec is not None and spec.kind != "dense":
-            keep = keep & spec_keep_torch(spec, qidx[ti][:, :, None], kidx[:, None, :], bmap.n, bmap.m)
+            keep = keep & spec_keep(spec, qidx[ti][:, :, None], kidx[:, None, :], bmap.n, bmap.m)
         groups.append(_Group(ti, kidx, _neg(keep), partial, False))
     return _Plan(qidx, None, tuple(groups))
 

@@ -6,7 +6,7 @@ Public entry point: :func:`neighborhood_attention`. Per batch ``b`` and query he
     O = softmax(S, dim=-1) @ v          (float32 arithmetic, cast to q.dtype)
 
 exactly as eager float32 attention with the materialised mask would: a row that keeps no key is
-NaN (softmax of all −inf), its LSE −inf. ``spec_keep`` (passes/mask_classes.py) is the reference.
+NaN (softmax of all −inf), its LSE −inf. ``spec_keep`` (rewrite/ir/mask.py) is the reference.
 The tile body (online softmax, names RM / RD / RNV) is ``_attn_tile`` of triton_attention.py; this
 file only decides which key tiles a query tile visits and which of them need the predicate.
 
@@ -65,7 +65,7 @@ from rewrite.codegen.triton_attention import (
     check_operands,
     prepare_bias_mask,
 )
-from rewrite.passes.masks import MaskSpec
+from rewrite.ir.mask import MaskSpec
 
 __all__ = ["NeighborhoodConfig", "neighborhood_attention"]  # the planner: codegen/neighborhood_tiles.py
 

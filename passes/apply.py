@@ -7,7 +7,7 @@ from torch.fx import Graph, Node
 
 import rewrite.codegen.ops  # noqa: F401  (registers torch.ops.rewrite.*)
 from rewrite.codegen.sparse_ops import op_spec
-from rewrite.patterns.site import TensorPlan
+from rewrite.ir.site import TensorPlan
 
 from .plan import Plan
 

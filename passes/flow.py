@@ -8,7 +8,7 @@ import torch
 from torch.fx import Graph
 
 import rewrite.codegen.linear_ops  # noqa: F401  (registers torch.ops.rewrite.flow_attention)
-from rewrite.cascade import Cascade
+from rewrite.ir.cascade import Cascade
 from rewrite.report import SiteReport
 
 log = logging.getLogger("rewrite")

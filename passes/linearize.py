@@ -24,15 +24,9 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from torch.fx import Node
 
-from rewrite.cascade import Cascade
-from rewrite.patterns.axes import is_layout_op
-from rewrite.patterns.softmax_attention import scalar_value
-
-from . import masks
-
-aten = torch.ops.aten
+from rewrite.ir.cascade import Cascade
+from rewrite.ir.mask import MaskSpec, check_causal
 
 LINEAR_MAPS = {"id", "cast", "×", "÷"}
 
@@ -42,7 +36,7 @@ class LinearPlan:
     site: object
     kernel: str
     causal: bool
-    mask: masks.MaskSpec
+    mask: MaskSpec
     proof: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -96,70 +90,19 @@ def prove_reassociation(cascade: Cascade) -> list[str]:
     return steps
 
 
-def feature_map(node) -> tuple[str, bool]:
-    """(name, provably non-negative) of the elementwise map that produced ``node``."""
-    cur = node
-    for _ in range(12):
-        if isinstance(cur, Node) and cur.op == "call_function" and is_layout_op(cur):
-            cur = cur.args[0]
-        else:
-            break
-    if not isinstance(cur, Node) or cur.op != "call_function":
-        return "identity", False
-    t = cur.target
-    if t in (aten.relu.default,):
-        return "relu", True
-    if t in (aten.exp.default,):
-        return "exp", True
-    if t in (aten.sigmoid.default,):
-        return "sigmoid", True
-    if t in (aten._softmax.default, aten.softmax.int):
-        return "softmax over features", True
-    if t in (aten.abs.default, aten.square.default):
-        return str(t).split(".")[-2], True
-    if t == aten.pow.Tensor_Scalar and isinstance(cur.args[1], int) and cur.args[1] % 2 == 0:
-        return f"x^{cur.args[1]}", True
-    if t == aten.softplus.default:
-        return "softplus", True
-    if t in (aten.add.Tensor, aten.add.Scalar):
-        a, b = cur.args[:2]
-        c = scalar_value(b)
-        inner = a
-        if c is None:
-            c, inner = scalar_value(a), b
-        if c is not None and isinstance(inner, Node) and inner.target == aten.elu.default:
-            alpha = float(inner.args[1]) if len(inner.args) > 1 else 1.0
-            scale = float(inner.args[2]) if len(inner.args) > 2 else 1.0
-            return f"elu+{c:g}", alpha >= 0 and scale > 0 and c >= alpha * scale  # elu ≥ −alpha·scale
-        if c is not None and c >= 0:
-            name, nonneg = feature_map(inner)
-            return f"{name}+{c:g}", nonneg
-    if t in (aten.mul.Tensor, aten.mul.Scalar):
-        a, b = cur.args[:2]
-        c = scalar_value(b)
-        inner = a
-        if c is None:
-            c, inner = scalar_value(a), b
-        if c is not None and c > 0:
-            name, nonneg = feature_map(inner)
-            return f"{c:g}·{name}", nonneg
-    name = str(t).replace("aten.", "").split(".")[0]
-    return name, False
-
-
-def mask_spec(site) -> masks.MaskSpec:
+def mask_spec(site) -> MaskSpec:
     """Decided on the mask's value (it depends on no input: the recogniser refuses run-time masks);
-    the symbolic predicate from masks.lift is shown in the cascade but not trusted alone."""
+    the symbolic predicate from patterns/lift.py is shown in the cascade but not trusted alone."""
     if site.mask_pred is None:
-        return masks.MaskSpec("dense")
+        return MaskSpec("dense")
     keep = site.mask_const
     if keep is None:
-        return masks.MaskSpec("arbitrary", predicate="unknown", runtime=True)
+        return MaskSpec("arbitrary", predicate="unknown", runtime=True)
     if bool(keep.all()):
-        return masks.MaskSpec("dense", predicate="all kept")
-    if masks.check_causal(keep, 0):
-        return masks.MaskSpec("causal", predicate="m <= p", offset=0)
-    return masks.MaskSpec("arbitrary", predicate="its value is neither all kept nor m <= p")
+        return MaskSpec("dense", predicate="all kept")
+    if check_causal(keep, 0):
+        return MaskSpec("causal", predicate="m <= p", offset=0)
+    return MaskSpec("arbitrary", predicate="its value is neither all kept nor m <= p")
 
 
 def plan_linear(site, backend: str, device: torch.device | None) -> LinearPlan:
@@ -180,7 +123,7 @@ def plan_linear(site, backend: str, device: torch.device | None) -> LinearPlan:
         raise NotLinearizable(f"the mask is not causal or dense ({spec.describe()}): it has no O(N) form here")
     notes = []
     if site.normalize:
-        names = [feature_map(tp.node) for tp in (site.fq, site.fk)]
+        names = site.feature_maps
         if not all(nonneg for _, nonneg in names):
             raise NotLinearizable(f"normalised, but φ ({names[0][0]}, {names[1][0]}) is not provably non-negative: "
                                   "the row sums could cancel to zero in one association order and not the other, "

@@ -26,104 +26,18 @@ seeded random sample of rows, and ``proof`` says "sampled".
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import reduce
 
 import numpy as np
 import sympy
 
-from rewrite.cascade import m as M_SYM
-from rewrite.cascade import p as P_SYM
-from rewrite.passes.masks import MaskSpec
+from rewrite.ir.cascade import m as M_SYM
+from rewrite.ir.cascade import p as P_SYM
+from rewrite.ir.mask import Axis, MaskSpec, axes_of, axis_keep, coords, kept_count, spec_keep
 
 EXHAUSTIVE_LIMIT = 10**8  # N·M above this: sampled rows (stated in MaskSpec.proof)
 _CHUNK = 1 << 21  # entries evaluated at once, so intermediates stay small
-
-
-@dataclass(frozen=True)
-class Axis:
-    kind: str  # "window" | "clamped" | "blocked"
-    window: int = 0  # half-width (window), kernel size (clamped), unused (blocked)
-    dilation: int = 1
-    causal: bool = False
-    stride: int = 1
-    block: int = 0
-    halo: int = 0
-
-
-# ---------------------------------------------------------------- canonical predicates
-
-def _axis_keep(ax: Axis, q: np.ndarray, k: np.ndarray, size: int, offset: int = 0) -> np.ndarray:
-    """The rule of one axis on integer coordinate arrays (broadcast)."""
-    if ax.kind == "window":
-        t = q + offset - k
-        inside = (t >= 0) & (t <= ax.window) if ax.causal else np.abs(t) <= ax.window
-        return inside & (t % ax.dilation == 0)
-    if ax.kind == "blocked":
-        lo = (q // ax.block) * ax.block
-        return (k >= lo - ax.halo) & (k <= lo + ax.block - 1 + ax.halo)
-    d, kk = ax.dilation, ax.window
-    r, i = q % d, q // d
-    length = (size - r + d - 1) // d
-    leader = np.minimum((i // ax.stride) * ax.stride + (ax.stride - 1) // 2, length - 1)
-    start = np.minimum(np.maximum(leader - kk // 2, 0), length - kk)
-    return (k % d == r) & (k // d >= start) & (k // d < start + kk)
-
-
-def _coords(x: np.ndarray, grid: tuple[int, ...]) -> list[np.ndarray]:
-    strides = [math.prod(grid[a + 1:]) for a in range(len(grid))]
-    return [(x // s) % g if a else x // s for a, (s, g) in enumerate(zip(strides, grid))]
-
-
-def axes_of(spec: MaskSpec) -> list[Axis]:
-    kinds = ["blocked" if spec.block and spec.block[a] else "clamped" if spec.clamped[a] else "window"
-             for a in range(len(spec.grid))]
-    return [Axis(kd, spec.window[a], spec.dilation[a], spec.causal[a], spec.stride[a],
-                 spec.block[a] if spec.block else 0, spec.halo[a] if spec.halo else 0)
-            for a, kd in enumerate(kinds)]
-
-
-def spec_keep(spec: MaskSpec, p: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """The canonical keep predicate of a neighborhood/blocked spec on position arrays."""
-    grid, axes = spec.grid, axes_of(spec)
-    if len(grid) == 1:
-        return _axis_keep(axes[0], p, m, grid[0], spec.offset)
-    out = None
-    for ax, g, q, k in zip(axes, grid, _coords(p, grid), _coords(m, grid)):
-        cur = _axis_keep(ax, q, k, g)
-        out = cur if out is None else out & cur
-    return out
-
-
-def _axis_row_counts(ax: Axis, rows: int, keys: int, size: int, offset: int) -> np.ndarray:
-    """Kept keys per query row of one axis, in closed form (no N×M work)."""
-    q = np.arange(rows, dtype=np.int64)
-    if ax.kind == "window":
-        lo, hi = (0, ax.window) if ax.causal else (-ax.window, ax.window)
-        a = np.maximum(lo, q + offset - (keys - 1))  # t = q + offset − k for k in [0, keys)
-        b = np.minimum(hi, q + offset)
-        d = ax.dilation
-        cnt = b // d - (-(-a // d)) + 1  # multiples of d in [a, b]
-        return np.where(b >= a, cnt, 0)
-    if ax.kind == "blocked":
-        lo = (q // ax.block) * ax.block
-        first = np.maximum(lo - ax.halo, 0)
-        last = np.minimum(lo + ax.block - 1 + ax.halo, keys - 1)
-        return np.maximum(last - first + 1, 0)
-    return np.full(rows, ax.window, dtype=np.int64)  # clamped: exactly k keys (L_r ≥ k)
-
-
-def kept_count(spec: MaskSpec, n: int, m: int) -> int:
-    """Exact number of kept (p, m) pairs; separable axes multiply."""
-    if spec.kind == "causal":
-        q = np.arange(n, dtype=np.int64)
-        return int(np.clip(q + spec.offset + 1, 0, m).sum())
-    if spec.kind == "dense":
-        return n * m
-    grid, axes = spec.grid, axes_of(spec)
-    if len(grid) == 1:
-        return int(_axis_row_counts(axes[0], n, m, grid[0], spec.offset).sum())
-    return math.prod(int(_axis_row_counts(ax, g, g, g, 0).sum()) for ax, g in zip(axes, grid))
 
 
 def band_of_tensor(keep) -> MaskSpec | None:
@@ -163,24 +77,6 @@ def band_of_tensor(keep) -> MaskSpec | None:
     return replace(spec, density=kept_count(spec, n, m) / (n * m))
 
 
-def has_empty_rows(spec: MaskSpec, n: int, m: int) -> bool:
-    """Does some query keep no key at all? (Closed form, per axis; eager gives such a row
-    NaN with a −inf fill but the average of v with a finite one, so a finite-fill bias can only
-    be replaced by a spec without empty rows.)"""
-    if n == 0:
-        return False
-    if m == 0:
-        return True
-    if spec.kind == "causal":
-        return spec.offset < 0
-    if spec.kind == "dense":
-        return False
-    grid, axes = spec.grid, axes_of(spec)
-    if len(grid) == 1:
-        return bool((_axis_row_counts(axes[0], n, m, grid[0], spec.offset) == 0).any())
-    return any(bool((_axis_row_counts(ax, g, g, g, 0) == 0).any()) for ax, g in zip(axes, grid))
-
-
 # ---------------------------------------------------------------- evaluating the lifted predicate
 
 _FDIV = sympy.Function("_fdiv")
@@ -217,7 +113,7 @@ def _rows_to_check(n: int, m: int, grid: tuple[int, ...] | None) -> tuple[np.nda
     rows.update(rng.integers(0, n, size=max(1, EXHAUSTIVE_LIMIT // (8 * m))).tolist())
     if grid:
         x = np.arange(n)
-        for c, g in zip(_coords(x, grid), grid):
+        for c, g in zip(coords(x, grid), grid):
             near = (c < 2) | (c >= g - 2)
             rows.update(rng.choice(x[near], size=min(int(near.sum()), 256), replace=False).tolist())
     return np.array(sorted(rows)), "sampled"
@@ -311,7 +207,7 @@ def prove_per_axis(pred: sympy.Basic, spec: MaskSpec) -> bool:
         per_axis[axes.pop()].append(f)
     for a, (ax, g) in enumerate(zip(axes_of(spec), grid)):
         c = np.arange(g)
-        want = _axis_keep(ax, c[:, None], c[None, :], g)
+        want = axis_keep(ax, c[:, None], c[None, :], g, g)
         if per_axis[a]:
             fn = sympy.lambdify((cq[a], ck[a]), _integer_floors(sympy.And(*per_axis[a])),
                                 modules=[{"_fdiv": np.floor_divide}, "numpy"])
@@ -411,9 +307,9 @@ def _fit_axis(rows: np.ndarray, keep: np.ndarray, size: int, keys: int, offset_o
         cols = np.arange(keys)[None, :]
         # A few rows first: most candidates fail there, before the whole matrix is evaluated.
         head = slice(0, min(8, len(rows)))
-        if not np.array_equal(_axis_keep(ax, rows[head, None], cols, size, off), keep[head]):
+        if not np.array_equal(axis_keep(ax, rows[head, None], cols, size, keys, off), keep[head]):
             return False
-        return np.array_equal(_axis_keep(ax, rows[:, None], cols, size, off), keep)
+        return np.array_equal(axis_keep(ax, rows[:, None], cols, size, keys, off), keep)
 
     if not keep.any():
         return []
@@ -542,7 +438,7 @@ def classify_structured(pred: sympy.Basic, runtime: bool, n: int | None = None, 
         if n * m > EXHAUSTIVE_LIMIT and prove_per_axis(pred, spec):
             level = "per-axis"  # exact for every pair, G_a² work per axis
         else:
-            level = agrees(keep, lambda p, k, s=spec: spec_keep(s, p, k), n, m, grid)
+            level = agrees(keep, lambda p, k, s=spec: spec_keep(s, p, k, n, m), n, m, grid)
         if level is None:
             continue
         symbolic = band_axis is not None and len(grid) == 1 and band_axis == (axes[0], off)

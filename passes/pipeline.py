@@ -7,12 +7,12 @@ import logging
 import torch
 from torch.fx import GraphModule
 
-from rewrite.cascade import Cascade
+from rewrite.ir.cascade import Cascade
 from rewrite.patterns import find_sites
 from rewrite.report import SiteReport
 
 from .apply import apply_plan
-from .plan import node_device, plan_site
+from .plan import plan_site
 
 log = logging.getLogger("rewrite")
 
@@ -39,7 +39,7 @@ def rewrite_graph(gm: GraphModule, backend: str, example_inputs=None) -> tuple[G
     # Values the caller never reads (MultiheadAttention's averaged weights when the
     # caller drops them) must not keep a site from being rewritten.
     gm.graph.eliminate_dead_code()
-    for site, reason in find_sites(gm.graph):
+    for site, reason in find_sites(gm.graph, inputs):
         if getattr(site, "kind", "softmax") in ("linear", "flow"):
             from .linear_apply import rewrite_linear_site
 
@@ -54,7 +54,7 @@ def rewrite_graph(gm: GraphModule, backend: str, example_inputs=None) -> tuple[G
             continue
         device = node_device(site.out_node)
         try:
-            plan = plan_site(site, backend, device, inputs)
+            plan = plan_site(site, backend, device)
         except Exception as exc:  # a site the passes cannot prove is left untouched
             log.info("site at %s left alone: %s", site.location, exc)
             reports.append(SiteReport(variant="unknown", location=site.location, spelling=site.spelling,
@@ -80,9 +80,6 @@ def rewrite_graph(gm: GraphModule, backend: str, example_inputs=None) -> tuple[G
     return gm, reports
 
 
-def _device_of(gm) -> torch.device | None:
-    for n in gm.graph.nodes:
-        val = n.meta.get("val")
-        if isinstance(val, torch.Tensor):
-            return val.device
-    return None
+def node_device(node) -> torch.device | None:
+    val = node.meta.get("val")
+    return val.device if isinstance(val, torch.Tensor) else None

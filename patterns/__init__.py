@@ -4,22 +4,25 @@ from __future__ import annotations
 
 from torch.fx import Graph
 
+from rewrite.ir.site import Site, TensorPlan
+
 from .axes import NoMatch
+from .mask_terms import read_terms
 from .sdpa import SDPA_OPS, match_sdpa
-from .site import Site, TensorPlan
 from .softmax_attention import find_softmax_candidates, location_of, match_softmax_attention
 
 __all__ = ["NoMatch", "Site", "TensorPlan", "find_sites"]
 
 
-def find_sites(graph: Graph) -> list[tuple[Site | None, tuple[str, str, str] | None]]:
+def find_sites(graph: Graph, inputs: dict | None = None) -> list[tuple[Site | None, tuple[str, str, str] | None]]:
     """Every attention site: (site, None) when matched, (None, (location, spelling, reason))
-    for a softmax between two products that could not be proven to be attention."""
+    for a softmax between two products that could not be proven to be attention. ``inputs``
+    (placeholder → the first call's value) give run-time masks their first values."""
     out: list = []
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target in SDPA_OPS:
             try:
-                out.append((match_sdpa(node), None))
+                out.append((read_terms(match_sdpa(node), inputs), None))
             except NoMatch as exc:
                 out.append((None, (location_of(node), "F.scaled_dot_product_attention", str(exc))))
     from .flow_attention import find_flow_sites
@@ -31,7 +34,7 @@ def find_sites(graph: Graph) -> list[tuple[Site | None, tuple[str, str, str] | N
         if sm in taken:
             continue
         try:
-            site = match_softmax_attention(sm)
+            site = read_terms(match_softmax_attention(sm), inputs)
             out.append((site, None))
             taken.update(site.nodes)
         except NoMatch as exc:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from rewrite.cascade import Cascade
+from rewrite.ir.cascade import Cascade
 
 from .axes import dtype_of, shape_of
 from .softmax_attention import location_of

@@ -24,11 +24,13 @@ import sympy
 import torch
 from torch.fx import Graph, Node
 
-from rewrite.cascade import Cascade, Einsum, T
+from rewrite.ir.cascade import Cascade, Einsum, T
+from rewrite.ir.site import TensorPlan
 
+from . import lift
 from .axes import AtomSizes, Axes, NoMatch, canonical_plan, dtype_of, is_layout_op, propagate, shape_of
 from .contraction import Contraction, as_contraction
-from .site import TensorPlan
+from .feature_maps import feature_map
 from .softmax_attention import SOFTMAX_OPS, location_of, scalar_value
 
 aten = torch.ops.aten
@@ -88,6 +90,11 @@ class LinearSite:
     @property
     def batch_sizes(self) -> list[int]:
         return [self.atom_sizes[a] for a in self.batch_atoms]
+
+    @property
+    def feature_maps(self) -> tuple[tuple[str, bool], tuple[str, bool]]:
+        """(name, provably non-negative) of φ for the queries and the keys."""
+        return feature_map(self.fq.node), feature_map(self.fk.node)
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -192,22 +199,20 @@ def _align(shape: tuple[int, ...], target: Axes, sizes: AtomSizes) -> tuple[int 
 
 
 def _mask_predicate(node: Node, invert: bool, rows, cols) -> sympy.Basic:
-    """The keep predicate over (p, m) of a bool or 0/1 mask (masks.lift), or NoMatch."""
-    from rewrite.passes import masks
-
+    """The keep predicate over (p, m) of a bool or 0/1 mask (patterns/lift.py), or NoMatch."""
     try:
-        v = masks.lift(node)
-    except masks.Opaque as exc:
+        v = lift.lift(node)
+    except lift.Opaque as exc:
         raise NoMatch(f"the mask cannot be analysed ({exc})") from exc
     expr = v.expr
     if isinstance(expr, sympy.Piecewise) and len(expr.args) == 2 and expr.args[1][0] == 0 and expr.args[0][0] == 1:
         expr = expr.args[0][1]
-    if not masks._is_bool(expr):
+    if not lift.is_bool(expr):
         if expr == 1:
             expr = sympy.true
         else:
             raise NoMatch("the mask's values are not 0/1")
-    expr = masks.at_positions(expr, v, rows, cols)
+    expr = lift.at_positions(expr, v, rows, cols)
     return sympy.Not(expr) if invert else expr
 
 
@@ -418,9 +423,9 @@ def _match_from(c2, c1, chain, x, v_node, x_labels, v_labels) -> LinearSite:
     if len(norms) + normalize_after > 1:
         site.rejected = "normalised twice"
     site.normalize = bool(norms) or normalize_after
-    # Masks: the keep predicate over (p, m) for the cascade (masks.lift) and, to decide, the mask's
+    # Masks: the keep predicate over (p, m) for the cascade (patterns/lift.py) and, to decide, the mask's
     # value: it must depend on no input (built from arange/tril/ones at static shapes).
-    from rewrite.passes.constants import constant_value
+    from rewrite.patterns.constants import constant_value
 
     preds = []
     for s in steps:
@@ -525,8 +530,6 @@ def _plan(node: Node, axes: Axes, groups, sizes: AtomSizes, what: str) -> Tensor
 
 
 def _phi_name(node: Node) -> str:
-    from rewrite.passes.linearize import feature_map
-
     return feature_map(node)[0]
 
 

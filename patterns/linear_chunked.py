@@ -11,7 +11,7 @@ so out[(c,l)] = Σ_{(c',l') ≤ (c,l)} (φq·φk) v: causal linear attention ove
 rewritten to rewrite::linear_attention (causal) on the chunk views flattened with the chunk index outer.
 
 Proven, not guessed: the intra part is the quadratic form (linear_attention.py) with its mask's value
-exactly l' ≤ l (masks.check_causal on the constant); the state is an exclusive prefix over the chunk
+exactly l' ≤ l (rewrite.ir.mask.check_causal on the constant); the state is an exclusive prefix over the chunk
 axis (a cumsum shifted by one chunk with zeros, by cat or pad + slice, either side of the cumsum, or the
 cumsum minus the per-chunk state); all products read the same q, k, v nodes with the same named axes;
 and where the chunk views are made from a sequence axis, the chunk index is that axis's outer part.
@@ -81,7 +81,7 @@ def _is_zero(node) -> bool:
     if node.target in FULL_OPS:
         i = FULL_OPS[node.target]
         return len(node.args) > i and scalar_value(node.args[i]) == 0.0
-    from rewrite.passes.constants import constant_value
+    from rewrite.patterns.constants import constant_value
 
     val = constant_value(node)
     return val is not None and not bool(val.any())
@@ -408,7 +408,7 @@ def _prove(add, qs, src, intra_steps, intra_scale, c_inter, inter_steps, inter_s
         raise NoMatch("the scores inside a chunk are normalised on their own")
     if qs.n != qs.m:
         raise NoMatch("queries and keys of a chunk differ in length")
-    from rewrite.passes.masks import check_causal
+    from rewrite.ir.mask import check_causal
 
     if qs.mask_pred is None or qs.mask_const is None:
         raise NoMatch("the scores inside a chunk are not masked: each position would see later ones of its chunk")

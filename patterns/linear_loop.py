@@ -12,7 +12,7 @@ rewrite::linear_attention (causal) call on φQ, φK, V.
 
 Proven, not guessed: each piece's intra part is the quadratic form (linear_attention.py) over the slices
 [a_i, b_i) of the same φQ, φK, V nodes along their sequence axes, with its mask's value exactly l' ≤ l
-(masks.check_causal); the output ranges are the query ranges and tile [0, N) contiguously along the output's
+(rewrite.ir.mask.check_causal); the output ranges are the query ranges and tile [0, N) contiguously along the output's
 query-position axis; the state multiplying piece i's queries is a chain of adds whose leaves are zeros and
 products K_jᵀ V_j of the very slices of chunks j, exactly {0, …, i-1}, each once; in-place state updates
 (``S += …``) are read before they are overwritten; the inter product contracts the query features; scales
@@ -207,7 +207,7 @@ def find_loop_sites(graph: Graph) -> list[LinearSite]:
 
 def _prove(graph: Graph, out: Node, pieces: list[_Piece | None], out_ranges, d_out: int, how: str,
            assembly: list[Node], nodes: list[Node]) -> LinearSite:
-    from rewrite.passes.masks import check_causal
+    from rewrite.ir.mask import check_causal
 
     if any(p is None for p in pieces):
         raise NoMatch(f"part {[p is None for p in pieces].index(True)} of the {how} is not a chunk's attention")

@@ -10,8 +10,9 @@ import math
 import torch
 from torch.fx import Node
 
+from rewrite.ir.site import Site, TensorPlan
+
 from .axes import NoMatch, dtype_of, shape_of
-from .site import Site, TensorPlan
 from .softmax_attention import location_of
 
 aten = torch.ops.aten

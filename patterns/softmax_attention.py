@@ -20,6 +20,8 @@ import re
 import torch
 from torch.fx import Graph, Node
 
+from rewrite.ir.site import Site, TensorPlan
+
 from .axes import (
     AtomSizes,
     Axes,
@@ -32,7 +34,6 @@ from .axes import (
     shape_of,
 )
 from .contraction import Contraction, as_contraction
-from .site import Site, TensorPlan
 
 aten = torch.ops.aten
 

@@ -8,8 +8,8 @@
 from __future__ import annotations
 
 from .api import compile, inspect  # noqa: A004
-from .cascade import Cascade, Einsum
 from .errors import RewriteError, RewriteMismatch
+from .ir.cascade import Cascade, Einsum
 from .report import Report, SiteReport
 
 __all__ = ["compile", "inspect", "simulate", "Cascade", "Einsum", "Report", "SiteReport", "RewriteError",

@@ -30,6 +30,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 log = logging.getLogger("rewrite")
 aten = torch.ops.aten
 _METADATA_CHECKS = {aten._assert_tensor_metadata.default}
+_VIEWS = {aten.view.default, aten._unsafe_view.default}
 
 
 class CaptureError(Exception):
@@ -85,9 +86,13 @@ def _functional(fn: torch.nn.Module, args: Sequence) -> GraphModule:
             # The input's new value is written back after the graph's last read, as eager did.
             graph.call_function(aten.copy_.default, (by_name[name], new_val))
     out_node.args = (tuple(user_outs) if wrapper.returned_tuple else user_outs[0],)
-    for n in list(graph.nodes):  # export's checks of `.to()` results: no values, only extra users
+    for n in list(graph.nodes):
         if n.op == "call_function" and n.target in _METADATA_CHECKS:
-            graph.erase_node(n)
+            graph.erase_node(n)  # export's checks of `.to()` results: no values, only extra users
+        elif n.op == "call_function" and n.target in _VIEWS:
+            # In a functional graph nothing writes through an alias, so a view and a reshape are the same
+            # values; a reshape stays valid when a rewritten op hands back other strides than the trace saw.
+            n.target = aten.reshape.default
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .cascade import Cascade
+from .ir.cascade import Cascade
 
 
 @dataclass

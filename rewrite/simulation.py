@@ -15,13 +15,13 @@ import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .cascade import Cascade
 from .codegen.spatial.arch import Architecture, load_architecture
 from .codegen.spatial.cost import evaluate
 from .codegen.spatial.mapper import MAPPING_KINDS, map_cascade
 from .codegen.spatial.result import SimPoint, SimulationResult, breakdown_table
 from .codegen.spatial.work import MappingError
 from .codegen.spatial.workloads import Workload, workload
+from .ir.cascade import Cascade
 
 log = logging.getLogger("rewrite")
 

@@ -22,7 +22,7 @@ from test_sparse_torch import axes, make_spec, spec_matrix
 import rewrite.codegen.ops as ops
 import rewrite.codegen.sparse_ops as sparse_ops
 from rewrite.codegen.sparse_ops import op_spec
-from rewrite.passes.mask_classes import Axis
+from rewrite.ir.mask import Axis, MaskSpec
 
 FAST = settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck),
                 phases=[Phase.explicit, Phase.reuse, Phase.generate])
@@ -182,7 +182,6 @@ def test_sparse_backward_keeps_only_tiles(monkeypatch, axis):
 def test_sparse_backward_block_table(monkeypatch):
     """A MoBA-style block table (the op gets the table, not the token mask): tiled backward too."""
     _forbid(monkeypatch, sparse_ops, "dense_grads")
-    from rewrite.passes.masks import MaskSpec
 
     n, blk = 512, 16
     gen = torch.Generator().manual_seed(4)

@@ -16,7 +16,11 @@ from hypothesis import Phase, assume, given, settings
 from hypothesis import strategies as st
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from rewrite.ir import m as M_SYM
+from rewrite.ir import p as P_SYM
+from rewrite.ir.mask import MaskSpec, kept_count, spec_keep
 from rewrite.passes import mask_classes, masks
+from rewrite.patterns import lift
 
 # No shrinking: a failure prints its example, and shrinking make_fx traces takes minutes.
 FAST = settings(max_examples=14, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
@@ -27,7 +31,7 @@ def _classify(fn):
     gm = make_fx(fn)()
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     out = out[0] if isinstance(out, (tuple, list)) else out
-    pred = masks.keep_predicate(out, False, 0, 1)
+    pred = lift.keep_predicate(out, False, 0, 1)
     tensor = fn().to(torch.bool)
     n, m = tensor.shape
     # The lifter itself (clamp/min/max rules included) must reproduce the tensor.
@@ -39,7 +43,7 @@ def _classify(fn):
 def _check_spec(spec, tensor):
     n, m = tensor.shape
     assert spec.kind in ("neighborhood", "blocked"), spec.describe()
-    own = mask_classes.spec_keep(spec, np.arange(n)[:, None], np.arange(m)[None, :])
+    own = spec_keep(spec, np.arange(n)[:, None], np.arange(m)[None, :], n, m)
     assert np.array_equal(np.broadcast_to(own, (n, m)), tensor.numpy()), spec.describe()  # (ii)
     assert spec.density == tensor.double().mean().item(), spec.describe()  # (iii)
     assert spec.proof.endswith("exhaustive"), spec.proof
@@ -80,7 +84,7 @@ def test_1d_window(n, extra, w, d, causal, off, spelling):
     centred = lo == -hi and lo % d == 0
     want = ((n,), (hi if centred else ww,), (d if ww else 1,), (not centred,), 0 if centred else off)
     assert (spec.grid, spec.window, spec.dilation, spec.causal, spec.offset) == want, spec.describe()
-    nosize = masks.classify(sympy.sympify(spec.predicate, locals={"p": masks.P_SYM, "m": masks.M_SYM}),
+    nosize = masks.classify(sympy.sympify(spec.predicate, locals={"p": P_SYM, "m": M_SYM}),
                             structured=True)
     assert nosize.kind == "neighborhood" and nosize.proof == "symbolic"
     assert (nosize.window, nosize.offset, nosize.causal) == (spec.window, spec.offset, spec.causal)
@@ -267,24 +271,24 @@ def test_off_family_masks_are_arbitrary(h, w, radius, kind):
 
 def test_density_is_closed_form_at_64k_and_large_grids_are_sampled():
     w = 127
-    spec = masks.classify(sympy.Abs(masks.P_SYM - masks.M_SYM) <= w, 20000, 20000)
+    spec = masks.classify(sympy.Abs(P_SYM - M_SYM) <= w, 20000, 20000)
     assert spec.kind == "neighborhood" and spec.proof == "symbolic+sampled"  # 4e8 entries > 1e8
     q = np.arange(20000)
     want = (np.minimum(q + w, 19999) - np.maximum(q - w, 0) + 1).sum()
     assert spec.density == want / 20000**2
-    big = masks.MaskSpec("neighborhood", grid=(65536,), window=(w,), dilation=(2,), causal=(True,),
+    big = MaskSpec("neighborhood", grid=(65536,), window=(w,), dilation=(2,), causal=(True,),
                          clamped=(False,), stride=(1,), block=(0,), halo=(0,))
-    assert mask_classes.kept_count(big, 65536, 65536) == sum(min(q, w) // 2 + 1 for q in range(65536))
-    cube = masks.MaskSpec("neighborhood", grid=(64, 64, 64), window=(7, 7, 7), dilation=(1, 2, 1),
+    assert kept_count(big, 65536, 65536) == sum(min(q, w) // 2 + 1 for q in range(65536))
+    cube = MaskSpec("neighborhood", grid=(64, 64, 64), window=(7, 7, 7), dilation=(1, 2, 1),
                           causal=(False,) * 3, clamped=(True, True, False), stride=(1, 2, 1),
                           block=(0,) * 3, halo=(0,) * 3)
-    assert mask_classes.kept_count(cube, 64**3, 64**3) == (64 * 7) ** 2 * int(
+    assert kept_count(cube, 64**3, 64**3) == (64 * 7) ** 2 * int(
         (np.minimum(np.arange(64) + 7, 63) - np.maximum(np.arange(64) - 7, 0) + 1).sum())
 
 
 def test_sizeless_classify_keeps_the_planner_kinds():
     # passes/plan.py passes no sizes and folds only dense/causal/arbitrary.
-    band = sympy.Abs(masks.P_SYM - masks.M_SYM) <= 3
+    band = sympy.Abs(P_SYM - M_SYM) <= 3
     assert masks.classify(band).kind == "arbitrary"
-    assert masks.classify(masks.M_SYM <= masks.P_SYM + 2).describe() == "causal m <= p + 2"
+    assert masks.classify(M_SYM <= P_SYM + 2).describe() == "causal m <= p + 2"
     assert masks.classify(band, 10, 10).describe() == "neighborhood(grid=(10,), window=(3,)) density=0.58"

@@ -13,9 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from rewrite.cascade import m as M_SYM
-from rewrite.cascade import p as P_SYM
+from rewrite.ir.cascade import m as M_SYM
+from rewrite.ir.cascade import p as P_SYM
+from rewrite.ir.mask import check_causal
 from rewrite.passes import masks
+from rewrite.patterns import lift
 
 
 def _builders(n, m, k, w, d):
@@ -44,7 +46,7 @@ def _lift(fn):
     gm = make_fx(fn)()
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     out = out[0] if isinstance(out, (tuple, list)) else out
-    return masks.keep_predicate(out, False, 0, 1), fn()
+    return lift.keep_predicate(out, False, 0, 1), fn()
 
 
 @settings(max_examples=40, deadline=None)
@@ -58,7 +60,7 @@ def test_lifted_predicate_equals_the_mask(n, extra, k, w, d, name):
     assert torch.equal(grid, tensor.expand(n, m)), f"{name}: {pred}"
     spec = masks.classify(pred)
     if spec.kind == "causal":
-        assert masks.check_causal(tensor.expand(n, m), spec.offset), f"{name}: {pred} → {spec}"
+        assert check_causal(tensor.expand(n, m), spec.offset), f"{name}: {pred} → {spec}"
     if name in ("tril", "not_triu", "ge", "lt_swapped", "float_eq0"):
         assert spec.kind == "causal" and spec.offset == k, f"{name}: {pred} → {spec}"
     if name in ("window", "blocked"):

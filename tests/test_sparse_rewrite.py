@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rewrite
-from rewrite.passes.mask_classes import kept_count
+from rewrite.ir.mask import MaskSpec, kept_count
 
 SETTINGS = settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
 
@@ -126,7 +126,7 @@ def test_window_density_and_report_fields():
     n, w = 40, 3
     q, k, v = (torch.randn(1, 2, n, 16) for _ in range(3))
     site, _ = _run(_window_1d(w, 1, False), q, k, v, "torch")
-    spec_density = kept_count(rewrite.passes.masks.MaskSpec("neighborhood", grid=(n,), window=(w,), dilation=(1,),
+    spec_density = kept_count(MaskSpec("neighborhood", grid=(n,), window=(w,), dilation=(1,),
                                                             causal=(False,), clamped=(False,), stride=(1,),
                                                             block=(0,), halo=(0,)), n, n) / n**2
     assert site.density == pytest.approx(spec_density)

@@ -2,7 +2,7 @@
 
 The reference is ``softmax(q kᵀ·scale + bias, masked by spec_keep ∧ mask) @ v`` in float64 on the
 materialised N×M mask (K/V repeated for GQA); a row with no kept key is NaN, its LSE −inf. The
-per-axis key intervals (codegen/mask_ranges.py) are checked against ``_axis_keep`` by brute force.
+per-axis key intervals (rewrite/ir/mask.py) are checked against tests/mask_reference.py by brute force.
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from mask_reference import naive_axis_keep, naive_keep_matrix
 
 from rewrite.codegen.block_map import BlockMap
-from rewrite.codegen.mask_ranges import axis_keep, spec_keep_torch
 from rewrite.codegen.sparse_torch import sparse_attention_torch
-from rewrite.passes.mask_classes import Axis, _axis_keep, spec_keep
-from rewrite.passes.masks import MaskSpec
+from rewrite.ir.mask import Axis, MaskSpec, axis_keep, spec_keep
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck),
                 phases=[Phase.explicit, Phase.reuse, Phase.generate])
@@ -81,12 +80,7 @@ def inputs(b, hq, hkv, n, m, d, dv, dtype, gen):
 # ---------------------------------------------------------------- reference and check
 
 def spec_matrix(spec: MaskSpec | None, n: int, m: int) -> torch.Tensor:
-    p, k = np.arange(n)[:, None], np.arange(m)[None, :]
-    if spec is None or spec.kind == "dense":
-        return torch.ones(n, m, dtype=torch.bool)
-    if spec.kind == "causal":
-        return torch.from_numpy(k <= p + spec.offset)
-    return torch.from_numpy(np.array(np.broadcast_to(spec_keep(spec, p, k), (n, m))))
+    return naive_keep_matrix(spec, n, m)
 
 
 def reference(q, k, v, keep, scale, bias):
@@ -130,7 +124,7 @@ def test_intervals_match_axis_keep(data, size, keys_extra, offset):
     if ax.kind != "window":
         off = 0  # the 1-D offset shifts sliding windows only
     q, k = np.arange(size)[:, None], np.arange(keys)[None, :]
-    want = np.broadcast_to(_axis_keep(ax, q, k, size, off), (size, keys))
+    want = np.broadcast_to(naive_axis_keep(ax, q, k, size, off), (size, keys))
     got = axis_keep(ax, torch.from_numpy(q), torch.from_numpy(k), size, keys, off).numpy()
     assert np.array_equal(got, want), (ax, size, keys, off)
 
@@ -142,7 +136,7 @@ def test_spec_keep_torch_matches_spec_keep(data, grid):
     spec = make_spec(grid, axs)
     n = math.prod(grid)
     p, k = torch.arange(n)[:, None], torch.arange(n)[None, :]
-    assert torch.equal(spec_keep_torch(spec, p, k, n, n), spec_matrix(spec, n, n))
+    assert torch.equal(spec_keep(spec, p, k, n, n), spec_matrix(spec, n, n))
 
 
 # ---------------------------------------------------------------- structured specs

@@ -11,7 +11,6 @@ import sympy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rewrite.cascade import Cascade, m, p
 from rewrite.codegen.spatial import (
     GemmShape,
     MappingError,
@@ -23,6 +22,7 @@ from rewrite.codegen.spatial import (
     tile_density,
 )
 from rewrite.codegen.spatial.validation import compare_fusemax
+from rewrite.ir.cascade import Cascade, m, p
 
 REFERENCE = Path(__file__).resolve().parents[1] / "benchmarks" / "reference"
 FUSEMAX = load_architecture("fusemax_cloud")

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rewrite.cascade import Cascade, m, p
 from rewrite.codegen.spatial import MappingError
+from rewrite.ir.cascade import Cascade, m, p
 from rewrite.simulation import cli_main, simulate
 
 

@@ -4,7 +4,7 @@ CPU: Triton's interpreter at small, odd grids (7×9, 5×6×7 …), every axis ki
 strided layouts, runtime masks with empty rows, biases. GPU (``-m gpu``): real sizes.
 
 Reference: eager float64 ``softmax(scale·q kᵀ + bias, −inf where not (spec_keep & mask)) @ v`` on
-the same rounded inputs, NaN rows where no key is kept (``spec_keep`` of passes/mask_classes.py is
+the same rounded inputs, NaN rows where no key is kept (tests/mask_reference.py is
 the definition of a spec). Tolerances as in tests/test_triton_attention.py.
 
 The interpreter checks every int32 add/mul for overflow (about 1 ms an operation); the kernel's
@@ -23,6 +23,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mask_reference import naive_axis_keep, naive_keep_matrix
 from reference import check_kernel
 
 from rewrite.codegen.neighborhood_tiles import (
@@ -33,8 +34,7 @@ from rewrite.codegen.neighborhood_tiles import (
     plan_tiles,
 )
 from rewrite.codegen.triton_neighborhood import neighborhood_attention
-from rewrite.passes.mask_classes import _axis_keep, axes_of, spec_keep
-from rewrite.passes.masks import MaskSpec
+from rewrite.ir.mask import MaskSpec, axes_of
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -57,12 +57,7 @@ def fast_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def keep_matrix(spec: MaskSpec, n: int, m: int) -> torch.Tensor:
-    p, k = np.arange(n)[:, None], np.arange(m)[None, :]
-    if spec.kind == "causal":
-        keep = np.broadcast_to(k <= p + spec.offset, (n, m)).copy()
-    else:
-        keep = spec_keep(spec, p, k)
-    return torch.from_numpy(np.ascontiguousarray(keep))
+    return naive_keep_matrix(spec, n, m)
 
 
 def reference(q, k, v, spec, scale, bias=None, mask=None):
@@ -245,7 +240,7 @@ def test_named_specs(fast_interpreter, name: str) -> None:
 @settings(max_examples=150, deadline=None)
 @given(st.integers(1, 40), st.integers(1, 40), st.data())
 def test_analytic_tile_ranges_cover_kept_keys_and_full_tiles_are_full(size: int, keys: int, data) -> None:
-    """Per axis, against mask_classes._axis_keep by brute force: every kept key of every query of a
+    """Per axis, against tests/mask_reference.py's naive rule by brute force: every kept key of every query of a
     patch lies in the patch's visited key tiles (same residue class), and every pair of a tile
     counted full is kept and in range."""
     rule = data.draw(axis_rule(size))
@@ -257,7 +252,7 @@ def test_analytic_tile_ranges_cover_kept_keys_and_full_tiles_are_full(size: int,
     ax = kernel_axes(spec, size, keys)[2]
     (ref_ax,) = axes_of(spec)
     q = np.arange(size)[:, None]
-    kept = _axis_keep(ref_ax, q, np.arange(keys)[None, :], size, off)
+    kept = naive_axis_keep(ref_ax, q, np.arange(keys)[None, :], size, off)
     p, kp = data.draw(st.sampled_from([1, 2, 4, 8])), data.draw(st.sampled_from([1, 2, 4, 8]))
     seen = np.zeros_like(kept)
     for r, rk, _c, lq, lk, _lf, i0, klo, nk, flo, fhi in axis_patches(ax, p, kp):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from rewrite.cascade import Einsum, rank_family
+from rewrite.ir.cascade import Einsum, rank_family
 
 from .mapper import Mapping, Placement, _cross_pass_tensors, query_tiles
 from .systolic import best_dataflow, gemm_shape, systolic_cycles

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from rewrite.cascade import Cascade, Einsum, rank_family
+from rewrite.ir.cascade import Cascade, Einsum, rank_family
 
 from .arch import Architecture
 from .systolic import DATAFLOWS

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from rewrite.cascade import Einsum
+from rewrite.ir.cascade import Einsum
 
 from .work import MappingError, Sizes
 

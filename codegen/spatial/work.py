@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import sympy
 
-from rewrite.cascade import Cascade, Einsum, m, p, rank_family
+from rewrite.ir.cascade import Cascade, Einsum, m, p, rank_family
 
 from .arch import Array1D, Array2D
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rewrite.cascade import Cascade, m, p
+from rewrite.ir.cascade import Cascade, m, p
 
 
 @dataclass(frozen=True)
