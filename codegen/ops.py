@@ -182,15 +182,17 @@ def _triton(q, k, v, bias, mask, scale, causal, causal_offset, masked_row) -> to
 _CAUSAL_MASKS = IdentityCache(256)
 
 
-def mask_is_causal(mask: torch.Tensor, offset: int) -> bool:
-    """Is this run-time mask tensor exactly m <= p + offset? Checked once per tensor identity
-    (codegen/identity_cache.py): a registered buffer is checked on the first call only, and any
-    in-place change to it is seen through its version counter."""
-    hit = _CAUSAL_MASKS.get(mask, (offset,))
+def mask_is_causal(mask: torch.Tensor, offset: int, n: int, m: int) -> bool:
+    """Is this run-time mask tensor, broadcast to the site's n queries and m keys, exactly
+    m <= p + offset? (A mask of one row broadcast over n > 1 queries never is.) Checked once per
+    tensor identity (codegen/identity_cache.py): a registered buffer is checked on the first call
+    only, and any in-place change to it is seen through its version counter."""
+    key = (offset, n, m)
+    hit = _CAUSAL_MASKS.get(mask, key)
     if hit is None:
-        n, m = mask.shape[-2], mask.shape[-1]
-        hit = bool(torch.equal(mask, causal_keep(n, m, offset, mask.device).expand_as(mask)))
-        _CAUSAL_MASKS.put(mask, (offset,), hit)
+        full = mask.expand(*mask.shape[:-2], n, m)
+        hit = bool(torch.equal(full, causal_keep(n, m, offset, mask.device).expand_as(full)))
+        _CAUSAL_MASKS.put(mask, key, hit)
     return hit
 
 
@@ -199,7 +201,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
               mask: torch.Tensor | None, scale: float, causal: bool, causal_offset: int,
               masked_row: str, kernel: str, out_dtype: torch.dtype,
               mask_causal_hint: int | None = None) -> torch.Tensor:
-    if mask_causal_hint is not None and mask is not None and not causal and mask_is_causal(mask, mask_causal_hint):
+    if mask_causal_hint is not None and mask is not None and not causal and mask_is_causal(mask, mask_causal_hint, q.shape[-2], k.shape[-2]):
         # A run-time mask (a registered tril buffer) that is causal: skip it, run causal.
         mask, causal, causal_offset = None, True, mask_causal_hint
     if (kernel == "sdpa" and bias is None and mask is None and q.dim() == 4 and q.dtype == k.dtype == v.dtype

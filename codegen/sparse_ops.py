@@ -77,19 +77,19 @@ _WITHIN = IdentityCache(256)
 _CHECK_ROWS = 4096  # rows of the spec's keep mask materialised at a time
 
 
-def mask_within_spec(mask: torch.Tensor, spec: MaskSpec) -> bool:
+def mask_within_spec(mask: torch.Tensor, spec: MaskSpec, n: int, m: int) -> bool:
     """Does the bool ``mask`` [.., N, M] keep nothing outside ``spec``? Once per tensor identity
     (codegen/identity_cache.py: a buffer is checked on its first call, and again after an in-place
     change), by blocks of rows so that the spec's mask is never built whole."""
-    key = (spec.to_json(),)
+    key = (spec.to_json(), n, m)
     hit = _WITHIN.get(mask, key)
     if hit is None:
-        n, m = mask.shape[-2:]
+        full = mask.expand(*mask.shape[:-2], n, m)  # a broadcast row is every query's row
         hit = True
         for r0 in range(0, n, _CHECK_ROWS):
             r1 = min(r0 + _CHECK_ROWS, n)
             keep = keep_rows(spec, r0, r1, n, m, mask.device)
-            if bool((mask[..., r0:r1, :] & ~keep).any()):
+            if bool((full[..., r0:r1, :] & ~keep).any()):
                 hit = False
                 break
         _WITHIN.put(mask, key, hit)
@@ -190,7 +190,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
                      out_dtype: torch.dtype) -> torch.Tensor:
     mspec, implied, blocks, recheck = parse_spec(spec)
     n, m = q.shape[-2], k.shape[-2]
-    if recheck and mask is not None and not mask_within_spec(mask, mspec):
+    if recheck and mask is not None and not mask_within_spec(mask, mspec, q.shape[-2], k.shape[-2]):
         # This tensor keeps keys outside the band read off the first one: it is all there is.
         mspec, implied = MaskSpec("arbitrary", runtime=True), False
     if kernel not in SPARSE_KERNELS:
@@ -274,7 +274,7 @@ def _backward(ctx, grad):
     q, k, v, bias, mask = ctx.saved_tensors
     scale, spec, masked_row = ctx.args
     mspec, _, blocks, recheck = parse_spec(spec)
-    if recheck and mask is not None and not mask_within_spec(mask, mspec):
+    if recheck and mask is not None and not mask_within_spec(mask, mspec, q.shape[-2], k.shape[-2]):
         mspec = MaskSpec("arbitrary", runtime=True)
     needs = ctx.needs_input_grad
     grads = None
