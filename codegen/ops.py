@@ -201,7 +201,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
               mask: torch.Tensor | None, scale: float, causal: bool, causal_offset: int,
               masked_row: str, kernel: str, out_dtype: torch.dtype,
               mask_causal_hint: int | None = None) -> torch.Tensor:
-    if mask_causal_hint is not None and mask is not None and not causal and mask_is_causal(mask, mask_causal_hint, q.shape[-2], k.shape[-2]):
+    if (mask_causal_hint is not None and mask is not None and not causal
+            and mask_is_causal(mask, mask_causal_hint, q.shape[-2], k.shape[-2])):
         # A run-time mask (a registered tril buffer) that is causal: skip it, run causal.
         mask, causal, causal_offset = None, True, mask_causal_hint
     if (kernel == "sdpa" and bias is None and mask is None and q.dim() == 4 and q.dtype == k.dtype == v.dtype
