@@ -6,15 +6,36 @@ storage, offset, version counter (an in-place change bumps it), shape, strides, 
 device; the entry holds a weak reference to the storage, so a freed tensor whose memory is
 reused is never mistaken for the old one, and the cache never keeps a tensor alive.
 Inference-mode tensors have no version counter and are never cached.
+
+The contract (README, "Run-time masks"): a cached verdict is re-derived whenever the tensor's
+identity or version changes, i.e. after any in-place op on it. Writes that bypass the version
+counter (through ``.data``, a NumPy view, ``buf.data.copy_()``, a DLPack alias) are not seen:
+after such a write call ``rewrite.clear_caches()``, or set ``REWRITE_MASK_CACHE=0`` to re-derive
+every verdict on every call.
 """
 
 from __future__ import annotations
 
+import os
+import weakref
 from collections import OrderedDict
 from typing import Any
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
+
+_ALL: weakref.WeakSet = weakref.WeakSet()
+
+
+def caching_enabled() -> bool:
+    """False under ``REWRITE_MASK_CACHE=0``: every verdict is re-derived on every call."""
+    return os.environ.get("REWRITE_MASK_CACHE", "1") != "0"
+
+
+def clear_all() -> None:
+    """Forget every cached verdict (``rewrite.clear_caches()``)."""
+    for cache in list(_ALL):
+        cache.clear()
 
 
 class IdentityCache:
@@ -23,9 +44,12 @@ class IdentityCache:
     def __init__(self, max_entries: int, max_bytes: int | None = None):
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self._items: OrderedDict[tuple, tuple[StorageWeakRef, Any, int]] = OrderedDict()
+        _ALL.add(self)
 
     @staticmethod
     def key(t: torch.Tensor, extra: tuple) -> tuple | None:
+        if not caching_enabled():
+            return None
         try:
             version = t._version
         except RuntimeError:  # inference-mode tensor: no version counter

@@ -11,6 +11,8 @@ import rewrite.codegen.linear_ops  # noqa: F401  (registers torch.ops.rewrite.fl
 from rewrite.ir.cascade import Cascade
 from rewrite.report import SiteReport
 
+from .kernels import choose_kernel
+
 log = logging.getLogger("rewrite")
 
 
@@ -43,8 +45,8 @@ def rewrite_flow_site(graph: Graph, site, backend: str) -> SiteReport:
         return rep
     val = site.out_node.meta.get("val")
     device = val.device if isinstance(val, torch.Tensor) else None
-    kernel = "triton" if backend == "triton" or (backend == "auto" and device is not None
-                                                 and device.type == "cuda") else "torch"
+    kernel, why = choose_kernel("flow", backend, device is not None and device.type == "cuda")
+    rep.notes.append(f"kernel {kernel}: {why}")
     with graph.inserting_before(site.out_node):
         out = graph.call_function(torch.ops.rewrite.flow_attention.default, (
             site.q, site.k, site.v, bool(site.causal), bool(site.clamp), float(site.eps), kernel, site.out_dtype))

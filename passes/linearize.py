@@ -28,6 +28,8 @@ import torch
 from rewrite.ir.cascade import Cascade
 from rewrite.ir.mask import MaskSpec, check_causal
 
+from .kernels import choose_kernel
+
 LINEAR_MAPS = {"id", "cast", "×", "÷"}
 
 
@@ -130,10 +132,8 @@ def plan_linear(site, backend: str, device: torch.device | None) -> LinearPlan:
                                   "so inf/NaN would move")
         notes.append(f"normaliser: φ ({names[0][0]}, {names[1][0]}) non-negative, so zero row sums stay zero "
                      "(inf/NaN where eager has them)")
-    if backend == "triton" or (backend == "auto" and device is not None and device.type == "cuda"):
-        kernel = "triton"
-    else:
-        kernel = "torch"
+    kernel, why = choose_kernel("linear", backend, device is not None and device.type == "cuda")
+    notes.append(f"kernel {kernel}: {why}")
     return LinearPlan(site, kernel, causal, spec, proof, notes)
 
 

@@ -18,6 +18,11 @@ from rewrite.ir.plan import Plan
 from rewrite.ir.site import MaskTerm, Site
 
 from . import masks
+from .kernels import choose_kernel
+
+# What every verdict read off a run-time mask's values rests on (codegen/identity_cache.py).
+RUNTIME_MASK_CONTRACT = ("re-derived when the tensor's identity or version counter changes; writes that bypass the "
+                         "version counter (.data, a NumPy view) are not seen: call rewrite.clear_caches() after them")
 
 # Position-only masks up to this many entries are also checked against the tensor the graph
 # computes (belt and braces over the symbolic/grid proof); above it the proof stands alone.
@@ -183,7 +188,7 @@ def plan_site(site: Site, backend: str, device: torch.device | None) -> Plan:
         hint = _runtime_causal_hint(site, keeps)
         if hint is not None:
             spec = MaskSpec("causal", predicate=f"m <= p + {hint}", offset=hint, runtime=True)
-            notes.append("run-time mask tensor was causal on the first call; re-checked per tensor identity")
+            notes.append(f"run-time mask tensor was causal on the first call; {RUNTIME_MASK_CONTRACT}")
     fill = site.fill
     masked_row = "zero" if site.kept_as_is else ("mean" if fill is not None and math.isfinite(fill) else "nan")
     if site.causal:  # an SDPA call with is_causal=True
@@ -220,13 +225,14 @@ def plan_site(site: Site, backend: str, device: torch.device | None) -> Plan:
                 variant, spec, recheck, implied = "neighborhood", band, True, True
                 notes.append(f"run-time mask was a 1-D band on the first call ({band.describe()}): analytic "
                              "tiles, the tensor applied inside them; each new tensor re-checked, one outside "
-                             "the band runs block-sparse")
+                             f"the band runs block-sparse; {RUNTIME_MASK_CONTRACT}")
             elif kept_fraction <= 0.5:
                 variant = "block_sparse"
                 spec = MaskSpec("arbitrary", predicate=f"run-time tensor, {kept_fraction:.3g} kept on the "
                                       "first call", runtime=True, density=kept_fraction)
                 notes.append(f"run-time mask {kept_fraction:.1%} kept on the first call: block map built per "
-                             "call, block-sparse kernel while at most half the tiles are visited")
+                             f"call, block-sparse kernel while at most half the tiles are visited; the map is "
+                             f"{RUNTIME_MASK_CONTRACT}")
                 granular = keeps[0].block_table if len(keeps) == 1 else None
                 if granular is not None:
                     # The mask is a block table read at ⌊p/bq⌋, ⌊m/bk⌋ (MoBA/BiFormer routing, BigBird
@@ -235,14 +241,8 @@ def plan_site(site: Site, backend: str, device: torch.device | None) -> Plan:
                     notes.append(f"the mask reads a run-time table per {mask_blocks[0]}×{mask_blocks[1]} block: "
                                  "the kernel takes the table, the token-level mask is not materialised")
     on_gpu = device is not None and device.type == "cuda"
-    if variant in ("neighborhood", "block_sparse"):
-        kernel = "triton" if backend == "triton" or (backend == "auto" and on_gpu) else "torch"
-    else:
-        kernel = "sdpa"
-        if backend == "triton":
-            kernel = "triton"
-        elif backend == "auto" and on_gpu and causal and offset != 0:
-            kernel = "triton"  # SDPA has no bottom-right causal without a materialised mask
+    kernel, why = choose_kernel(variant, backend, on_gpu, bottom_right=causal and offset != 0)
+    notes.append(f"kernel {kernel}: {why}")
     keep_bindings = [table] if table is not None else [t.binding for t in keeps]
     return Plan(site, variant, kernel, spec, causal, offset, [t.binding for t in biases], keep_bindings,
                 masked_row, notes + site.notes,

@@ -7,13 +7,13 @@
 
 from __future__ import annotations
 
-from .api import compile, inspect  # noqa: A004
+from .api import clear_caches, compile, inspect  # noqa: A004
 from .errors import RewriteError, RewriteMismatch
 from .ir.cascade import Cascade, Einsum
 from .report import Report, SiteReport
 
-__all__ = ["compile", "inspect", "simulate", "Cascade", "Einsum", "Report", "SiteReport", "RewriteError",
-           "RewriteMismatch"]
+__all__ = ["clear_caches", "compile", "inspect", "simulate", "Cascade", "Einsum", "Report", "SiteReport",
+           "RewriteError", "RewriteMismatch"]
 __version__ = "0.1.0"
 
 

@@ -4,26 +4,16 @@ from __future__ import annotations
 
 import functools
 import inspect as _pyinspect
-import os
 
 import torch
 
-from .backend import BACKENDS, make_backend
+from .backend import make_backend
+from .options import Options
 from .report import Report
 
 
-def _check_backend(backend: str) -> None:
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"rewrite.compile: unknown backend {backend!r}; choose one of "
-                         f"{', '.join(repr(b) for b in BACKENDS)}")
-    if backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("rewrite.compile(backend='triton') needs a CUDA GPU, or TRITON_INTERPRET=1 to run "
-                           "the Triton kernels on the CPU (slowly); use backend='torch' or 'auto' here")
-
-
-def _compile_callable(fn, backend: str, verify: bool, report: Report | None):
-    compiled = torch.compile(fn, backend=make_backend(backend, verify, report), dynamic=False)
-    return compiled
+def _compile_callable(fn, options: Options, report: Report | None):
+    return torch.compile(fn, backend=make_backend(options, report), dynamic=False)
 
 
 def compile(fn=None, *, backend: str = "auto", verify: bool = False):  # noqa: A001 - the product's verb
@@ -37,18 +27,18 @@ def compile(fn=None, *, backend: str = "auto", verify: bool = False):  # noqa: A
 
     Works as ``rewrite.compile(model)``, ``@rewrite.compile`` and ``@rewrite.compile(backend=...)``.
     """
-    _check_backend(backend)
+    options = Options(backend=backend, verify=verify)
     if fn is None:
         return functools.partial(compile, backend=backend, verify=verify)
-    return _wrap(fn, backend, verify, None)
+    return _wrap(fn, options, None)
 
 
-def _wrap(fn, backend, verify, report):
+def _wrap(fn, options: Options, report: Report | None):
     if isinstance(fn, type):
         if not issubclass(fn, torch.nn.Module):
             raise TypeError(f"rewrite.compile: a class argument must be an nn.Module subclass, got {fn.__name__}")
         forward = fn.forward
-        compiled_forward = _compile_callable(forward, backend, verify, report)
+        compiled_forward = _compile_callable(forward, options, report)
 
         @functools.wraps(forward)
         def new_forward(self, *args, **kwargs):
@@ -59,20 +49,20 @@ def _wrap(fn, backend, verify, report):
     if not callable(fn):
         raise TypeError(f"rewrite.compile: argument 'fn' must be a function or an nn.Module, "
                         f"got {type(fn).__name__}")
-    return _compile_callable(fn, backend, verify, report)
+    return _compile_callable(fn, options, report)
 
 
 def inspect(model_or_fn, *args, backend: str = "auto", **kwargs) -> Report:
     """Run ``model_or_fn(*args, **kwargs)`` once through the rewriter and return what it found.
 
     Nothing about the model changes; the call runs under ``torch.no_grad``."""
-    _check_backend(backend)
+    options = Options(backend=backend)
     if not callable(model_or_fn) or isinstance(model_or_fn, type):
         raise TypeError(f"rewrite.inspect: argument 'model_or_fn' must be a function or an nn.Module "
                         f"instance, got {type(model_or_fn).__name__}")
     report = Report()
     torch._dynamo.reset()  # a fresh capture, so every graph reaches the backend again
-    compiled = _wrap(model_or_fn, backend, False, report)
+    compiled = _wrap(model_or_fn, options, report)
     with torch.no_grad():
         compiled(*args, **kwargs)
     torch._dynamo.reset()
@@ -84,3 +74,13 @@ def signature_of(fn) -> str:
         return str(_pyinspect.signature(fn))
     except (TypeError, ValueError):
         return "(...)"
+
+
+def clear_caches() -> None:
+    """Forget every verdict derived from a run-time mask tensor's values (is it causal, a band, its
+    block map). Verdicts are re-derived whenever a tensor's identity or version counter changes;
+    call this after writing into a mask in a way the version counter does not see (``.data``, a
+    NumPy view, ``buf.data.copy_()``), or set ``REWRITE_MASK_CACHE=0`` to re-derive on every call."""
+    from .codegen.identity_cache import clear_all
+
+    clear_all()

@@ -17,15 +17,13 @@ from torch.fx import GraphModule
 
 from .capture import CaptureError, to_aten
 from .errors import RewriteMismatch
+from .options import Options
 from .report import Report, SiteReport
 
 log = logging.getLogger("rewrite")
 if os.environ.get("REWRITE_LOG", "").lower() == "debug":
     logging.basicConfig()
     log.setLevel(logging.DEBUG)
-
-BACKENDS = ("auto", "torch", "triton")
-
 
 def _is_dynamic(gm: GraphModule) -> bool:
     for node in gm.graph.nodes:
@@ -115,17 +113,18 @@ def _verify(original: GraphModule, rewritten: GraphModule, sites: list[SiteRepor
                 "backend='torch' or report this spelling.")
 
 
-def make_backend(backend: str = "auto", verify: bool = False, report: Report | None = None):
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-
+def make_backend(options: Options, report: Report | None = None):
     def compiler(gm: GraphModule, example_inputs):
-        return RewrittenGraph(gm, backend, verify, report)
+        return RewrittenGraph(gm, options.backend, options.verify, report)
 
     return compiler
 
 
-def rewrite_backend(gm: GraphModule, example_inputs, **options):
-    """``torch.compile(model, backend="rewrite")`` (registered as an entry point)."""
-    backend = options.get("backend", "auto")
-    return make_backend(backend, bool(options.get("verify", False)))(gm, example_inputs)
+def rewrite_backend(gm: GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
+    """``torch.compile(model, backend="rewrite", options={...})`` (registered as an entry point).
+    torch.compile hands ``mode`` and ``options`` over as keywords; both are validated here."""
+    where = 'torch.compile(..., backend="rewrite")'
+    if mode not in (None, "default"):
+        raise ValueError(f"{where}: mode={mode!r} is not supported; leave mode unset "
+                         "(the rewritten graph runs as an fx graph)")
+    return make_backend(Options.from_mapping(options, where))(gm, example_inputs)

@@ -86,6 +86,32 @@ def test_verify_passes_on_a_correct_site():
     torch.testing.assert_close(rewrite.compile(_eager_causal, verify=True)(q, k, v), _eager_causal(q, k, v))
 
 
+def test_torch_compile_options_are_honoured(monkeypatch):
+    """options={"verify": True} through torch.compile verifies (the same wrong kernel is caught),
+    and options={"backend": "torch"} reaches the plan (the report names the torch kernel)."""
+    torch._dynamo.reset()
+
+    def wrong(q, k, v, **kw):
+        return torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype)
+
+    monkeypatch.setattr(ops.F, "scaled_dot_product_attention", wrong)
+    q = torch.randn(1, 2, 11, 16)
+    fn = torch.compile(_eager_causal, backend="rewrite", options={"verify": True})
+    with pytest.raises(Exception, match="RewriteMismatch|differs from the original"):
+        fn(q, q.clone(), q.clone())
+
+
+@pytest.mark.parametrize("options, match", [({"verfy": True}, "unknown option.*'verfy'"),
+                                            ({"backend": "cuda"}, "unknown backend 'cuda'"),
+                                            ({"verify": "yes"}, "verify must be True or False")])
+def test_torch_compile_options_are_validated(options, match):
+    torch._dynamo.reset()
+    q = torch.randn(1, 2, 5, 16)
+    fn = torch.compile(_eager_causal, backend="rewrite", options=options)
+    with pytest.raises(Exception, match=match):
+        fn(q, q, q)
+
+
 def test_dynamic_shapes_are_left_alone_and_correct():
     """torch.compile(dynamic=True) hands over symbolic shapes: the graph runs as it was."""
     torch._dynamo.reset()

@@ -1,0 +1,46 @@
+"""The one table that picks a site's kernel from its variant, the backend asked for and the device.
+
+Rules are tried in order; the first that matches decides, and its reason goes into the report.
+Everything a kernel choice depends on is an argument here, so the choice is made once, in the
+plan; ops and kernels only carry it out (and report when a run-time check changed it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SOFTMAX = ("dense", "causal")
+SPARSE = ("neighborhood", "block_sparse")
+LINEAR_TIME = ("linear", "flow")
+
+
+@dataclass(frozen=True)
+class Rule:
+    variants: tuple[str, ...]
+    backends: tuple[str, ...]  # which `backend=` values the rule applies to
+    gpu: bool | None  # True: only on a CUDA device; False: only off it; None: either
+    bottom_right: bool | None  # causal with a non-zero offset (None: either)
+    kernel: str
+    reason: str
+
+
+TABLE: tuple[Rule, ...] = (
+    Rule(SOFTMAX, ("triton",), None, None, "triton", "backend='triton' asked for"),
+    Rule(("causal",), ("auto",), True, True, "triton",
+         "bottom-right causal: SDPA would need a materialised mask, the Triton kernel skips the tiles"),
+    Rule(SOFTMAX, ("auto", "torch"), None, None, "sdpa", "the exact SDPA call (cuDNN / flash / memory-efficient)"),
+    Rule(SPARSE + LINEAR_TIME, ("triton",), None, None, "triton", "backend='triton' asked for"),
+    Rule(SPARSE + LINEAR_TIME, ("auto",), True, None, "triton", "a generated Triton kernel on the GPU"),
+    Rule(SPARSE, ("auto", "torch"), None, None, "torch", "tile-skipping torch code (no GPU, or backend='torch')"),
+    Rule(LINEAR_TIME, ("auto", "torch"), None, None, "torch", "the O(N) torch implementation"),
+)
+
+
+def choose_kernel(variant: str, backend: str, on_gpu: bool, bottom_right: bool = False) -> tuple[str, str]:
+    """(kernel, reason) for a site; every (variant, backend) has a rule."""
+    for rule in TABLE:
+        if (variant in rule.variants and backend in rule.backends
+                and (rule.gpu is None or rule.gpu == on_gpu)
+                and (rule.bottom_right is None or rule.bottom_right == bottom_right)):
+            return rule.kernel, rule.reason
+    raise ValueError(f"no kernel rule for variant {variant!r} with backend {backend!r}")
