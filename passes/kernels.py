@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 SOFTMAX = ("dense", "causal")
 SPARSE = ("neighborhood", "block_sparse")
 LINEAR_TIME = ("linear", "flow")
@@ -36,8 +38,17 @@ TABLE: tuple[Rule, ...] = (
 )
 
 
-def choose_kernel(variant: str, backend: str, on_gpu: bool, bottom_right: bool = False) -> tuple[str, str]:
+# What the Triton kernels compute in; any other dtype (float64) runs the torch/SDPA kernels exactly.
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def choose_kernel(variant: str, backend: str, on_gpu: bool, bottom_right: bool = False,
+                  dtype: torch.dtype | None = None) -> tuple[str, str]:
     """(kernel, reason) for a site; every (variant, backend) has a rule."""
+    if dtype is not None and dtype not in TRITON_DTYPES and backend in ("triton", "auto"):
+        kernel, why = choose_kernel(variant, "torch", on_gpu, bottom_right)
+        names = ", ".join(str(d).removeprefix("torch.") for d in TRITON_DTYPES)
+        return kernel, f"{why}; the Triton kernels take {names}, not {str(dtype).removeprefix('torch.')}"
     for rule in TABLE:
         if (variant in rule.variants and backend in rule.backends
                 and (rule.gpu is None or rule.gpu == on_gpu)

@@ -241,7 +241,7 @@ def plan_site(site: Site, backend: str, device: torch.device | None) -> Plan:
                     notes.append(f"the mask reads a run-time table per {mask_blocks[0]}×{mask_blocks[1]} block: "
                                  "the kernel takes the table, the token-level mask is not materialised")
     on_gpu = device is not None and device.type == "cuda"
-    kernel, why = choose_kernel(variant, backend, on_gpu, bottom_right=causal and offset != 0)
+    kernel, why = choose_kernel(variant, backend, on_gpu, bottom_right=causal and offset != 0, dtype=site.dtype)
     notes.append(f"kernel {kernel}: {why}")
     keep_bindings = [table] if table is not None else [t.binding for t in keeps]
     return Plan(site, variant, kernel, spec, causal, offset, [t.binding for t in biases], keep_bindings,

@@ -9,6 +9,7 @@ and never look at the graph (passes/plan.py).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import sympy
@@ -93,6 +94,9 @@ def read_terms(site: Site, inputs: dict[Node, object] | None) -> Site:
     lead = site.batch_sizes or [1]
     sizes = dict(p=site.n, m=site.m, e=site.e, f=site.f, b=math.prod(lead[:-1]), h=lead[-1])
     site.cascade = Cascade.softmax_attention(mask=pred, batch="bh").with_sizes(**sizes)
+    dtypes = [tp.node.meta["val"].dtype for tp in (site.q, site.k, site.v)
+              if isinstance(tp.node.meta.get("val"), torch.Tensor)]
+    site.dtype = functools.reduce(torch.promote_types, dtypes) if len(dtypes) == 3 else None
     return site
 
 

@@ -90,3 +90,4 @@ class Site:
     kept_as_is: bool = False
     terms: list[MaskTerm] = field(default_factory=list)  # set by patterns/mask_terms.py, keeps first
     cascade: Cascade | None = None  # the softmax cascade with the terms' keep predicate on QK
+    dtype: torch.dtype | None = None  # q, k, v promoted: what the kernel computes in
