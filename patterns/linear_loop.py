@@ -35,19 +35,20 @@ import torch
 from torch.fx import Graph, Node
 
 from .axes import AtomSizes, Axes, NoMatch, dtype_of, shape_of
-from .linear_attention import LinearSite, NotOurs, _plan, finish_linear_site, match_quadratic
-from .linear_chunked import (
-    _axes_of,
-    _back_to_contraction,
-    _call,
-    _dim,
-    _forward,
-    _is_zero,
-    _labels_to_atoms,
-    _slice_range,
-    _source_axes,
-    _to_source,
+from .linear_attention import match_quadratic
+from .linear_readers import (
+    axes_from_labels,
+    back_to_contraction,
+    forward_axes,
+    is_call,
+    is_zero,
+    labels_to_atoms,
+    norm_dim,
+    slice_range,
+    source_axes,
+    to_source,
 )
+from .linear_site import LinearSite, NotOurs, finish_linear_site, plan_operand
 from .softmax_attention import location_of
 
 aten = torch.ops.aten
@@ -75,14 +76,14 @@ class _Piece:
 
 def _chunk_slice(node) -> tuple[Node, tuple[Node, int, int, int]] | None:
     """``node`` reads a slice of a tensor through permutation-like ops: (the slice, (base, dim, a, b))."""
-    src, _ = _to_source(node)
-    rng = _slice_range(src)
+    src, _ = to_source(node)
+    rng = slice_range(src)
     return (src, rng) if rng is not None else None
 
 
 def _intra(y: Node):
     """y = the quadratic form over slices (through layout ops and scalar scales): (qs, steps, scale, src, rng)."""
-    c, steps, scale = _back_to_contraction(y)
+    c, steps, scale = back_to_contraction(y)
     if c is None:
         return None
     try:
@@ -93,10 +94,10 @@ def _intra(y: Node):
     if not bnd or qs.out_node is not c.node:
         return None
     try:
-        src = {name: _source_axes(bnd[name], bnd[f"{name}_axes"]) for name in ("q", "k", "v")}
+        src = {name: source_axes(bnd[name], bnd[f"{name}_axes"]) for name in ("q", "k", "v")}
     except NoMatch:
         return None
-    rng = {name: _slice_range(s) for name, (s, _) in src.items()}
+    rng = {name: slice_range(s) for name, (s, _) in src.items()}
     # Chunks of the sequence (a cat of heads sliced along the features is several sites, not one loop).
     if any(r is None or src[name][1][r[1]] != (atom,) for (name, r), atom in zip(rng.items(), "pmm")):
         return None
@@ -106,7 +107,7 @@ def _intra(y: Node):
 def _piece(node: Node) -> _Piece | None:
     """``node`` = one chunk's output (intra, or inter + intra in either order), else None."""
     options = []
-    if _call(node, aten.add.Tensor) and node.kwargs.get("alpha", 1) == 1 and \
+    if is_call(node, aten.add.Tensor) and node.kwargs.get("alpha", 1) == 1 and \
             all(isinstance(a, Node) for a in node.args[:2]):
         options = [(node.args[0], node.args[1]), (node.args[1], node.args[0])]
     found = []
@@ -117,12 +118,12 @@ def _piece(node: Node) -> _Piece | None:
         qs, steps, scale, src, rng = got
         sizes = AtomSizes(dict(qs.atom_sizes))
         try:
-            out_axes = _forward(qs.bindings["out_axes"], steps, sizes)
+            out_axes = forward_axes(qs.bindings["out_axes"], steps, sizes)
         except NoMatch:
             continue
         piece = _Piece(node, qs, src, rng, sizes, scale * qs.scale, out_axes, [*qs.nodes, *steps])
         if x is not None:
-            c, isteps, iscale = _back_to_contraction(x)
+            c, isteps, iscale = back_to_contraction(x)
             if c is None:
                 found.append((1, piece))
                 continue
@@ -145,9 +146,9 @@ def _parts(node: Node) -> tuple[list[Node], list[tuple[int, int]], int, str, lis
     shape = shape_of(node)
     if shape is None:
         return None
-    if _call(node, aten.cat.default):
+    if is_call(node, aten.cat.default):
         parts = list(node.args[0])
-        d = _dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), len(shape))
+        d = norm_dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), len(shape))
         if len(parts) < 2 or any(shape_of(p) is None or len(shape_of(p)) != len(shape) for p in parts):
             return None
         ranges, start = [], 0
@@ -159,18 +160,18 @@ def _parts(node: Node) -> tuple[list[Node], list[tuple[int, int]], int, str, lis
         return None
     writes = []  # (copy_, slice, piece)
     for u in node.users:
-        if _call(u, aten.slice.Tensor) and u.args[0] is node and len(u.users) == 1:
+        if is_call(u, aten.slice.Tensor) and u.args[0] is node and len(u.users) == 1:
             cp = next(iter(u.users))
-            if _call(cp, aten.copy_.default) and cp.args[0] is u and not cp.users and isinstance(cp.args[1], Node):
+            if is_call(cp, aten.copy_.default) and cp.args[0] is u and not cp.users and isinstance(cp.args[1], Node):
                 writes.append((cp, u, cp.args[1]))
     if len(writes) < 2:
         return None
-    dims = {_slice_range(s)[1] for _, s, _ in writes}
+    dims = {slice_range(s)[1] for _, s, _ in writes}
     if len(dims) != 1:
         return None
     d = dims.pop()
-    writes.sort(key=lambda w: _slice_range(w[1])[2])
-    return ([w[2] for w in writes], [_slice_range(w[1])[2:] for w in writes], d, "slice assignment",
+    writes.sort(key=lambda w: slice_range(w[1])[2])
+    return ([w[2] for w in writes], [slice_range(w[1])[2:] for w in writes], d, "slice assignment",
             [n for cp, s, _ in writes for n in (s, cp)])
 
 
@@ -276,10 +277,10 @@ def _prove(graph: Graph, out: Node, pieces: list[_Piece | None], out_ranges, d_o
     # Proven. In-place state updates become functional (they are read before they are overwritten), and a
     # slice assignment becomes the cat it computes, so the chunk bodies die with the site.
     for nd in state_nodes:
-        if not _is_zero(nd) and not _call(nd, *STATE_ADDS):
+        if not is_zero(nd) and not is_call(nd, *STATE_ADDS):
             continue
         for u in list(nd.users):
-            if _call(u, aten.add_.Tensor) and u.args[0] is nd:
+            if is_call(u, aten.add_.Tensor) and u.args[0] is nd:
                 u.target = aten.add.Tensor
     if how == "slice assignment":
         out = _to_cat(graph, out, [p.node for p in pieces], d_out, assembly)
@@ -290,9 +291,9 @@ def _prove(graph: Graph, out: Node, pieces: list[_Piece | None], out_ranges, d_o
     site = LinearSite(spelling=f"loop over {len(pieces)} chunks (C = {C}, {how}): state += K_jᵀ V_j → "
                       f"φQ_i · state + intra {qs.spelling}", location=location_of(out), form="chunked",
                       fq=None, fk=None, v=None, out_node=out, batch_atoms=batch, scale=first.intra_scale)
-    site.fq = _plan(bases["q"][0], q_ax, (batch, ["p"], ["e"]), sizes, "the queries")
-    site.fk = _plan(bases["k"][0], k_ax, (batch, ["m"], ["e"]), sizes, "the keys")
-    site.v = _plan(bases["v"][0], v_ax, (batch, ["m"], ["f"]), sizes, "the values")
+    site.fq = plan_operand(bases["q"][0], q_ax, (batch, ["p"], ["e"]), sizes, "the queries")
+    site.fk = plan_operand(bases["k"][0], k_ax, (batch, ["m"], ["e"]), sizes, "the keys")
+    site.v = plan_operand(bases["v"][0], v_ax, (batch, ["m"], ["f"]), sizes, "the values")
     site.atom_sizes = {**{a: sizes.sizes[a] for a in batch}, "p": n, "m": n, "e": qs.e, "f": qs.f}
     site.n = site.m = n
     site.e, site.f = qs.e, qs.f
@@ -319,7 +320,7 @@ def _state_terms(p: _Piece, i: int, pieces: list[_Piece], ranges, order: dict) -
     q_src, q_ax = p.src["q"]
     if c.added is not None:
         raise NoMatch(f"chunk {i}'s product with the state adds a term (baddbmm)")
-    qtab = _labels_to_atoms(q_labels, _forward(q_ax, _to_source(q_op)[1], sizes), "the queries")
+    qtab = labels_to_atoms(q_labels, forward_axes(q_ax, to_source(q_op)[1], sizes), "the queries")
     contracted = [lab for lab in c.contracted if lab]
     if len(contracted) != 1 or qtab.get(contracted[0]) != "e":
         raise NoMatch(f"chunk {i}'s product with the state does not contract the query features")
@@ -329,27 +330,27 @@ def _state_terms(p: _Piece, i: int, pieces: list[_Piece], ranges, order: dict) -
             s != 1 and lab in q_labels and qtab.get(lab) == "p" for lab, s in zip(s_labels, s_shape)):
         raise NoMatch(f"chunk {i}'s state is not [.., key feature, value feature]")
     stab = {**qtab, free[0]: "f"}
-    s_axes = _axes_of(s_labels, s_shape, stab)
+    s_axes = axes_from_labels(s_labels, s_shape, stab)
     if sorted(a for ax in s_axes for a in ax) != sorted([*qs.batch_atoms, "e", "f"]):
         raise NoMatch(f"chunk {i}'s state is not one [key feature, value feature] matrix per batch")
-    inter_axes = _forward(_axes_of(c.out_labels, shape_of(c.node), stab), isteps, sizes)
+    inter_axes = forward_axes(axes_from_labels(c.out_labels, shape_of(c.node), stab), isteps, sizes)
     if inter_axes != p.out_axes or shape_of(p.node) != shape_of(c.node if not isteps else isteps[-1]):
         raise NoMatch(f"chunk {i}'s inter- and intra-chunk parts do not line up position by position")
     p.state["inter_scale"] = iscale * c.alpha
-    head, head_axes = _source_axes(s_node, s_axes)
-    chain = [*_to_source(s_node)[1]]
+    head, head_axes = source_axes(s_node, s_axes)
+    chain = [*to_source(s_node)[1]]
     terms: dict[int, float] = {}
     stack = [head]
     while stack:
         nd = stack.pop()
         if len(chain) > 4 * len(pieces) + 16:
             raise NoMatch("the state chain is too long")
-        if _call(nd, *STATE_ADDS) and nd.kwargs.get("alpha", 1) == 1 and shape_of(nd) == shape_of(head) and \
+        if is_call(nd, *STATE_ADDS) and nd.kwargs.get("alpha", 1) == 1 and shape_of(nd) == shape_of(head) and \
                 all(isinstance(a, Node) for a in nd.args[:2]):
             chain.append(nd)
             stack.extend(nd.args[:2])
             continue
-        if _is_zero(nd):
+        if is_zero(nd):
             chain.append(nd)
             continue
         j, scale, kv_nodes = _chunk_product(nd, i, pieces, ranges, head_axes)
@@ -363,7 +364,7 @@ def _state_terms(p: _Piece, i: int, pieces: list[_Piece], ranges, order: dict) -
 
 def _chunk_product(nd: Node, i: int, pieces: list[_Piece], ranges, axes: Axes) -> tuple[int, float, list[Node]]:
     """nd = [c ·] K_jᵀ V_j of one chunk j's very slices: (j, c, its nodes)."""
-    c, steps, scale = _back_to_contraction(nd)
+    c, steps, scale = back_to_contraction(nd)
     if c is None or c.added is not None:
         raise NoMatch(f"the state chunk {i}'s queries read holds something other than chunk products "
                       f"({nd.target}: a decay or another term is not plain linear attention)")
@@ -377,14 +378,14 @@ def _chunk_product(nd: Node, i: int, pieces: list[_Piece], ranges, axes: Axes) -
             raise NoMatch(f"a product in the state of chunk {i} pairs keys and values that are not one chunk's")
         j = ranges.index(ks[1][2:])
         p = pieces[j]
-        ktab = _labels_to_atoms(kl, _forward(p.src["k"][1], _to_source(ko)[1], p.sizes), "the keys")
-        vtab = _labels_to_atoms(vl, _forward(p.src["v"][1], _to_source(vo)[1], p.sizes), "the values")
+        ktab = labels_to_atoms(kl, forward_axes(p.src["k"][1], to_source(ko)[1], p.sizes), "the keys")
+        vtab = labels_to_atoms(vl, forward_axes(p.src["v"][1], to_source(vo)[1], p.sizes), "the values")
         if any(vtab[lab] != atom for lab, atom in ktab.items() if lab in vtab):
             raise NoMatch("keys and values are paired along different axes in a state product")
         kvtab = {**ktab, **vtab}
         if [kvtab.get(lab) for lab in c.contracted] != ["m"] or len(set(kvtab.values())) != len(kvtab):
             raise NoMatch("a state product does not sum K_jᵀ V_j over the positions of its chunk")
-        if _forward(_axes_of(c.out_labels, shape_of(c.node), kvtab), steps, p.sizes) != axes:
+        if forward_axes(axes_from_labels(c.out_labels, shape_of(c.node), kvtab), steps, p.sizes) != axes:
             raise NoMatch(f"a state product's axes are not the ones chunk {i}'s queries read")
         return j, scale * c.alpha, [c.node, *steps]
     raise NoMatch(f"a product in the state of chunk {i} is not of the very keys and values the chunks use")
@@ -400,12 +401,12 @@ def _check_in_place(chain: list[Node], i: int, order: dict) -> None:
     """A state node updated in place (S += …) must be read only before that update: the values the graph's
     edges show are then the values read."""
     for x in chain:
-        if not _is_zero(x) and not _call(x, *STATE_ADDS):
+        if not is_zero(x) and not is_call(x, *STATE_ADDS):
             continue
         muts = [u for u in x.users if _mutates(u, x)]
         if not muts:
             continue
-        if len(muts) > 1 or not _call(muts[0], aten.add_.Tensor) or muts[0].kwargs.get("alpha", 1) != 1:
+        if len(muts) > 1 or not is_call(muts[0], aten.add_.Tensor) or muts[0].kwargs.get("alpha", 1) != 1:
             raise NoMatch(f"the state of chunk {i} is changed in place by {muts[0].target}")
         if any(order[u] > order[muts[0]] for u in x.users if u is not muts[0]):
             raise NoMatch(f"the state of chunk {i} is read after it was updated in place")
@@ -414,20 +415,20 @@ def _check_in_place(chain: list[Node], i: int, order: dict) -> None:
 def _check_buffer(graph: Graph, buffer: Node, pieces: list[Node], assembly: list[Node]) -> None:
     """The slice assignments write each chunk as it is (no cast, no broadcast), and nothing else reads the
     buffer before the last one (the writes tile it: proven by the caller)."""
-    copies = [nd for nd in assembly if _call(nd, aten.copy_.default)]
+    copies = [nd for nd in assembly if is_call(nd, aten.copy_.default)]
     order = {nd: i for i, nd in enumerate(graph.nodes)}
     last = max(order[cp] for cp in copies)
     if any(order[u] < last for u in buffer.users if u not in assembly):
         raise NoMatch("the output buffer is read before every chunk is written")
     if any(dtype_of(p) != dtype_of(buffer) or shape_of(p) != shape_of(cp.args[0]) for p, cp in zip(
-            pieces, sorted(copies, key=lambda cp: _slice_range(cp.args[0])[2]))):
+            pieces, sorted(copies, key=lambda cp: slice_range(cp.args[0])[2]))):
         raise NoMatch("a chunk is written into the output buffer with a cast or a broadcast")
 
 
 def _to_cat(graph: Graph, buffer: Node, pieces: list[Node], d: int, assembly: list[Node]) -> Node:
     """Slice assignments that tile a fresh buffer (checked by _check_buffer) → cat of the pieces, the same
     values, after the last write; the buffer's later readers read the cat."""
-    copies = [nd for nd in assembly if _call(nd, aten.copy_.default)]
+    copies = [nd for nd in assembly if is_call(nd, aten.copy_.default)]
     order = {nd: i for i, nd in enumerate(graph.nodes)}
     last = max(copies, key=order.get)
     readers = [u for u in buffer.users if u not in assembly]
