@@ -52,8 +52,12 @@ NONLINEAR = {aten.relu.default: "relu", aten.exp.default: "exp", aten.sigmoid.de
              aten.pow.Tensor_Scalar: "pow", aten.square.default: "square", aten.abs.default: "abs",
              aten.silu.default: "silu", aten.softplus.default: "softplus", aten.log.default: "log",
              aten.sqrt.default: "sqrt", aten.clamp.default: "clamp", aten.clamp_min.default: "clamp"}
-
-
+# In-place edits of the scores (functional in the captured graph): ``s[..., 5, 3] = 0`` is a select_scatter.
+EDIT_OPS = {aten.select_scatter.default: "select_scatter", aten.slice_scatter.default: "slice_scatter",
+            aten.diagonal_scatter.default: "diagonal_scatter", aten.index_put.default: "index_put",
+            aten.masked_scatter.default: "masked_scatter", aten.scatter.src: "scatter", aten.scatter.value: "scatter",
+            aten.index_fill.int_Scalar: "index_fill", aten.index_fill.int_Tensor: "index_fill",
+            aten.index_copy.default: "index_copy"}
 WRITTEN_SOFTMAX = {aten.exp.default, aten.amax.default, aten.max.dim, aten.logsumexp.default}
 
 
@@ -66,7 +70,7 @@ def _reaches_contraction(node, memo: dict, depth: int = 0) -> bool:
     memo[node] = False
     ok = as_contraction(node) is not None
     if not ok and depth < 32 and node.op == "call_function" and (
-            is_layout_op(node) or node.target in MASK_OPS | SCALE_OPS | set(NONLINEAR) | SOFTMAX_OPS
+            is_layout_op(node) or node.target in MASK_OPS | SCALE_OPS | set(NONLINEAR) | SOFTMAX_OPS | set(EDIT_OPS)
             | {aten.sum.dim_IntList, aten.add.Tensor, aten.sub.Tensor, aten.neg.default}):
         ok = any(_reaches_contraction(a, memo, depth + 1) for a in node.args[:3] if isinstance(a, Node))
     memo[node] = ok
@@ -174,6 +178,8 @@ def _classify_step(node: Node, axes: Axes, sizes: AtomSizes, score: Node) -> _St
             return _Step(node, "nonlinear", "where() with a non-zero fill")
         rows, cols = align(shape_of(cond), axes, sizes)
         return _Step(node, "mask", (cond, invert, rows, cols))
+    if t in EDIT_OPS and args[0] is score:
+        return _Step(node, "edit", EDIT_OPS[t])
     return _Step(node, "nonlinear", NONLINEAR.get(t, str(t)))
 
 
@@ -196,6 +202,8 @@ def _build_cascade(steps: list[_Step], normalize_after: bool, mask_pred) -> Casc
         elif s.what == "norm":
             es.append(Einsum(t(f"SD{i}", "p"), (t(cur, "mp"),), "id", "+", note="row sum (+ eps)"))
             es.append(Einsum(t(name, "mp"), (t(cur, "mp"), t(f"SD{i}", "p")), "÷"))
+        elif s.what == "edit":
+            es.append(Einsum(t(name, "mp"), (t(cur, "mp"),), "φ", note=f"edited in place: {s.detail}"))
         else:
             op = s.detail if s.detail in ("exp", "sigmoid", "max") else "φ"
             es.append(Einsum(t(name, "mp"), (t(cur, "mp"),), op, note=f"nonlinear: {s.detail}"))
@@ -313,16 +321,21 @@ def _match_from(c2, c1, chain, x, v_node, x_labels, v_labels) -> LinearSite:
         site.rejected = "normalised twice"
     site.normalize = bool(norms) or normalize_after
     # Masks: the keep predicate over (p, m) for the cascade and, to decide, the mask's value (linear_masks.py).
-    masks = read_masks([s.detail for s in steps if s.what == "mask"])
+    masks = read_masks([s.detail for s in steps if s.what == "mask"], site.n, site.m)
     site.mask_pred, site.mask_const = masks.pred, masks.keep
     site.rejected = site.rejected or masks.rejected
     nonlinear = [s for s in steps if s.what == "nonlinear"]
+    edits = [s for s in steps if s.what == "edit"]
     spelling = [c1.spelling, *(f"{s.what}" for s in steps if s.what != "layout"), c2.spelling]
     if normalize_after:
         spelling.append("÷Σ")
     site.spelling = " → ".join(spelling)
     site.cascade = _build_cascade(steps, normalize_after, site.mask_pred)
     site.notes.append(f"φQ, φK: {phi_name(c1.a)}, {phi_name(c1.b)}")
+    if edits:
+        site.rejected = site.rejected or (f"the scores are edited in place between the two products "
+                                          f"({edits[0].detail}): the weights are then no masked product, so they "
+                                          "have no O(N) form")
     if nonlinear:
         site.rejected = site.rejected or (f"a nonlinearity ({nonlinear[0].detail}) sits between the two products: "
                                           "reassociation would change the result")

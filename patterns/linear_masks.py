@@ -2,8 +2,9 @@
 predicate for the cascade (patterns/lift.py), and its value, which decides (passes/linearize.py).
 
 The value is what the graph computes: the capture is functional, so a mask built by ``tril`` and then
-edited (``keep[5, 3] = False``, ``keep[:, 0] = True``) reaches here as ``select_scatter``/``slice_scatter``
-of the built mask, and `constant_value` evaluates the edit with the rest. The predicate is only shown.
+edited (``keep[5, 3] = False``, ``keep[:, 0] = True``) reaches here as ``select_scatter``/``index_put``
+of the built mask, and `constant_value` evaluates the edit with the rest. The predicate is only shown: an
+edit the lifter does not model leaves it opaque (``mask(p,m)``), never wrong, and never decides.
 """
 
 from __future__ import annotations
@@ -57,7 +58,10 @@ def mask_predicate(node: Node, invert: bool, rows, cols) -> sympy.Basic:
         else:
             raise NoMatch("the mask's values are not 0/1")
     expr = lift.at_positions(expr, v, rows, cols)
-    return sympy.Not(expr) if invert else expr
+    expr = sympy.Not(expr) if invert else expr
+    if not lift.is_bool(expr):  # e.g. an edit the lifter reads as a run-time value, R(p, m)
+        raise NoMatch("the mask's keep predicate is not a boolean over positions")
+    return expr
 
 
 def mask_2d(val: torch.Tensor, rows, cols) -> torch.Tensor | None:
@@ -81,8 +85,10 @@ class MaskReading:
     rejected: str | None = None
 
 
-def read_masks(masks: list[tuple[Node, bool, int | None, int | None]]) -> MaskReading:
-    """(mask node, inverted, row dim, col dim) of every mask step → predicate, value, or the reason."""
+def read_masks(masks: list[tuple[Node, bool, int | None, int | None]], n: int, m: int) -> MaskReading:
+    """(mask node, inverted, row dim, col dim) of every mask step → predicate, value over the site's
+    [n, m] scores (a mask broadcast along queries or keys is expanded: it keeps what it keeps there),
+    or the reason."""
     from rewrite.patterns.constants import constant_value
 
     out = MaskReading()
@@ -101,6 +107,7 @@ def read_masks(masks: list[tuple[Node, bool, int | None, int | None]]) -> MaskRe
         if keep is None:
             out.rejected = out.rejected or "the mask is a run-time tensor (or varies along batch): no O(N) form"
         else:
+            keep = keep.expand(n, m)
             out.keep = keep if out.keep is None else out.keep & keep
     out.pred = sympy.And(*preds) if preds else None
     return out
