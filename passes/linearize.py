@@ -93,18 +93,34 @@ def prove_reassociation(cascade: Cascade) -> list[str]:
 
 
 def mask_spec(site) -> MaskSpec:
-    """Decided on the mask's value (it depends on no input: the recogniser refuses run-time masks);
-    the symbolic predicate from patterns/lift.py is shown in the cascade but not trusted alone."""
-    if site.mask_pred is None:
+    """Decided on the mask's value over the site's N×M scores: what the graph computes. The capture is
+    functional, so a mask edited after it is built (``keep[5, 3] = False``, ``keep[:, 0] = True``) is read
+    as edited; the recogniser refuses run-time masks. The symbolic predicate from patterns/lift.py is shown
+    in the cascade but never decides."""
+    if site.mask_pred is None and site.mask_const is None:
         return MaskSpec("dense")
     keep = site.mask_const
     if keep is None:
         return MaskSpec("arbitrary", predicate="unknown", runtime=True)
+    keep = keep.to(torch.bool).expand(site.n, site.m)  # a mask broadcast along p or m keeps that everywhere
     if bool(keep.all()):
         return MaskSpec("dense", predicate="all kept")
     if check_causal(keep, 0):
         return MaskSpec("causal", predicate="m <= p", offset=0)
-    return MaskSpec("arbitrary", predicate="its value is neither all kept nor m <= p")
+    return MaskSpec("arbitrary", predicate=_not_causal(keep))
+
+
+def _not_causal(keep: torch.Tensor) -> str:
+    """How a mask's value differs from m <= p: the entries, when there are few (an edited causal mask)."""
+    n, m = keep.shape
+    causal = torch.ones(n, m, dtype=torch.bool, device=keep.device).tril()
+    wrong = (keep ^ causal).nonzero().tolist()
+    text = "its value is neither all kept nor m <= p"
+    if len(wrong) > max(3, n * m // 8):
+        return text
+    shown = ", ".join(f"(p={p}, m={c}) {'kept' if keep[p, c] else 'dropped'}" for p, c in wrong[:3])
+    more = ", …" if len(wrong) > 3 else ""
+    return f"{text}: it differs from m <= p at {len(wrong)} of {n * m} entries: {shown}{more}"
 
 
 def plan_linear(site, backend: str, device: torch.device | None) -> LinearPlan:

@@ -13,24 +13,32 @@ Everything met between the two contractions is recorded as an Einsum of the site
 *original cascade* (a mask as a predicate, a scale as ×, a row-sum normaliser as ÷, anything
 else under its own name), and passes/linearize.py proves on that cascade whether
 reassociation is exact. The recogniser only refuses shapes that are not attention at all
-(silently) and bindings it cannot express (with the reason, for the report).
+(silently) and bindings it cannot express (with the reason, for the report). The site type and
+the helpers every linear recogniser shares are in linear_site.py; masks are read in linear_masks.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import sympy
 import torch
 from torch.fx import Graph, Node
 
 from rewrite.ir.cascade import Cascade, Einsum, T
-from rewrite.ir.site import TensorPlan
 
-from . import lift
-from .axes import AtomSizes, Axes, NoMatch, canonical_plan, dtype_of, is_layout_op, propagate, shape_of
+from .axes import AtomSizes, Axes, NoMatch, dtype_of, is_layout_op, propagate, shape_of
 from .contraction import Contraction, as_contraction
-from .feature_maps import feature_map
+from .linear_masks import align, read_masks
+from .linear_site import (
+    LinearSite,
+    NotOurs,
+    broadcasts_as,
+    den_axes,
+    phi_name,
+    plan_operand,
+    row_sum,
+    same_weights,
+)
 from .softmax_attention import SOFTMAX_OPS, location_of, scalar_value
 
 aten = torch.ops.aten
@@ -44,57 +52,13 @@ NONLINEAR = {aten.relu.default: "relu", aten.exp.default: "exp", aten.sigmoid.de
              aten.pow.Tensor_Scalar: "pow", aten.square.default: "square", aten.abs.default: "abs",
              aten.silu.default: "silu", aten.softplus.default: "softplus", aten.log.default: "log",
              aten.sqrt.default: "sqrt", aten.clamp.default: "clamp", aten.clamp_min.default: "clamp"}
-
-
+# In-place edits of the scores (functional in the captured graph): ``s[..., 5, 3] = 0`` is a select_scatter.
+EDIT_OPS = {aten.select_scatter.default: "select_scatter", aten.slice_scatter.default: "slice_scatter",
+            aten.diagonal_scatter.default: "diagonal_scatter", aten.index_put.default: "index_put",
+            aten.masked_scatter.default: "masked_scatter", aten.scatter.src: "scatter", aten.scatter.value: "scatter",
+            aten.index_fill.int_Scalar: "index_fill", aten.index_fill.int_Tensor: "index_fill",
+            aten.index_copy.default: "index_copy"}
 WRITTEN_SOFTMAX = {aten.exp.default, aten.amax.default, aten.max.dim, aten.logsumexp.default}
-
-
-class NotOurs(Exception):
-    """A chain that belongs to another recogniser (softmax attention): skip silently."""
-
-
-@dataclass
-class LinearSite:
-    """A linear-attention sub-graph: out = (φQ φKᵀ ⊙ mask) V ÷ ((φQ φKᵀ ⊙ mask) 1 + eps)."""
-
-    spelling: str
-    location: str
-    form: str  # "quadratic" | "reassociated" | "cumsum" | "chunked"
-    fq: TensorPlan | None
-    fk: TensorPlan | None
-    v: TensorPlan | None
-    out_node: Node
-    out_atoms: list[str] = field(default_factory=list)  # atoms of out_node, dim by dim, flattened
-    out_shape: list[int] = field(default_factory=list)
-    out_dtype: torch.dtype = torch.float32
-    batch_atoms: list[str] = field(default_factory=list)
-    atom_sizes: dict[str, int] = field(default_factory=dict)
-    scale: float = 1.0
-    normalize: bool = False
-    eps: float = 0.0
-    mask_pred: sympy.Basic | None = None  # keep predicate over (p, m); None: dense
-    mask_const: torch.Tensor | None = None  # the mask's value when it depends on no input
-    cascade: Cascade | None = None  # what the graph computes, as written
-    n: int = 0
-    m: int = 0
-    e: int = 0
-    f: int = 0
-    kind: str = "linear"
-    rejected: str | None = None  # set when the site is attention-like but cannot be expressed
-    notes: list[str] = field(default_factory=list)
-    nodes: list[Node] = field(default_factory=list)  # the products and every node between them
-    # The quadratic form's operands and their named axes (q, k, v, weights nodes; q_axes, k_axes, v_axes,
-    # out_axes of the second product; axes_of: each chain node's axes), for recognisers built on it.
-    bindings: dict = field(default_factory=dict)
-
-    @property
-    def batch_sizes(self) -> list[int]:
-        return [self.atom_sizes[a] for a in self.batch_atoms]
-
-    @property
-    def feature_maps(self) -> tuple[tuple[str, bool], tuple[str, bool]]:
-        """(name, provably non-negative) of φ for the queries and the keys."""
-        return feature_map(self.fq.node), feature_map(self.fk.node)
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -106,33 +70,11 @@ def _reaches_contraction(node, memo: dict, depth: int = 0) -> bool:
     memo[node] = False
     ok = as_contraction(node) is not None
     if not ok and depth < 32 and node.op == "call_function" and (
-            is_layout_op(node) or node.target in MASK_OPS | SCALE_OPS | set(NONLINEAR) | SOFTMAX_OPS
+            is_layout_op(node) or node.target in MASK_OPS | SCALE_OPS | set(NONLINEAR) | SOFTMAX_OPS | set(EDIT_OPS)
             | {aten.sum.dim_IntList, aten.add.Tensor, aten.sub.Tensor, aten.neg.default}):
         ok = any(_reaches_contraction(a, memo, depth + 1) for a in node.args[:3] if isinstance(a, Node))
     memo[node] = ok
     return ok
-
-
-def _row_sum(node, of: Node | None = None) -> tuple[Node, int, float] | None:
-    """``sum(x, [d], keepdim=True) [+ eps]``: (x, d, eps)."""
-    eps = 0.0
-    if isinstance(node, Node) and node.op == "call_function" and node.target == aten.add.Tensor:
-        a, b = node.args[:2]
-        if scalar_value(b) is not None:
-            node, eps = a, scalar_value(b)
-        elif scalar_value(a) is not None:
-            node, eps = b, scalar_value(a)
-        else:
-            return None
-    if not (isinstance(node, Node) and node.op == "call_function" and node.target == aten.sum.dim_IntList):
-        return None
-    dims = node.args[1]
-    keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-    if len(dims) != 1 or not keep or (of is not None and node.args[0] is not of):
-        return None
-    x = node.args[0]
-    d = dims[0] + len(shape_of(x)) if dims[0] < 0 else dims[0]
-    return x, d, float(eps)
 
 
 def _label_atoms(c: Contraction, sizes: AtomSizes) -> tuple[dict[str, str], Axes, Axes, Axes]:
@@ -167,55 +109,6 @@ def _label_atoms(c: Contraction, sizes: AtomSizes) -> tuple[dict[str, str], Axes
     return names, axes(c.a_labels, sa), axes(c.b_labels, sb), axes(c.out_labels, so)
 
 
-def _dim_of(axes: Axes, atom: str) -> int | None:
-    for d, ax in enumerate(axes):
-        if ax == (atom,):
-            return d
-    return None
-
-
-def _align(shape: tuple[int, ...], target: Axes, sizes: AtomSizes) -> tuple[int | None, int | None]:
-    """Dims of a broadcast mask that line up with the p and m axes of ``target`` (or None)."""
-    r = len(shape)
-    off = len(target) - r
-    rows = cols = None
-    for i, s in enumerate(shape):
-        j = i + off
-        if j < 0:
-            if s != 1:
-                raise NoMatch("a mask has more dims than the scores")
-            continue
-        if s == 1:
-            continue
-        if s != sizes.of(target[j]):
-            raise NoMatch("a mask does not broadcast to the scores")
-        if target[j] == ("p",):
-            rows = i
-        elif target[j] == ("m",):
-            cols = i
-        else:
-            raise NoMatch("a mask varies along a batch axis (a run-time mask)")
-    return rows, cols
-
-
-def _mask_predicate(node: Node, invert: bool, rows, cols) -> sympy.Basic:
-    """The keep predicate over (p, m) of a bool or 0/1 mask (patterns/lift.py), or NoMatch."""
-    try:
-        v = lift.lift(node)
-    except lift.Opaque as exc:
-        raise NoMatch(f"the mask cannot be analysed ({exc})") from exc
-    expr = v.expr
-    if isinstance(expr, sympy.Piecewise) and len(expr.args) == 2 and expr.args[1][0] == 0 and expr.args[0][0] == 1:
-        expr = expr.args[0][1]
-    if not lift.is_bool(expr):
-        if expr == 1:
-            expr = sympy.true
-        else:
-            raise NoMatch("the mask's values are not 0/1")
-    expr = lift.at_positions(expr, v, rows, cols)
-    return sympy.Not(expr) if invert else expr
-
-
 # ---- the quadratic form ------------------------------------------------------------------------
 @dataclass
 class _Step:
@@ -245,7 +138,7 @@ def _walk_back(x: Node) -> tuple[Contraction, list[Node]]:
             cands = [a for a in cands if a is not cur.args[0]]
         if cur.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
             cands = [a for a in cands if a is cur.args[0]]
-        if cur.target == aten.div.Tensor and len(cands) == 2 and _row_sum(cur.args[1]) is not None:
+        if cur.target == aten.div.Tensor and len(cands) == 2 and row_sum(cur.args[1]) is not None:
             cands = [cur.args[0]]
         if len(cands) != 1:
             raise NoMatch(f"cannot tell which operand of {cur.name} holds the scores")
@@ -262,18 +155,18 @@ def _classify_step(node: Node, axes: Axes, sizes: AtomSizes, score: Node) -> _St
         if val is not None and (t in (aten.mul.Tensor, aten.mul.Scalar) or args[0] is score):
             return _Step(node, "scale", val if t in (aten.mul.Tensor, aten.mul.Scalar) else 1.0 / val)
         if t == aten.div.Tensor and args[0] is score:
-            rs = _row_sum(args[1], of=score)
+            rs = row_sum(args[1], of=score)
             if rs is not None and axes[rs[1]] == ("m",):
                 return _Step(node, "norm", rs[2])
             return _Step(node, "nonlinear", "÷ by something other than the row sum of the scores")
         if t == aten.mul.Tensor and isinstance(other, Node):
-            rows, cols = _align(shape_of(other), axes, sizes)
+            rows, cols = align(shape_of(other), axes, sizes)
             return _Step(node, "mask", (other, False, rows, cols))
         return _Step(node, "nonlinear", f"{t}")
     if t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
         if scalar_value(args[2]) != 0.0:
             return _Step(node, "nonlinear", "masked entries are filled with a non-zero value")
-        rows, cols = _align(shape_of(args[1]), axes, sizes)
+        rows, cols = align(shape_of(args[1]), axes, sizes)
         return _Step(node, "mask", (args[1], True, rows, cols))
     if t in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf):
         cond, a, b = args[:3]
@@ -283,8 +176,10 @@ def _classify_step(node: Node, axes: Axes, sizes: AtomSizes, score: Node) -> _St
             invert = True
         else:
             return _Step(node, "nonlinear", "where() with a non-zero fill")
-        rows, cols = _align(shape_of(cond), axes, sizes)
+        rows, cols = align(shape_of(cond), axes, sizes)
         return _Step(node, "mask", (cond, invert, rows, cols))
+    if t in EDIT_OPS and args[0] is score:
+        return _Step(node, "edit", EDIT_OPS[t])
     return _Step(node, "nonlinear", NONLINEAR.get(t, str(t)))
 
 
@@ -307,6 +202,8 @@ def _build_cascade(steps: list[_Step], normalize_after: bool, mask_pred) -> Casc
         elif s.what == "norm":
             es.append(Einsum(t(f"SD{i}", "p"), (t(cur, "mp"),), "id", "+", note="row sum (+ eps)"))
             es.append(Einsum(t(name, "mp"), (t(cur, "mp"), t(f"SD{i}", "p")), "÷"))
+        elif s.what == "edit":
+            es.append(Einsum(t(name, "mp"), (t(cur, "mp"),), "φ", note=f"edited in place: {s.detail}"))
         else:
             op = s.detail if s.detail in ("exp", "sigmoid", "max") else "φ"
             es.append(Einsum(t(name, "mp"), (t(cur, "mp"),), op, note=f"nonlinear: {s.detail}"))
@@ -409,10 +306,10 @@ def _match_from(c2, c1, chain, x, v_node, x_labels, v_labels) -> LinearSite:
             cur = u
             continue
         if u.op == "call_function" and u.target == aten.div.Tensor and u.args[0] is cur:
-            rs = _row_sum(u.args[1])
-            if rs is not None and _same_weights(rs[0], weights) and rs[0] in axes_of:
-                den_axes = _den_axes(rs[0], rs[1], axes_of[rs[0]])
-                if den_axes is not None and _broadcasts_as(den_axes, out_ax):
+            rs = row_sum(u.args[1])
+            if rs is not None and same_weights(rs[0], weights) and rs[0] in axes_of:
+                den = den_axes(rs[0], rs[1], axes_of[rs[0]])
+                if den is not None and broadcasts_as(den, out_ax):
                     normalize_after, site.eps, out, out_axes = True, rs[2], u, out_ax
         break
     norms = [s for s in steps if s.what == "norm"]
@@ -423,37 +320,22 @@ def _match_from(c2, c1, chain, x, v_node, x_labels, v_labels) -> LinearSite:
     if len(norms) + normalize_after > 1:
         site.rejected = "normalised twice"
     site.normalize = bool(norms) or normalize_after
-    # Masks: the keep predicate over (p, m) for the cascade (patterns/lift.py) and, to decide, the mask's
-    # value: it must depend on no input (built from arange/tril/ones at static shapes).
-    from rewrite.patterns.constants import constant_value
-
-    preds = []
-    for s in steps:
-        if s.what != "mask":
-            continue
-        node, invert, rows, cols = s.detail
-        try:
-            preds.append(_mask_predicate(node, invert, rows, cols))
-        except NoMatch:
-            preds.append(sympy.Symbol("mask(p,m)"))
-        val = constant_value(node)
-        if val is not None and val.dtype != torch.bool and not bool(((val == 0) | (val == 1)).all()):
-            site.rejected = site.rejected or ("the scores are multiplied by a matrix whose values are not 0/1 "
-                                              "(a decay or weight, e.g. RetNet's γ^(p−m)): not a mask")
-            continue
-        keep = None if val is None else _mask_2d(~val.to(torch.bool) if invert else val.to(torch.bool), rows, cols)
-        if keep is None:
-            site.rejected = site.rejected or "the mask is a run-time tensor (or varies along batch): no O(N) form"
-        else:
-            site.mask_const = keep if site.mask_const is None else site.mask_const & keep
-    site.mask_pred = sympy.And(*preds) if preds else None
+    # Masks: the keep predicate over (p, m) for the cascade and, to decide, the mask's value (linear_masks.py).
+    masks = read_masks([s.detail for s in steps if s.what == "mask"], site.n, site.m)
+    site.mask_pred, site.mask_const = masks.pred, masks.keep
+    site.rejected = site.rejected or masks.rejected
     nonlinear = [s for s in steps if s.what == "nonlinear"]
+    edits = [s for s in steps if s.what == "edit"]
     spelling = [c1.spelling, *(f"{s.what}" for s in steps if s.what != "layout"), c2.spelling]
     if normalize_after:
         spelling.append("÷Σ")
     site.spelling = " → ".join(spelling)
     site.cascade = _build_cascade(steps, normalize_after, site.mask_pred)
-    site.notes.append(f"φQ, φK: {_phi_name(c1.a)}, {_phi_name(c1.b)}")
+    site.notes.append(f"φQ, φK: {phi_name(c1.a)}, {phi_name(c1.b)}")
+    if edits:
+        site.rejected = site.rejected or (f"the scores are edited in place between the two products "
+                                          f"({edits[0].detail}): the weights are then no masked product, so they "
+                                          "have no O(N) form")
     if nonlinear:
         site.rejected = site.rejected or (f"a nonlinearity ({nonlinear[0].detail}) sits between the two products: "
                                           "reassociation would change the result")
@@ -462,9 +344,9 @@ def _match_from(c2, c1, chain, x, v_node, x_labels, v_labels) -> LinearSite:
     if any(a not in have_v for a in batch):
         raise NoMatch("the values lack a batch axis")
     try:
-        site.fq = _plan(c1.a, qa, (batch, ["p"], ["e"]), sizes, "the queries")
-        site.fk = _plan(c1.b, ka, (batch, ["m"], ["e"]), sizes, "the keys")
-        site.v = _plan(v_node, v_axes, (batch, ["m"], ["f"]), sizes, "the values")
+        site.fq = plan_operand(c1.a, qa, (batch, ["p"], ["e"]), sizes, "the queries")
+        site.fk = plan_operand(c1.b, ka, (batch, ["m"], ["e"]), sizes, "the keys")
+        site.v = plan_operand(v_node, v_axes, (batch, ["m"], ["f"]), sizes, "the values")
     except NoMatch as exc:
         site.rejected = site.rejected or str(exc)
     site.out_node = out
@@ -475,62 +357,6 @@ def _match_from(c2, c1, chain, x, v_node, x_labels, v_labels) -> LinearSite:
     site.bindings = {"q": c1.a, "k": c1.b, "v": v_node, "weights": x, "q_axes": qa, "k_axes": ka,
                      "v_axes": v_axes, "out_axes": tuple(out_axes_c2), "axes_of": axes_of, "c1": c1, "c2": c2}
     return site
-
-
-def _mask_2d(val: torch.Tensor, rows, cols) -> torch.Tensor | None:
-    """A constant mask as [n, m] (None when it varies along other dims)."""
-    dims = [d for d in (rows, cols) if d is not None]
-    other = [d for d in range(val.dim()) if d not in dims]
-    if any(val.shape[d] != 1 for d in other):
-        return None
-    v = val.permute(*other, *dims).reshape(*(val.shape[d] for d in dims))
-    if rows is None:
-        v = v.unsqueeze(0)
-    if cols is None:
-        v = v.unsqueeze(-1)
-    return v
-
-
-def _same_weights(a: Node, w: Node) -> bool:
-    """a is w up to layout ops (the normaliser sums the very weights that multiply V)."""
-    for _ in range(8):
-        if a is w:
-            return True
-        if not (isinstance(w, Node) and is_layout_op(w)):
-            return False
-        w = w.args[0]
-    return False
-
-
-def _den_axes(summed: Node, dim: int, axes: Axes) -> Axes | None:
-    """The axes of Σ over ``dim`` (keepdim) of a tensor with ``axes``, if that dim holds the keys."""
-    shape = shape_of(summed)
-    if shape is None or len(shape) != len(axes) or axes[dim] != ("m",):
-        return None
-    return tuple(() if d == dim else ax for d, ax in enumerate(axes))
-
-
-def _broadcasts_as(den_axes: Axes, num_axes: Axes) -> bool:
-    """den (right-aligned) names, dim by dim, the same atoms as the numerator or broadcasts (size 1)."""
-    if len(den_axes) > len(num_axes):
-        return False
-    off = len(num_axes) - len(den_axes)
-    for i, ax in enumerate(den_axes):
-        if ax and ax != num_axes[i + off]:
-            return False
-    return True
-
-
-def _plan(node: Node, axes: Axes, groups, sizes: AtomSizes, what: str) -> TensorPlan:
-    have = {a for ax in axes for a in ax}
-    if any(a not in have for a in groups[0]):
-        raise NoMatch(f"{what} lack a batch axis (a weight, not attention)")
-    perm, shape = canonical_plan(axes, groups, sizes, what)
-    return TensorPlan(node, perm, shape)
-
-
-def _phi_name(node: Node) -> str:
-    return feature_map(node)[0]
 
 
 # ---- entry point ---------------------------------------------------------------------------------
@@ -566,20 +392,3 @@ def find_linear_sites(graph: Graph) -> list[LinearSite]:
         sites.append(site)
         claimed.add(node)
     return sites
-
-
-def finish_linear_site(site: LinearSite, out: Node, out_axes, nodes: list[Node], q_node: Node, k_node: Node,
-                       causal: bool, form: str) -> LinearSite:
-    """The part every linear recogniser ends with: the output binding, the nodes the site
-    replaces, and the as-written cascade (without the normaliser's Einsums when there is none)."""
-    site.out_node = out
-    site.out_atoms = [a for ax in out_axes for a in ax]
-    site.out_shape = list(shape_of(out))
-    site.out_dtype = dtype_of(out) or torch.float32
-    site.nodes = [*nodes, *([out] if out is not nodes[-1] else [])]
-    site.notes.append(f"φQ, φK: {_phi_name(q_node)}, {_phi_name(k_node)}")
-    es = Cascade.linear_attention(causal=causal).einsums
-    if not site.normalize:
-        es = tuple(e for e in es if e.name not in ("KS", "DEN", "AV"))
-    site.cascade = Cascade(es, name=f"linear-attention ({form}, as written)")
-    return site

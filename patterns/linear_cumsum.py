@@ -16,24 +16,17 @@ from torch.fx import Node
 
 from .axes import AtomSizes, NoMatch, shape_of
 from .contraction import Contraction, as_contraction
-from .linear_attention import LinearSite, _broadcasts_as, _plan, finish_linear_site
+from .linear_readers import cumsum_of
+from .linear_site import LinearSite, broadcasts_as, finish_linear_site, plan_operand
 from .softmax_attention import location_of, scalar_value
 
 aten = torch.ops.aten
 
 
-def _cumsum_of(node) -> tuple[Node, int] | None:
-    if isinstance(node, Node) and node.op == "call_function" and node.target == aten.cumsum.default:
-        x, d = node.args[:2]
-        shape = shape_of(x)
-        return (x, d + len(shape) if d < 0 else d) if shape is not None else None
-    return None
-
-
 def match_cumsum(c2: Contraction) -> LinearSite:
     for q_node, kv_node, q_labels, kv_labels in ((c2.a, c2.b, c2.a_labels, c2.b_labels),
                                                  (c2.b, c2.a, c2.b_labels, c2.a_labels)):
-        cs = _cumsum_of(kv_node)
+        cs = cumsum_of(kv_node)
         if cs is None:
             continue
         c1 = as_contraction(cs[0])
@@ -91,9 +84,9 @@ def _match(c2, c1, cs_dim, q_node, q_labels, kv_labels) -> LinearSite:
                       batch_atoms=batch_atoms, scale=c1.alpha * c2.alpha)
     site.n = site.m = size[n_lab]
     site.e, site.f = size[e1], size[f1]
-    site.fq = _plan(q_node, q_axes, (batch_atoms, ["p"], ["e"]), sizes, "the queries")
-    site.fk = _plan(k_node, k_axes, (batch_atoms, ["m"], ["e"]), sizes, "the keys")
-    site.v = _plan(v_node, v_axes, (batch_atoms, ["m"], ["f"]), sizes, "the values")
+    site.fq = plan_operand(q_node, q_axes, (batch_atoms, ["p"], ["e"]), sizes, "the queries")
+    site.fk = plan_operand(k_node, k_axes, (batch_atoms, ["m"], ["e"]), sizes, "the keys")
+    site.v = plan_operand(v_node, v_axes, (batch_atoms, ["m"], ["f"]), sizes, "the values")
     site.mask_pred = True  # causal by construction: the prefix state at p holds m ≤ p
     site.mask_const = torch.ones(site.n, site.m, dtype=torch.bool).tril()
     out, out_ax, cur = c2.node, out_axes, c2.node
@@ -101,7 +94,7 @@ def _match(c2, c1, cs_dim, q_node, q_labels, kv_labels) -> LinearSite:
         u = next(iter(cur.users))
         if u.op == "call_function" and u.target == aten.div.Tensor and u.args[0] is cur:
             den = _den(u.args[1], q_node, k_node, k_axes, q_map, q_labels)
-            if den is not None and _broadcasts_as(den[0], out_ax):
+            if den is not None and broadcasts_as(den[0], out_ax):
                 site.normalize, site.eps, out, out_axes = True, den[1], u, out_ax
                 site.spelling += " ÷ φQ·cumsum(φK)"
         break
@@ -120,7 +113,7 @@ def _den(node, q_node, k_node, k_axes, q_map, q_labels):
     c = as_contraction(node) if isinstance(node, Node) else None
     if c is None or c.a is not q_node:
         return None
-    cs = _cumsum_of(c.b)
+    cs = cumsum_of(c.b)
     if cs is None or cs[0] is not k_node or k_axes[cs[1]] != ("m",):
         return None
     if list(c.a_labels) != list(q_labels) or len(c.contracted) != 1:

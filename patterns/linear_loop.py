@@ -4,20 +4,25 @@ without decay). torch.compile unrolls the loop, so the ATen graph holds one copy
     for i, [a_i, b_i) in enumerate(chunks):             the chunks tile [0, N) in order
         Q_i, K_i, V_i = φQ[a_i:b_i], φK[a_i:b_i], V[a_i:b_i]  slices of the same three tensors, same axis
         O_i = Q_i S_i + (Q_i K_iᵀ ⊙ [l' ≤ l]) V_i          S_i = Σ_{j < i} K_jᵀ V_j   (S_0 = 0 or absent)
-        S_{i+1} = S_i + K_iᵀ V_i                          (or S += …, in place)
-    out = cat(O_0, …, O_{T-1})                          (or o[a_i:b_i] = O_i into a fresh buffer)
+        S_{i+1} = S_i + K_iᵀ V_i                          (or S += …)
+    out = cat(O_0, …, O_{T-1})                          (or o[a_i:b_i] = O_i into a buffer)
 
 so out[p] = Σ_{m ≤ p} (φq_p·φk_m) v_m: causal linear attention over the whole sequences, rewritten to one
 rewrite::linear_attention (causal) call on φQ, φK, V.
 
 Proven, not guessed: each piece's intra part is the quadratic form (linear_attention.py) over the slices
 [a_i, b_i) of the same φQ, φK, V nodes along their sequence axes, with its mask's value exactly l' ≤ l
-(rewrite.ir.mask.check_causal); the output ranges are the query ranges and tile [0, N) contiguously along the output's
-query-position axis; the state multiplying piece i's queries is a chain of adds whose leaves are zeros and
-products K_jᵀ V_j of the very slices of chunks j, exactly {0, …, i-1}, each once; in-place state updates
-(``S += …``) are read before they are overwritten; the inter product contracts the query features; scales
-agree between the two parts and across chunks. A chain with this shape that fails a proof becomes a site
-left alone with the reason (its per-chunk quadratic parts are then not rewritten on their own either).
+(rewrite.ir.mask.check_causal); the output ranges are the query ranges and tile [0, N) contiguously along the
+output's query-position axis; the state multiplying piece i's queries is a chain of adds whose leaves are zeros
+and products K_jᵀ V_j of the very slices of chunks j, exactly {0, …, i-1}, each once; the inter product
+contracts the query features; scales agree between the two parts and across chunks. A chain with this shape
+that fails a proof becomes a site left alone with the reason (its per-chunk quadratic parts are then not
+rewritten on their own either).
+
+The graph is functional (rewrite/capture.py): ``S += …`` is an SSA chain of adds, and slice assignment into a
+buffer is a chain of slice_scatter, read by linear_writes.py as the pieces the buffer shows (in position
+order, with the overlap or gap that keeps it from being their cat). Both assemblies, cat and slice writes,
+reach the proof as one `_Assembly`.
 
 Out of scope (not matched): per-chunk normalisation, decay (γ·S: the state is then not a plain sum of chunk
 products, so the site is left alone), φ or scales applied to the slices inside the loop.
@@ -34,27 +39,25 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import Graph, Node
 
-from .axes import AtomSizes, Axes, NoMatch, dtype_of, shape_of
-from .linear_attention import LinearSite, NotOurs, _plan, finish_linear_site, match_quadratic
-from .linear_chunked import (
-    _axes_of,
-    _back_to_contraction,
-    _call,
-    _dim,
-    _forward,
-    _is_zero,
-    _labels_to_atoms,
-    _slice_range,
-    _source_axes,
-    _to_source,
+from .axes import AtomSizes, Axes, NoMatch, shape_of
+from .linear_attention import match_quadratic
+from .linear_readers import (
+    axes_from_labels,
+    back_to_contraction,
+    forward_axes,
+    is_call,
+    is_zero,
+    labels_to_atoms,
+    norm_dim,
+    slice_range,
+    source_axes,
+    to_source,
 )
+from .linear_site import LinearSite, NotOurs, finish_linear_site, plan_operand
+from .linear_writes import continues, slice_writes, tiling
 from .softmax_attention import location_of
 
 aten = torch.ops.aten
-
-FRESH_OPS = {aten.empty_like.default, aten.empty.memory_format, aten.new_empty.default, aten.zeros_like.default,
-             aten.zeros.default, aten.new_zeros.default}
-STATE_ADDS = (aten.add.Tensor, aten.add_.Tensor)
 
 
 @dataclass
@@ -70,19 +73,19 @@ class _Piece:
     out_axes: Axes
     nodes: list[Node]
     inter: tuple | None = None  # (contraction, steps, scale, q operand, state node, q labels, state labels)
-    state: dict = field(default_factory=dict)  # filled by _prove_state
+    state: dict = field(default_factory=dict)  # filled by _state_terms
 
 
 def _chunk_slice(node) -> tuple[Node, tuple[Node, int, int, int]] | None:
     """``node`` reads a slice of a tensor through permutation-like ops: (the slice, (base, dim, a, b))."""
-    src, _ = _to_source(node)
-    rng = _slice_range(src)
+    src, _ = to_source(node)
+    rng = slice_range(src)
     return (src, rng) if rng is not None else None
 
 
 def _intra(y: Node):
     """y = the quadratic form over slices (through layout ops and scalar scales): (qs, steps, scale, src, rng)."""
-    c, steps, scale = _back_to_contraction(y)
+    c, steps, scale = back_to_contraction(y)
     if c is None:
         return None
     try:
@@ -93,10 +96,10 @@ def _intra(y: Node):
     if not bnd or qs.out_node is not c.node:
         return None
     try:
-        src = {name: _source_axes(bnd[name], bnd[f"{name}_axes"]) for name in ("q", "k", "v")}
+        src = {name: source_axes(bnd[name], bnd[f"{name}_axes"]) for name in ("q", "k", "v")}
     except NoMatch:
         return None
-    rng = {name: _slice_range(s) for name, (s, _) in src.items()}
+    rng = {name: slice_range(s) for name, (s, _) in src.items()}
     # Chunks of the sequence (a cat of heads sliced along the features is several sites, not one loop).
     if any(r is None or src[name][1][r[1]] != (atom,) for (name, r), atom in zip(rng.items(), "pmm")):
         return None
@@ -106,7 +109,7 @@ def _intra(y: Node):
 def _piece(node: Node) -> _Piece | None:
     """``node`` = one chunk's output (intra, or inter + intra in either order), else None."""
     options = []
-    if _call(node, aten.add.Tensor) and node.kwargs.get("alpha", 1) == 1 and \
+    if is_call(node, aten.add.Tensor) and node.kwargs.get("alpha", 1) == 1 and \
             all(isinstance(a, Node) for a in node.args[:2]):
         options = [(node.args[0], node.args[1]), (node.args[1], node.args[0])]
     found = []
@@ -117,12 +120,12 @@ def _piece(node: Node) -> _Piece | None:
         qs, steps, scale, src, rng = got
         sizes = AtomSizes(dict(qs.atom_sizes))
         try:
-            out_axes = _forward(qs.bindings["out_axes"], steps, sizes)
+            out_axes = forward_axes(qs.bindings["out_axes"], steps, sizes)
         except NoMatch:
             continue
         piece = _Piece(node, qs, src, rng, sizes, scale * qs.scale, out_axes, [*qs.nodes, *steps])
         if x is not None:
-            c, isteps, iscale = _back_to_contraction(x)
+            c, isteps, iscale = back_to_contraction(x)
             if c is None:
                 found.append((1, piece))
                 continue
@@ -140,38 +143,41 @@ def _piece(node: Node) -> _Piece | None:
     return max(found, key=lambda f: f[0])[1] if found else None
 
 
-def _parts(node: Node) -> tuple[list[Node], list[tuple[int, int]], int, str, list] | None:
-    """The assembled output: (pieces, their output ranges, the output dim, how, the assembly's nodes)."""
+@dataclass
+class _Assembly:
+    """How the chunk outputs make the result: pieces in position order, each landing on one range along dim."""
+
+    pieces: list[Node]
+    ranges: list[tuple[int, int]]
+    dim: int
+    how: str  # "cat" | "slice assignment"
+    nodes: list[Node]  # the assembly's own nodes
+    problem: str | None = None  # why the result is not cat(pieces) (overlap, gap, cast), found by linear_writes
+
+
+def _assembly(node: Node) -> _Assembly | None:
+    """The assembled output ``node``: a cat of pieces, or the last of a chain of slice writes."""
     shape = shape_of(node)
     if shape is None:
         return None
-    if _call(node, aten.cat.default):
+    if is_call(node, aten.cat.default):
         parts = list(node.args[0])
-        d = _dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), len(shape))
+        d = norm_dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), len(shape))
         if len(parts) < 2 or any(shape_of(p) is None or len(shape_of(p)) != len(shape) for p in parts):
             return None
         ranges, start = [], 0
         for p in parts:
             ranges.append((start, start + shape_of(p)[d]))
             start += shape_of(p)[d]
-        return parts, ranges, d, "cat", []
-    if node.op != "call_function" or node.target not in FRESH_OPS:
+        return _Assembly(parts, ranges, d, "cat", [])
+    if continues(node):
+        return None  # a later write of the same chain: the chain is read from its last node
+    sw = slice_writes(node)
+    if sw is None or len(sw.writes) < 2:
         return None
-    writes = []  # (copy_, slice, piece)
-    for u in node.users:
-        if _call(u, aten.slice.Tensor) and u.args[0] is node and len(u.users) == 1:
-            cp = next(iter(u.users))
-            if _call(cp, aten.copy_.default) and cp.args[0] is u and not cp.users and isinstance(cp.args[1], Node):
-                writes.append((cp, u, cp.args[1]))
-    if len(writes) < 2:
-        return None
-    dims = {_slice_range(s)[1] for _, s, _ in writes}
-    if len(dims) != 1:
-        return None
-    d = dims.pop()
-    writes.sort(key=lambda w: _slice_range(w[1])[2])
-    return ([w[2] for w in writes], [_slice_range(w[1])[2:] for w in writes], d, "slice assignment",
-            [n for cp, s, _ in writes for n in (s, cp)])
+    t = tiling(sw)
+    return _Assembly([w.value for w in t.pieces], [(w.start, w.end) for w in t.pieces], sw.dim, "slice assignment",
+                     sw.nodes, t.problem)
 
 
 def find_loop_sites(graph: Graph) -> list[LinearSite]:
@@ -181,20 +187,19 @@ def find_loop_sites(graph: Graph) -> list[LinearSite]:
     for node in list(graph.nodes):
         if node in claimed:
             continue
-        found = _parts(node)
-        if found is None:
+        asm = _assembly(node)
+        if asm is None:
             continue
-        parts, out_ranges, d_out, how, assembly = found
-        pieces = [_piece(p) if isinstance(p, Node) else None for p in parts]
+        pieces = [_piece(p) if isinstance(p, Node) else None for p in asm.pieces]
         if sum(p is not None for p in pieces) < 2:
             continue
-        nodes = list(dict.fromkeys([nd for p in pieces if p is not None for nd in p.nodes] + assembly + [node]))
+        nodes = list(dict.fromkeys([nd for p in pieces if p is not None for nd in p.nodes] + asm.nodes + [node]))
         if claimed.intersection(nodes):
             continue
         try:
-            site = _prove(graph, node, pieces, out_ranges, d_out, how, assembly, nodes)
+            site = _prove(node, pieces, asm, nodes)
         except NoMatch as exc:
-            site = LinearSite(spelling=f"loop over chunks ({how}): inter-chunk state + intra-chunk quadratic",
+            site = LinearSite(spelling=f"loop over chunks ({asm.how}): inter-chunk state + intra-chunk quadratic",
                               location=location_of(node), form="chunked", fq=None, fk=None, v=None, out_node=node,
                               rejected=f"loop over chunks: {exc}")
             qs = next(p for p in pieces if p is not None).qs
@@ -205,10 +210,12 @@ def find_loop_sites(graph: Graph) -> list[LinearSite]:
     return sites
 
 
-def _prove(graph: Graph, out: Node, pieces: list[_Piece | None], out_ranges, d_out: int, how: str,
-           assembly: list[Node], nodes: list[Node]) -> LinearSite:
+def _prove(out: Node, pieces: list[_Piece | None], asm: _Assembly, nodes: list[Node]) -> LinearSite:
     from rewrite.ir.mask import check_causal
 
+    how, d_out = asm.how, asm.dim
+    if asm.problem:
+        raise NoMatch(asm.problem)  # what the slice writes compute is not the cat of what they write
     if any(p is None for p in pieces):
         raise NoMatch(f"part {[p is None for p in pieces].index(True)} of the {how} is not a chunk's attention")
     first = pieces[0]
@@ -241,24 +248,25 @@ def _prove(graph: Graph, out: Node, pieces: list[_Piece | None], out_ranges, d_o
     n = shape_of(bases["q"][0])[dq]
     if shape_of(bases["k"][0])[dk] != n or shape_of(bases["v"][0])[dv] != n:
         raise NoMatch("queries, keys and values differ in length")
-    ranges = []
-    for i, (p, o) in enumerate(zip(pieces, out_ranges)):
+    ranges: list[tuple[int, int]] = []
+    for i, (p, o) in enumerate(zip(pieces, asm.ranges)):
         r = {name: p.rng[name][2:] for name in ("q", "k", "v")}
         if not r["q"] == r["k"] == r["v"]:
             raise NoMatch(f"chunk {i} pairs queries, keys and values of different positions")
+        end = ranges[-1][1] if ranges else 0
+        if r["q"][0] != end:
+            raise NoMatch(f"the chunks {'overlap' if r['q'][0] < end else 'leave a gap'}: chunk {i} starts at "
+                          f"position {r['q'][0]}, the chunks before it end at {end}")
         if r["q"] != tuple(o):
             raise NoMatch(f"chunk {i}'s queries [{r['q'][0]}, {r['q'][1]}) are written to positions [{o[0]}, {o[1]})")
-        if r["q"][0] != (ranges[-1][1] if ranges else 0):
-            raise NoMatch(f"the chunks overlap or leave a gap at position {r['q'][0]}")
         ranges.append(r["q"])
     if ranges[-1][1] != n or shape_of(out)[d_out] != n:
         raise NoMatch(f"the chunks end at {ranges[-1][1]}, the sequence at {n}")
     # 3./4./5. Each piece's state: exactly the earlier chunks' K_jᵀ V_j; inter contracts the query features.
     state_nodes: list[Node] = []
     kv_scales: set[float] = set()
-    order = {nd: i for i, nd in enumerate(graph.nodes)}
     for i, p in enumerate(pieces):
-        terms, chain = _state_terms(p, i, pieces, ranges, order)
+        terms, chain = _state_terms(p, i, pieces, ranges)
         if sorted(terms) != list(range(i)):
             seen = sorted(terms)
             raise NoMatch(f"the state chunk {i}'s queries read sums the products of chunks {seen}, "
@@ -271,18 +279,6 @@ def _prove(graph: Graph, out: Node, pieces: list[_Piece | None], out_ranges, d_o
                           f"own by {p.intra_scale:g}")
     if any(not math.isclose(s, next(iter(kv_scales)), rel_tol=1e-9) for s in kv_scales):
         raise NoMatch(f"the chunk products of the state are scaled differently ({sorted(kv_scales)})")
-    if how == "slice assignment":
-        _check_buffer(graph, out, [p.node for p in pieces], assembly)
-    # Proven. In-place state updates become functional (they are read before they are overwritten), and a
-    # slice assignment becomes the cat it computes, so the chunk bodies die with the site.
-    for nd in state_nodes:
-        if not _is_zero(nd) and not _call(nd, *STATE_ADDS):
-            continue
-        for u in list(nd.users):
-            if _call(u, aten.add_.Tensor) and u.args[0] is nd:
-                u.target = aten.add.Tensor
-    if how == "slice assignment":
-        out = _to_cat(graph, out, [p.node for p in pieces], d_out, assembly)
     qs = first.qs
     C = ranges[0][1] - ranges[0][0]
     batch = list(qs.batch_atoms)
@@ -290,9 +286,9 @@ def _prove(graph: Graph, out: Node, pieces: list[_Piece | None], out_ranges, d_o
     site = LinearSite(spelling=f"loop over {len(pieces)} chunks (C = {C}, {how}): state += K_jᵀ V_j → "
                       f"φQ_i · state + intra {qs.spelling}", location=location_of(out), form="chunked",
                       fq=None, fk=None, v=None, out_node=out, batch_atoms=batch, scale=first.intra_scale)
-    site.fq = _plan(bases["q"][0], q_ax, (batch, ["p"], ["e"]), sizes, "the queries")
-    site.fk = _plan(bases["k"][0], k_ax, (batch, ["m"], ["e"]), sizes, "the keys")
-    site.v = _plan(bases["v"][0], v_ax, (batch, ["m"], ["f"]), sizes, "the values")
+    site.fq = plan_operand(bases["q"][0], q_ax, (batch, ["p"], ["e"]), sizes, "the queries")
+    site.fk = plan_operand(bases["k"][0], k_ax, (batch, ["m"], ["e"]), sizes, "the keys")
+    site.v = plan_operand(bases["v"][0], v_ax, (batch, ["m"], ["f"]), sizes, "the values")
     site.atom_sizes = {**{a: sizes.sizes[a] for a in batch}, "p": n, "m": n, "e": qs.e, "f": qs.f}
     site.n = site.m = n
     site.e, site.f = qs.e, qs.f
@@ -304,12 +300,12 @@ def _prove(graph: Graph, out: Node, pieces: list[_Piece | None], out_ranges, d_o
                       "Σ_{j<i} φK_jᵀ V_j")
     site.notes.append("original: T unrolled chunk bodies, O(N·C·D + N·D²); rewritten: one causal linear-attention "
                       "pass, O(N·D²) time, O(N·D) memory")
-    body = [nd for nd in dict.fromkeys([*nodes, *state_nodes]) if nd is not out and nd.graph is graph]
+    body = [nd for nd in dict.fromkeys([*nodes, *state_nodes]) if nd is not out]
     return finish_linear_site(site, out, first.out_axes, [*body, out], bases["q"][0], bases["k"][0], True,
                               "causal, loop over chunks")
 
 
-def _state_terms(p: _Piece, i: int, pieces: list[_Piece], ranges, order: dict) -> tuple[dict[int, float], list]:
+def _state_terms(p: _Piece, i: int, pieces: list[_Piece], ranges) -> tuple[dict[int, float], list]:
     """The chunks whose K_jᵀ V_j the state of piece ``p`` sums ({j: scale}) and the state's nodes; NoMatch
     when the state holds anything else or a product twice."""
     if p.inter is None:
@@ -319,7 +315,7 @@ def _state_terms(p: _Piece, i: int, pieces: list[_Piece], ranges, order: dict) -
     q_src, q_ax = p.src["q"]
     if c.added is not None:
         raise NoMatch(f"chunk {i}'s product with the state adds a term (baddbmm)")
-    qtab = _labels_to_atoms(q_labels, _forward(q_ax, _to_source(q_op)[1], sizes), "the queries")
+    qtab = labels_to_atoms(q_labels, forward_axes(q_ax, to_source(q_op)[1], sizes), "the queries")
     contracted = [lab for lab in c.contracted if lab]
     if len(contracted) != 1 or qtab.get(contracted[0]) != "e":
         raise NoMatch(f"chunk {i}'s product with the state does not contract the query features")
@@ -329,27 +325,27 @@ def _state_terms(p: _Piece, i: int, pieces: list[_Piece], ranges, order: dict) -
             s != 1 and lab in q_labels and qtab.get(lab) == "p" for lab, s in zip(s_labels, s_shape)):
         raise NoMatch(f"chunk {i}'s state is not [.., key feature, value feature]")
     stab = {**qtab, free[0]: "f"}
-    s_axes = _axes_of(s_labels, s_shape, stab)
+    s_axes = axes_from_labels(s_labels, s_shape, stab)
     if sorted(a for ax in s_axes for a in ax) != sorted([*qs.batch_atoms, "e", "f"]):
         raise NoMatch(f"chunk {i}'s state is not one [key feature, value feature] matrix per batch")
-    inter_axes = _forward(_axes_of(c.out_labels, shape_of(c.node), stab), isteps, sizes)
+    inter_axes = forward_axes(axes_from_labels(c.out_labels, shape_of(c.node), stab), isteps, sizes)
     if inter_axes != p.out_axes or shape_of(p.node) != shape_of(c.node if not isteps else isteps[-1]):
         raise NoMatch(f"chunk {i}'s inter- and intra-chunk parts do not line up position by position")
     p.state["inter_scale"] = iscale * c.alpha
-    head, head_axes = _source_axes(s_node, s_axes)
-    chain = [*_to_source(s_node)[1]]
+    head, head_axes = source_axes(s_node, s_axes)
+    chain = [*to_source(s_node)[1]]
     terms: dict[int, float] = {}
     stack = [head]
     while stack:
         nd = stack.pop()
         if len(chain) > 4 * len(pieces) + 16:
             raise NoMatch("the state chain is too long")
-        if _call(nd, *STATE_ADDS) and nd.kwargs.get("alpha", 1) == 1 and shape_of(nd) == shape_of(head) and \
+        if is_call(nd, aten.add.Tensor) and nd.kwargs.get("alpha", 1) == 1 and shape_of(nd) == shape_of(head) and \
                 all(isinstance(a, Node) for a in nd.args[:2]):
             chain.append(nd)
             stack.extend(nd.args[:2])
             continue
-        if _is_zero(nd):
+        if is_zero(nd):
             chain.append(nd)
             continue
         j, scale, kv_nodes = _chunk_product(nd, i, pieces, ranges, head_axes)
@@ -357,13 +353,12 @@ def _state_terms(p: _Piece, i: int, pieces: list[_Piece], ranges, order: dict) -
             raise NoMatch(f"the state chunk {i}'s queries read adds chunk {j}'s product twice")
         terms[j] = scale
         chain.extend(kv_nodes)
-    _check_in_place(chain, i, order)
     return terms, chain
 
 
 def _chunk_product(nd: Node, i: int, pieces: list[_Piece], ranges, axes: Axes) -> tuple[int, float, list[Node]]:
     """nd = [c ·] K_jᵀ V_j of one chunk j's very slices: (j, c, its nodes)."""
-    c, steps, scale = _back_to_contraction(nd)
+    c, steps, scale = back_to_contraction(nd)
     if c is None or c.added is not None:
         raise NoMatch(f"the state chunk {i}'s queries read holds something other than chunk products "
                       f"({nd.target}: a decay or another term is not plain linear attention)")
@@ -377,69 +372,14 @@ def _chunk_product(nd: Node, i: int, pieces: list[_Piece], ranges, axes: Axes) -
             raise NoMatch(f"a product in the state of chunk {i} pairs keys and values that are not one chunk's")
         j = ranges.index(ks[1][2:])
         p = pieces[j]
-        ktab = _labels_to_atoms(kl, _forward(p.src["k"][1], _to_source(ko)[1], p.sizes), "the keys")
-        vtab = _labels_to_atoms(vl, _forward(p.src["v"][1], _to_source(vo)[1], p.sizes), "the values")
+        ktab = labels_to_atoms(kl, forward_axes(p.src["k"][1], to_source(ko)[1], p.sizes), "the keys")
+        vtab = labels_to_atoms(vl, forward_axes(p.src["v"][1], to_source(vo)[1], p.sizes), "the values")
         if any(vtab[lab] != atom for lab, atom in ktab.items() if lab in vtab):
             raise NoMatch("keys and values are paired along different axes in a state product")
         kvtab = {**ktab, **vtab}
         if [kvtab.get(lab) for lab in c.contracted] != ["m"] or len(set(kvtab.values())) != len(kvtab):
             raise NoMatch("a state product does not sum K_jᵀ V_j over the positions of its chunk")
-        if _forward(_axes_of(c.out_labels, shape_of(c.node), kvtab), steps, p.sizes) != axes:
+        if forward_axes(axes_from_labels(c.out_labels, shape_of(c.node), kvtab), steps, p.sizes) != axes:
             raise NoMatch(f"a state product's axes are not the ones chunk {i}'s queries read")
         return j, scale * c.alpha, [c.node, *steps]
     raise NoMatch(f"a product in the state of chunk {i} is not of the very keys and values the chunks use")
-
-
-def _mutates(u: Node, x: Node) -> bool:
-    schema = getattr(u.target, "_schema", None)
-    return u.op == "call_function" and bool(getattr(schema, "is_mutable", False)) and (
-        (u.args and u.args[0] is x) or u.kwargs.get("out") is x)
-
-
-def _check_in_place(chain: list[Node], i: int, order: dict) -> None:
-    """A state node updated in place (S += …) must be read only before that update: the values the graph's
-    edges show are then the values read."""
-    for x in chain:
-        if not _is_zero(x) and not _call(x, *STATE_ADDS):
-            continue
-        muts = [u for u in x.users if _mutates(u, x)]
-        if not muts:
-            continue
-        if len(muts) > 1 or not _call(muts[0], aten.add_.Tensor) or muts[0].kwargs.get("alpha", 1) != 1:
-            raise NoMatch(f"the state of chunk {i} is changed in place by {muts[0].target}")
-        if any(order[u] > order[muts[0]] for u in x.users if u is not muts[0]):
-            raise NoMatch(f"the state of chunk {i} is read after it was updated in place")
-
-
-def _check_buffer(graph: Graph, buffer: Node, pieces: list[Node], assembly: list[Node]) -> None:
-    """The slice assignments write each chunk as it is (no cast, no broadcast), and nothing else reads the
-    buffer before the last one (the writes tile it: proven by the caller)."""
-    copies = [nd for nd in assembly if _call(nd, aten.copy_.default)]
-    order = {nd: i for i, nd in enumerate(graph.nodes)}
-    last = max(order[cp] for cp in copies)
-    if any(order[u] < last for u in buffer.users if u not in assembly):
-        raise NoMatch("the output buffer is read before every chunk is written")
-    if any(dtype_of(p) != dtype_of(buffer) or shape_of(p) != shape_of(cp.args[0]) for p, cp in zip(
-            pieces, sorted(copies, key=lambda cp: _slice_range(cp.args[0])[2]))):
-        raise NoMatch("a chunk is written into the output buffer with a cast or a broadcast")
-
-
-def _to_cat(graph: Graph, buffer: Node, pieces: list[Node], d: int, assembly: list[Node]) -> Node:
-    """Slice assignments that tile a fresh buffer (checked by _check_buffer) → cat of the pieces, the same
-    values, after the last write; the buffer's later readers read the cat."""
-    copies = [nd for nd in assembly if _call(nd, aten.copy_.default)]
-    order = {nd: i for i, nd in enumerate(graph.nodes)}
-    last = max(copies, key=order.get)
-    readers = [u for u in buffer.users if u not in assembly]
-    with graph.inserting_after(last):
-        cat = graph.call_function(aten.cat.default, (list(pieces), d))
-    cat.meta = dict(buffer.meta)
-    for u in readers:
-        u.replace_input_with(buffer, cat)
-    for cp in copies:
-        sl = cp.args[0]
-        graph.erase_node(cp)
-        graph.erase_node(sl)
-    if not buffer.users:
-        graph.erase_node(buffer)
-    return cat

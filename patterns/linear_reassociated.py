@@ -13,7 +13,7 @@ from torch.fx import Node
 
 from .axes import AtomSizes, NoMatch, is_layout_op, propagate, shape_of
 from .contraction import Contraction, as_contraction
-from .linear_attention import LinearSite, _broadcasts_as, _plan, finish_linear_site
+from .linear_site import LinearSite, broadcasts_as, finish_linear_site, plan_operand
 from .softmax_attention import location_of, scalar_value
 
 aten = torch.ops.aten
@@ -107,9 +107,9 @@ def _match_reassoc(c2, c1, layout, q_node, q_labels, kv_labels) -> LinearSite:
                       fq=None, fk=None, v=None, out_node=c2.node, atom_sizes=dict(sizes.sizes),
                       batch_atoms=batch_atoms, scale=c1.alpha * c2.alpha)
     site.n, site.m, site.e, site.f = (sizes.sizes[a] for a in ("p", "m", "e", "f"))
-    site.fq = _plan(q_node, tuple(q_axes), (batch_atoms, ["p"], ["e"]), sizes, "the queries")
-    site.fk = _plan(k_node, k_axes, (batch_atoms, ["m"], ["e"]), sizes, "the keys")
-    site.v = _plan(v_node, v_axes, (batch_atoms, ["m"], ["f"]), sizes, "the values")
+    site.fq = plan_operand(q_node, tuple(q_axes), (batch_atoms, ["p"], ["e"]), sizes, "the queries")
+    site.fk = plan_operand(k_node, k_axes, (batch_atoms, ["m"], ["e"]), sizes, "the keys")
+    site.v = plan_operand(v_node, v_axes, (batch_atoms, ["m"], ["f"]), sizes, "the values")
     out, out_ax = c2.node, out_axes
     cur = out
     while len(cur.users) == 1:
@@ -120,7 +120,7 @@ def _match_reassoc(c2, c1, layout, q_node, q_labels, kv_labels) -> LinearSite:
             continue
         if u.op == "call_function" and u.target == aten.div.Tensor and u.args[0] is cur:
             den = _reassoc_den(u.args[1], q_node, k_node, sizes, q_axes, k_axes)
-            if den is not None and _broadcasts_as(den[0], out_ax):
+            if den is not None and broadcasts_as(den[0], out_ax):
                 site.normalize, site.eps, out, out_axes = True, den[1], u, out_ax
                 site.spelling += " → ÷ φQ·ΣφK"
         break

@@ -1,7 +1,9 @@
 """Causal linear attention written as a Python loop over chunks (unrolled by torch.compile) recognised as one
 causal linear site, against an eager float64 quadratic causal reference; near misses (a decay, a state that
-skips or repeats a chunk, a mask other than l' <= l, overlapping or gapped chunks, a state from other keys)
-are left alone, whole, with the reason, and compute what eager computes."""
+skips or repeats a chunk, a mask other than l' <= l, overlapping or gapped chunks, a cast into the buffer, a
+state from other keys) are left alone, whole, with the reason, and compute what eager computes. Slice writes
+are read for what the functional graph computes: disjoint writes in any order, a write overwritten whole, or a
+buffer whose values are never read still make the cat of the chunks, and are rewritten."""
 
 from __future__ import annotations
 
@@ -159,20 +161,20 @@ def test_each_loop_spelling_once(name):
 
 
 def test_rewritten_graph_has_no_chunk_bodies():
-    """The in-place state updates and the slice assignments die with the site: one op, no product left."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
+    """In the functional graph (rewrite/capture.py) the state updates are adds and the slice assignments a
+    slice_scatter chain: all of it dies with the site, one op and no product left."""
+    from rewrite.capture import to_aten
     from rewrite.passes.pipeline import rewrite_graph
 
+    aten = torch.ops.aten
     q, k, v = make_inputs(1, 2, 29, 16, 16, 3, torch.float32)
-    fn = slice_assign_inplace(8)
-    gm = make_fx(lambda a, b, c: fn(a, b, c), tracing_mode="fake", pre_dispatch=True)(q, k, v)
+    gm = to_aten(slice_assign_inplace(8), (q, k, v))
+    assert aten.slice_scatter.default in {n.target for n in gm.graph.nodes}
     gm, reports = rewrite_graph(gm, "torch", (q, k, v))
     assert [r.rewritten for r in reports] == [True]
-    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
     assert torch.ops.rewrite.linear_attention.default in targets
-    assert not {torch.ops.aten.matmul.default, torch.ops.aten.add_.Tensor, torch.ops.aten.copy_.default} & set(
-        targets), gm.graph
+    assert not {aten.matmul.default, aten.slice_scatter.default, aten.copy.default} & targets, gm.graph
     close_relative(gm(q, k, v), quadratic_reference("slice_assign_inplace", q, k, v), torch.float32, "fx")
 
 
@@ -180,25 +182,30 @@ def test_rewritten_graph_has_no_chunk_bodies():
 C_NEG = 8
 
 
-def _loop(q, k, v, *, state_keys=None, update=None, mask=None, ranges=None, out="cat"):
-    """The cat/slice-assignment loop with one thing changed."""
+def _loop(q, k, v, *, state_keys=None, update=None, mask=None, ranges=None, out="cat", order=None,
+          buffer=torch.zeros_like, first=None):
+    """The cat/slice-assignment loop with one thing changed. ``out="buffer"``: each chunk is written into
+    ``buffer(v)`` by slice assignment, in the loop (or afterwards, in ``order``), after ``first(o)``."""
     fq, fk = phi_elu(q), phi_elu(k)
     sk = fk if state_keys is None else state_keys(k)
     N = q.shape[2]
     kv = q.new_zeros(q.shape[0], q.shape[1], q.shape[-1], v.shape[-1])
     keep = _tril(C_NEG, q) if mask is None else mask(q)
     ranges = ranges or [(s, min(s + C_NEG, N)) for s in range(0, N, C_NEG)]
-    outs, o = [], torch.zeros_like(v)
+    outs, o = [], buffer(v)
+    if first is not None:
+        first(o)
     for i, (s, e) in enumerate(ranges):
         qi, ki, vi = fq[:, :, s:e], fk[:, :, s:e], v[:, :, s:e]
         n = e - s
         piece = qi @ kv + (qi @ ki.transpose(-1, -2)).masked_fill(~keep[:n, :n], 0) @ vi
-        if out == "cat":
-            outs.append(piece)
-        else:
+        outs.append(piece)
+        if out == "buffer" and order is None:
             o[:, :, s:e] = piece
         prod = sk[:, :, s:e].transpose(-1, -2) @ vi
         kv = kv + prod if update is None else update(i, kv, prod, sk[:, :, s:e], vi)
+    for i in order or []:
+        o[:, :, ranges[i][0]:ranges[i][1]] = outs[i]
     return torch.cat(outs, 2) if out == "cat" else o
 
 
@@ -231,10 +238,30 @@ def state_from_other_keys(q, k, v):
     return _loop(q, k, v, state_keys=F.relu)
 
 
+def cat_of_overlapping_chunks(q, k, v):  # concatenated: position 7 is computed twice, the output is too long
+    return _loop(q, k, v, ranges=[(0, 8), (7, 15), (15, 23), (23, 29)])
+
+
+def written_with_a_cast(q, k, v):  # a float64 buffer: each chunk is cast on its way in
+    return _loop(q, k, v, out="buffer", buffer=lambda v: torch.zeros_like(v, dtype=torch.float64))
+
+
+def zeroed_after_the_loop(q, k, v):  # a later write of zeros over the end of chunk 0 and the start of chunk 1
+    o = _loop(q, k, v, out="buffer")
+    o[:, :, 7:9] = 0.0
+    return o
+
+
 @pytest.mark.parametrize("fn,reason", [
     (decay, "something other than chunk products"), (skips_a_chunk, "not exactly chunks"),
-    (adds_a_chunk_twice, "twice"), (mask_not_causal, "not l' <= l"), (chunks_overlap, "overlap or leave a gap"),
-    (chunks_leave_a_gap, "overlap or leave a gap"), (state_from_other_keys, "very keys and values")])
+    (adds_a_chunk_twice, "twice"), (mask_not_causal, "not l' <= l"),
+    (chunks_overlap, "the chunks overlap: the write of [7, 15) overwrites positions [7, 8) of the earlier write of "
+                     "[0, 8)"),
+    (chunks_leave_a_gap, "the chunks leave a gap: no chunk is written to positions [8, 9)"),
+    (cat_of_overlapping_chunks, "the chunks overlap: chunk 1 starts at position 7"),
+    (written_with_a_cast, "cast"),
+    (zeroed_after_the_loop, "the chunks overlap: the write of [7, 9) overwrites positions [7, 8)"),
+    (state_from_other_keys, "very keys and values")])
 def test_near_misses_are_left_alone(fn, reason):
     q, k, v = make_inputs(1, 2, 29, 16, 12, 1, torch.float32)
     report = rewrite.inspect(fn, q, k, v)
@@ -245,3 +272,36 @@ def test_near_misses_are_left_alone(fn, reason):
     torch._dynamo.reset()
     close_relative(rewrite.compile(fn)(q, k, v), fn(q.double(), k.double(), v.double()), torch.float32,
                    fn.__name__)
+
+
+# ---- slice writes whose result is the cat of the chunks: rewritten -------------------------------------------
+def written_in_reverse(q, k, v):  # disjoint writes commute: the buffer is the same whatever their order
+    return _loop(q, k, v, out="buffer", order=[3, 2, 1, 0], buffer=torch.empty_like)
+
+
+def written_twice(q, k, v):  # chunk 1 written again with the same value: the first write is never seen
+    return _loop(q, k, v, out="buffer", order=[0, 1, 2, 1, 3])
+
+
+def first_write_overwritten(q, k, v):  # o[:, :, 2:6] = 1 is overwritten whole by chunk 0: it never shows
+    def first(o):
+        o[:, :, 2:6] = 1.0
+    return _loop(q, k, v, out="buffer", first=first)
+
+
+def buffer_is_an_input_copy(q, k, v):  # the buffer's values are never read when the writes tile it
+    return _loop(q, k, v, out="buffer", buffer=lambda v: v.clone() * 3)
+
+
+@pytest.mark.parametrize("fn", [written_in_reverse, written_twice, first_write_overwritten, buffer_is_an_input_copy])
+def test_slice_writes_that_tile_are_rewritten(fn):
+    q, k, v = make_inputs(1, 2, 29, 16, 12, 2, torch.float32)
+    torch._dynamo.reset()
+    report = rewrite.inspect(fn, q, k, v)
+    (s,) = report.sites
+    assert s.variant == "linear" and s.rewritten and s.mask == "causal m <= p", report
+    assert "slice assignment" in s.spelling and any("4 chunks of 8" in n for n in s.notes), s
+    torch._dynamo.reset()
+    want = quadratic_reference("cat_masked_fill", q, k, v)
+    close_relative(rewrite.compile(fn)(q, k, v), want, torch.float32, fn.__name__)
+    close_relative(fn(q.double(), k.double(), v.double()), want, torch.float64, "eager")
