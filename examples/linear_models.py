@@ -8,6 +8,8 @@ GPU when there is one).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -104,7 +106,12 @@ def main():
             torch._dynamo.reset()
             fast = rewrite.compile(model)
             with torch.no_grad():
-                torch.testing.assert_close(fast(x), model(x), rtol=1e-3, atol=1e-4)
+                # Against float64: the rewritten fp32 result must be about as accurate as eager's fp32.
+                want = copy.deepcopy(model).double()(x.double())
+                err_fast = float((fast(x).double() - want).norm() / want.norm())
+                err_eager = float((model(x).double() - want).norm() / want.norm())
+                assert err_fast <= max(4 * err_eager, 1e-6), (f"{name} N={n}: error {err_fast:.2e} "
+                                                              f"vs eager {err_eager:.2e}")
             print(f"  {n:6d} {timed(model, x):9.2f} {timed(fast, x):9.2f}")
 
 

@@ -45,10 +45,9 @@ def find_sites(graph: Graph, inputs: dict | None = None) -> list[tuple[Site | No
     # A chain that holds a softmax belongs to the softmax family, matched or not.
     # The chunked causal form first: its intra-chunk part alone is a (small) quadratic site too.
     from .linear_attention import find_linear_sites
-    from .linear_chunked import find_chunked_sites, functional_masked_fill
+    from .linear_chunked import find_chunked_sites
     from .linear_loop import find_loop_sites
 
-    functional_masked_fill(graph)
     # A Python loop over chunks, unrolled: its per-chunk bodies are chunked-form and quadratic sites too.
     for s in [*find_loop_sites(graph), *find_chunked_sites(graph)]:
         if s.out_node not in taken and not taken.intersection(s.nodes):

@@ -46,7 +46,7 @@ from .linear_readers import (
     to_source,
 )
 from .linear_site import LinearSite, NotOurs, broadcasts_as, finish_linear_site, plan_operand
-from .softmax_attention import location_of, scalar_value
+from .softmax_attention import location_of
 
 aten = torch.ops.aten
 
@@ -63,20 +63,6 @@ def _reads(node, targets: set[Node], cumsum: bool = False, depth: int = 0) -> bo
 
 
 # ---- the recogniser ----------------------------------------------------------------------------------
-def functional_masked_fill(graph: Graph) -> None:
-    """``scores.masked_fill_(mask, 0)`` (flash-linear-attention's reference writes it in place) on a product
-    nothing else reads is ``masked_fill``: make it so, so the recognisers read it as a mask and the node dies
-    with the rest of a rewritten site (an in-place op is never dead code).
-
-    Dead since the capture is functional (rewrite/capture.py: no in-place op reaches a recogniser); kept only
-    while patterns/__init__.py calls it."""
-    for node in graph.nodes:
-        if is_call(node, aten.masked_fill_.Scalar) and scalar_value(node.args[2]) == 0.0 and not node.kwargs:
-            x = node.args[0]
-            if isinstance(x, Node) and as_contraction(x) is not None and len(x.users) == 1:
-                node.target = aten.masked_fill.Scalar
-
-
 def find_chunked_sites(graph: Graph) -> list[LinearSite]:
     """Every chunked causal linear-attention site (matched, or attention-like and left alone with a reason)."""
     sites: list[LinearSite] = []
