@@ -15,29 +15,34 @@ its own rule and a position is kept when every axis keeps it:
   keys k ≡ r (mod d) with start ≤ k // d < start + k are kept. Needs L_r ≥ k.
 - ``blocked`` (HaloNet): block B, halo h: B·⌊q/B⌋ − h ≤ k ≤ B·⌊q/B⌋ + B − 1 + h.
 
-Nothing is guessed. Parameters are read off the predicate's values, then a classification
-is accepted only when (a) where feasible (1-D translation-invariant bands), a symbolic
-proof over all integers, and (b) always when sizes are given, an exhaustive vectorised
-comparison of the spec's canonical predicate with the lifted one on the full N×M grid.
-Above ``EXHAUSTIVE_LIMIT`` entries the comparison covers every row near an axis edge plus a
-seeded random sample of rows, and ``proof`` says "sampled".
+Nothing is guessed, nothing is sampled. Parameters are read off the predicate's values, then a
+classification is accepted only with a proof, and ``MaskSpec.proof`` says which:
+
+- "symbolic": 1-D translation-invariant bands (``band_function``), for every integer p, m;
+- "per-axis": a grid whose predicate separates into one factor per axis after the row-major
+  coordinates are substituted, each factor compared with the axis rule on its G_a × G_a pairs
+  (``prove_per_axis``): exact for every pair at G_a² cost;
+- "exhaustive": every (p, m) pair compared, vectorised and chunked, within the work limit of
+  passes/mask_proofs.py (N·M ≤ 2^24 pairs, fewer for a large predicate: about 1.5 s at most).
+
+Without one of these the mask is not classified (None: passes/masks.py calls it "arbitrary" and
+the plan applies it as given, or as its folded constant, through the exact block-map path).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import replace
-from functools import reduce
 
 import numpy as np
 import sympy
 
-from rewrite.ir.cascade import m as M_SYM
-from rewrite.ir.cascade import p as P_SYM
-from rewrite.ir.mask import Axis, MaskSpec, axes_of, axis_keep, coords, kept_count, spec_keep
+from rewrite.ir.mask import Axis, MaskSpec, axis_keep, kept_count, spec_keep
 
-EXHAUSTIVE_LIMIT = 10**8  # N·M above this: sampled rows (stated in MaskSpec.proof)
-_CHUNK = 1 << 21  # entries evaluated at once, so intermediates stay small
+from . import mask_proofs
+from .mask_proofs import band_axis, band_function, evaluator, exhaustive_ok, keep_matrix, matches, prove_per_axis
+
+__all__ = ["band_function", "band_of_tensor", "classify_structured", "evaluator", "prove_per_axis"]
 
 
 def band_of_tensor(keep) -> MaskSpec | None:
@@ -77,221 +82,6 @@ def band_of_tensor(keep) -> MaskSpec | None:
     return replace(spec, density=kept_count(spec, n, m) / (n * m))
 
 
-# ---------------------------------------------------------------- evaluating the lifted predicate
-
-_FDIV = sympy.Function("_fdiv")
-
-
-def _integer_floors(expr: sympy.Basic) -> sympy.Basic:
-    """floor(p/W) → _fdiv(p, W): lambdify would compute floor((1/W)·p) in floating point,
-    and 49·(1/49) < 1 — an exact integer division is required for a proof."""
-    reps = {}
-    for f in expr.atoms(sympy.floor):
-        num, den = sympy.fraction(sympy.together(f.args[0]))
-        reps[f] = _FDIV(_integer_floors(num), den)
-    return expr.xreplace(reps)
-
-
-def evaluator(pred: sympy.Basic):
-    """A numpy function keep(p, m) of the predicate (p, m broadcast integer arrays)."""
-    fn = sympy.lambdify((P_SYM, M_SYM), _integer_floors(pred),
-                        modules=[{"_fdiv": np.floor_divide}, "numpy"])
-
-    def keep(p: np.ndarray, m: np.ndarray) -> np.ndarray:
-        p, m = np.broadcast_arrays(p, m)
-        return np.broadcast_to(np.asarray(fn(p, m), dtype=bool), p.shape)
-    return keep
-
-
-def _rows_to_check(n: int, m: int, grid: tuple[int, ...] | None) -> tuple[np.ndarray, str]:
-    if n * m <= EXHAUSTIVE_LIMIT:
-        return np.arange(n), "exhaustive"
-    # Edges are where windows clamp and blocks end: every row within 2 of an axis edge,
-    # plus a seeded random sample (the check is then sampled, and says so).
-    rows = {0, n - 1}
-    rng = np.random.default_rng(0)
-    rows.update(rng.integers(0, n, size=max(1, EXHAUSTIVE_LIMIT // (8 * m))).tolist())
-    if grid:
-        x = np.arange(n)
-        for c, g in zip(coords(x, grid), grid):
-            near = (c < 2) | (c >= g - 2)
-            rows.update(rng.choice(x[near], size=min(int(near.sum()), 256), replace=False).tolist())
-    return np.array(sorted(rows)), "sampled"
-
-
-def _interval(expr: sympy.Basic, ranges: dict) -> tuple[int, int] | None:
-    """Integer bounds of a linear expression in the coordinate symbols, or None."""
-    expr = sympy.expand(expr)
-    lo = hi = 0
-    for term, coeff in expr.as_coefficients_dict().items():
-        if not coeff.is_Integer:
-            return None
-        c = int(coeff)
-        if term == 1:
-            lo, hi = lo + c, hi + c
-        elif term in ranges:
-            a, b = ranges[term]
-            lo, hi = lo + min(c * a, c * b), hi + max(c * a, c * b)
-        else:
-            return None
-    return lo, hi
-
-
-def _split_div(expr: sympy.Basic, w: int, ranges: dict):
-    """expr = w·A + R with A an integer combination of the coordinates and R's bounds known:
-    (A, R, bounds of R), or None."""
-    expr = sympy.expand(expr)
-    whole, rest = sympy.Integer(0), sympy.Integer(0)
-    for term, coeff in expr.as_coefficients_dict().items():
-        if not coeff.is_Integer:
-            return None
-        q, r = divmod(int(coeff), w)
-        whole += q * term
-        rest += r * term
-    bounds = _interval(rest, ranges)
-    return None if bounds is None else (whole, rest, bounds)
-
-
-def _reduce_coordinates(expr: sympy.Basic, ranges: dict) -> sympy.Basic:
-    """Simplify floor(x / w) and Mod(x, w) of linear x over bounded integer coordinates:
-    floor((w·A + R)/w) = A + floor(R/w), exactly A + f when R's whole range lies in one
-    w-interval [w·f, w·f + w); Mod(w·A + R, w) = R − w·f likewise. Innermost first."""
-    if not expr.args:
-        return expr
-    expr = expr.func(*[_reduce_coordinates(a, ranges) for a in expr.args])
-    if isinstance(expr, sympy.floor):
-        num, den = sympy.fraction(sympy.together(expr.args[0]))
-        if den.is_Integer and int(den) > 0:
-            split = _split_div(num, int(den), ranges)
-            if split is not None:
-                whole, _, (lo, hi) = split
-                if lo // int(den) == hi // int(den):
-                    return whole + lo // int(den)
-    if isinstance(expr, sympy.Mod) and expr.args[1].is_Integer and int(expr.args[1]) > 0:
-        w = int(expr.args[1])
-        split = _split_div(expr.args[0], w, ranges)
-        if split is not None:
-            _, rest, (lo, hi) = split
-            if lo // w == hi // w:
-                return rest - w * (lo // w)
-    return expr
-
-
-def prove_per_axis(pred: sympy.Basic, spec: MaskSpec) -> bool:
-    """Prove ``pred == spec`` on the whole N×N grid without N² work: substitute the row-major
-    coordinates (p = Σ c_a·S_a, 0 ≤ c_a < G_a, likewise m), reduce every floor/Mod exactly over
-    those bounds, and require a conjunction whose factors each read one axis's (query, key)
-    coordinate pair; then compare each axis's factors with the spec's rule exhaustively on
-    G_a × G_a. False means "not proven this way" (the caller falls back to evaluation)."""
-    grid = spec.grid
-    if len(grid) < 2 or any(g is None for g in grid):
-        return False
-    strides = [math.prod(grid[a + 1:]) for a in range(len(grid))]
-    cq = [sympy.Symbol(f"cq{a}", integer=True) for a in range(len(grid))]
-    ck = [sympy.Symbol(f"ck{a}", integer=True) for a in range(len(grid))]
-    ranges = {s: (0, g - 1) for syms in (cq, ck) for s, g in zip(syms, grid)}
-    flat_q = sum(s * c for s, c in zip(strides, cq))
-    flat_k = sum(s * c for s, c in zip(strides, ck))
-    try:
-        reduced = _reduce_coordinates(pred.xreplace({P_SYM: flat_q, M_SYM: flat_k}), ranges)
-    except (TypeError, ValueError):
-        return False
-    factors = list(reduced.args) if isinstance(reduced, sympy.And) else [reduced]
-    per_axis: list[list] = [[] for _ in grid]
-    for f in factors:
-        if f is sympy.true:
-            continue
-        axes = {a for a in range(len(grid)) if {cq[a], ck[a]} & f.free_symbols}
-        if len(axes) != 1 or f.free_symbols - {cq[a] for a in axes} - {ck[a] for a in axes}:
-            return False
-        per_axis[axes.pop()].append(f)
-    for a, (ax, g) in enumerate(zip(axes_of(spec), grid)):
-        c = np.arange(g)
-        want = axis_keep(ax, c[:, None], c[None, :], g, g)
-        if per_axis[a]:
-            fn = sympy.lambdify((cq[a], ck[a]), _integer_floors(sympy.And(*per_axis[a])),
-                                modules=[{"_fdiv": np.floor_divide}, "numpy"])
-            got = np.broadcast_to(np.asarray(fn(c[:, None], c[None, :]), dtype=bool), want.shape)
-        else:
-            got = np.ones_like(want)
-        if not np.array_equal(got, want):
-            return False
-    return True
-
-
-def agrees(keep_a, keep_b, n: int, m: int, grid: tuple[int, ...] | None = None) -> str | None:
-    """Compare two keep functions on the (p, m) grid in row chunks; the proof level or None."""
-    rows, level = _rows_to_check(n, m, grid)
-    cols = np.arange(m)[None, :]
-    step = max(1, _CHUNK // max(m, 1))
-    for s in range(0, len(rows), step):
-        r = rows[s:s + step, None]
-        if not np.array_equal(keep_a(r, cols), keep_b(r, cols)):
-            return None
-    return level
-
-
-# ---------------------------------------------------------------- symbolic proof for 1-D bands
-
-_T = sympy.Symbol("t", integer=True)
-
-
-def band_function(pred: sympy.Basic) -> tuple[list[int], int] | None:
-    """Prove ``pred(p, m) == f(p − m)`` for every integer p, m, and give f's kept set.
-
-    After p := m + t the predicate must lose m (sympy cancels m + t − m). If what remains
-    uses only linear relations, |·| and Mod by constants of t, f is periodic beyond its
-    largest threshold with period lcm(moduli): checking one period past the thresholds on
-    both sides decides f everywhere. Returns (kept t values, lcm) when f is eventually false
-    both ways (a finite band), else None."""
-    f = pred.xreplace({P_SYM: M_SYM + _T})
-    # m <= m + t does not cancel by itself; lhs − rhs (an Add) does.
-    f = f.xreplace({r: type(r)(sympy.expand(r.lhs - r.rhs), 0)
-                    for r in f.atoms(sympy.core.relational.Relational)})
-    if M_SYM in f.free_symbols or f.free_symbols - {_T}:
-        return None
-    mods, bound = [], 0
-    for atom in sympy.preorder_traversal(f):
-        # Sound only for integer-linear pieces: thresholds then lie within the constants.
-        if isinstance(atom, (sympy.floor, sympy.ceiling, sympy.Min, sympy.Max, sympy.Piecewise,
-                             sympy.Pow, sympy.core.function.AppliedUndef)):
-            return None
-        if isinstance(atom, sympy.Number) and not atom.is_Integer:
-            return None
-        if isinstance(atom, sympy.Mul) and sum(not x.is_Number for x in atom.args) > 1:
-            return None
-        if isinstance(atom, sympy.Mod):
-            if not atom.args[1].is_Integer:
-                return None
-            mods.append(abs(int(atom.args[1])))
-        if isinstance(atom, sympy.Number):
-            bound = max(bound, abs(int(atom)))
-    period = reduce(math.lcm, mods, 1)
-    span = bound + 1 + period
-    fn = sympy.lambdify(_T, f, "numpy")
-    ts = np.arange(-span - period, span + period + 1)
-    vals = np.broadcast_to(np.asarray(fn(ts), dtype=bool), ts.shape)
-    tail = np.abs(ts) > bound
-    if vals[tail].any():
-        return None  # not a finite band (e.g. an anti-causal half plane)
-    return ts[vals].tolist(), period
-
-
-def _band_axis(kept: list[int]) -> tuple[Axis, int] | None:
-    """A window axis (and 1-D offset) whose kept t set is exactly ``kept``: a centred
-    window when one fits, else a causal window shifted by the offset."""
-    if not kept:
-        return None
-    lo, hi = min(kept), max(kept)
-    tries = [(Axis("window", hi), 0)] if lo == -hi else []
-    tries.append((Axis("window", hi - lo, causal=True), -lo))
-    for ax, off in tries:
-        d = reduce(math.gcd, [abs(t + off) for t in kept if t + off], 0) or 1
-        if [t for t in range(lo, hi + 1) if (t + off) % d == 0] == sorted(kept):
-            return replace(ax, dilation=d), off
-    return None
-
-
 # ---------------------------------------------------------------- fitting on concrete sizes
 
 def _fit_axis(rows: np.ndarray, keep: np.ndarray, size: int, keys: int, offset_ok: bool
@@ -315,7 +105,7 @@ def _fit_axis(rows: np.ndarray, keep: np.ndarray, size: int, keys: int, offset_o
         return []
     found = []
     r_idx, k_idx = np.nonzero(keep)
-    band = _band_axis(sorted(set((rows[r_idx] - k_idx).tolist())))
+    band = band_axis(sorted(set((rows[r_idx] - k_idx).tolist())))
     if band is not None and (band[1] == 0 or offset_ok) and check(*band):
         found.append(band)
     first = np.nonzero(keep[0])[0]
@@ -394,8 +184,7 @@ def _axis_matrix(keep, grid: tuple[int, ...], a: int) -> tuple[np.ndarray, np.nd
     x0 = int(own[len(own) // 2]) if len(own) else 0
     base = x0 - ((x0 // strides[a]) % grid[a]) * strides[a]  # x0 with coordinate a set to 0
     g = grid[a]
-    rows = np.arange(g) if g <= 4096 else np.unique(np.r_[np.arange(64), np.arange(g - 64, g),
-                                                         np.linspace(0, g - 1, 256).astype(int)])
+    rows = np.arange(g)
     coord = np.arange(g) * strides[a] + base
     return rows, keep((rows * strides[a] + base)[:, None], coord[None, :])
 
@@ -410,24 +199,28 @@ def _spec(kind: str, grid, axes: list[Axis], offset: int, pred, runtime: bool) -
 
 def classify_structured(pred: sympy.Basic, runtime: bool, n: int | None = None, m: int | None = None
                         ) -> MaskSpec | None:
-    """A proven neighborhood/blocked spec for a position-only predicate, or None."""
+    """A proven neighborhood/blocked spec for a position-only predicate, or None (not proven)."""
     band = band_function(pred)
-    band_axis = _band_axis(band[0]) if band else None
+    found = band_axis(band[0]) if band else None
+    if found is not None:  # proven for every integer p, m: at every size
+        ax, off = found
+        spec = replace(_spec("neighborhood", (n,) if n is not None else (None,), [ax], off, pred, runtime),
+                       proof="symbolic")
+        return spec if n is None or m is None else replace(spec, density=kept_count(spec, n, m) / (n * m))
     if n is None or m is None:
-        if band_axis is None:
-            return None  # without sizes only a symbolic proof counts
-        ax, off = band_axis  # grid (None,): the length is not known, the rule holds for all
-        return replace(_spec("neighborhood", (None,), [ax], off, pred, runtime), proof="symbolic")
+        return None  # without sizes only a symbolic proof counts
     keep = evaluator(pred)
+    full = keep_matrix(keep, n, m) if exhaustive_ok(pred, n, m) else None  # every pair, or None: too much work
     clamped = bool(pred.atoms(sympy.Min, sympy.Max))
     for grid in _grid_candidates(pred, n):
         if len(grid) > 1 and n != m:
             continue  # a flattened grid is self-attention over one token layout
-        if len(grid) == 1 and band_axis is not None:
-            chosen = ("neighborhood", [band_axis[0]], band_axis[1])  # proven for every size
-        elif len(grid) == 1:
-            rows = np.arange(n) if n <= 4096 else _axis_matrix(keep, (n,), 0)[0]
-            chosen = _choose([_fit_axis(rows, keep(rows[:, None], np.arange(m)[None, :]), n, m, True)], clamped)
+        if len(grid) == 1:
+            if full is None:
+                continue  # no symbolic proof and too many pairs to check: not proven
+            chosen = _choose([_fit_axis(np.arange(n), full, n, m, True)], clamped)
+        elif max(grid) ** 2 > mask_proofs.EXHAUSTIVE_LIMIT:
+            continue
         else:
             chosen = _choose([_fit_axis(*_axis_matrix(keep, grid, a), grid[a], grid[a], offset_ok=False)
                               for a in range(len(grid))], clamped)
@@ -435,13 +228,11 @@ def classify_structured(pred: sympy.Basic, runtime: bool, n: int | None = None, 
             continue
         kind, axes, off = chosen
         spec = _spec(kind, grid, axes, off, pred, runtime)
-        if n * m > EXHAUSTIVE_LIMIT and prove_per_axis(pred, spec):
-            level = "per-axis"  # exact for every pair, G_a² work per axis
+        if len(grid) > 1 and prove_per_axis(pred, spec):
+            proof = "per-axis"  # exact for every pair, G_a² work per axis
+        elif full is not None and matches(full, lambda p, k, s=spec: spec_keep(s, p, k, n, m)):
+            proof = "exhaustive"
         else:
-            level = agrees(keep, lambda p, k, s=spec: spec_keep(s, p, k, n, m), n, m, grid)
-        if level is None:
             continue
-        symbolic = band_axis is not None and len(grid) == 1 and band_axis == (axes[0], off)
-        proof = ("symbolic+" if symbolic else "") + level
         return replace(spec, proof=proof, density=kept_count(spec, n, m) / (n * m))
     return None

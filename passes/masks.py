@@ -64,7 +64,7 @@ def classify(pred: sympy.Basic, n: int | None = None, m: int | None = None,
         # skip the normal form of a large Or of block terms (exponential in its atoms).
         pred = sympy.simplify_logic(pred, deep=not sized)
     if pred is sympy.true:
-        return MaskSpec("dense")
+        return MaskSpec("dense", proof="symbolic")
     factors = list(pred.args) if isinstance(pred, sympy.And) else [pred]
     runtime = [f for f in factors if f.atoms(sympy.core.function.AppliedUndef) or
                (f.free_symbols - {P_SYM, M_SYM})]
@@ -74,15 +74,25 @@ def classify(pred: sympy.Basic, n: int | None = None, m: int | None = None,
     offsets = [_linear_causal(f) for f in positional]
     if all(o is not None for o in offsets):
         # Several causal relations keep their intersection: the smallest offset.
-        spec = MaskSpec("causal", predicate=str(pred), offset=min(offsets), runtime=bool(runtime))
+        spec = MaskSpec("causal", predicate=str(pred), offset=min(offsets), runtime=bool(runtime), proof="symbolic")
         if sized:
             spec = replace(spec, density=kept_count(spec, n, m) / (n * m))
         return spec
     if structured:
         found = mask_classes.classify_structured(sympy.And(*positional), bool(runtime), n, m)
         if found is not None:
-            return replace(found, predicate=str(pred))
+            return _causal_if_unbounded(replace(found, predicate=str(pred)), n, m)
     return MaskSpec("arbitrary", predicate=str(pred), runtime=bool(runtime))
+
+
+def _causal_if_unbounded(spec: MaskSpec, n: int | None, m: int | None) -> MaskSpec:
+    """A 1-D causal window wider than every query's history is causal: 0 ≤ p + o − m ≤ w with
+    w ≥ N − 1 + o never binds below (an edit that changes nothing of a tril, proven on the sizes)."""
+    if (n is None or spec.kind != "neighborhood" or len(spec.grid) != 1 or not spec.causal[0]
+            or spec.dilation[0] != 1 or spec.window[0] < n - 1 + spec.offset):
+        return spec
+    return MaskSpec("causal", predicate=spec.predicate, offset=spec.offset, runtime=spec.runtime,
+                    density=spec.density, proof=spec.proof)
 
 
 def check_causal(mask: torch.Tensor, offset: int) -> bool:

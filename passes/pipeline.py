@@ -66,7 +66,8 @@ def rewrite_graph(gm: GraphModule, backend: str, example_inputs=None) -> tuple[G
             variant=plan.variant, location=site.location, spelling=site.spelling, rewritten=True,
             kernel=plan.kernel, cascade=str(cascade),
             rewritten_cascade=str(Cascade.online_softmax_attention(mask=cascade.einsums[0].mask)),
-            mask=plan.mask.describe(), shapes=_shapes(site), flops=plan.flops, density=plan.density,
+            mask=plan.mask.describe(), proof=plan.mask.proof, shapes=_shapes(site), flops=plan.flops,
+            density=plan.density,
             pass_count={"original": original_passes, "rewritten": online_passes},
             ideal_speedup=1.0 / plan.density if plan.density > 0 else None, gqa=site.gqa_groups > 1,
             notes=list(plan.notes), cascade_ir=cascade, mask_spec=plan.mask)

@@ -108,6 +108,8 @@ def _boolean(f: sympy.Basic) -> sympy.Basic:
 def _block_table(kp: TensorPlan, pred, v: lift.SymVal) -> tuple[TensorPlan, int, int] | None:
     """A run-time bool mask that is a table read per block, ``T[.., ⌊p/bq⌋, ⌊m/bk⌋]``
     (repeat_interleave, expand+reshape): (a plan giving T as [*batch, ⌈N/bq⌉, ⌈M/bk⌉], bq, bk)."""
+    if isinstance(pred, sympy.Ne) and pred.rhs == 0:
+        pred = pred.lhs  # a bool table read as a keep: T[…] ≠ 0
     if not isinstance(pred, sympy.core.function.AppliedUndef):
         return None
     name = type(pred).__name__[2:]  # R_<node name>

@@ -20,6 +20,7 @@ class SiteReport:
     cascade: str = ""
     rewritten_cascade: str = ""
     mask: str = "none"
+    proof: str = ""  # how the mask's structure was proven (MaskSpec.proof); "" when it was not
     shapes: dict[str, Any] = field(default_factory=dict)
     flops: int = 0
     density: float = 1.0
@@ -67,7 +68,8 @@ class Report:
             sh = s.shapes
             shape = f"{sh.get('batch')}, {sh.get('n')}, {sh.get('m')}, {sh.get('e')}, {sh.get('f')}"
             passes = f"{s.pass_count.get('original', '?')} → {s.pass_count.get('rewritten', '?')}"
-            t.add_row(str(i), s.variant, s.location, s.spelling, s.mask, shape, f"{s.flops / 1e9:.3g}",
+            mask = s.mask + (f" [{s.proof}]" if s.proof else "")
+            t.add_row(str(i), s.variant, s.location, s.spelling, mask, shape, f"{s.flops / 1e9:.3g}",
                       passes, s.kernel if s.rewritten else f"left alone: {s.reason}")
         return t
 
@@ -88,6 +90,9 @@ class Report:
             if s.variant in ("neighborhood", "block_sparse", "causal") and s.ideal_speedup:
                 console.print(f"  mask: {s.mask}; kept {s.density:.4g} of the scores, ideal speedup over dense "
                               f"{s.ideal_speedup:.3g}× (dense time × kept fraction)", markup=False)
+            if s.mask != "none" and s.variant not in ("linear", "flow"):
+                proof = s.proof or "none (structure not proven: the mask is applied as the graph computes it)"
+                console.print(f"  mask proof: {proof}", markup=False)
             if s.complexity:
                 console.print(f"  complexity: {s.complexity}", markup=False)
             if not s.rewritten and s.reason and s.variant in ("linear", "flow"):
