@@ -8,7 +8,7 @@ Only kept tiles are computed:
   grid axis is tiled on its own, by residue class under a dilation (the gathered keys are then
   a strided progression), and tiles of a 2-D/3-D grid are patches (products of axis tiles).
   The exact predicate is evaluated per axis on the gathered coordinates, ANDed, and stored as
-  additive masks per distinct tile pattern (a sliding window has a handful: interior + edges).
+  keep patterns per distinct tile pattern (a sliding window has a handful: interior + edges).
   Tile sizes minimise padded work plus a per-tile cost (``_band_plan``).
 - "causal" and dense (spec None or "dense"): blocks of query rows against the contiguous key
   prefix they can keep (nothing gathered); only columns past a block's first diagonal entry
@@ -18,7 +18,9 @@ Only kept tiles are computed:
   ∧ ``block_map.mask``; full tiles are trusted (the map's contract) to keep every pair and
   evaluate nothing but the bias. Per-batch/per-head maps run slice by slice.
 
-``mask`` (bool) and ``bias`` (float) apply everywhere else. GQA: the query heads of one kv head
+``mask`` (bool) and ``bias`` (float) apply everywhere else. Every mask is applied by selection
+(a removed pair's score becomes −inf whatever q·k was, as eager's masked_fill makes it: a NaN or
+±inf key that the mask removes stays out of the row); only ``bias`` is added. GQA: the query heads of one kv head
 are folded into a tile's rows (K/V are never repeated). Half types compute in float32,
 float32/float64 in their own precision; the result is in q's dtype. A row with no kept key is
 NaN (eager softmax over all −inf) and its LSE −inf. Neighborhood plans are cached per (spec, N, M).
@@ -45,8 +47,8 @@ ROW_ELEMS = 1 << 23  # causal/dense: score entries (all batch·heads) of one blo
 class _Group:
     tile: torch.Tensor  # [P] query tile of each pair, non-decreasing
     kidx: torch.Tensor  # [P, W] flat key positions (padding: position 0)
-    neg: torch.Tensor | None  # [U, bq | 1, W] float32 mask patterns: −inf where not kept (structure,
-    #                          key padding), else 0; None = every gathered pair kept
+    sel: torch.Tensor | None  # [U, bq | 1, W] int32 keep patterns (structure, key padding): −1 (all
+    #                          bits) where kept, 0 where not, applied by _select_; None = all kept
     masks: bool  # evaluate the run-time masks (mask, block_map.mask) in these pairs
     one_per_tile: bool  # tile == arange(Tq)
     pattern: torch.Tensor | None = None  # [P] each pair's row of neg; None = row p for pair p
@@ -61,7 +63,7 @@ class _Plan:
     def to(self, device) -> _Plan:
         def mv(t):
             return None if t is None else t.to(device)
-        groups = tuple(_Group(mv(g.tile), mv(g.kidx), mv(g.neg), g.masks, g.one_per_tile, mv(g.pattern))
+        groups = tuple(_Group(mv(g.tile), mv(g.kidx), mv(g.sel), g.masks, g.one_per_tile, mv(g.pattern))
                        for g in self.groups)
         return _Plan(self.qidx.to(device), mv(self.qpos), groups)
 
@@ -150,13 +152,30 @@ def _band_plan(spec: MaskSpec, n: int, m: int) -> _Plan:
     qidx = qflat.reshape(tiles, bq_all)
     qpos = _query_rows(qidx, qvalid.reshape(tiles, bq_all), n)
     keep = keep.reshape(-1, bq_all, w_all)
-    group = _Group(torch.arange(tiles), kflat.reshape(tiles, w_all), _neg(keep), True, True, pat.reshape(tiles))
+    group = _Group(torch.arange(tiles), kflat.reshape(tiles, w_all), _sel(keep), True, True, pat.reshape(tiles))
     return _Plan(qidx, qpos, (group,))
 
 
-def _neg(keep: torch.Tensor) -> torch.Tensor | None:
-    """Additive form of a keep mask (adding is several times faster than masked_fill)."""
-    return None if bool(keep.all()) else torch.zeros(keep.shape).masked_fill_(~keep, float("-inf"))
+def _sel(keep: torch.Tensor) -> torch.Tensor | None:
+    """A keep mask as the bit pattern ``_select_`` takes: −1 (all bits set) kept, 0 removed."""
+    return None if bool(keep.all()) else keep.to(torch.int32).neg_()
+
+
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
+_NEG_INF_BITS = {dt: int(torch.tensor(float("-inf"), dtype=dt).view(it)) for dt, it in _BITS.items()}
+
+
+def _select_(s: torch.Tensor, sel: torch.Tensor) -> None:
+    """s = where(sel, s, −inf) in place, ``sel`` a ``_sel`` pattern broadcast against s. A selection,
+    not an addition: the score of a removed pair becomes −inf whatever it was (NaN or ±inf from such
+    a key included), as masked_fill makes it in eager, where adding −inf would give NaN. Done on the
+    bits (keep & s | ~keep & −inf): masked_fill_ of a broadcast mask is several times slower on the
+    CPU, as slow as the tile's matmul. Under autograd (the backward's recomputation) masked_fill_."""
+    if s.requires_grad or s.dtype not in _BITS:
+        s.masked_fill_(sel == 0, float("-inf"))
+        return
+    keep = sel.to(_BITS[s.dtype])
+    s.view(_BITS[s.dtype]).bitwise_and_(keep).bitwise_or_(keep.bitwise_not().bitwise_and_(_NEG_INF_BITS[s.dtype]))
 
 
 def _product(options):
@@ -200,7 +219,7 @@ def _map_plan(bmap: BlockMap, b: int, h: int, spec: MaskSpec | None) -> _Plan:
         keep = kvalid[:, None, :]
         if partial and spec is not None and spec.kind != "dense":
             keep = keep & spec_keep(spec, qidx[ti][:, :, None], kidx[:, None, :], bmap.n, bmap.m)
-        groups.append(_Group(ti, kidx, _neg(keep), partial, False))
+        groups.append(_Group(ti, kidx, _sel(keep), partial, False))
     return _Plan(qidx, None, tuple(groups))
 
 
@@ -282,9 +301,9 @@ def _scores(qt, k, v, bias, masks, plan, grp: _Group, p0, p1, t0, t1, g):
     vp = v.view(bsz * hkv, m, -1).index_select(1, flat).view(bsz, hkv, p, w, v.shape[-1])
     s = qp @ kp.transpose(-1, -2)
     s6 = s.view(bsz, hkv, p, g, r // g, s.shape[-1])
-    if grp.neg is not None:
-        neg = grp.neg[p0:p1] if grp.pattern is None else grp.neg[grp.pattern[p0:p1]]
-        s6.add_(neg.unsqueeze(1).to(s.dtype))
+    if grp.sel is not None:
+        sel = grp.sel[p0:p1] if grp.pattern is None else grp.sel[grp.pattern[p0:p1]]
+        _select_(s6, sel.unsqueeze(1))
     rows = plan.qidx[tile]
     if bias is not None:
         s6.add_(_gather(bias, rows, kidx, hkv, g).to(s.dtype))
@@ -346,7 +365,7 @@ def _row_blocks(qs, k, v, bias, masks, offset: int | None, want_lse: bool):
             c0 = max(0, r0 + offset + 1)
             cols = torch.arange(c0, hi, device=qs.device)
             past = cols[None, :] > torch.arange(r0, r1, device=qs.device)[:, None] + offset
-            s5[..., c0:] += torch.zeros(past.shape, dtype=s.dtype, device=qs.device).masked_fill_(past, float("-inf"))
+            s5[..., c0:].masked_fill_(past, float("-inf"))  # selected, not added: see _select_
         if bias4 is not None:
             s5 += _rows_cols(bias4, r0, r1, hi, hkv, g).to(s.dtype)
         for mk in masks4:
