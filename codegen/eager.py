@@ -16,19 +16,24 @@ A fast kernel computes the softmax over the keys it keeps. That is eager's resul
    rows are set to NaN). With a finite fill, eager's weight of a removed key is
    exp(s_removed − max_row) with s_removed ≤ fill (+ |scale·q·k| when the fill is added), and exp is
    0 in eager's softmax dtype (float32 for half types) below ln(smallest subnormal) − ln 2 (−103.97 in
-   float32, −744.8 in float64). ``underflow`` takes one nat more (exp's last-ulp error, the rounding
-   of fill − max) and ``unsettled`` flags a row unless fill − floor < underflow, where ``floor`` is a
+   float32, −745.13 in float64; correctly rounded). ``underflow`` is ln(smallest subnormal) − 1, a
+   third of a nat lower (exp's last-ulp error), and ``unsettled`` flags a row unless
+   fill − floor + slack < underflow (slack: a few ulps of |fill| and |floor| for the rounding of a
+   float32 LSE and of eager's own fill − max), where ``floor`` is a
    lower bound of the row's largest kept score: LSE − ln M from a kernel's row log-sum-exp (Σ over at
    most M kept keys, so LSE ≤ max + ln M), or a Cauchy–Schwarz bound where the kernel returns none.
    A row that keeps no key has floor −inf and is always flagged. Flagged rows are recomputed by
    ``eager_attention`` over every key with the fill (``settle``); eager's other rows are the kernel's
    up to summation order, since the terms it skips are exact zeros there.
-2. every input is finite and no score overflows: then no removed key's value reaches eager's result
-   through arithmetic (eager multiplies v by the removed key's zero weight: 0·NaN = NaN; an additive
-   mask adds −inf to the score: NaN − inf = NaN; SDPA adds its bool mask too, and on the CPU returns
-   0 for a NaN query row at small N). ``tame`` checks this on the CPU (one pass over q, k, v); where
-   it fails the whole site runs ``eager_attention``. On a GPU the check would cost a host sync per
-   call (and break CUDA-graph capture), so it is not made there: README, Semantics.
+2. no removed key's value reaches eager's result through arithmetic. Eager multiplies v by the
+   removed key's zero weight (0·NaN = NaN, 0·inf = NaN: every row of that column), an additive mask
+   adds −inf to the score (NaN − inf = NaN), and SDPA adds its bool mask too and on the CPU returns 0
+   for a NaN query row at small N. The Triton and tile kernels apply masks by selection and let a NaN
+   row be NaN, so for them NaN/inf queries and keys are eager's by construction and only v (keys they
+   skip) and, under an additive mask, k need to be finite; SDPA needs q, k, v finite and no score able
+   to overflow. ``tame`` checks that on the CPU (one min/max pass per tensor); where it fails the
+   whole site runs ``eager_attention``. On a GPU the check would cost a host sync per call (and break
+   CUDA-graph capture), so it is not made there: README, Semantics.
 
 The same conditions choose the backward: the fused one (SDPA, kept tiles) where they hold, else
 autograd through ``eager_attention``, which applies masks as the spelling does (masked_fill's
@@ -152,8 +157,9 @@ def eager_attention(q, k, v, bias, removed: Removed, scale: float, sem: Spelling
     such rows and merge those rows into ``out``. An SDPA spelling is SDPA itself."""
     bsz, hq, n, _ = q.shape
     m = k.shape[2]
-    if sem.sdpa:
-        res = sdpa_call(q, k, v, bias, removed.rows(0, n, q.device), scale)
+    if sem.sdpa:  # is_causal hides what a bool mask (added as −inf) does not: keep the call's own form
+        flag = removed.causal_offset == 0 and removed.mask is None and removed.spec is None and bias is None
+        res = sdpa_call(q, k, v, bias, None if flag else removed.rows(0, n, q.device), scale, is_causal=flag)
         return res if rows is None else torch.where(rows[..., None], res.to(out.dtype), out)
     dt = compute_dtype(q, k, v)
     kk, vv = _gqa(k.to(dt), hq), _gqa(v.to(dt), hq)
@@ -184,18 +190,24 @@ def eager_attention(q, k, v, bias, removed: Removed, scale: float, sem: Spelling
 
 # ---------------------------------------------------------------- condition 2: tame inputs
 
-def tame(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> bool:
-    """Every input finite and no score able to overflow (|scale·q·k| ≤ scale·‖q‖·‖k‖ below the
-    compute dtype's max, with room for a bias): the fast kernels' removed keys cannot reach eager's
-    result (module docstring, 2). One pass over q, k, v."""
+def tame(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, selecting: bool = False,
+         additive: bool = False) -> bool:
+    """Inputs a fast kernel takes exactly (module docstring, 2): every input finite and no score able
+    to overflow (|scale·q·k| ≤ scale·D·max|q|·max|k| below a quarter of the compute dtype's max, room
+    for a bias). ``selecting``: a kernel that applies masks by selection and propagates a NaN row
+    (Triton, torch tiles, for a spelling that is not SDPA): there NaN/inf queries and keys come out as
+    in eager by construction, and only v (0·NaN at keys it skips) and, under an ``additive`` mask, k
+    (NaN − inf) are checked. One min/max pass per tensor (NaN propagates)."""
     if q.numel() == 0 or k.numel() == 0:
         return True
-    q, k, v = q.detach(), k.detach(), v.detach()
-    if not all(bool(torch.isfinite(t).all()) for t in (q, k, v)):
-        return False
-    qn = torch.linalg.vector_norm(q, dim=-1, dtype=torch.float64).max()
-    kn = torch.linalg.vector_norm(k, dim=-1, dtype=torch.float64).max()
-    return float(qn * kn) * abs(scale) < torch.finfo(compute_dtype(q, k, v)).max / 4
+    tensors = ((v, k) if additive else (v,)) if selecting else (q, k, v)
+    big = []
+    for t in tensors:
+        lo, hi = (float(x) for x in torch.aminmax(t.detach()))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            return False
+        big.append(max(-lo, hi))
+    return selecting or big[0] * big[1] * q.shape[-1] * abs(scale) < torch.finfo(compute_dtype(q, k, v)).max / 4
 
 
 def checks_inputs(q: torch.Tensor) -> bool:
@@ -224,17 +236,19 @@ def keep_floor(q, k, bias, keep, scale: float, bound: bool) -> torch.Tensor:
     bsz, hq, n, _ = q.shape
     if k.shape[2] == 0:
         return torch.full((bsz, hq, n), NEG_INF, dtype=torch.float64, device=q.device)
-    if bias is not None:
+    if bias is not None and bound:
         b = bias.detach().double()
         best = (b if keep is None else b.masked_fill(~keep, NEG_INF)).amax(-1)
-    elif keep is not None:
-        best = torch.zeros(keep.shape[:-1], dtype=torch.float64, device=q.device).masked_fill(~keep.any(-1), NEG_INF)
     else:
+        kept = keep
+        if bias is not None:
+            finite = bias.detach() != NEG_INF
+            kept = finite if kept is None else kept & finite
         best = torch.zeros((), dtype=torch.float64, device=q.device)
+        if kept is not None:
+            best = best.masked_fill(~kept.any(-1), NEG_INF)
     best = best.expand(bsz, hq, n)
-    if not bound:
-        return torch.where(best == NEG_INF, best, 0.0)
-    return best - score_bound(q, k, scale)
+    return best - score_bound(q, k, scale) if bound else best
 
 
 def unsettled(floor: torch.Tensor, sem: Spelling, dtype: torch.dtype, excess: torch.Tensor | None = None):
@@ -243,7 +257,11 @@ def unsettled(floor: torch.Tensor, sem: Spelling, dtype: torch.dtype, excess: to
     gap = sem.fill - floor
     if excess is not None:
         gap = gap + excess
-    return gap >= underflow(dtype)  # floor −inf: always; NaN (a NaN row): never, it is eager's already
+    # Rounding: a float32 LSE, and eager's own fill − max, are exact to a few ulps of their magnitude
+    # only (2e31 next to finfo.min): that much slack keeps the test one-sided.
+    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    slack = 4 * eps * (abs(sem.fill) + floor.abs().nan_to_num(posinf=0.0))
+    return gap + slack >= underflow(dtype)  # floor −inf: always; NaN (a NaN row): never, it is eager's
 
 
 def settle(out: torch.Tensor, floor: torch.Tensor, sem: Spelling, dtype: torch.dtype, recompute,

@@ -123,7 +123,8 @@ def dense_forward(q, k, v, bias, removed: Removed, scale: float, sem: Spelling, 
     n, m = q.shape[2], k.shape[2]
     if m == 0:  # no keys: every spelling's product with an empty V is 0
         return q.new_zeros(*q.shape[:3], v.shape[-1])
-    if kernel == "reference" or (checks_inputs(q) and not tame(q, k, v, scale)):
+    selecting = kernel == "triton" and not sem.sdpa
+    if kernel == "reference" or (checks_inputs(q) and not tame(q, k, v, scale, selecting, sem.additive)):
         return eager_attention(q, k, v, bias, removed, scale, sem)
     dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
@@ -187,8 +188,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
         raise ValueError(f"rewrite::attention: unknown kernel {kernel!r}; choose from {KERNELS}")
     sem = spelling_of(q, k, masked_row, fill, additive)
     if (mask_causal_hint is not None and mask is not None and not causal
-            and mask_is_causal(mask, mask_causal_hint, q.shape[-2], k.shape[-2])):
-        # A run-time mask (a registered tril buffer) that is causal: skip it, run causal.
+            and mask_is_causal(mask, mask_causal_hint, q.shape[-2], k.shape[-2])
+            and not (sem.sdpa and checks_inputs(q) and not tame(q, k, v, scale))):
+        # A run-time mask (a registered tril buffer) that is causal: skip it, run causal. (Not for an
+        # SDPA call on inputs that are not finite: SDPA adds a bool mask, is_causal hides.)
         mask, causal, causal_offset = None, True, mask_causal_hint
     if (kernel == "sdpa" and bias is None and mask is None and q.dim() == 4 and q.dtype == k.dtype == v.dtype
             and q.shape[:-2] == k.shape[:-2] == v.shape[:-2] and (not causal or causal_offset == 0)

@@ -172,7 +172,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     removed = _removed(m4, blocks, mspec, implied, n, m)
     if kernel in ("triton", "torch"):
         fast, kernel = kernel, "sdpa"  # unless the sparse kernels run: a dense run-time mask would not pay
-        if n and m and not (checks_inputs(q4) and not tame(q4, k4, v4, scale)):
+        if n and m and not (checks_inputs(q4) and not tame(q4, k4, v4, scale, not sem.sdpa, sem.additive)):
             want_lse = sem.sdpa or sem.finite  # the row LSE only serves to settle rows
             res = _fast(q4, k4, v4, b4, m4, scale, mspec, fast, blocks, want_lse)
             if res is not None:
