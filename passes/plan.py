@@ -243,6 +243,9 @@ def plan_site(site: Site, backend: str, device: torch.device | None) -> Plan:
             kernel = "triton"
         elif backend == "auto" and on_gpu and causal and offset != 0:
             kernel = "triton"  # SDPA has no bottom-right causal without a materialised mask
+    if on_gpu and not site.kept_as_is and (keeps or causal or spec.kind != "dense" or constant is not None):
+        notes.append("on a GPU NaN/inf inputs are not checked (it costs a host sync per call): a NaN/inf key or "
+                     "value that the mask removes may reach the output otherwise than in eager (README, Semantics)")
     keep_bindings = [table] if table is not None else [t.binding for t in keeps]
     return Plan(site, variant, kernel, spec, causal, offset, [t.binding for t in biases], keep_bindings,
                 masked_row, fill, additive, notes + site.notes,
