@@ -48,10 +48,10 @@ def test_finite_fill_is_exact(kind, fill_name, backend, n, d, dtype, gqa, seed):
     gen = torch.Generator().manual_seed(seed)
     q, k, v = inputs(gen, 2, 2, 1 if gqa else 2, n, n, d, dtype, dv=d + 5)
     # Rows shifted towards the fill; the rest stay where randn puts them.
-    bias = torch.zeros(1, 1, n, 1, dtype=torch.float64)
+    bias = torch.randn(1, 1, n, n, generator=gen, dtype=torch.float64) * 0.5  # an ordinary bias (ALiBi-like)
     rows = torch.randperm(n, generator=gen)[: min(n, len(SHIFTS))]
     for r, shift in zip(rows.tolist(), SHIFTS):
-        bias[..., r, 0] = fill + shift if abs(fill) < 1e30 else fill
+        bias[..., r, :] += fill + shift if abs(fill) < 1e30 else fill
     bias = bias.to(dtype)
     if kind == "window":
         fn, extra, variants = window(max(1, n // 4), fill), (bias,), ("neighborhood", "dense")
@@ -79,17 +79,17 @@ def test_finite_fill_without_a_bias(backend):
     u = k[0, 0, 0]
     k[0, 0, :4] = u  # row 3 keeps keys 0..3, all u: its kept scores are −1e4 − 50, below the fill
     q[0, 0, 3] = -u * (1e4 + 50) / (16**-0.5 * float(u @ u))
-    zero = torch.zeros(1, 1, 1, 1)
+    small = torch.randn(1, 1, 1, n, generator=gen) * 0.1
     for fill in (-1e4, torch.finfo(torch.float32).min):
         fn = causal(fill)
         run, report = compiled(fn, backend)
-        out = run(q, k, v, zero)
+        out = run(q, k, v, small)
         rewritten_site(report, ("causal",), backend)
-        ref = fn(*double((q, k, v, zero)))
+        ref = fn(*double((q, k, v, small)))
         with torch.no_grad():
-            same_as_eager(out, ref, torch.float32, f"fill {fill:g}", lowp=fn(q, k, v, zero))
+            same_as_eager(out, ref, torch.float32, f"fill {fill:g}", lowp=fn(q, k, v, small))
         if fill == -1e4:  # the masked keys really carry weight in eager's row 3
-            kept_only = causal(float("-inf"))(*double((q, k, v, zero)))
+            kept_only = causal(float("-inf"))(*double((q, k, v, small)))
             assert float((ref[0, 0, 3] - kept_only[0, 0, 3]).abs().max()) > 0.1
 
 
@@ -114,7 +114,7 @@ def test_eager_recomputes_only_flagged_rows(monkeypatch):
     gen = torch.Generator().manual_seed(3)
     n = 300
     q, k, v = inputs(gen, 1, 2, 2, n, n, 16, torch.float32)
-    bias = torch.zeros(1, 1, n, 1)
+    bias = torch.randn(1, 1, n, 1, generator=gen) * 0.3
     bias[..., 7, 0] = -1e4 + 5
     fn = window(9, -1e4)
     seen = []

@@ -59,24 +59,25 @@ def _compare_grads(got, want, dtype, what):
 
 def _case(kind, n, gen, dtype):
     """(spelling, extra args, variants the plan may choose)."""
+    small = torch.randn(1, 1, 1, n, generator=gen) * 0.1  # a key bias beside the mask
     keep = torch.rand(1, 1, n, n, generator=gen) < 0.7
     keep[..., n // 2, :] = False  # a row that keeps no key
     band = window(max(1, n // 4))
     if kind == "sdpa bool mask":
         return sdpa_mask, (keep,), ("dense", "block_sparse", "neighborhood")
     if kind == "masked_fill -inf":
-        return runtime(), (torch.zeros(1, 1, 1, n), keep), ("dense", "block_sparse", "neighborhood")
+        return runtime(), (small, keep), ("dense", "block_sparse", "neighborhood")
     if kind == "where -inf":
         return where_runtime, (keep,), ("dense", "block_sparse", "neighborhood")
     if kind == "masked_fill finfo.min":
-        return runtime(torch.finfo(dtype).min), (torch.zeros(1, 1, 1, n), keep), \
+        return runtime(torch.finfo(dtype).min), (small, keep), \
             ("dense", "block_sparse", "neighborhood")
     if kind == "additive -inf, empty rows":
         return additive_lag(2), (), ("causal",)
     if kind == "additive -inf band":
         return additive_window(max(1, n // 4)), (), ("neighborhood", "dense")
     # a band and a run-time padding bias of −inf that empties a row: tiles forward, eager backward
-    pad = torch.zeros(1, 1, n, 1)
+    pad = torch.randn(1, 1, n, 1, generator=gen) * 0.1
     pad[..., n // 3, :] = float("-inf")
     return band, (pad,), ("neighborhood", "dense")
 

@@ -98,7 +98,7 @@ def test_nonfinite_inputs_follow_eager(kind, backend, n, d, dtype, gqa, seed):
     if kind.startswith("sdpa"):
         dtype = torch.float32  # SDPA's own NaN handling is the reference: its half-precision kernels differ
     q, k, v = inputs(gen, 2, 2, hkv, n, n, d, dtype, dv=d + 3)
-    bias = torch.zeros(1, 1, 1, n, dtype=dtype)
+    bias = (torch.randn(1, 1, 1, n, generator=gen) * 0.1).to(dtype)  # a key bias beside the mask
     if kind == "window":
         w = n // 4
         fn, extra, variants = window(w), (bias,), ("neighborhood", "dense")
