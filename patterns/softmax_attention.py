@@ -333,7 +333,7 @@ def match_softmax_attention(sm: Node) -> Site:
                 if finite_fill_seen:
                     raise NoMatch("-inf and finite masked_fill values mixed")
                 fill = val
-            elif val <= FINITE_FILL_LIMIT:
+            elif val <= FINITE_FILL_LIMIT or _as_stored(FINITE_FILL_LIMIT, dtype_of(node)) == val:
                 if fill is not None and fill != val:
                     raise NoMatch("masked_fill values differ")
                 fill, finite_fill_seen = val, True
