@@ -2,20 +2,23 @@
 
 `rewrite::attention` is softmax attention in the canonical layout
 ``q [*batch, N, E]``, ``k [*batch, M, E]``, ``v [*batch, M, F]`` (batch dims broadcast),
-with exactly eager PyTorch's semantics:
+with exactly eager PyTorch's semantics for the spelling it replaced:
 
     S   = scale · q kᵀ + bias                 (bias broadcast to [*batch, N, M])
-    S   = -inf where mask is False or (causal and m > p + causal_offset)
-    out = softmax(S, -1) @ v                  (a row whose S is all -inf is NaN, as in eager)
+    S   = fill where mask is False or (causal and m > p + causal_offset)
+    out = softmax(S, -1) @ v
 
-``masked_row`` says what a row with no kept key holds, as the original spelling gave:
-"nan" (eager softmax over all -inf), "mean" (spellings that fill masked scores with a
-finite value such as finfo.min: softmax over equal scores averages v), "zero" (what
-F.scaled_dot_product_attention itself returns).
+``fill`` (None: −inf) is the value the spelling gives removed scores, written over the score
+(masked_fill, where) or, with ``additive``, added to it (a where-built bias). ``masked_row`` names
+the spelling's answer for a row with no kept key: "nan" (eager softmax over all −inf), "mean" (a
+finite fill: softmax over equal scores averages v; ``fill`` gives its value, finfo.min if None),
+"zero" (an F.scaled_dot_product_attention call: SDPA's own semantics, 0 there). codegen/eager.py
+holds every kernel to this (settled rows, inputs a kernel cannot take exactly).
 
-The op carries a fake kernel (so graphs that call it still export and compile under
-Inductor) and an autograd formula that recomputes the forward through SDPA in backward (its fused
-backward, no N×M scores kept), or the eager reference where a row keeps no key.
+The op carries a fake kernel (so graphs that call it still export and compile under Inductor) and
+an autograd formula that recomputes the forward through SDPA in backward (its fused backward, no
+N×M scores kept) where that gradient is eager's, else through the eager spelling
+(codegen/backward.py).
 """
 
 from __future__ import annotations
@@ -25,17 +28,32 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .backward import grad_forward, recompute_grads
+from .eager import (
+    MASKED_ROWS,
+    Removed,
+    Spelling,
+    checks_inputs,
+    eager_attention,
+    excess_of,
+    keep_floor,
+    lse_floor,
+    sdpa_call,
+    settle,
+    tame,
+)
 from .identity_cache import IdentityCache
 
 KERNELS = ("sdpa", "triton", "reference")
-MASKED_ROWS = ("nan", "mean", "zero")
+__all__ = ["KERNELS", "MASKED_ROWS", "attention", "as_bhnd", "dense_forward", "out_shape"]
 
 
 def _batch_shape(*tensors: torch.Tensor | None) -> torch.Size:
     return torch.broadcast_shapes(*(t.shape[:-2] for t in tensors if t is not None))
 
 
-def _out_shape(q, k, v, bias, mask) -> list[int]:
+def out_shape(q, k, v, bias, mask) -> list[int]:
+    """The op's output shape, [*batch, N, F]."""
     batch = _batch_shape(q, bias, mask) if gqa_groups(q, k) > 1 else _batch_shape(q, k, v, bias, mask)
     return [*batch, q.shape[-2], v.shape[-1]]
 
@@ -72,78 +90,6 @@ def gqa_groups(q: torch.Tensor, k: torch.Tensor) -> int:
     return hq // hk
 
 
-def _ungroup(q, k, v):
-    g = gqa_groups(q, k)
-    if g == 1:
-        return k, v
-    return k.repeat_interleave(g, dim=-3), v.repeat_interleave(g, dim=-3)
-
-
-def fix_empty_rows(out, v, bias, mask, causal, causal_offset, masked_row):
-    """Write eager's value into rows that keep no key (kernels disagree there)."""
-    n, m = out.shape[-2], v.shape[-2]
-    keep = keep_mask(bias, mask, causal, causal_offset, n, m, out.device)
-    if keep is None or (causal and causal_offset >= 0 and mask is None and bias is None):
-        return out
-    empty = ~keep.any(-1, keepdim=True)
-    if masked_row == "mean":
-        k_unused, v_full = _ungroup(out, v, v)
-        return torch.where(empty, v_full.mean(-2, keepdim=True).to(out.dtype), out)
-    return out.masked_fill(empty, float("nan") if masked_row == "nan" else 0.0)
-
-
-def attention_reference(q, k, v, bias=None, mask=None, scale: float = 1.0, causal: bool = False,
-                        causal_offset: int = 0, masked_row: str = "nan") -> torch.Tensor:
-    """The eager spelling itself, in the inputs' promoted dtype: the semantics every kernel matches."""
-    dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-    k, v = _ungroup(q, k, v)
-    s = (q.to(dt) @ k.to(dt).transpose(-1, -2)) * scale
-    if bias is not None:
-        s = s + bias
-    keep = keep_mask(None, mask, causal, causal_offset, q.shape[-2], k.shape[-2], q.device)
-    if keep is not None:
-        if masked_row == "mean":
-            s = s.masked_fill(~keep, torch.finfo(s.dtype).min)
-        else:
-            s = s.masked_fill(~keep, float("-inf"))
-    a = torch.softmax(s, -1)  # as eager: fp32 inside for half types, the input's precision otherwise
-    out = a @ v.to(dt)
-    if masked_row == "zero":
-        out = fix_empty_rows(out, v, bias, mask, causal, causal_offset, masked_row)
-    return out
-
-
-def _sdpa(q, k, v, bias, mask, scale, causal, causal_offset, masked_row) -> torch.Tensor:
-    dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-    q, k, v = q.to(dt), k.to(dt), v.to(dt)
-    n, m = q.shape[-2], k.shape[-2]
-    groups = gqa_groups(q, k)
-    if groups > 1 and q.dim() != 4:
-        k, v = _ungroup(q, k, v)
-        groups = 1
-    batch = _batch_shape(q, bias, mask) if groups > 1 else _batch_shape(q, k, v, bias, mask)
-    q = q.expand(*batch, *q.shape[-2:])
-    if groups == 1:
-        k = k.expand(*batch, *k.shape[-2:])
-        v = v.expand(*batch, *v.shape[-2:])
-    attn_mask = None
-    is_causal = False
-    if causal and causal_offset == 0 and bias is None and mask is None:
-        is_causal = True  # SDPA's is_causal is the top-left aligned mask m <= p
-    elif causal:
-        c = causal_keep(n, m, causal_offset, q.device)
-        mask = c if mask is None else mask & c
-    if mask is not None and bias is not None:
-        attn_mask = bias.to(dt).masked_fill(~mask, float("-inf"))
-    elif mask is not None:
-        attn_mask = mask
-    elif bias is not None:
-        attn_mask = bias.to(dt)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-                                         enable_gqa=groups > 1)
-    return fix_empty_rows(out, v, bias, mask, False, 0, masked_row)
-
-
 def as_bhnd(q, k, v, bias, mask):
     """The operands as the fused kernels take them: q [B, Hq, N, D], k/v [B, Hkv, M, D],
     bias/mask broadcastable to [B, Hq, N, M]; any other batch rank is folded into that form.
@@ -169,14 +115,46 @@ def as_bhnd(q, k, v, bias, mask):
     return (four(q), four(k, kv_heads), four(v, kv_heads), four(bias), four(mask)), batch
 
 
-def _triton(q, k, v, bias, mask, scale, causal, causal_offset, masked_row) -> torch.Tensor:
-    from rewrite.codegen.triton_attention import triton_attention
+def dense_forward(q, k, v, bias, removed: Removed, scale: float, sem: Spelling, kernel: str) -> torch.Tensor:
+    """One [B, Hq, N, D] problem (k, v [B, Hkv, M, *]) on ``kernel`` ("sdpa", "triton", "reference"),
+    held to eager (codegen/eager.py): kernel "reference", and inputs a kernel cannot take exactly
+    (``tame``, on the CPU), run the eager spelling itself; every kernel's rows are settled.
+    The result is in the kernels' dtype; the caller casts."""
+    n, m = q.shape[2], k.shape[2]
+    if m == 0:  # no keys: every spelling's product with an empty V is 0
+        return q.new_zeros(*q.shape[:3], v.shape[-1])
+    selecting = kernel == "triton" and not sem.sdpa
+    if kernel == "reference" or (checks_inputs(q) and not tame(q, k, v, scale, selecting, sem.additive)):
+        return eager_attention(q, k, v, bias, removed, scale, sem)
+    dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)
 
-    (q4, k4, v4, b4, m4), batch = as_bhnd(q, k, v, bias, mask)
-    out = triton_attention(q4, k4, v4, scale=scale, bias=b4, mask=m4, causal=causal, causal_offset=causal_offset)
-    out = out.reshape(*batch, *out.shape[-2:])
-    # The kernel follows eager softmax (NaN for a row with no key); other spellings differ.
-    return fix_empty_rows(out, v, bias, mask, causal, causal_offset, masked_row) if masked_row != "nan" else out
+    def recompute(out, rows):
+        return eager_attention(q, k, v, bias, removed, scale, sem, rows, out)
+
+    excess = excess_of(q, k, scale, sem)
+    if kernel == "triton":
+        from rewrite.codegen.triton_attention import triton_attention
+
+        want = sem.sdpa or sem.finite  # the row LSE only serves to settle rows
+        res = triton_attention(q, k, v, scale=scale, bias=bias, mask=removed.mask,
+                               causal=removed.causal_offset is not None, causal_offset=removed.causal_offset or 0,
+                               return_lse=want)
+        return settle(res[0], lse_floor(res[1], m), sem, dt, recompute, excess) if want else res
+    if kernel != "sdpa":
+        raise ValueError(f"rewrite::attention: unknown kernel {kernel!r}; choose from {KERNELS}")
+    plain = removed.mask is None and removed.spec is None and bias is None
+    if plain and removed.causal_offset in (None, 0):
+        out = sdpa_call(q, k, v, None, None, scale, is_causal=removed.causal_offset == 0)
+        keep = None  # every row keeps a key
+        if sem.sdpa or not sem.finite or removed.causal_offset is None:
+            return out  # nothing removed, or only −inf scores of rows that keep a key
+    else:
+        keep = removed.rows(0, n, q.device)
+        out = sdpa_call(q, k, v, bias, keep, scale)
+        if sem.sdpa:
+            return out  # SDPA is the spelling
+    return settle(out, keep_floor(q, k, bias, keep, scale, bound=sem.finite), sem, dt, recompute, excess)
 
 
 _CAUSAL_MASKS = IdentityCache(256)
@@ -196,99 +174,62 @@ def mask_is_causal(mask: torch.Tensor, offset: int, n: int, m: int) -> bool:
     return hit
 
 
+def spelling_of(q, k, masked_row: str, fill: float | None, additive: bool) -> Spelling:
+    return Spelling.of(masked_row, fill, additive, torch.promote_types(q.dtype, k.dtype))
+
+
 @torch.library.custom_op("rewrite::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
               mask: torch.Tensor | None, scale: float, causal: bool, causal_offset: int,
               masked_row: str, kernel: str, out_dtype: torch.dtype,
-              mask_causal_hint: int | None = None) -> torch.Tensor:
+              mask_causal_hint: int | None = None, fill: float | None = None,
+              additive: bool = False) -> torch.Tensor:
+    if kernel not in KERNELS:
+        raise ValueError(f"rewrite::attention: unknown kernel {kernel!r}; choose from {KERNELS}")
+    sem = spelling_of(q, k, masked_row, fill, additive)
     if (mask_causal_hint is not None and mask is not None and not causal
-            and mask_is_causal(mask, mask_causal_hint, q.shape[-2], k.shape[-2])):
-        # A run-time mask (a registered tril buffer) that is causal: skip it, run causal.
+            and mask_is_causal(mask, mask_causal_hint, q.shape[-2], k.shape[-2])
+            and not (sem.sdpa and checks_inputs(q) and not tame(q, k, v, scale))):
+        # A run-time mask (a registered tril buffer) that is causal: skip it, run causal. (Not for an
+        # SDPA call on inputs that are not finite: SDPA adds a bool mask, is_causal hides.)
         mask, causal, causal_offset = None, True, mask_causal_hint
     if (kernel == "sdpa" and bias is None and mask is None and q.dim() == 4 and q.dtype == k.dtype == v.dtype
-            and q.shape[:-2] == k.shape[:-2] == v.shape[:-2] and (not causal or causal_offset == 0)):
-        # The common case, without the general path's bookkeeping.
+            and q.shape[:-2] == k.shape[:-2] == v.shape[:-2] and (not causal or causal_offset == 0)
+            and k.shape[-2] > 0 and not (causal and sem.finite)
+            and (sem.sdpa or not checks_inputs(q) or tame(q, k, v, scale))):
+        # The common case, without the general path's bookkeeping: nothing removed, or causal with
+        # every row keeping a key and removed scores −inf.
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale).to(out_dtype)
-    if kernel == "sdpa":
-        out = _sdpa(q, k, v, bias, mask, scale, causal, causal_offset, masked_row)
-    elif kernel == "triton":
-        out = _triton(q, k, v, bias, mask, scale, causal, causal_offset, masked_row)
-    elif kernel == "reference":
-        out = attention_reference(q, k, v, bias, mask, scale, causal, causal_offset, masked_row)
-    else:
-        raise ValueError(f"rewrite::attention: unknown kernel {kernel!r}; choose from {KERNELS}")
-    return out.to(out_dtype).contiguous()
+    (q4, k4, v4, b4, m4), batch = as_bhnd(q, k, v, bias, mask)
+    removed = Removed(q.shape[-2], k.shape[-2], m4, causal_offset if causal else None)
+    out = dense_forward(q4, k4, v4, b4, removed, scale, sem, kernel)
+    return out.reshape(*batch, *out.shape[-2:]).to(out_dtype).contiguous()
 
 
 @attention.register_fake
 def _attention_fake(q, k, v, bias, mask, scale, causal, causal_offset, masked_row, kernel, out_dtype,
-                    mask_causal_hint=None):
-    return q.new_empty(_out_shape(q, k, v, bias, mask), dtype=out_dtype)
+                    mask_causal_hint=None, fill=None, additive=False):
+    return q.new_empty(out_shape(q, k, v, bias, mask), dtype=out_dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, mask, scale, causal, causal_offset, masked_row, _kernel, _dtype, *_hint = inputs
+    q, k, v, bias, mask, scale, causal, causal_offset, masked_row, _kernel, _dtype, _hint, fill, additive = inputs
     ctx.save_for_backward(q, k, v, bias, mask)
-    ctx.args = (scale, causal, causal_offset, masked_row)
-
-
-def recompute_grads(forward, tensors, needs, grad) -> list | None:
-    """Gradients of ``tensors`` (q, k, v, bias; None where not needed) by running ``forward`` (a
-    differentiable function of them) again under autograd: every attention op's backward. ``forward``
-    may return None (its path does not apply to these inputs); then so does this."""
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(bool(n)) if t is not None and t.is_floating_point() else t
-                  for t, n in zip(tensors, needs[:4])]
-        out = forward(*leaves)
-        if out is None:
-            return None
-        wrt = [t for t, n in zip(leaves, needs[:4]) if t is not None and n]
-        grads = iter(torch.autograd.grad(out, wrt, grad.to(out.dtype), allow_unused=True) if wrt else [])
-    result = []
-    for t, n in zip(leaves, needs[:4]):
-        g = next(grads) if t is not None and n else None
-        # Broadcast inputs (a [B,1,1,M] bias, an MQA key) get their gradient summed back.
-        result.append(g.sum_to_size(t.shape) if g is not None and g.shape != t.shape else g)
-    return result
-
-
-def concrete(*tensors: torch.Tensor | None) -> bool:
-    """Real values in hand (an eager backward, as rewritten graphs run it), not a trace (AOTAutograd,
-    export, opcheck), where a backward must not branch on data."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    return not torch.compiler.is_compiling() and not any(is_fake(t) for t in tensors if t is not None)
-
-
-def has_empty_rows(bias, mask, causal: bool, causal_offset: int, n: int, m: int, device) -> bool:
-    """Does some query row keep no key (every score −inf)?"""
-    if bias is None and mask is None:
-        # no keys at all, or row 0 keeping keys ≤ offset: none when the offset is negative
-        return n > 0 and (m == 0 or (causal and causal_offset < 0))
-    keep = keep_mask(bias, mask, causal, causal_offset, n, m, device)
-    return keep is not None and not bool(keep.any(-1).all())
-
-
-def dense_grads(q, k, v, bias, keep, needs, grad, scale, causal, causal_offset, masked_row) -> list:
-    """Gradients through SDPA (FlashAttention / memory-efficient / cuDNN backward where the device
-    has them: no N×M scores kept) unless a row keeps no key. Eager's gradient there (NaN through the
-    softmax of an all −inf row) is reproduced by recomputing the eager reference itself, as it is
-    under tracing, where whether rows are empty is not known."""
-    n, m = q.shape[-2], k.shape[-2]
-    if not concrete(q, k, v, bias, keep) or has_empty_rows(bias, keep, causal, causal_offset, n, m, q.device):
-        def forward(q, k, v, bias):
-            return attention_reference(q, k, v, bias, keep, scale, causal, causal_offset, masked_row)
-    else:
-        def forward(q, k, v, bias):
-            return _sdpa(q, k, v, bias, keep, scale, causal, causal_offset, masked_row)
-    return recompute_grads(forward, (q, k, v, bias), needs, grad)
+    ctx.args = (scale, causal, causal_offset, spelling_of(q, k, masked_row, fill, additive))
 
 
 def _backward(ctx, grad):
     q, k, v, bias, mask = ctx.saved_tensors
-    scale, causal, causal_offset, masked_row = ctx.args
-    grads = dense_grads(q, k, v, bias, mask, ctx.needs_input_grad, grad, scale, causal, causal_offset, masked_row)
-    return (*grads, None, None, None, None, None, None, None, None)
+    scale, causal, causal_offset, sem = ctx.args
+
+    def forward(q, k, v, b):
+        (q4, k4, v4, b4, m4), batch = as_bhnd(q, k, v, b, mask)
+        removed = Removed(q.shape[-2], k.shape[-2], m4, causal_offset if causal else None)
+        out = grad_forward(q4, k4, v4, b4, removed, scale, sem)
+        return out.reshape(*batch, *out.shape[-2:])
+
+    grads = recompute_grads(forward, (q, k, v, bias), ctx.needs_input_grad, grad)
+    return (*grads, *([None] * 10))
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

@@ -14,13 +14,14 @@ ranges; codegen/triton_block_sparse.py for "arbitrary"), "torch" (codegen/sparse
 the CPU default: only kept tiles are computed), "sdpa" (the spec materialised as a bool mask,
 for sizes where that is cheap), "reference" (eager math on the materialised mask).
 
-Rows with no kept key hold what the original spelling gave (``masked_row``, as in ops.py): the
-sparse kernels return NaN there and their row log-sum-exp is −inf, which locates the rows
-without materialising the N×M mask.
+Semantics (``masked_row``, ``fill``, ``additive``) are those of ops.py; codegen/eager.py settles the
+fast kernels' rows from their row log-sum-exp (rows with no kept key, finite fills whose weight eager
+does not round to zero) without materialising the N×M mask, and runs the eager spelling where the
+inputs are not ones the kernels take exactly (on the CPU).
 
 Backward recomputes the forward through the torch path's kept tiles under autograd (memory for
-the kept scores only); with a bias, a row that keeps no key, or a mask too dense for tiles to pay,
-through SDPA or the eager reference on the materialised mask (ops.dense_grads).
+the kept scores only); with a bias, a row the forward had to settle, or a mask too dense for tiles to
+pay, through SDPA or the eager spelling (codegen/backward.py).
 """
 
 from __future__ import annotations
@@ -31,20 +32,17 @@ from functools import lru_cache
 
 import torch
 
-from rewrite.ir.mask import MaskSpec, keep_matrix, keep_rows
+from rewrite.ir.mask import MaskSpec, keep_rows
 
+from .backward import concrete, grad_forward, recompute_grads
+from .eager import NEG_INF, Removed, checks_inputs, eager_attention, excess_of, lse_floor, settle, tame, unsettled
 from .identity_cache import IdentityCache
-from .ops import _sdpa, as_bhnd, attention_reference, concrete, dense_grads, recompute_grads
+from .ops import as_bhnd, dense_forward, out_shape, spelling_of
 
 SPARSE_KERNELS = ("triton", "torch", "sdpa", "reference")
 # A run-time ("arbitrary") mask goes through the block-sparse kernels only when its block map
 # visits at most this fraction of the key tiles; denser masks run SDPA with the mask.
 BLOCK_SPARSE_MAX_VISITED = 0.5
-
-
-@lru_cache(maxsize=16)
-def _spec_keep_cpu(spec_json: str, n: int, m: int) -> torch.Tensor:
-    return keep_matrix(MaskSpec.from_json(spec_json), n, m)
 
 
 def op_spec(spec: MaskSpec, implied: bool, mask_blocks: tuple[int, int] | None = None, recheck: bool = False) -> str:
@@ -104,55 +102,6 @@ def token_mask(mask: torch.Tensor | None, blocks: tuple[int, int] | None, n: int
     return mask.repeat_interleave(bq, -2)[..., :n, :].repeat_interleave(bk, -1)[..., :m]
 
 
-def spec_keep_tensor(spec: MaskSpec, n: int, m: int, device) -> torch.Tensor:
-    """The [n, m] bool keep mask of a spec (materialised: reference and SDPA paths only)."""
-    return _spec_keep_cpu(spec.to_json(), n, m).to(device)
-
-
-# A row whose every visited score carries a fill of this size (finfo.min, −1e30: finite "masked"
-# values of an additive mask) is a fully masked row written with a finite fill. Eager's softmax
-# then spreads over every key the fill reaches, some of which the kernel skipped.
-_SWAMPED = -1e29
-
-
-def _recompute_swamped(out, lse, q, k, v, bias, mask, spec: MaskSpec, implied: bool, scale: float):
-    """Rows whose kernel LSE is finite but below ``_SWAMPED``: recompute them over every key, as
-    eager does (the spec applied as −inf only when it replaced −inf tensors, i.e. not ``implied``
-    by the remaining ones). Such rows are padding rows: few, so this is cheap."""
-    if bias is None:
-        return out
-    bad = torch.isfinite(lse) & (lse < _SWAMPED)
-    if not bool(bad.any()):
-        return out
-    b, h, r = bad.nonzero(as_tuple=True)
-    g = q.shape[1] // k.shape[1]
-    dt = torch.promote_types(q.dtype, torch.float32)
-    s = torch.einsum("rd,rmd->rm", q[b, h, r].to(dt), k[b, h // g].to(dt)) * scale
-    s = s + bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])[b, h, r].to(dt)
-    if mask is not None:
-        s = s.masked_fill(~mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])[b, h, r], float("-inf"))
-    if not implied and spec.kind not in ("dense", "arbitrary"):
-        keep = spec_keep_tensor(spec, q.shape[2], k.shape[2], q.device)[r]
-        s = s.masked_fill(~keep, float("-inf"))
-    rows = torch.einsum("rm,rmf->rf", s.softmax(-1), v[b, h // g].to(dt))
-    out = out.clone()
-    out[b, h, r] = rows.to(out.dtype)
-    return out
-
-
-def _fix_rows(out: torch.Tensor, lse: torch.Tensor, v: torch.Tensor, masked_row: str) -> torch.Tensor:
-    """Rows that kept no key (LSE −inf): eager's value for the spelling."""
-    if masked_row == "nan":
-        return out
-    empty = (lse == float("-inf")).unsqueeze(-1)
-    if masked_row == "mean":
-        fill = v.float().mean(-2, keepdim=True)
-        if fill.shape[-3] != out.shape[-3]:  # GQA: each query head reads its kv head
-            fill = fill.repeat_interleave(out.shape[-3] // fill.shape[-3], dim=-3)
-        return torch.where(empty, fill.to(out.dtype), out)
-    return out.masked_fill(empty, 0.0)
-
-
 def _block_sparse(q4, k4, v4, b4, m4, scale, on_gpu: bool, blocks: tuple[int, int] | None):
     """The "arbitrary" kind: the mask tensor alone says what is kept; visit its block map's
     tiles. None when the map visits too much for sparsity to pay (the caller runs dense)."""
@@ -184,110 +133,129 @@ def _block_sparse(q4, k4, v4, b4, m4, scale, on_gpu: bool, blocks: tuple[int, in
                                   return_lse=True)
 
 
+def _removed(mask, blocks, spec: MaskSpec, implied: bool, n: int, m: int) -> Removed:
+    """What the op removes, row by row: the mask (a block table read per block), and the structure
+    unless the remaining tensors already imply it (then it replaced nothing)."""
+    structure = None if implied or spec.kind in ("dense", "arbitrary") else spec
+    return Removed(n, m, mask, None, structure, blocks)
+
+
+def _fast(q4, k4, v4, b4, m4, scale, mspec: MaskSpec, kernel: str, blocks, want_lse: bool):
+    """The sparse kernels' (out, lse) or out, or None where the block map visits too much to pay."""
+    if mspec.kind == "arbitrary":
+        return _block_sparse(q4, k4, v4, b4, m4, scale, kernel == "triton", blocks) if m4 is not None else None
+    if kernel == "triton":
+        from .triton_neighborhood import neighborhood_attention
+
+        return neighborhood_attention(q4, k4, v4, mspec, scale=scale, bias=b4, mask=m4, return_lse=want_lse)
+    from .sparse_torch import sparse_attention_torch
+
+    return sparse_attention_torch(q4, k4, v4, mspec, scale=scale, bias=b4, mask=m4, return_lse=want_lse)
+
+
 @torch.library.custom_op("rewrite::sparse_attention", mutates_args=())
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                      mask: torch.Tensor | None, scale: float, spec: str, masked_row: str, kernel: str,
-                     out_dtype: torch.dtype) -> torch.Tensor:
+                     out_dtype: torch.dtype, fill: float | None = None, additive: bool = False) -> torch.Tensor:
     mspec, implied, blocks, recheck = parse_spec(spec)
+    sem = spelling_of(q, k, masked_row, fill, additive)
     n, m = q.shape[-2], k.shape[-2]
     if recheck and mask is not None and not mask_within_spec(mask, mspec, q.shape[-2], k.shape[-2]):
         # This tensor keeps keys outside the band read off the first one: it is all there is.
         mspec, implied = MaskSpec("arbitrary", runtime=True), False
     if kernel not in SPARSE_KERNELS:
         raise ValueError(f"rewrite::sparse_attention: unknown kernel {kernel!r}; choose from {SPARSE_KERNELS}")
-    if kernel in ("triton", "torch"):
-        if bias is None and mask is None and q.dim() == k.dim() == v.dim() == 4 and q.shape[0] == k.shape[0]:
-            (q4, k4, v4, b4, m4), batch = (q, k, v, None, None), q.shape[:2]  # the common case, no bookkeeping
-        else:
-            (q4, k4, v4, b4, m4), batch = as_bhnd(q, k, v, bias, mask)
-        # The row log-sum-exp is only needed to find rows to fix.
-        want_lse = bias is not None or masked_row != "nan"
-        res = None
-        if mspec.kind == "arbitrary":
-            if m4 is not None:
-                res = _block_sparse(q4, k4, v4, b4, m4, scale, kernel == "triton", blocks)
-        elif kernel == "triton":
-            from .triton_neighborhood import neighborhood_attention
-
-            res = neighborhood_attention(q4, k4, v4, mspec, scale=scale, bias=b4, mask=m4, return_lse=want_lse)
-        else:
-            from .sparse_torch import sparse_attention_torch
-
-            res = sparse_attention_torch(q4, k4, v4, mspec, scale=scale, bias=b4, mask=m4, return_lse=want_lse)
-        if res is not None:
-            if want_lse:
-                out, lse = res
-                out = _recompute_swamped(out, lse, q4, k4, v4, b4, token_mask(m4, blocks, n, m), mspec, implied,
-                                         scale)
-                out = _fix_rows(out, lse, v4, masked_row)
-            else:
-                out = res[0] if isinstance(res, tuple) else res
-            return out.reshape(*batch, *out.shape[-2:]).to(out_dtype).contiguous()
-        kernel = "sdpa"  # a dense run-time mask: sparsity would not pay
-    mask = token_mask(mask, blocks, n, m)
-    keep = None if mspec.kind in ("dense", "arbitrary") else spec_keep_tensor(mspec, n, m, q.device)
-    if mask is not None:
-        keep = mask if keep is None else mask & keep
-    if kernel == "sdpa":
-        out = _sdpa(q, k, v, bias, keep, scale, False, 0, masked_row)
+    if bias is None and mask is None and q.dim() == k.dim() == v.dim() == 4 and q.shape[0] == k.shape[0]:
+        (q4, k4, v4, b4, m4), batch = (q, k, v, None, None), q.shape[:2]  # the common case, no bookkeeping
     else:
-        out = attention_reference(q, k, v, bias, keep, scale, False, 0, masked_row)
-    return out.to(out_dtype).contiguous()
+        (q4, k4, v4, b4, m4), batch = as_bhnd(q, k, v, bias, mask)
+    removed = _removed(m4, blocks, mspec, implied, n, m)
+    if kernel in ("triton", "torch"):
+        fast, kernel = kernel, "sdpa"  # unless the sparse kernels run: a dense run-time mask would not pay
+        if n and m and not (checks_inputs(q4) and not tame(q4, k4, v4, scale, not sem.sdpa, sem.additive)):
+            want_lse = sem.sdpa or sem.finite  # the row LSE only serves to settle rows
+            res = _fast(q4, k4, v4, b4, m4, scale, mspec, fast, blocks, want_lse)
+            if res is not None:
+                if want_lse:
+                    def recompute(out, rows):
+                        return eager_attention(q4, k4, v4, b4, removed, scale, sem, rows, out)
+
+                    out = settle(res[0], lse_floor(res[1], m), sem, q4.dtype, recompute,
+                                 excess_of(q4, k4, scale, sem))
+                else:
+                    out = res[0] if isinstance(res, tuple) else res
+                return out.reshape(*batch, *out.shape[-2:]).to(out_dtype).contiguous()
+    out = dense_forward(q4, k4, v4, b4, removed, scale, sem, kernel)
+    return out.reshape(*batch, *out.shape[-2:]).to(out_dtype).contiguous()
 
 
 @sparse_attention.register_fake
-def _sparse_attention_fake(q, k, v, bias, mask, scale, spec, masked_row, kernel, out_dtype):
-    from .ops import _out_shape
-
-    return q.new_empty(_out_shape(q, k, v, bias, mask), dtype=out_dtype)
+def _sparse_attention_fake(q, k, v, bias, mask, scale, spec, masked_row, kernel, out_dtype, fill=None,
+                           additive=False):
+    return q.new_empty(out_shape(q, k, v, bias, mask), dtype=out_dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, mask, scale, spec, masked_row, _kernel, _dtype = inputs
+    q, k, v, bias, mask, scale, spec, masked_row, _kernel, _dtype, fill, additive = inputs
     ctx.save_for_backward(q, k, v, bias, mask)
-    ctx.args = (scale, spec, masked_row)
+    ctx.args = (scale, spec, spelling_of(q, k, masked_row, fill, additive))
 
 
-def _tiled_forward(mask, scale: float, spec: MaskSpec, blocks):
+def _tiled_forward(mask, scale: float, spec: MaskSpec, blocks, sem):
     """The op's forward as the CPU path computes it (sparse_torch.py: only the kept tiles, in
     differentiable torch), for recomputation under autograd: the backward then keeps the kept tiles'
-    scores, never N×M. Returns None where it does not apply: a row keeps no key (eager's NaN
-    gradient is reproduced by the reference instead), or the map visits too much to pay."""
+    scores, never N×M. Returns None where its gradient may not be eager's (inputs not tame, a row the
+    forward settles: one that keeps no key, a finite fill eager does not round away) or the map
+    visits too much to pay."""
     from .sparse_torch import sparse_attention_torch
 
     def forward(q, k, v, _bias):
         (q4, k4, v4, _, m4), batch = as_bhnd(q, k, v, None, mask)
+        m = k4.shape[2]
+        if q4.shape[2] == 0 or m == 0 or (checks_inputs(q4) and not tame(q4, k4, v4, scale)):
+            return None
         if spec.kind == "arbitrary":
             res = _block_sparse(q4, k4, v4, None, m4, scale, False, blocks) if m4 is not None else None
         else:
             res = sparse_attention_torch(q4, k4, v4, spec, scale=scale, mask=m4, return_lse=True)
-        if res is None or bool((res[1] == float("-inf")).any()):
+        if res is None:
+            return None
+        floor = lse_floor(res[1], m)
+        if bool((floor == NEG_INF).any()):
+            return None
+        if sem.finite and bool(unsettled(floor, sem, q4.dtype, excess_of(q4, k4, scale, sem)).any()):
             return None
         return res[0].reshape(*batch, *res[0].shape[-2:])
 
     return forward
 
 
+def dense_grads(q, k, v, bias, mask, needs, grad, scale: float, spec: MaskSpec, implied: bool, blocks, sem):
+    """Gradients where the tiles do not apply: SDPA or the eager spelling (codegen/backward.py)."""
+    def forward(q, k, v, b):
+        (q4, k4, v4, b4, m4), batch = as_bhnd(q, k, v, b, mask)
+        removed = _removed(m4, blocks, spec, implied, q4.shape[2], k4.shape[2])
+        out = grad_forward(q4, k4, v4, b4, removed, scale, sem)
+        return out.reshape(*batch, *out.shape[-2:])
+
+    return recompute_grads(forward, (q, k, v, bias), needs, grad)
+
+
 def _backward(ctx, grad):
     # Recompute through the tiled CPU path (memory for kept tiles only); with a bias, or where
-    # that path does not apply, through SDPA / the eager reference on the materialised mask.
+    # that path does not apply, through SDPA / the eager spelling.
     q, k, v, bias, mask = ctx.saved_tensors
-    scale, spec, masked_row = ctx.args
-    mspec, _, blocks, recheck = parse_spec(spec)
+    scale, spec, sem = ctx.args
+    mspec, implied, blocks, recheck = parse_spec(spec)
     if recheck and mask is not None and not mask_within_spec(mask, mspec, q.shape[-2], k.shape[-2]):
-        mspec = MaskSpec("arbitrary", runtime=True)
+        mspec, implied = MaskSpec("arbitrary", runtime=True), False
     needs = ctx.needs_input_grad
     grads = None
     if bias is None and concrete(q, k, v, mask):  # the tiled path plans from values (not traceable)
-        grads = recompute_grads(_tiled_forward(mask, scale, mspec, blocks), (q, k, v, None), needs, grad)
+        grads = recompute_grads(_tiled_forward(mask, scale, mspec, blocks, sem), (q, k, v, None), needs, grad)
     if grads is None:
-        mask = token_mask(mask, blocks, q.shape[-2], k.shape[-2])
-        keep = None if mspec.kind in ("dense", "arbitrary") else spec_keep_tensor(mspec, q.shape[-2], k.shape[-2],
-                                                                                     q.device)
-        if mask is not None:
-            keep = mask if keep is None else mask & keep
-        grads = dense_grads(q, k, v, bias, keep, needs, grad, scale, False, 0, masked_row)
-    return (*grads, None, None, None, None, None, None)
+        grads = dense_grads(q, k, v, bias, mask, needs, grad, scale, mspec, implied, blocks, sem)
+    return (*grads, *([None] * 8))
 
 
 sparse_attention.register_autograd(_backward, setup_context=_setup_context)

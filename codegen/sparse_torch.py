@@ -2,14 +2,9 @@
 
 Only kept tiles are computed:
 
-- "neighborhood" / "blocked" specs: queries are cut into tiles and each tile gathers one key
-  set, the union of its queries' kept key intervals (codegen/mask_ranges.py), padded to a fixed
-  width W; all tiles of a chunk then run as batched matmuls [tiles, bq, D] × [tiles, D, W]. Each
-  grid axis is tiled on its own, by residue class under a dilation (the gathered keys are then
-  a strided progression), and tiles of a 2-D/3-D grid are patches (products of axis tiles).
-  The exact predicate is evaluated per axis on the gathered coordinates, ANDed, and stored as
-  additive masks per distinct tile pattern (a sliding window has a handful: interior + edges).
-  Tile sizes minimise padded work plus a per-tile cost (``_band_plan``).
+- "neighborhood" / "blocked" specs: each query tile gathers one key set (the union of its queries'
+  kept key intervals, padded to a fixed width W; codegen/tile_plans.py plans them); all tiles of a
+  chunk then run as batched matmuls [tiles, bq, D] × [tiles, D, W].
 - "causal" and dense (spec None or "dense"): blocks of query rows against the contiguous key
   prefix they can keep (nothing gathered); only columns past a block's first diagonal entry
   evaluate the causal mask.
@@ -18,190 +13,43 @@ Only kept tiles are computed:
   ∧ ``block_map.mask``; full tiles are trusted (the map's contract) to keep every pair and
   evaluate nothing but the bias. Per-batch/per-head maps run slice by slice.
 
-``mask`` (bool) and ``bias`` (float) apply everywhere else. GQA: the query heads of one kv head
-are folded into a tile's rows (K/V are never repeated). Half types compute in float32,
+``mask`` (bool) and ``bias`` (float) apply everywhere else. Every mask is applied by selection (a
+removed pair's score becomes −inf whatever q·k was, as eager's masked_fill makes it: a NaN or ±inf
+key that the mask removes stays out of the row); only ``bias`` is added. GQA: the query heads of one
+kv head are folded into a tile's rows (K/V are never repeated). Half types compute in float32,
 float32/float64 in their own precision; the result is in q's dtype. A row with no kept key is
 NaN (eager softmax over all −inf) and its LSE −inf. Neighborhood plans are cached per (spec, N, M).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from functools import lru_cache
-
 import torch
 
-from rewrite.ir.mask import MaskSpec, axes_of, axis_interval, grid_of, in_interval, spec_keep
+from rewrite.ir.mask import MaskSpec
 
 from .block_map import BlockMap
+from .tile_plans import PairGroup, TilePlan, band_plan, map_plan
 
-TILE_OVERHEAD = 8192  # per-tile cost, in score entries, when choosing neighborhood tile sizes
 CHUNK_ELEMS = 1 << 22  # score entries (all batch·heads together) computed at once: cache-sized chunks
 ROW_ELEMS = 1 << 23  # causal/dense: score entries (all batch·heads) of one block of query rows
 
 
-@dataclass(frozen=True)
-class _Group:
-    tile: torch.Tensor  # [P] query tile of each pair, non-decreasing
-    kidx: torch.Tensor  # [P, W] flat key positions (padding: position 0)
-    neg: torch.Tensor | None  # [U, bq | 1, W] float32 mask patterns: −inf where not kept (structure,
-    #                          key padding), else 0; None = every gathered pair kept
-    masks: bool  # evaluate the run-time masks (mask, block_map.mask) in these pairs
-    one_per_tile: bool  # tile == arange(Tq)
-    pattern: torch.Tensor | None = None  # [P] each pair's row of neg; None = row p for pair p
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
+_NEG_INF_BITS = {dt: int(torch.tensor(float("-inf"), dtype=dt).view(it)) for dt, it in _BITS.items()}
 
 
-@dataclass(frozen=True)
-class _Plan:
-    qidx: torch.Tensor  # [Tq, bq] flat query positions (padding: a repeated valid position)
-    qpos: torch.Tensor | None  # [N] row of each query in the tiled order; None = rows 0..N-1
-    groups: tuple[_Group, ...]
-
-    def to(self, device) -> _Plan:
-        def mv(t):
-            return None if t is None else t.to(device)
-        groups = tuple(_Group(mv(g.tile), mv(g.kidx), mv(g.neg), g.masks, g.one_per_tile, mv(g.pattern))
-                       for g in self.groups)
-        return _Plan(self.qidx.to(device), mv(self.qpos), groups)
-
-
-# ---------------------------------------------------------------- plans
-
-def _axis_tiling(ax, size: int, keys: int, offset: int, bq: int):
-    """One axis tiled by ``bq`` query coordinates of one residue class: (query coords [T, bq],
-    query valid [T, bq], per-tile union (lo, count), step, per-query (lo, hi))."""
-    q = torch.arange(size)
-    lo, hi, step = axis_interval(ax, q, size, keys, offset)
-    rows, valid = [], []
-    for c in range(min(step, size)):
-        members = torch.arange(c, size, step)
-        t = -(-len(members) // bq)
-        pad = t * bq - len(members)
-        rows.append(torch.cat([members, members[-1:].expand(pad)]).view(t, bq))
-        valid.append((torch.arange(t * bq) < len(members)).view(t, bq))
-    qc, qv = torch.cat(rows), torch.cat(valid)
-    live = qv & (lo[qc] <= hi[qc])
-    big = keys + step
-    t_lo = torch.where(live, lo[qc], big).amin(1)
-    t_hi = torch.where(live, hi[qc], -1).amax(1)
-    count = torch.where(t_hi >= t_lo, (t_hi - t_lo) // step + 1, 0)
-    return qc, qv, torch.where(count > 0, t_lo, 0), count, step, lo, hi
-
-
-def _axis_candidates(ax, members: int) -> list[int]:
-    out = {1 << i for i in range(max(1, math.ceil(math.log2(max(members, 1)))) + 1)}
-    if ax.kind == "blocked":
-        out |= {ax.block * i for i in range(1, 9) if ax.block * i <= max(256, ax.block)}
-    return sorted(b for b in out if b <= max(members, 1) * 2)
-
-
-@lru_cache(maxsize=32)
-def _band_plan(spec: MaskSpec, n: int, m: int) -> _Plan:
-    """Tiles for a neighborhood/blocked spec: one gathered key set per query tile."""
-    grid = grid_of(spec, n, m)
-    axes = axes_of(spec)
-    nd = len(grid)
-    keys = [m] if nd == 1 else list(grid)
-    offset = spec.offset if nd == 1 else 0
-    options = []
-    for ax, g, kk in zip(axes, grid, keys):
-        step = axis_interval(ax, torch.zeros(1, dtype=torch.long), g, kk, offset)[2]
-        opts = []
-        for bq in _axis_candidates(ax, -(-g // step)):
-            _, _, _, count, _, _, _ = _axis_tiling(ax, g, kk, offset, bq)
-            opts.append((bq, len(count), max(int(count.max()), 1)))
-        options.append(opts)
-    best, best_cost = None, None
-    for combo in _product(options):
-        b, t, w = (math.prod(x[i] for x in combo) for i in range(3))
-        cost = t * (b * w + TILE_OVERHEAD)
-        if b <= 1024 and (best_cost is None or cost < best_cost):
-            best, best_cost = combo, cost
-    strides = [math.prod(grid[a + 1:]) for a in range(nd)]
-    qflat = kflat = qvalid = keep = pat = None
-    for a, (ax, g, kk, (bq, _, w)) in enumerate(zip(axes, grid, keys, best)):
-        qc, qv, t_lo, count, step, lo, hi = _axis_tiling(ax, g, kk, offset, bq)
-        j = torch.arange(w)
-        kv = j < count[:, None]
-        kc = torch.where(kv, t_lo[:, None] + step * j, 0)
-        # Tiles whose queries keep the same keys relative to the tile's first key share one mask
-        # pattern (all interior tiles of a sliding window do): masks are stored per pattern.
-        live = qv & (lo[qc] <= hi[qc])
-        sig = torch.cat([torch.where(live, lo[qc] - t_lo[:, None], -1), torch.where(live, hi[qc] - t_lo[:, None], -1),
-                         count[:, None]], 1)
-        _, inv = torch.unique(sig, dim=0, return_inverse=True)
-        rep = torch.full((int(inv.max()) + 1,), len(inv), dtype=torch.long).scatter_reduce_(
-            0, inv, torch.arange(len(inv)), "amin")  # a tile of each pattern
-        q_rep = qc[rep][:, :, None]
-        kp = in_interval(lo[q_rep], hi[q_rep], step, kc[rep][:, None, :]) & kv[rep][:, None, :]
-        shape = [1] * (3 * nd)
-        shape[a], shape[nd + a], shape[2 * nd + a] = len(rep), bq, w
-        t_sh, q_sh, k_sh = [1] * nd, [1] * (2 * nd), [1] * (2 * nd)
-        t_sh[a], q_sh[a], q_sh[nd + a], k_sh[a], k_sh[nd + a] = len(count), len(count), bq, len(count), w
-        qa, ka = (qc * strides[a]).view(q_sh), (kc * strides[a]).view(k_sh)
-        qflat = qa if qflat is None else qflat + qa
-        kflat = ka if kflat is None else kflat + ka
-        qvalid = qv.view(q_sh) if qvalid is None else qvalid & qv.view(q_sh)
-        keep = kp.view(shape) if keep is None else keep & kp.view(shape)
-        pat = inv.view(t_sh) if pat is None else pat * len(rep) + inv.view(t_sh)
-    tiles = math.prod(x[1] for x in best)
-    bq_all, w_all = math.prod(x[0] for x in best), math.prod(x[2] for x in best)
-    qidx = qflat.reshape(tiles, bq_all)
-    qpos = _query_rows(qidx, qvalid.reshape(tiles, bq_all), n)
-    keep = keep.reshape(-1, bq_all, w_all)
-    group = _Group(torch.arange(tiles), kflat.reshape(tiles, w_all), _neg(keep), True, True, pat.reshape(tiles))
-    return _Plan(qidx, qpos, (group,))
-
-
-def _neg(keep: torch.Tensor) -> torch.Tensor | None:
-    """Additive form of a keep mask (adding is several times faster than masked_fill)."""
-    return None if bool(keep.all()) else torch.zeros(keep.shape).masked_fill_(~keep, float("-inf"))
-
-
-def _product(options):
-    if not options:
-        yield ()
+def _select_(s: torch.Tensor, sel: torch.Tensor) -> None:
+    """s = where(sel, s, −inf) in place, ``sel`` a ``keep_pattern`` broadcast against s. A selection,
+    not an addition: the score of a removed pair becomes −inf whatever it was (NaN or ±inf from such
+    a key included), as masked_fill makes it in eager, where adding −inf would give NaN. Done on the
+    bits (keep & s | ~keep & −inf): masked_fill_ of a broadcast mask is several times slower on the
+    CPU, as slow as the tile's matmul. Under autograd (the backward's recomputation) masked_fill_."""
+    if s.requires_grad or s.dtype not in _BITS:
+        s.masked_fill_(sel == 0, float("-inf"))
         return
-    for head in options[0]:
-        for rest in _product(options[1:]):
-            yield (head, *rest)
+    keep = sel.to(_BITS[s.dtype])
+    s.view(_BITS[s.dtype]).bitwise_and_(keep).bitwise_or_(keep.bitwise_not().bitwise_and_(_NEG_INF_BITS[s.dtype]))
 
-
-def _query_rows(qidx: torch.Tensor, qvalid: torch.Tensor, n: int) -> torch.Tensor | None:
-    flat, ok = qidx.flatten(), qvalid.flatten()
-    qpos = torch.empty(n, dtype=torch.long)
-    qpos[flat[ok]] = torch.nonzero(ok).flatten()
-    return None if torch.equal(qpos, torch.arange(n)) else qpos
-
-
-def _row_tiles(n: int, bq: int) -> torch.Tensor:
-    t = -(-n // bq)
-    return torch.clamp(torch.arange(t * bq), max=n - 1).view(t, bq)
-
-
-def _key_tiles(j: torch.Tensor, bk: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    kidx = j[:, None] * bk + torch.arange(bk)
-    valid = kidx < m
-    return torch.where(valid, kidx, 0), valid
-
-
-def _map_plan(bmap: BlockMap, b: int, h: int, spec: MaskSpec | None) -> _Plan:
-    """The tiles of one (batch, head) slice of a block map."""
-    qidx = _row_tiles(bmap.n, bmap.block_m)
-    groups = []
-    for count, index, partial in ((bmap.full_count, bmap.full_index, False),
-                                  (bmap.partial_count, bmap.partial_index, True)):
-        count, index = count[b, h].cpu().long(), index[b, h].cpu().long()
-        ti, slot = torch.nonzero(torch.arange(index.shape[-1]) < count[:, None], as_tuple=True)
-        if not len(ti):
-            continue
-        kidx, kvalid = _key_tiles(index[ti, slot], bmap.block_n, bmap.m)
-        keep = kvalid[:, None, :]
-        if partial and spec is not None and spec.kind != "dense":
-            keep = keep & spec_keep(spec, qidx[ti][:, :, None], kidx[:, None, :], bmap.n, bmap.m)
-        groups.append(_Group(ti, kidx, _neg(keep), partial, False))
-    return _Plan(qidx, None, tuple(groups))
 
 
 # ---------------------------------------------------------------- the kernel
@@ -225,7 +73,7 @@ def _gather(t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, hkv: int, g
     return x.reshape(b1, hkv, g, *x.shape[2:]).transpose(2, 3)
 
 
-def _attend(qs, k, v, bias, masks, plan: _Plan, want_lse: bool):
+def _attend(qs, k, v, bias, masks, plan: TilePlan, want_lse: bool):
     """Run a plan. qs: scaled queries [B, Hq, N, D] in the compute dtype; k, v [B, Hkv, M, *]."""
     bsz, hq, n, d = qs.shape
     hkv, dv = k.shape[1], v.shape[-1]
@@ -268,7 +116,7 @@ def _attend(qs, k, v, bias, masks, plan: _Plan, want_lse: bool):
     return out.index_select(2, plan.qpos), (lse.index_select(2, plan.qpos) if want_lse else None)
 
 
-def _scores(qt, k, v, bias, masks, plan, grp: _Group, p0, p1, t0, t1, g):
+def _scores(qt, k, v, bias, masks, plan, grp: PairGroup, p0, p1, t0, t1, g):
     """Masked scores [B, Hkv, P, R, W] of pairs p0:p1, their values and local tile indices."""
     bsz, hkv, _, r, d = qt.shape
     m = k.shape[2]
@@ -282,9 +130,9 @@ def _scores(qt, k, v, bias, masks, plan, grp: _Group, p0, p1, t0, t1, g):
     vp = v.view(bsz * hkv, m, -1).index_select(1, flat).view(bsz, hkv, p, w, v.shape[-1])
     s = qp @ kp.transpose(-1, -2)
     s6 = s.view(bsz, hkv, p, g, r // g, s.shape[-1])
-    if grp.neg is not None:
-        neg = grp.neg[p0:p1] if grp.pattern is None else grp.neg[grp.pattern[p0:p1]]
-        s6.add_(neg.unsqueeze(1).to(s.dtype))
+    if grp.sel is not None:
+        sel = grp.sel[p0:p1] if grp.pattern is None else grp.sel[grp.pattern[p0:p1]]
+        _select_(s6, sel.unsqueeze(1))
     rows = plan.qidx[tile]
     if bias is not None:
         s6.add_(_gather(bias, rows, kidx, hkv, g).to(s.dtype))
@@ -346,7 +194,7 @@ def _row_blocks(qs, k, v, bias, masks, offset: int | None, want_lse: bool):
             c0 = max(0, r0 + offset + 1)
             cols = torch.arange(c0, hi, device=qs.device)
             past = cols[None, :] > torch.arange(r0, r1, device=qs.device)[:, None] + offset
-            s5[..., c0:] += torch.zeros(past.shape, dtype=s.dtype, device=qs.device).masked_fill_(past, float("-inf"))
+            s5[..., c0:].masked_fill_(past, float("-inf"))  # selected, not added: see _select_
         if bias4 is not None:
             s5 += _rows_cols(bias4, r0, r1, hi, hkv, g).to(s.dtype)
         for mk in masks4:
@@ -410,7 +258,7 @@ def sparse_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp
     else:
         kind = "dense" if spec is None else spec.kind
         if kind in ("neighborhood", "blocked"):
-            out, lse = _attend(qs, kc, vc, bias, masks, _band_plan(spec, n, m).to(q.device), return_lse)
+            out, lse = _attend(qs, kc, vc, bias, masks, band_plan(spec, n, m).to(q.device), return_lse)
         else:
             out, lse = _row_blocks(qs, kc, vc, bias, masks, spec.offset if kind == "causal" else None, return_lse)
     out = out.to(q.dtype)
@@ -428,7 +276,7 @@ def _with_block_map(qs, k, v, bias, masks, bmap: BlockMap, spec, want_lse):
     if bmap.mask is not None:
         masks = [*masks, bmap.mask]
     if bm == 1 and hm == 1:
-        return _attend(qs, k, v, bias, masks, _map_plan(bmap, 0, 0, spec).to(qs.device), want_lse)
+        return _attend(qs, k, v, bias, masks, map_plan(bmap, 0, 0, spec).to(qs.device), want_lse)
     out = qs.new_empty(bsz, hq, n, v.shape[-1])
     lse = qs.new_empty(bsz, hq, n) if want_lse else None
     for b in range(bm):
@@ -437,7 +285,7 @@ def _with_block_map(qs, k, v, bias, masks, bmap: BlockMap, spec, want_lse):
             hs = slice(h, h + 1) if hm > 1 else slice(None)
             ks = slice(h // (hq // hkv), h // (hq // hkv) + 1) if hm > 1 else slice(None)
             o, ls = _attend(qs[bs, hs], k[bs, ks], v[bs, ks], _slice(bias, bs, hs),
-                            [_slice(mk, bs, hs) for mk in masks], _map_plan(bmap, b, h, spec).to(qs.device),
+                            [_slice(mk, bs, hs) for mk in masks], map_plan(bmap, b, h, spec).to(qs.device),
                             want_lse)
             out[bs, hs] = o
             if want_lse:

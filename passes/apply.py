@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.fx import Graph, Node
 
@@ -54,6 +56,11 @@ def _combine(graph: Graph, nodes: list[Node], op) -> Node | None:
     return out
 
 
+def _fill_args(plan: Plan) -> tuple:
+    """The ops' ``fill`` (None for −inf, which a schema default cannot spell) and ``additive``."""
+    return (float(plan.fill) if math.isfinite(plan.fill) else None, bool(plan.additive))
+
+
 def apply_plan(graph: Graph, plan: Plan) -> Node:
     """Insert the fused call before the site's output and reroute its users."""
     site = plan.site
@@ -70,11 +77,11 @@ def apply_plan(graph: Graph, plan: Plan) -> Node:
             out = graph.call_function(torch.ops.rewrite.sparse_attention.default, (
                 q, k, v, bias, keep, float(site.scale),
                 op_spec(plan.mask, plan.implied, plan.mask_blocks, plan.recheck),
-                plan.masked_row, plan.kernel, site.out_dtype))
+                plan.masked_row, plan.kernel, site.out_dtype, *_fill_args(plan)))
         else:
             out = graph.call_function(torch.ops.rewrite.attention.default, (
                 q, k, v, bias, keep, float(site.scale), bool(plan.causal), int(plan.causal_offset),
-                plan.masked_row, plan.kernel, site.out_dtype, plan.mask_causal_hint))
+                plan.masked_row, plan.kernel, site.out_dtype, plan.mask_causal_hint, *_fill_args(plan)))
         atoms = getattr(site, "out_atoms_sizes", None)
         if atoms is not None and site.out_perm != list(range(len(site.out_perm))):
             out = graph.call_function(aten.reshape.default, (out, atoms))

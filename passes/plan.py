@@ -194,8 +194,8 @@ def plan_site(site: Site, backend: str, device: torch.device | None) -> Plan:
             spec = MaskSpec("causal", predicate=f"m <= p + {hint}", offset=hint, runtime=True,
                             proof="first-call value, re-checked per tensor")
             notes.append(f"run-time mask tensor was causal on the first call; {RUNTIME_MASK_CONTRACT}")
-    fill = site.fill
-    masked_row = "zero" if site.kept_as_is else ("mean" if fill is not None and math.isfinite(fill) else "nan")
+    fill, additive = _removed_fill(site, facts)
+    masked_row = "zero" if site.kept_as_is else ("mean" if math.isfinite(fill) else "nan")
     if site.causal:  # an SDPA call with is_causal=True
         causal, offset = True, site.causal_offset
         spec = MaskSpec("causal", predicate="m <= p", offset=offset, runtime=bool(keeps or biases),
@@ -249,11 +249,27 @@ def plan_site(site: Site, backend: str, device: torch.device | None) -> Plan:
     on_gpu = device is not None and device.type == "cuda"
     kernel, why = choose_kernel(variant, backend, on_gpu, bottom_right=causal and offset != 0, dtype=site.dtype)
     notes.append(f"kernel {kernel}: {why}")
+    if on_gpu and not site.kept_as_is and (keeps or causal or spec.kind != "dense" or constant is not None):
+        notes.append("on a GPU NaN/inf inputs are not checked (it costs a host sync per call): a NaN/inf key or "
+                     "value that the mask removes may reach the output otherwise than in eager (README, Semantics)")
     keep_bindings = [table] if table is not None else [t.binding for t in keeps]
     return Plan(site, variant, kernel, spec, causal, offset, [t.binding for t in biases], keep_bindings,
-                masked_row, notes + site.notes,
+                masked_row, fill, additive, notes + site.notes,
                 mask_causal_hint=hint, predicate=facts.predicate, constant_mask=constant,
                 kept_fraction=kept_fraction, implied=implied, mask_blocks=mask_blocks, recheck=recheck)
+
+
+def _removed_fill(site: Site, facts: MaskFacts) -> tuple[float, bool]:
+    """What eager gives the scores the op removes, and whether the spelling adds it to the score (a
+    where-built bias the structure replaced, or implies where the kernels skip its tiles) rather than
+    writing it (masked_fill / where on the scores: ``site.fill``). The op holds its kernels to it
+    (codegen/eager.py). Both kinds in one site: the written fill is taken."""
+    if site.fill is not None:
+        return site.fill, False
+    applied = {id(t) for t in facts.keeps + facts.biases}
+    fills = [t.fill for t in site.terms if t.is_bias and t.predicate is not None and t.fill is not None
+             and (id(t) not in applied or facts.implied)]
+    return (max(fills), True) if fills else (float("-inf"), False)
 
 
 def _first_call_keep(keeps: list[MaskTerm]) -> torch.Tensor | None:

@@ -37,8 +37,11 @@ from .contraction import Contraction, as_contraction
 
 aten = torch.ops.aten
 
-# A finite fill value must be this negative for its weight to provably vanish:
-# exp(fill − rowmax) underflows to 0 in float32 once fill < rowmax − 104.
+# Finite fill values accepted for masked scores. Any finite fill is exact: the op recomputes, over
+# every key with the fill, each row whose kept scores come close enough to it that eager's masked
+# weights exp(fill − rowmax) are not zero (codegen/eager.py; in float32, within ~104 + ln M). At or
+# below −1e4 that is rare (rows with no kept key, scores below ~−9880), so the kernels' skipping pays;
+# a larger fill would send most rows to the recomputation and the site is left as it is.
 FINITE_FILL_LIMIT = -1e4
 
 SOFTMAX_OPS = {aten._softmax.default, aten.softmax.int}
@@ -293,7 +296,7 @@ def match_softmax_attention(sm: Node) -> Site:
             scale *= factor
             bias_raw = [(n, a, neg, f * factor) for n, a, neg, f in bias_raw]
             if fill is not None and math.isfinite(fill):
-                fill *= factor
+                fill = _as_stored(fill * factor, dtype_of(node))
             spelling.append("scale")
             continue
         if t in (aten.add.Tensor, aten.sub.Tensor):
@@ -321,7 +324,7 @@ def match_softmax_attention(sm: Node) -> Site:
                 cond, a, b = node.args[:3]
                 score = _score_of(node, chain)
                 mask_node, value, invert = (cond, b, False) if a is score else (cond, a, True)
-            val = scalar_value(value)
+            val = _as_stored(scalar_value(value), dtype_of(node))  # -1e9 into float16 scores is -inf
             if val is None or not isinstance(mask_node, Node):
                 raise NoMatch(f"{node.name}: masked with a non-constant value")
             if dtype_of(mask_node) != torch.bool:
@@ -330,12 +333,13 @@ def match_softmax_attention(sm: Node) -> Site:
                 if finite_fill_seen:
                     raise NoMatch("-inf and finite masked_fill values mixed")
                 fill = val
-            elif val <= FINITE_FILL_LIMIT:
+            elif val <= FINITE_FILL_LIMIT or _as_stored(FINITE_FILL_LIMIT, dtype_of(node)) == val:
                 if fill is not None and fill != val:
                     raise NoMatch("masked_fill values differ")
                 fill, finite_fill_seen = val, True
             else:
-                raise NoMatch(f"masked_fill value {val} is not small enough to prove masked weights vanish")
+                raise NoMatch(f"masked_fill value {val} is above {FINITE_FILL_LIMIT:g}: most rows would need "
+                              "recomputing with it")
             keeps.append((mask_node, align_broadcast(shape_of(mask_node), axes, sizes), invert))
             spelling.append("masked_fill" if t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor)
                             else "where")
@@ -499,13 +503,33 @@ def match_softmax_attention(sm: Node) -> Site:
     order = [canon_atoms.index(a) for ax in out_axes for a in ax]
     site.out_perm = order + [i for i in range(len(canon_atoms)) if i not in order]
     site.out_atoms_sizes = [sizes.sizes[a] for a in canon_atoms]
-    if sm_spelling.startswith("exp(x)/Σ"):
-        site.notes.append("softmax written without the max subtraction: the rewrite is the stable form "
-                          "(eager overflows to NaN for scores above ~88)")
+    site.notes += deviation_notes(sm_spelling, dtype_of(qk.node), dtype_of(x))
     if fill is not None and math.isfinite(fill):
-        site.notes.append(f"masked_fill({fill:g}): masked weights vanish as long as kept scores exceed "
-                          f"{fill + 104:g}; fully-masked rows average V as eager does")
+        site.notes.append(f"masked_fill({fill:g}) is exact: a row whose kept scores come within ~104 of the fill "
+                          "(or that keeps no key: eager averages V) is recomputed over every key with the fill")
     return site
+
+
+def _as_stored(val: float | None, dtype: torch.dtype | None) -> float | None:
+    """A constant as a tensor of ``dtype`` holds it (what eager writes into the scores)."""
+    if val is None or dtype is None or not dtype.is_floating_point:
+        return val
+    return float(torch.tensor(val, dtype=torch.float64).to(dtype))
+
+
+def deviation_notes(softmax_spelling: str, score_dtype: torch.dtype | None, exp_dtype: torch.dtype | None) -> list[str]:
+    """Where the rewrite deliberately gives a finite result that eager makes NaN: the kernels compute
+    scores with float32 accumulation and the softmax in its stable form."""
+    notes = []
+    if score_dtype == torch.float16:
+        notes.append("float16 scores: eager's q·kᵀ overflows to ±inf beyond 65504 (its rows become NaN); "
+                     "the rewrite accumulates in float32 and stays finite there")
+    if softmax_spelling.startswith("exp(x)/Σ"):
+        dt = exp_dtype if exp_dtype is not None and exp_dtype.is_floating_point else torch.float32
+        notes.append("softmax written without the max subtraction: the rewrite is the stable form "
+                     f"(eager's exp overflows to inf, its rows to NaN, for scores above "
+                     f"{math.log(torch.finfo(dt).max):.4g} in {str(dt).replace('torch.', '')})")
+    return notes
 
 
 def _repeat_factor(node: Node) -> int:

@@ -2,9 +2,9 @@
 the recomputation keeps no N×M scores where it need not.
 
 - ``rewrite::attention`` recomputes through SDPA; only a row that keeps no key recomputes the
-  eager reference (ops.dense_grads).
+  eager spelling (codegen/backward.py).
 - ``rewrite::sparse_attention`` recomputes through the kept tiles (sparse_torch.py); a bias, an
-  empty row or a mask too dense for tiles falls back to ops.dense_grads.
+  empty row or a mask too dense for tiles falls back to sparse_ops.dense_grads.
 The "no N×M" claims are checked by making the fallbacks raise.
 """
 
@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from test_sparse_torch import axes, make_spec, spec_matrix
 
+import rewrite.codegen.backward as backward
 import rewrite.codegen.ops as ops
 import rewrite.codegen.sparse_ops as sparse_ops
 from rewrite.codegen.sparse_ops import op_spec
@@ -101,7 +102,7 @@ def test_dense_op_gradients(n, m, d, gqa, causal, offset, with_bias, with_mask, 
 
 def test_dense_op_backward_is_sdpa_without_empty_rows(monkeypatch):
     """Causal (offset ≥ 0), a mask with every row kept somewhere, GQA: no eager recomputation."""
-    _forbid(monkeypatch, ops, "attention_reference")
+    _forbid(monkeypatch, backward, "eager_attention")
     gen = torch.Generator().manual_seed(1)
     q, k, v = _inputs(gen, 1, 4, 2, 33, 40, 16, torch.float32)
     mask = torch.rand(1, 4, 33, 40, generator=gen) < 0.5

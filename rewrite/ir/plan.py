@@ -36,6 +36,8 @@ class Plan:
     biases: list[TensorPlan] = field(default_factory=list)
     keeps: list[TensorPlan] = field(default_factory=list)
     masked_row: str = "nan"
+    fill: float = float("-inf")  # what eager gives the scores the op removes (its mask, causal rule, structure)
+    additive: bool = False  # that fill is added to the score (a where-built bias), not written over it
     notes: list[str] = field(default_factory=list)
     mask_causal_hint: int | None = None  # a run-time mask that was causal on the first call (re-checked per call)
     predicate: sympy.Basic | None = None  # the proven positional predicate (for the cascade)

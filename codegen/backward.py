@@ -1,0 +1,100 @@
+"""The attention ops' backward: recompute the forward under autograd, through the fused SDPA
+backward (no N×M scores kept) where its gradient is eager's, else through the eager spelling
+(codegen/eager.py decides which, from the same conditions as the forward).
+
+Eager's gradients depend on the spelling where a row keeps no key: masked_fill(−inf) gives a NaN
+row whose weights make every grad_v NaN while grad_q and grad_k stay finite (masked_fill's backward
+zeroes the removed scores' gradient); an additive −inf bias lets the NaN through to grad_q (that
+row) and grad_k (every key) too; a finite fill gives finite gradients; F.scaled_dot_product_attention
+gives 0 for such a row and finite gradients. ``eager_attention`` applies each spelling's op, so its
+autograd is eager's; SDPA's own backward is an SDPA spelling's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .eager import (
+    NEG_INF,
+    Removed,
+    Spelling,
+    checks_inputs,
+    eager_attention,
+    excess_of,
+    keep_floor,
+    sdpa_call,
+    tame,
+    unsettled,
+)
+
+
+def concrete(*tensors: torch.Tensor | None) -> bool:
+    """Real values in hand (an eager backward, as rewritten graphs run it), not a trace (AOTAutograd,
+    export, opcheck), where a backward must not branch on data."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not torch.compiler.is_compiling() and not any(is_fake(t) for t in tensors if t is not None)
+
+
+def recompute_grads(forward, tensors, needs, grad) -> list | None:
+    """Gradients of ``tensors`` (q, k, v, bias; None where not needed) by running ``forward`` (a
+    differentiable function of them) again under autograd: every attention op's backward. ``forward``
+    may return None (its path does not apply to these inputs); then so does this."""
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(bool(n)) if t is not None and t.is_floating_point() else t
+                  for t, n in zip(tensors, needs[:4])]
+        out = forward(*leaves)
+        if out is None:
+            return None
+        wrt = [t for t, n in zip(leaves, needs[:4]) if t is not None and n]
+        grads = iter(torch.autograd.grad(out, wrt, grad.to(out.dtype), allow_unused=True) if wrt else [])
+    result = []
+    for t, n in zip(leaves, needs[:4]):
+        g = next(grads) if t is not None and n else None
+        # Broadcast inputs (a [B,1,1,M] bias, an MQA key) get their gradient summed back.
+        result.append(g.sum_to_size(t.shape) if g is not None and g.shape != t.shape else g)
+    return result
+
+
+def _causal_flag(bias, removed: Removed) -> bool:
+    """SDPA's is_causal (top-left m ≤ p) says all there is to remove."""
+    return removed.causal_offset == 0 and removed.mask is None and removed.spec is None and bias is None
+
+
+def _no_empty_rows(bias, removed: Removed) -> bool:
+    """Every row keeps a key, known without looking at a tensor."""
+    return (bias is None and removed.mask is None and removed.spec is None and removed.m > 0
+            and (removed.causal_offset is None or removed.causal_offset >= 0))
+
+
+def fused_is_eager(q, k, v, bias, removed: Removed, scale: float, sem: Spelling) -> bool:
+    """Is the fused (SDPA) gradient eager's here? Values in hand, inputs tame (on the CPU), every row
+    keeping a key and, with a finite fill, no row ``unsettled`` (codegen/eager.py)."""
+    if not concrete(q, k, v, bias, removed.mask):
+        return False
+    if checks_inputs(q) and not tame(q, k, v, scale):
+        return False
+    if _no_empty_rows(bias, removed) and not sem.finite:
+        return True
+    keep = None if _no_empty_rows(bias, removed) else removed.rows(0, removed.n, q.device)
+    floor = keep_floor(q, k, bias, keep, scale, bound=sem.finite)
+    if bool((floor == NEG_INF).any()):
+        return False
+    return not sem.finite or not bool(unsettled(floor, sem, q.dtype, excess_of(q, k, scale, sem)).any())
+
+
+def fused(q, k, v, bias, removed: Removed, scale: float) -> torch.Tensor:
+    """SDPA on [B, H, N, D] operands with the removed keys as its mask (is_causal where that is all)."""
+    if _causal_flag(bias, removed):
+        return sdpa_call(q, k, v, None, None, scale, is_causal=True)
+    keep = None if removed.mask is None and removed.spec is None and removed.causal_offset is None else \
+        removed.rows(0, removed.n, q.device)
+    return sdpa_call(q, k, v, bias, keep, scale)
+
+
+def grad_forward(q, k, v, bias, removed: Removed, scale: float, sem: Spelling) -> torch.Tensor:
+    """The differentiable forward a backward recomputes: SDPA where its gradient is eager's (an SDPA
+    spelling's always), else the eager spelling itself."""
+    if sem.sdpa or fused_is_eager(q, k, v, bias, removed, scale, sem):
+        return fused(q, k, v, bias, removed, scale)
+    return eager_attention(q, k, v, bias, removed, scale, sem)
