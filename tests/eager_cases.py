@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from reference import TOLERANCES
 
 from rewrite.backend import make_backend
+from rewrite.options import Options
 from rewrite.report import Report
 
 NEG_INF = float("-inf")
@@ -23,7 +24,7 @@ def compiled(fn, backend: str):
     """``fn`` compiled through the rewriter and the report its capture fills (one compile)."""
     torch._dynamo.reset()
     report = Report()
-    return torch.compile(fn, backend=make_backend(backend, False, report), dynamic=False), report
+    return torch.compile(fn, backend=make_backend(Options(backend=backend), report), dynamic=False), report
 
 
 def rewritten_site(report: Report, variants: tuple[str, ...], backend: str):

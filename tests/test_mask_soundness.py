@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from rewrite.backend import make_backend
+from rewrite.options import Options
 from rewrite.passes import mask_proofs, plan
 from rewrite.report import Report
 
@@ -39,7 +40,7 @@ def _attend(keep_fn, bias=False):
 def _compiled(fn, backend, *args):
     """The rewritten function's output on ``args`` and the report of its one capture."""
     report = Report()
-    out = torch.compile(fn, backend=make_backend(backend, False, report), dynamic=False)(*args)
+    out = torch.compile(fn, backend=make_backend(Options(backend=backend), report), dynamic=False)(*args)
     assert len(report.sites) == 1, report
     return out, report.sites[0]
 
