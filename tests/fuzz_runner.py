@@ -125,7 +125,8 @@ class Stats:
         total_rw = sum(o.rewritten for o in self.outcomes)
         lines = [f"== fuzz {self.name}: {len(self.outcomes)} cases, {total_rw} rewritten, "
                  f"{len(self.failures)} failing, "
-                 f"{sum(o.seconds for o in self.outcomes):.1f} s in cases"]
+                 f"{sum(o.seconds for o in self.outcomes):.1f} s in cases "
+                 f"({sum(o.cpu_seconds for o in self.outcomes):.1f} s CPU)"]
         for fam in sorted(fams):
             c = fams[fam]
             valid = c["drawn"] - c["invalid"]
