@@ -19,8 +19,8 @@ MODE = os.environ.get("FUZZ_DRAW", "seeded")
 
 
 class SeededDraw:
-    def __init__(self, seed: int):
-        self.r = random.Random(seed)
+    def __init__(self, seed: int | str):
+        self.r = random.Random(seed)  # a str seed is hashed with SHA-512: stable across runs
 
     def pick(self, options):
         options = list(options)
@@ -61,7 +61,9 @@ class HypothesisDraw:
         return self.d(st.permutations(list(seq)))
 
 
-def chooser(hypothesis_draw) -> SeededDraw | HypothesisDraw:
+def chooser(hypothesis_draw, salt: str = "") -> SeededDraw | HypothesisDraw:
+    """``salt`` (the strategy's arguments) keeps two fuzz tests, whose Hypothesis seeds coincide
+    under derandomisation, from drawing correlated programs."""
     if MODE == "hypothesis":
         return HypothesisDraw(hypothesis_draw)
-    return SeededDraw(hypothesis_draw(st.integers(0, 2**64 - 1)))
+    return SeededDraw(f"{salt}:{hypothesis_draw(st.integers(0, 2**64 - 1))}")

@@ -175,7 +175,7 @@ def programs(hdraw, *, api: str | None = None, families: list[str] | None = None
              dtypes: list[torch.dtype] | None = None, large: bool = False) -> Program:
     """One random program. ``second``: the mask arrives at run time and a second call changes it.
     ``small``: sizes for the Triton interpreter; ``large``: N, M ~ 8k, position-only masks."""
-    draw = chooser(hdraw)
+    draw = chooser(hdraw, salt=repr((api, families, small, grad, second, near_misses, dtypes, large)))
     dtype = draw.pick(dtypes or ([torch.float32, torch.float32, torch.bfloat16] if large else DTYPES))
     api = api or draw.pick(["manual"] * 4 + ["sdpa"])
     layout = draw.pick(["bhnd", "bhnd", "bnhd", "flat"] + (["kT"] if api == "manual" else []))
