@@ -85,7 +85,7 @@ def run_all(items: list[tuple[Program, str, str]]) -> list[Outcome]:
     """Run (program, backend, path) items; outcomes in the same order."""
     if WORKERS <= 1 or len(items) < 4:
         return [_work(it) for it in items]
-    return list(_pool().map(_work, items, chunksize=4))
+    return list(_pool().map(_work, items, chunksize=2))
 
 
 class Stats:
