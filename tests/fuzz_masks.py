@@ -175,9 +175,15 @@ def blocked(draw, n: int, m: int) -> MaskBuild:
 
 def lifter_traps(draw) -> MaskBuild:
     """Masks whose arithmetic a lifter may model wrongly: pos * c, trunc vs floor division of
-    negative differences, float positions in a low-precision dtype."""
-    kind = draw.pick(["pos_mul", "trunc_div", "floor_div_diff", "lowprec", "lowprec_scaled"])
-    if kind == "pos_mul":
+    negative differences, negative slices of a position range (KV-cache decoding), float
+    positions in a low-precision dtype."""
+    kinds = ["pos_mul", "trunc_div", "floor_div_diff", "lowprec", "lowprec_scaled"]
+    kind = draw.pick(kinds + (["neg_slice"] if _SIZES["n"] <= _SIZES["m"] else []))
+    if kind == "neg_slice":
+        lines = [f"i = torch.arange({draw.pick(['m', 'm + 3'])})[-n:][:, None]", f"j = {key_pos(draw)}",
+                 draw.pick(["keep = j <= i", f"keep = (i - j).abs() <= {draw.int(0, 6)}",
+                            f"keep = (i - j >= 0) & (i - j < {draw.int(1, 6)})"])]
+    elif kind == "pos_mul":
         c1, c2 = draw.pick([(2, 1), (1, 2), (3, 2), (2, 2), (1, 1)])
         lines = [*_pos_lines(draw), f"keep = j * {c1} <= i * {c2}"] if draw.bool() else \
             [*_pos_lines(draw), f"keep = (i * {c2} - j * {c1}).abs() <= {draw.int(0, 6)}"]

@@ -28,7 +28,7 @@ HEAD_DIMS = [16, 16, 16, 16, 24, 32, 32, 40, 64, 80, 128, 256]
 FAMILIES = ["none", "none", "causal", "causal", "causal_br", "window", "causal_window", "dilated", "grid2d",
             "blocked", "lifter", "lifter", "broadcast1", "padding", "padding", "runtime", "runtime"]
 LARGE_SEQ = [8193, 8193, 8200]
-LARGE_FAMILIES = ["causal_br", "window", "lifter", "lifter", "lifter", "lifter"]
+LARGE_FAMILIES = ["lifter"]
 NM_FAMILIES = {"causal", "causal_br", "window", "causal_window", "dilated", "grid2d", "blocked", "lifter"}
 
 
