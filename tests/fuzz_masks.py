@@ -173,12 +173,12 @@ def blocked(draw, n: int, m: int) -> MaskBuild:
     return MaskBuild("blocked", lines, "nm")
 
 
-def lifter_traps(draw) -> MaskBuild:
+def lifter_traps(draw, kind: str | None = None) -> MaskBuild:
     """Masks whose arithmetic a lifter may model wrongly: pos * c, trunc vs floor division of
     negative differences, negative slices of a position range (KV-cache decoding), float
     positions in a low-precision dtype."""
     kinds = ["pos_mul", "trunc_div", "floor_div_diff", "lowprec", "lowprec_scaled"]
-    kind = draw.pick(kinds + (["neg_slice"] if _SIZES["n"] <= _SIZES["m"] else []))
+    kind = kind or draw.pick(kinds + (["neg_slice"] if _SIZES["n"] <= _SIZES["m"] else []))
     if kind == "neg_slice":
         lines = [f"i = torch.arange({draw.pick(['m', 'm + 3'])})[-n:][:, None]", f"j = {key_pos(draw)}",
                  draw.pick(["keep = j <= i", f"keep = (i - j).abs() <= {draw.int(0, 6)}",

@@ -68,13 +68,21 @@ class Program:
         return self._fn
 
     @property
+    def source64(self) -> str:
+        return self.source.replace("torch.float32", "torch.float64").replace(".float()", ".double()")
+
+    @property
     def fn64(self):
         """The program with its float32 casts made float64: the reference computes every
         value in float64 (mask positions keep their dtype: they are part of what is computed)."""
         if self._fn64 is None:
-            self._fn64 = compile_source(self.source.replace("torch.float32", "torch.float64")
-                                        .replace(".float()", ".double()"))
+            self._fn64 = compile_source(self.source64)
         return self._fn64
+
+    @property
+    def reference_is_eager(self) -> bool:
+        """The reference would recompute eager exactly (same dtype, no cast to widen)."""
+        return self.ref_dtype == self.dtype and (self.dtype != torch.float64 or self.source64 == self.source)
 
     def describe(self) -> str:
         s = self.sizes
@@ -128,7 +136,7 @@ def _sizes(draw, family: str, layout: str, api: str, small: bool,
     return Sizes(b, h, hkv, n, m, d, dv), grid
 
 
-def _mask(draw, family: str, sz: Sizes, grid, flat: bool, near_misses: bool) -> MaskBuild:
+def _mask(draw, family: str, sz: Sizes, grid, flat: bool, near_misses: bool, trap: str | None = None) -> MaskBuild:
     fm.use_sizes(sz.N, sz.M)
     if family == "none":
         return MaskBuild("none", [], "nm")
@@ -137,8 +145,10 @@ def _mask(draw, family: str, sz: Sizes, grid, flat: bool, near_misses: bool) -> 
     if family == "runtime":
         return fm.runtime(draw, sz.B, sz.H, sz.N, sz.M, flat, bias_ok=True)
     mb = {"causal": fm.causal, "causal_br": fm.causal_br, "window": fm.window, "causal_window": fm.causal_window,
-          "dilated": fm.dilated, "lifter": fm.lifter_traps, "broadcast1": fm.broadcast_one}.get(family)
-    if mb is not None:
+          "dilated": fm.dilated, "broadcast1": fm.broadcast_one}.get(family)
+    if family == "lifter":
+        mb = fm.lifter_traps(draw, trap)
+    elif mb is not None:
         mb = mb(draw)
     elif family == "grid2d":
         mb = fm.grid2d(draw, *grid)
@@ -175,10 +185,11 @@ def _qkv_specs(draw, sz: Sizes, layout: str, dtype: torch.dtype, nan_ok: bool, v
 @st.composite
 def programs(hdraw, *, api: str | None = None, families: list[str] | None = None, small: bool = False,
              grad: bool | None = None, second: bool = False, near_misses: bool = True,
-             dtypes: list[torch.dtype] | None = None, large: bool = False) -> Program:
+             dtypes: list[torch.dtype] | None = None, large: bool = False, trap: str | None = None) -> Program:
     """One random program. ``second``: the mask arrives at run time and a second call changes it.
-    ``small``: sizes for the Triton interpreter; ``large``: N, M ~ 8k, position-only masks."""
-    draw = chooser(hdraw, salt=repr((api, families, small, grad, second, near_misses, dtypes, large)))
+    ``small``: sizes for the Triton interpreter; ``large``: N, M ~ 8k, position-only masks;
+    ``trap``: the kind of `fuzz_masks.lifter_traps` mask (with ``families=["lifter"]``)."""
+    draw = chooser(hdraw, salt=repr((api, families, small, grad, second, near_misses, dtypes, large, trap)))
     dtype = draw.pick(dtypes or ([torch.float32, torch.float32, torch.bfloat16] if large else DTYPES))
     api = api or draw.pick(["manual"] * 4 + ["sdpa"])
     layout = draw.pick(["bhnd", "bhnd", "bnhd", "flat"] + (["kT"] if api == "manual" else []))
@@ -187,7 +198,7 @@ def programs(hdraw, *, api: str | None = None, families: list[str] | None = None
     if layout == "flat" and family == "padding":
         layout = "bhnd"
     sz, grid = _sizes(draw, family, layout, api, small, large)
-    mask = _mask(draw, family, sz, grid, layout == "flat", near_misses)
+    mask = _mask(draw, family, sz, grid, layout == "flat", near_misses, trap)
     if grad is None:
         grad = not second and not large and draw.int(0, 6) == 0
     # No NaN/inf injected where gradients are taken: eager's matmul backward spreads one NaN through
