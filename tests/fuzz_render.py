@@ -116,11 +116,11 @@ def _av(draw, layout: str, native_bnhd: bool, p: str) -> tuple[str, str]:
     }[form], form
 
 
-def _apply(draw, mask, dtype, scores_rank: int) -> tuple[list[str], str, str | None]:
-    """How the mask reaches the scores: (lines, tag, bias3 lines for baddbmm or None)."""
+def _apply(draw, mask, dtype) -> tuple[list[str], str]:
+    """How the mask reaches the scores: (lines, tag)."""
     if mask.bias_arg:
         form = draw.pick(["add", "iadd"])
-        return [{"add": "s = s + bias", "iadd": "s += bias"}[form]], f"bias_arg_{form}", None
+        return [{"add": "s = s + bias", "iadd": "s += bias"}[form]], f"bias_arg_{form}"
     fills = NEG_INF + FINITE if str(dtype) != "torch.float16" else NEG_INF + FINITE[:3]
     fill, inv = draw.pick(fills), draw.pick(NOTS)
     form = draw.pick(["masked_fill", "masked_fill", "masked_fill_", "where", "bias_zeros", "bias_mul",
@@ -138,7 +138,7 @@ def _apply(draw, mask, dtype, scores_rank: int) -> tuple[list[str], str, str | N
         "bias_iadd": [f"bias = {zeros}", "s += bias"],
         "bias_hf": ["s = s + (1.0 - keep.to(s.dtype)) * torch.finfo(s.dtype).min"],
     }[form]
-    return lines, f"{form}:{fill}", None
+    return lines, f"{form}:{fill}"
 
 
 SOFTMAX = {
@@ -196,7 +196,7 @@ def render_manual(draw, layout: str, sz, mask, dtype, argnames: list[str]) -> tu
     body += mask.lines
     apply_lines, apply_tag = [], "none"
     if mask.present:
-        apply_lines, apply_tag, _ = _apply(draw, mask, dtype, 3 if layout == "flat" else 4)
+        apply_lines, apply_tag = _apply(draw, mask, dtype)
     use_bias3 = bias3_ok and draw.int(0, 4) == 0
     if use_bias3:
         src = "bias" if mask.bias_arg else "torch.zeros(keep.shape, dtype=q.dtype).masked_fill(~keep, float('-inf'))"
