@@ -28,6 +28,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
+from rewrite.codegen.linear_kernel_utils import TUNED
 from rewrite.codegen.linear_ops import flow_reference, flow_torch
 from rewrite.codegen.triton_flow import (
     PASSES_NONCAUSAL,
@@ -37,7 +38,7 @@ from rewrite.codegen.triton_flow import (
     _noncausal_candidates,
     flow_attention_triton,
 )
-from rewrite.codegen.triton_linear import _TUNED, linear_attention_triton
+from rewrite.codegen.triton_linear import linear_attention_triton
 
 CEILING_GBPS = 3000.0  # copy ceiling of the H100 SXM (REFERENCES.md)
 
@@ -84,7 +85,7 @@ def run_one(d: int, n: int, B: int, H: int, log, causal: bool = True) -> dict:
     tensor_bytes = B * H * n * d * 2
     # non-causal
     r["flow_ours"] = bench(lambda: flow_attention_triton(q, k, v, False, True))
-    r["flow_cfg"] = _TUNED.get(("flow", False, True, B * H, n, n, d, d, torch.bfloat16))
+    r["flow_cfg"] = TUNED.get(("flow", False, True, B * H, n, n, d, d, torch.bfloat16))
     r["flow_eager"] = bench(lambda: flow_reference(q, k, v, False, True))
     want = flow_reference(q.float(), k.float(), v.float(), False, True).reshape(B * H, n, d)
     r["flow_err_vs_fp32"] = relerr(flow_attention_triton(q, k, v, False, True).reshape(B * H, n, d), want)
@@ -97,7 +98,7 @@ def run_one(d: int, n: int, B: int, H: int, log, causal: bool = True) -> dict:
         return r
     # causal
     r["causal_ours"] = bench(lambda: flow_attention_triton(q, k, v, True, True))
-    r["causal_cfg"] = _TUNED.get(("flow", True, True, B * H, n, n, d, d, torch.bfloat16))
+    r["causal_cfg"] = TUNED.get(("flow", True, True, B * H, n, n, d, d, torch.bfloat16))
     r["causal_GBps_min_traffic"] = 4 * tensor_bytes / (r["causal_ours"] * 1e-3) / 1e9
     h1 = (slice(0, 1), slice(0, 1))
     want = flow_reference(q[h1].float(), k[h1].float(), v[h1].float(), True, True)
@@ -166,7 +167,7 @@ def main() -> None:
     result = {"meta": meta, "rows": rows}
 
     def save():
-        meta["tuned_configs"] = {str(key): v for key, v in _TUNED.items() if key[0] == "flow"}
+        meta["tuned_configs"] = {str(key): v for key, v in TUNED.items() if key[0] == "flow"}
         (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
         (out / f"{stem}.md").write_text(_markdown(meta, rows))
 

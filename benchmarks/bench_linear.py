@@ -29,8 +29,9 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
+from rewrite.codegen.linear_kernel_utils import TIMINGS, TUNED
 from rewrite.codegen.linear_ops import linear_torch
-from rewrite.codegen.triton_linear import _TUNED, TIMINGS, linear_attention_triton
+from rewrite.codegen.triton_linear import linear_attention_triton
 
 
 def eager_linear(fq, fk, v, eps=1e-6):
@@ -130,7 +131,7 @@ def main() -> None:
             "triton": triton.__version__, "fla": fla_version, "python": platform.python_version(),
             "command": "python " + " ".join(sys.argv), "B": B, "H": H,
             "dtype": "bfloat16", "timing": "triton.testing.do_bench median, ms",
-            "tuned_configs": {str(k): v for k, v in _TUNED.items()}}
+            "tuned_configs": {str(k): v for k, v in TUNED.items()}}
     sweep = [{"key": str(k), "candidates": [{"cfg": c, "ms": t} for c, t in v]} for k, v in TIMINGS.items()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

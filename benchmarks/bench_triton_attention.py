@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from rewrite.codegen.triton_attention import AttentionConfig, _use_tma, choose_config, triton_attention
+from rewrite.codegen.triton_attention import AttentionConfig, choose_config, triton_attention, use_tma_for
 
 # Candidates for --sweep (H100 guidance: BLOCK_M=128, BLOCK_N 64/128, 4/8 warps, 3/4 stages).
 _BASE: dict[int, list[tuple[int, int, int, int]]] = {  # (BLOCK_M, BLOCK_N, warps, stages)
@@ -119,7 +119,7 @@ def main() -> None:
                 t_flash = sdpa_ms(SDPBackend.FLASH_ATTENTION, q, k, v, causal)
                 f = flops(b, h, n, n, d, causal)
                 cfg = choose_config(d, d, dtype, q.device, causal)
-                used_tma = _use_tma(cfg, q.device, (q, k, v, out), (d, d, d, d))
+                used_tma = use_tma_for(cfg, q.device, (q, k, v, out), (d, d, d, d))
                 rows.append(dict(d=d, n=n, causal=causal,
                                  triton_ms=t_ours, cudnn_ms=t_cudnn, flash_ms=t_flash,
                                  triton_tflops=f / t_ours / 1e9,

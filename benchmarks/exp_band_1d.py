@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench
 
-from rewrite.codegen.triton_attention import _LOG2E
+from rewrite.codegen.triton_attention import LOG2E
 
 
 @triton.jit
@@ -117,7 +117,7 @@ def band_attention(q, k, v, w: int, scale: float, block_m=128, block_n=64, warps
     assert N % block_m == 0 and q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
     out = torch.empty_like(q)
     nmb = N // block_m
-    _band_kernel[(B * H * nmb,)](q, k, v, out, N, w, scale * _LOG2E, nmb, N * D, D, D=D, BLOCK_M=block_m,
+    _band_kernel[(B * H * nmb,)](q, k, v, out, N, w, scale * LOG2E, nmb, N * D, D, D=D, BLOCK_M=block_m,
                                  BLOCK_N=block_n, SPLIT=split, num_warps=warps, num_stages=stages)
     return out
 

@@ -20,7 +20,7 @@ from rewrite.ir.mask import MaskSpec, axes_of
 __all__ = ["NeighborhoodConfig", "axis_patches", "choose_config", "kernel_axes", "plan_tiles"]
 
 # axis kinds in the kernel (constexpr); 0 is a size-1 axis padding a 1-D / 2-D grid to three
-_TRIVIAL, _WINDOW, _CAUSAL, _CLAMPED, _BLOCKED = 0, 1, 2, 3, 4
+TRIVIAL_AXIS, _WINDOW, _CAUSAL, _CLAMPED, _BLOCKED = 0, 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def kernel_axes(spec: MaskSpec, n: int, m: int) -> list[_Axis]:
     if spec.kind in ("causal", "dense"):
         big = n + m + abs(spec.offset) + 1  # an unbounded window: lo(i) < 0 for every i
         kind = _CAUSAL if spec.kind == "causal" else _WINDOW
-        return [_Axis(_TRIVIAL), _Axis(_TRIVIAL), _Axis(kind, n, m, n, 1, spec.offset, big)]
+        return [_Axis(TRIVIAL_AXIS), _Axis(TRIVIAL_AXIS), _Axis(kind, n, m, n, 1, spec.offset, big)]
     if spec.kind not in ("neighborhood", "blocked") or not spec.grid:
         raise ValueError(f"neighborhood_attention takes causal, dense, neighborhood or blocked specs; "
                          f"got {spec.describe()}")
@@ -77,7 +77,7 @@ def kernel_axes(spec: MaskSpec, n: int, m: int) -> list[_Axis]:
             if ax.block < 1 or ax.halo < 0:
                 raise ValueError(f"blocked axis needs block >= 1 and halo >= 0: {ax}")
             out.append(_Axis(_BLOCKED, qg, kg, g, 1, 0, ax.block, ax.halo))
-    return [_Axis(_TRIVIAL)] * (3 - len(out)) + out
+    return [_Axis(TRIVIAL_AXIS)] * (3 - len(out)) + out
 
 
 def _interval_np(i: np.ndarray, ax: _Axis, c: int, length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -94,7 +94,7 @@ def _interval_np(i: np.ndarray, ax: _Axis, c: int, length: int) -> tuple[np.ndar
     return i + c - ax.pa, i + c + ax.pa
 
 
-def _patches_per_class(ax: _Axis, p: int) -> int:
+def patches_per_class(ax: _Axis, p: int) -> int:
     """Query patches of p class indices per residue class (the longest class, r = 0)."""
     return (ax.qg + ax.d - 1) // ax.d // p + ((ax.qg + ax.d - 1) // ax.d % p != 0)
 
@@ -103,7 +103,7 @@ def axis_patches(ax: _Axis, p: int, kp: int):
     """Per residue class r, the kernel's view of one axis (``_axis_setup``) for all its query
     patches of p class indices: yields (r, rk, c, lq, lk, lf, i0, klo, nk, flo, fhi), the last five
     arrays over the patches (key tiles of kp from klo; [flo, fhi) full along the axis)."""
-    nt = _patches_per_class(ax, p)
+    nt = patches_per_class(ax, p)
     i0 = np.arange(nt, dtype=np.int64) * p
     for r in range(ax.d):
         rk = (r + ax.off) % ax.d if ax.kind in (_WINDOW, _CAUSAL) else r
@@ -123,7 +123,7 @@ def axis_patches(ax: _Axis, p: int, kp: int):
 
 
 @lru_cache(maxsize=4096)
-def _axis_tiles(ax: _Axis, p: int, kp: int) -> tuple[int, int]:
+def axis_tiles(ax: _Axis, p: int, kp: int) -> tuple[int, int]:
     """(key tiles visited, of them full) summed over the axis's query patches. Tile counts of a
     2-D/3-D grid multiply across axes (the patches and their tile boxes are products)."""
     total = full = 0
@@ -164,14 +164,14 @@ def plan_tiles(axes: tuple[_Axis, ...], block_m: int, block_n: int
     """Query and key patch shapes (per real axis) for these tile sizes, minimising the modelled
     work: visited tiles × (1 + _PARTIAL_COST if partial) + programs × _PROGRAM_COST, in units of a
     block_m × block_n tile. Returns (q_patch, k_patch, cost, tiles visited, of them full)."""
-    real = [ax for ax in axes if ax.kind != _TRIVIAL]
+    real = [ax for ax in axes if ax.kind != TRIVIAL_AXIS]
     nd = len(real)
     best = None
     lm, ln = int(math.log2(block_m)), int(math.log2(block_n))
     for qp in _splits(lm, nd):
-        programs = math.prod(ax.d * _patches_per_class(ax, p) for ax, p in zip(real, qp))
+        programs = math.prod(ax.d * patches_per_class(ax, p) for ax, p in zip(real, qp))
         for kpatch in _splits(ln, nd):
-            counts = [_axis_tiles(ax, p, kp) for ax, p, kp in zip(real, qp, kpatch)]
+            counts = [axis_tiles(ax, p, kp) for ax, p, kp in zip(real, qp, kpatch)]
             total = math.prod(t for t, _ in counts)
             full = math.prod(f for _, f in counts)
             cost = total + _PARTIAL_COST * (total - full) + _PROGRAM_COST * programs
@@ -216,7 +216,7 @@ def choose_config(d: int, dv: int, dtype: torch.dtype, device: torch.device, axe
     major, _ = torch.cuda.get_device_capability(device)
     if major < 9:
         return NeighborhoodConfig(128, 64, 4, 2) if dmax <= 64 else NeighborhoodConfig(64, 64, 4, 2)
-    real = [ax for ax in axes or () if ax.kind != _TRIVIAL]
+    real = [ax for ax in axes or () if ax.kind != TRIVIAL_AXIS]
     if len(real) <= 1:
         ax = real[0] if real else None
         band = ax is not None and ax.kind in (_WINDOW, _CAUSAL) and ax.pa < ax.kg  # narrower than the keys

@@ -8,12 +8,12 @@ computes eager PyTorch's
 
 where the kept pairs are those of the block map (codegen/block_map.py): full tiles entirely,
 partial tiles where the map's element mask (and/or the ``mask`` argument) keeps them, empty tiles
-not at all. The math is the online-softmax tile body ``_attn_tile`` of codegen/triton_attention.py
+not at all. The math is the online-softmax tile body ``attn_tile`` of codegen/triton_attention.py
 (the FuseMax names are in that file's header); this kernel only changes which key tiles a query
 tile visits:
 
-    for each listed full tile:     _attn_tile(...)                   no mask evaluated
-    for each listed partial tile:  _attn_tile(..., HAS_MASK=True)    element (or block) mask
+    for each listed full tile:     attn_tile(...)                   no mask evaluated
+    for each listed partial tile:  attn_tile(..., HAS_MASK=True)    element (or block) mask
 
 Full tiles come first, then partial ones (each list ascending); the order does not change the
 result beyond float rounding (online softmax is order-free). A row that keeps no key gives NaN,
@@ -36,18 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention_tiles import LOG2E, attn_tile, load_tile, store_rows
 from .block_map import BlockMap, block_map_from_mask, cached_block_map
-from .triton_attention import (
-    _LOG2E,
-    AttentionConfig,
-    _attn_tile,
-    _broadcast_4d,
-    _load_tile,
-    _store_rows,
-    allocate_rows,
-    check_operands,
-    prepare_bias_mask,
-)
+from .triton_attention import AttentionConfig, allocate_rows, broadcast_4d, check_operands, prepare_bias_mask
 
 __all__ = ["block_sizes", "choose_block_sparse_config", "block_sparse_attention", "dense_block_map"]
 
@@ -88,7 +79,7 @@ def _block_sparse_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+    q = load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
                    offs_m, offs_d, N, D, not EVEN_N, PAD_D)
     out_dtype = q.dtype
     if UPCAST_DOT:
@@ -120,7 +111,7 @@ def _block_sparse_fwd_kernel(
     for i in range(0, n_main):
         j = tl.load(full_idx + i * s_ik)
         for s in tl.static_range(K_PER_MAP):
-            acc, rd, rm = _attn_tile(
+            acc, rd, rm = attn_tile(
                 acc, rd, rm, q, k_base, v_base, bias_base, mask_base,
                 j * MAP_BN + s * BLOCK_N, offs_m, offs_n, offs_d, offs_dv, N, M, D, DV, qk_scale, 0,
                 stride_kn, stride_kd, stride_vn, stride_vd, stride_bn, stride_bm, stride_mn, stride_mm,
@@ -130,7 +121,7 @@ def _block_sparse_fwd_kernel(
     if not EVEN_M:
         if n_main < fc:
             for s in tl.static_range(K_PER_MAP):
-                acc, rd, rm = _attn_tile(
+                acc, rd, rm = attn_tile(
                     acc, rd, rm, q, k_base, v_base, bias_base, mask_base,
                     (TK - 1) * MAP_BN + s * BLOCK_N, offs_m, offs_n, offs_d, offs_dv, N, M, D, DV, qk_scale, 0,
                     stride_kn, stride_kd, stride_vn, stride_vd, stride_bn, stride_bm, stride_mn, stride_mm,
@@ -141,7 +132,7 @@ def _block_sparse_fwd_kernel(
     for i in tl.range(0, pc, num_stages=PARTIAL_STAGES):
         j = tl.load(part_idx + i * s_ik)
         for s in tl.static_range(K_PER_MAP):
-            acc, rd, rm = _attn_tile(
+            acc, rd, rm = attn_tile(
                 acc, rd, rm, q, k_base, v_base, bias_base, mask_base,
                 j * MAP_BN + s * BLOCK_N, offs_m, offs_n, offs_d, offs_dv, N, M, D, DV, qk_scale, 0,
                 stride_kn, stride_kd, stride_vn, stride_vd, stride_bn, stride_bm, stride_mn, stride_mm,
@@ -152,7 +143,7 @@ def _block_sparse_fwd_kernel(
     # AV = RNV ÷ RD: 0 ÷ 0 = NaN for rows that never saw a finite score, as in eager.
     out = (acc / rd[:, None]).to(out_dtype)
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od
-    _store_rows(out, rm, rd, o_ptrs, Lse + bh.to(tl.int64) * N + offs_m, offs_m, offs_dv, N, DV,
+    store_rows(out, rm, rd, o_ptrs, Lse + bh.to(tl.int64) * N + offs_m, offs_m, offs_dv, N, DV,
                 True, HAS_BIAS, RETURN_LSE, EVEN_N, PAD_DV)
 
 
@@ -272,7 +263,7 @@ def block_sparse_attention(
     if mask is not None and mask.dtype != torch.bool:
         raise ValueError(f"mask must be a bool tensor (True = keep); got {mask.dtype}")
     if mask is not None:
-        _broadcast_4d(mask, shape4, "mask")
+        broadcast_4d(mask, shape4, "mask")
     if block_map is None:
         if mask is not None:
             build = cached_block_map if cache else block_map_from_mask
@@ -302,7 +293,7 @@ def block_sparse_attention(
     if pmask is not None:
         rows = triton.cdiv(N, div_n)
         cols = triton.cdiv(M, div_m)
-        pmask = _broadcast_4d(pmask, (B, HQ, rows, cols), "block map mask").view(torch.uint8)
+        pmask = broadcast_4d(pmask, (B, HQ, rows, cols), "block map mask").view(torch.uint8)
     bias, _ = prepare_bias_mask(bias, None, shape4)
     out, lse, done = allocate_rows(q, shape4, DV, return_lse)
     if done:
@@ -319,7 +310,7 @@ def block_sparse_attention(
         fc, fi, pc, pi = (t.contiguous() for t in (fc, fi, pc, pi))
     cs = [fc.stride(0) if bm_ > 1 else 0, fc.stride(1) if hm > 1 else 0, fc.stride(2)]
     iss = [fi.stride(0) if bm_ > 1 else 0, fi.stride(1) if hm > 1 else 0, fi.stride(2), fi.stride(3)]
-    qk_scale = float(scale) if has_bias else float(scale) * _LOG2E
+    qk_scale = float(scale) if has_bias else float(scale) * LOG2E
     stages = cfg.num_stages
     while True:
         try:

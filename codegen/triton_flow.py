@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_linear import _cdiv, _dot, _pow2, _precisions, _rows, _segments, _tuned, _upcast
+from .linear_kernel_utils import cdiv, dot, dot_precisions, pow2, rows3d, segments, tuned, upcast_dots
 
 PASSES_NONCAUSAL = 4  # passes over the sequence of the non-causal kernels (k; q; k+v; q+out)
 _ACCS = 5  # [BE] vectors in the workspace after the pass-1 partials: SK, SQ, SQI, SKO, SE (SE uses 1 slot)
@@ -163,7 +163,7 @@ def _flow_state(K, V, WS, KVP, M, seg_k, eps, wsb, skb, skm, svb, svm, E: tl.con
             state = state * alpha[:, None]
             run_max = new_max
         vw = (v.to(tl.float32) * w[:, None]).to(v.dtype)
-        state += _dot(tl.trans(k.to(v.dtype)), vw, PREC, UPCAST)
+        state += dot(tl.trans(k.to(v.dtype)), vw, PREC, UPCAST)
     kv_offs = offs[:, None] * BF + offs_f[None, :]
     tl.atomic_add(acc + 3 * BE + offs, tl.sum(ako, 0), mask=offs < E, sem="relaxed")
     if ATOMIC:
@@ -225,7 +225,7 @@ def _flow_out(Q, WS, Out, N, seg_q, eps, ratio, m_keys, wsb, sqb, sqn, sob, son,
         a = q * inc[:, None]
         if LOW:
             a = a.to(Q.dtype.element_ty)
-        out = _dot(a, kv, PREC, UPCAST) * alloc[:, None]
+        out = dot(a, kv, PREC, UPCAST) * alloc[:, None]
         tl.store(Out + bh * sob + rows[:, None] * son + offs_f[None, :], out.to(Out.dtype.element_ty),
                  mask=rmask[:, None] & (offs_f[None, :] < F))
 
@@ -270,12 +270,12 @@ def _flow_causal(Q, K, V, Out, N, eps, sqb, sqn, skb, skn, svb, svn, sob, son, E
         w = tl.where(nan_row[:, None], 0.0, v.to(tl.float32) * comp[:, None]).to(v.dtype)
         a = q * inc[:, None]
         kl = k.to(v.dtype)
-        scores = tl.where(lower, _dot(a.to(v.dtype), tl.trans(kl), PREC, UPCAST), 0.0)
-        x = _dot(scores.to(v.dtype), w, PREC, UPCAST) + _dot(a, state, PREC, UPCAST)
+        scores = tl.where(lower, dot(a.to(v.dtype), tl.trans(kl), PREC, UPCAST), 0.0)
+        x = dot(scores.to(v.dtype), w, PREC, UPCAST) + dot(a, state, PREC, UPCAST)
         x = tl.where(nan_row[:, None], float("nan"), x * tl.sigmoid(sink)[:, None])
         tl.store(Out + bh * sob + rows[:, None] * son + offs_f[None, :], x.to(Out.dtype.element_ty),
                  mask=rmask[:, None] & (offs_f[None, :] < F))
-        state += _dot(tl.trans(kl), w, PREC, UPCAST)
+        state += dot(tl.trans(kl), w, PREC, UPCAST)
         cq += tl.sum(q, 0)
         ck += tl.sum(k, 0)
         cqi += tl.sum(qi, 0)
@@ -309,17 +309,17 @@ def flow_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cau
     m, f = v.shape[-2:]
     if causal and n != m:
         raise ValueError("causal Flow-Attention needs as many queries as keys")
-    q3, k3, v3 = _rows(q.to(dt)), _rows(k.to(dt)), _rows(v.to(dt))
+    q3, k3, v3 = rows3d(q.to(dt)), rows3d(k.to(dt)), rows3d(v.to(dt))
     launch = _causal_launch if causal else _flow_launch
     if cfg is None and q3.is_cuda:
         cands = (_causal_candidates if causal else _noncausal_candidates)(e, f)
-        cfg = _tuned(("flow", causal, clamp, q3.shape[0], n, m, e, f, dt), cands,
+        cfg = tuned(("flow", causal, clamp, q3.shape[0], n, m, e, f, dt), cands,
                      lambda c: launch(q3, k3, v3, clamp, eps, c))
     return launch(q3, k3, v3, clamp, eps, cfg or {}).reshape(*lead, n, f)
 
 
 def _pads(e: int, f: int) -> tuple[int, int]:
-    return max(16, _pow2(e)), max(16, _pow2(f))
+    return max(16, pow2(e)), max(16, pow2(f))
 
 
 def _causal_launch(q3, k3, v3, clamp: bool, eps: float, cfg: dict) -> torch.Tensor:
@@ -332,7 +332,7 @@ def _causal_launch(q3, k3, v3, clamp: bool, eps: float, cfg: dict) -> torch.Tens
     _flow_causal[(bh, bf // bft)](q3, k3, v3, out, n, float(eps), q3.stride(0), q3.stride(1), k3.stride(0),
                                   k3.stride(1), v3.stride(0), v3.stride(1), out.stride(0), out.stride(1),
                                   E=e, F=f, BE=be, BFT=bft, C=chunk, CLAMP=clamp, STAGES=cfg.get("stages", 1),
-                                  PREC=_precisions(q3.dtype)[0], UPCAST=_upcast(q3),
+                                  PREC=dot_precisions(q3.dtype)[0], UPCAST=upcast_dots(q3),
                                   num_warps=cfg.get("warps", 4 if max(be, bf) <= 64 else 8))
     return out
 
@@ -342,15 +342,15 @@ def _flow_launch(q3, k3, v3, clamp: bool, eps: float, cfg: dict) -> torch.Tensor
     m, f = v3.shape[-2:]
     dt = q3.dtype
     be, bf = _pads(e, f)
-    prec = _precisions(dt)[0]
-    upcast = _upcast(q3)
+    prec = dot_precisions(dt)[0]
+    upcast = upcast_dots(q3)
     block = cfg.get("block", 128 if max(be, bf) <= 64 else 64)
     stages = cfg.get("stages", 1)
     kw = {"num_warps": cfg.get("warps", 4 if max(be, bf) <= 64 else 8)}
-    nseg, seg_k = _segments(bh, max(n, m), block, target=cfg.get("target", 1056))
-    seg_k = _cdiv(_cdiv(m, block), nseg) * block
-    seg_q = _cdiv(_cdiv(n, block), nseg) * block
-    nsegp = _pow2(nseg)
+    nseg, seg_k = segments(bh, max(n, m), block, target=cfg.get("target", 1056))
+    seg_k = cdiv(cdiv(m, block), nseg) * block
+    seg_q = cdiv(cdiv(n, block), nseg) * block
+    nsegp = pow2(nseg)
     # workspace per bh: pass-1 partials [NSEG, BE], then SK, SQ, SQI, SKO, SE ([BE] each), KV [BE, BF]
     zero = _ACCS * be + be * bf
     ws = torch.empty(bh, nseg * be + zero, device=q3.device, dtype=torch.float32)

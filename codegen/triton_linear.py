@@ -30,17 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .linear_kernel_utils import TUNED, dot, dot_precisions, pow2, rows3d, segments, tuned, upcast_dots
+
 CHUNK = 64
 COMBINE_ELEMENTS = 4096  # segments × state entries per program of ``_combine_states``
-
-
-@triton.jit
-def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """tl.dot; UPCAST for Triton's CPU interpreter, which multiplies bfloat16 dot operands as their
-    uint16 bit patterns (triton 3.8, also noted in triton_attention.py): bf16 → fp32 is exact."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit(do_not_specialize=["M", "seg_len", "nseg"])
@@ -64,7 +57,7 @@ def _segment_state(K, V, S, Z, M, seg_len, nseg, skb, skm, svb, svm, E: tl.const
                     mask=rmask[:, None] & (offs_e[None, :] < E), other=0.0)
         v = tl.load(V + bh * svb + rows[:, None] * svm + offs_f[None, :],
                     mask=rmask[:, None] & (offs_f[None, :] < F), other=0.0)
-        acc += _dot(tl.trans(k), v, PREC, UPCAST)
+        acc += dot(tl.trans(k), v, PREC, UPCAST)
         z += tl.sum(k.to(tl.float32), 0)
     base = bh * nseg + seg
     tl.store(S + base * BE * BF + offs_e[:, None] * BF + offs_f[None, :], acc)
@@ -121,7 +114,7 @@ def _noncausal_out(Q, S, Z, Out, N, run_len, eps, sqb, sqn, sob, son, E: tl.cons
         rmask = rows < end
         q = tl.load(Q + bh * sqb + rows[:, None] * sqn + offs_e[None, :],
                     mask=rmask[:, None] & (offs_e[None, :] < E), other=0.0)
-        num = _dot(q, s, PREC, UPCAST)
+        num = dot(q, s, PREC, UPCAST)
         if NORM:
             den = tl.sum(q.to(tl.float32) * z[None, :], 1) + eps
             num = num / den[:, None]
@@ -156,49 +149,20 @@ def _causal_out(Q, K, V, S0, Z0, Out, N, seg_len, nseg, eps, sqb, sqn, skb, skm,
         q = tl.load(Q + bh * sqb + rows[:, None] * sqn + offs_e[None, :], mask=emask, other=0.0)
         k = tl.load(K + bh * skb + rows[:, None] * skm + offs_e[None, :], mask=emask, other=0.0)
         v = tl.load(V + bh * svb + rows[:, None] * svm + offs_f[None, :], mask=fmask, other=0.0)
-        s = _dot(q, tl.trans(k), PREC, UPCAST)
+        s = dot(q, tl.trans(k), PREC, UPCAST)
         s = tl.where(causal, s, 0.0)
-        num = _dot(q, state.to(q.dtype), PREC, UPCAST)
-        num += _dot(s.to(v.dtype), v, PREC, UPCAST)
+        num = dot(q, state.to(q.dtype), PREC, UPCAST)
+        num += dot(s.to(v.dtype), v, PREC, UPCAST)
         if NORM:
             den = tl.sum(s, 1) + tl.sum(q.to(tl.float32) * z[None, :], 1) + eps
             num = num / den[:, None]
         tl.store(Out + bh * sob + rows[:, None] * son + offs_f[None, :], num.to(Out.dtype.element_ty), mask=fmask)
-        state += _dot(tl.trans(k), v, PREC, UPCAST)
+        state += dot(tl.trans(k), v, PREC, UPCAST)
         z += tl.sum(k.to(tl.float32), 0)
 
 
-def _upcast(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16)
-
-
-def _precisions(dtype: torch.dtype) -> tuple[str, str]:
-    """(state products, low-precision products): IEEE for fp32 inputs, tf32 / the input dtype otherwise.
-    (The precision argument only matters for fp32 operands; bf16/fp16 dots run in their dtype.)"""
-    return ("ieee", "ieee") if dtype == torch.float32 else ("tf32", "tf32")
-
-
-def _cdiv(a: int, b: int) -> int:
-    """Host-side ceil division: triton.cdiv is a constexpr function in newer Triton, ~10 µs a call."""
-    return -(-a // b)
-
-
-def _pow2(x: int) -> int:
-    """Host-side next power of two (≥ 1), without triton.next_power_of_2's call overhead."""
-    return 1 << max(0, x - 1).bit_length()
-
-
-def _segments(bh: int, n: int, block: int, target: int = 528) -> tuple[int, int]:
-    """(segments, segment length): enough (bh, segment) programs to fill the GPU, each a
-    whole number of blocks long."""
-    blocks = _cdiv(n, block)
-    nseg = max(1, min(blocks, _cdiv(target, bh)))
-    seg_len = _cdiv(blocks, nseg) * block
-    return _cdiv(n, seg_len), seg_len
-
-
 def _pad(d: int) -> int:
-    return max(16, _pow2(d))
+    return max(16, pow2(d))
 
 
 def segment_states(k: torch.Tensor, v: torch.Tensor, nseg: int, seg_len: int, cfg: dict | None = None,
@@ -211,14 +175,14 @@ def segment_states(k: torch.Tensor, v: torch.Tensor, nseg: int, seg_len: int, cf
     cfg = {**default_config(e, f, False), **(cfg or {})}
     s = torch.empty(bh, nseg, be, bf, device=k.device, dtype=torch.float32)
     z = torch.empty(bh, nseg, be, device=k.device, dtype=torch.float32)
-    prec, _ = _precisions(k.dtype)
+    prec, _ = dot_precisions(k.dtype)
     bft = min(bf, cfg["state_bft"])
     filled = nseg if filled is None else filled
     if filled == 0:
         return s, z
     _segment_state[(bh, filled, bf // bft)](k, v, s, z, m, seg_len, nseg, k.stride(0), k.stride(1), v.stride(0),
                                           v.stride(1), E=e, F=f, BE=be, BF=bf, BFT=bft, BLOCK_M=cfg["state_block"],
-                                          PREC=prec, UPCAST=_upcast(k), num_warps=cfg["state_warps"],
+                                          PREC=prec, UPCAST=upcast_dots(k), num_warps=cfg["state_warps"],
                                           num_stages=cfg["state_stages"])
     return s, z
 
@@ -230,7 +194,7 @@ def combine_states(s: torch.Tensor, z: torch.Tensor, exclusive: bool, dtype: tor
     bh, nseg, be, bf = s.shape
     s_total = s if exclusive else torch.empty(bh, be, bf, device=s.device, dtype=dtype)
     z_total = z if exclusive else torch.empty(bh, be, device=s.device, dtype=torch.float32)
-    nseg_p2 = max(2, _pow2(nseg))
+    nseg_p2 = max(2, pow2(nseg))
     tile = min(be * bf, max(64, COMBINE_ELEMENTS // nseg_p2))
     filled = nseg if filled is None else filled
     _combine_states[(bh, be * bf // tile)](s, z, s_total, z_total, nseg, filled, BE=be, BF=bf, NSEG_P2=nseg_p2,
@@ -256,7 +220,7 @@ def _effective(cfg: dict, e: int, f: int, causal: bool) -> tuple:
 
 
 def candidate_configs(e: int, f: int, causal: bool) -> list[dict]:
-    """The launch configurations timed once per shape on a GPU (``_tuned``); duplicates (a block width
+    """The launch configurations timed once per shape on a GPU (``tuned``); duplicates (a block width
     clipped to the head dim) are dropped. The list keeps the configurations that won, or came within noise,
     at some (D, N) of the H100 sweep (benchmarks/results/linear_NVIDIA_H100_80GB_HBM3_2026-11-28.md):
     causal D=64 favours 64-wide F tiles, 4 warps; D=128 a 128-wide F tile (q·kᵀ computed once per chunk)."""
@@ -278,34 +242,6 @@ def candidate_configs(e: int, f: int, causal: bool) -> list[dict]:
     return out
 
 
-_TUNED: dict = {}
-TIMINGS: dict = {}  # key → [(configuration, median ms)] of every candidate the tuner timed
-
-
-def _tuned(key, candidates: list[dict], run) -> dict:
-    """The fastest of ``candidates`` for ``key`` on this GPU (timed once, then cached)."""
-    if key not in _TUNED and len(candidates) == 1:
-        _TUNED[key] = candidates[0]
-    if key not in _TUNED:
-        from triton.testing import do_bench
-
-        times = []
-        for cfg in candidates:
-            try:
-                times.append(do_bench(lambda cfg=cfg: run(cfg), warmup=5, rep=20, return_mode="median"))
-            except Exception:  # a configuration that does not fit this GPU (shared memory)
-                times.append(float("inf"))
-        TIMINGS[key] = list(zip(candidates, times))
-        _TUNED[key] = candidates[min(range(len(times)), key=times.__getitem__)]
-    return _TUNED[key]
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """[..., N, D] → [B·H, N, D] with unit stride along D."""
-    t = t.reshape(-1, *t.shape[-2:])
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def linear_attention_triton(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, causal: bool = False,
                             normalize: bool = True, eps: float = 0.0, cfg: dict | None = None) -> torch.Tensor:
     """Linear attention of feature-mapped queries and keys, [..., N, E] × [..., M, E] × [..., M, F].
@@ -314,13 +250,13 @@ def linear_attention_triton(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor,
     n, e = fq.shape[-2:]
     m, f = v.shape[-2:]
     dt = torch.promote_types(torch.promote_types(fq.dtype, fk.dtype), v.dtype)
-    q3, k3, v3 = _rows(fq.to(dt)), _rows(fk.to(dt)), _rows(v.to(dt))
+    q3, k3, v3 = rows3d(fq.to(dt)), rows3d(fk.to(dt)), rows3d(v.to(dt))
     if causal and n != m:
         raise ValueError("causal linear attention needs as many queries as keys")
     if cfg is None and q3.is_cuda:
         key = ("linear", causal, normalize, q3.shape[0], n, m, e, f, dt)
         # fp32 (IEEE products, not a speed path): the default configuration, nothing compiled or timed besides
-        cfg = _TUNED.get(key) or _tuned(key, candidate_configs(e, f, causal) if dt != torch.float32 else
+        cfg = TUNED.get(key) or tuned(key, candidate_configs(e, f, causal) if dt != torch.float32 else
                                         [default_config(e, f, causal)],
                                         lambda c: _launch(q3, k3, v3, causal, normalize, eps, c))
     out = _launch(q3, k3, v3, causal, normalize, eps, cfg or {})
@@ -334,20 +270,20 @@ def _launch(q3, k3, v3, causal: bool, normalize: bool, eps: float, cfg: dict) ->
     cfg = {**default_config(e, f, causal), **cfg}
     out = torch.empty(bh, n, f, device=q3.device, dtype=dt)
     be, bf = _pad(e), _pad(f)
-    _, prec = _precisions(dt)
-    upcast = _upcast(q3)
+    _, prec = dot_precisions(dt)
+    upcast = upcast_dots(q3)
     if not causal:
-        nseg, seg_len = _segments(bh, m, cfg["state_block"], cfg["target"])
+        nseg, seg_len = segments(bh, m, cfg["state_block"], cfg["target"])
         s, z = combine_states(*segment_states(k3, v3, nseg, seg_len, cfg), exclusive=False, dtype=dt)
         block_n, bft = cfg["out_block"], min(bf, cfg["out_bft"])
-        nrun, run_len = _segments(bh, n, block_n, cfg["out_target"])
+        nrun, run_len = segments(bh, n, block_n, cfg["out_target"])
         _noncausal_out[(bh, nrun, bf // bft)](
             q3, s, z, out, n, run_len, float(eps), q3.stride(0), q3.stride(1), out.stride(0), out.stride(1),
             E=e, F=f, BE=be, BF=bf, BFT=bft, BLOCK_N=block_n, NORM=normalize, PREC=prec, UPCAST=upcast,
             num_warps=cfg["out_warps"], num_stages=cfg["out_stages"])
         return out
     chunk = cfg["chunk"]
-    nseg, seg_len = _segments(bh, n, chunk, cfg["causal_target"])
+    nseg, seg_len = segments(bh, n, chunk, cfg["causal_target"])
     # the last segment's own state enters no output: not computed
     s0, z0 = combine_states(*segment_states(k3, v3, nseg, seg_len, cfg, filled=nseg - 1), exclusive=True,
                             filled=nseg - 1)

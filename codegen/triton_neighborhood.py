@@ -7,7 +7,7 @@ Public entry point: :func:`neighborhood_attention`. Per batch ``b`` and query he
 
 exactly as eager float32 attention with the materialised mask would: a row that keeps no key is
 NaN (softmax of all −inf), its LSE −inf. ``spec_keep`` (rewrite/ir/mask.py) is the reference.
-The tile body (online softmax, names RM / RD / RNV) is ``_attn_tile`` of triton_attention.py; this
+The tile body (online softmax, names RM / RD / RNV) is ``attn_tile`` of triton_attention.py; this
 file only decides which key tiles a query tile visits and which of them need the predicate.
 
 Geometry. A spec is a token grid of 1-3 axes flattened row-major (flat = Σ_a coord_a · stride_a);
@@ -33,7 +33,7 @@ box in tile space; the kernel walks that box in one loop and the shell around it
 per-axis predicate from coordinates, plus bounds) in a second, each a single flat loop so Triton
 software-pipelines it. Rows and columns are gathered by pointer arithmetic from their coordinates
 (no permuted copy of q/k/v); out-of-grid rows/keys get the flat index N / M, which
-``_attn_tile``'s ROW_BOUND / KEY_BOUND checks mask.
+``attn_tile``'s ROW_BOUND / KEY_BOUND checks mask.
 
 The runtime ``mask`` (bool, True = keep) and ``bias`` are loaded in every visited tile; tiles the
 spec skips are never read, which is exact because spec-masked entries are −inf whatever the bias.
@@ -48,23 +48,16 @@ import torch
 import triton
 import triton.language as tl
 
+from rewrite.codegen.attention_tiles import LOG2E, attn_tile, load_tile, store_rows
 from rewrite.codegen.neighborhood_tiles import (
-    _TRIVIAL,
+    TRIVIAL_AXIS,
     NeighborhoodConfig,
-    _patches_per_class,
     choose_config,
     kernel_axes,
+    patches_per_class,
     plan_tiles,
 )
-from rewrite.codegen.triton_attention import (
-    _LOG2E,
-    _attn_tile,
-    _load_tile,
-    _store_rows,
-    allocate_rows,
-    check_operands,
-    prepare_bias_mask,
-)
+from rewrite.codegen.triton_attention import allocate_rows, check_operands, prepare_bias_mask
 from rewrite.ir.mask import MaskSpec
 
 __all__ = ["NeighborhoodConfig", "neighborhood_attention"]  # the planner: codegen/neighborhood_tiles.py
@@ -257,7 +250,7 @@ def _nbhd_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+    q = load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
                    offs_m, offs_d, N, D, not EVEN_Q, PAD_D)
     out_dtype = q.dtype
     if UPCAST_DOT:
@@ -292,7 +285,7 @@ def _nbhd_fwd_kernel(
         jb0, jb1, jb2, start = _tile_start(t0, t1, t2, klo0, klo1, klo2, rk0, rk1, rk2, D0, D1, D2, KG1, KG2,
                                            NDIM, KP0, KP1, KP2)
         cols = col_base + start
-        acc, rd, rm = _attn_tile(
+        acc, rd, rm = attn_tile(
             acc, rd, rm, q, k_base, v_base, bias_base, mask_base,
             0, offs_m, cols, offs_d, offs_dv, N, M, D, DV, qk_scale, 0,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_bn, stride_bm, stride_mn, stride_mm,
@@ -343,7 +336,7 @@ def _nbhd_fwd_kernel(
             keep &= (kc0[None, :] >= (lo0 - pj0)[:, None]) & (kc0[None, :] <= (hi0 - pj0)[:, None])
             col_ok &= kc0 < lk0 - pj0
         pcols = tl.where(col_ok, col_base + pstart, M)
-        acc, rd, rm = _attn_tile(
+        acc, rd, rm = attn_tile(
             acc, rd, rm, q, k_base, v_base, bias_base, mask_base,
             0, offs_m, pcols, offs_d, offs_dv, N, M, D, DV, qk_scale, 0,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_bn, stride_bm, stride_mn, stride_mm,
@@ -355,7 +348,7 @@ def _nbhd_fwd_kernel(
     # AV = RNV ÷ RD: 0 ÷ 0 = NaN for rows that never saw a finite score, as in eager.
     out = (acc / rd[:, None]).to(out_dtype)
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od
-    _store_rows(out, rm, rd, o_ptrs, Lse + bh.to(tl.int64) * N + offs_m, offs_m, offs_dv, N, DV,
+    store_rows(out, rm, rd, o_ptrs, Lse + bh.to(tl.int64) * N + offs_m, offs_m, offs_dv, N, DV,
                 True, HAS_BIAS, RETURN_LSE, EVEN_Q, PAD_DV)
 
 
@@ -394,7 +387,7 @@ def neighborhood_attention(
     if done:
         return (out, lse) if return_lse else out
 
-    ndim = sum(ax.kind != _TRIVIAL for ax in axes)
+    ndim = sum(ax.kind != TRIVIAL_AXIS for ax in axes)
     has_bias, has_mask = bias is not None, mask is not None
     cfg = config or choose_config(D, DV, q.dtype, q.device, tuple(axes), has_bias or has_mask)
     if cfg.q_patch is not None and cfg.k_patch is not None:
@@ -407,7 +400,7 @@ def neighborhood_attention(
         qp, kpatch = plan_tiles(tuple(axes), cfg.block_m, cfg.block_n)[:2]
     qp = (1,) * (3 - ndim) + qp
     kpatch = (1,) * (3 - ndim) + kpatch
-    nt = [_patches_per_class(ax, p) for ax, p in zip(axes, qp)]
+    nt = [patches_per_class(ax, p) for ax, p in zip(axes, qp)]
     tiles = [ax.d * t for ax, t in zip(axes, nt)]
     even_q = all(ax.qg % ax.d == 0 and (ax.qg // ax.d) % p == 0 for ax, p in zip(axes, qp))
 
@@ -417,7 +410,7 @@ def neighborhood_attention(
     mask_arg = mask if has_mask else q
     bs = bias.stride() if has_bias else (0, 0, 0, 0)
     ms = mask.stride() if has_mask else (0, 0, 0, 0)
-    qk_scale = float(scale) if has_bias else float(scale) * _LOG2E
+    qk_scale = float(scale) if has_bias else float(scale) * LOG2E
     grid = (math.prod(tiles), B * HQ)
     a0, a1, a2 = axes
     with torch.cuda.device(q.device) if q.device.type == "cuda" else nullcontext():

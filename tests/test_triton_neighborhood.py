@@ -28,8 +28,8 @@ from reference import check_kernel
 
 from rewrite.codegen.neighborhood_tiles import (
     NeighborhoodConfig,
-    _axis_tiles,
     axis_patches,
+    axis_tiles,
     kernel_axes,
     plan_tiles,
 )
@@ -234,7 +234,7 @@ def test_named_specs(fast_interpreter, name: str) -> None:
     if cfg is not None:
         axes = [ax for ax in kernel_axes(spec, n, m) if ax.kind]
         patches = zip(axes, cfg.q_patch or (16,), cfg.k_patch or (16,))
-        assert math.prod(_axis_tiles(ax, a, b)[1] for ax, a, b in patches) > 0  # some tiles full
+        assert math.prod(axis_tiles(ax, a, b)[1] for ax, a, b in patches) > 0  # some tiles full
 
 
 @settings(max_examples=150, deadline=None)
