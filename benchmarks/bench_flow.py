@@ -32,11 +32,11 @@ from rewrite.codegen.linear_kernel_utils import TUNED
 from rewrite.codegen.linear_ops import flow_reference, flow_torch
 from rewrite.codegen.triton_flow import (
     PASSES_NONCAUSAL,
-    _causal_candidates,
-    _causal_launch,
-    _flow_launch,
-    _noncausal_candidates,
+    causal_candidates,
+    causal_launch,
     flow_attention_triton,
+    flow_launch,
+    noncausal_candidates,
 )
 from rewrite.codegen.triton_linear import linear_attention_triton
 
@@ -91,7 +91,7 @@ def run_one(d: int, n: int, B: int, H: int, log, causal: bool = True) -> dict:
     r["flow_err_vs_fp32"] = relerr(flow_attention_triton(q, k, v, False, True).reshape(B * H, n, d), want)
     r["flow_GBps_min_traffic"] = 4 * tensor_bytes / (r["flow_ours"] * 1e-3) / 1e9
     r["flow_GBps_kernel_traffic"] = 6 * tensor_bytes / (r["flow_ours"] * 1e-3) / 1e9
-    r["flow_sweep"] = sweep(_flow_launch, _noncausal_candidates(d, d), q3, k3, v3, want, slice(None))
+    r["flow_sweep"] = sweep(flow_launch, noncausal_candidates(d, d), q3, k3, v3, want, slice(None))
     log(f"non-causal D={d} N={n}: ours {r['flow_ours']:.3f} eager {r['flow_eager']:.3f}")
     if not causal:
         r.update(causal_ours=None, causal_err_vs_fp32=None, causal_previous=None, causal_eager_fp32=None)
@@ -103,7 +103,7 @@ def run_one(d: int, n: int, B: int, H: int, log, causal: bool = True) -> dict:
     h1 = (slice(0, 1), slice(0, 1))
     want = flow_reference(q[h1].float(), k[h1].float(), v[h1].float(), True, True)
     r["causal_err_vs_fp32"] = relerr(flow_attention_triton(q, k, v, True, True)[h1], want)
-    r["causal_sweep"] = sweep(_causal_launch, _causal_candidates(d, d), q3, k3, v3, want[0], slice(0, 1))
+    r["causal_sweep"] = sweep(causal_launch, causal_candidates(d, d), q3, k3, v3, want[0], slice(0, 1))
     del want
     try:
         r["causal_previous"] = bench(lambda: previous_causal(q, k, v), rep=50)

@@ -284,7 +284,7 @@ def _flow_causal(Q, K, V, Out, N, eps, sqb, sqn, skb, skn, svb, svn, sob, son, E
         bad += tl.sum(over, 0)
 
 
-def _noncausal_candidates(e: int, f: int) -> list[dict]:
+def noncausal_candidates(e: int, f: int) -> list[dict]:
     big = max(e, f) > 64
     base = {"block": 64 if big else 128, "warps": 8 if big else 4, "target": 1056, "stages": 1}
     return [base, {**base, "stages": 2}, {**base, "target": 528}, {**base, "atomic": False},
@@ -292,7 +292,7 @@ def _noncausal_candidates(e: int, f: int) -> list[dict]:
             {**base, "target": 2112}, {**base, "block": 64, "warps": 4, "stages": 3}]
 
 
-def _causal_candidates(e: int, f: int) -> list[dict]:
+def causal_candidates(e: int, f: int) -> list[dict]:
     big = max(e, f) > 64
     base = {"chunk": 64, "bft": 32, "warps": 8 if big else 4, "stages": 1}
     return [base, {**base, "bft": 16}, {**base, "bft": 64}, {**base, "stages": 2},
@@ -310,9 +310,9 @@ def flow_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cau
     if causal and n != m:
         raise ValueError("causal Flow-Attention needs as many queries as keys")
     q3, k3, v3 = rows3d(q.to(dt)), rows3d(k.to(dt)), rows3d(v.to(dt))
-    launch = _causal_launch if causal else _flow_launch
+    launch = causal_launch if causal else flow_launch
     if cfg is None and q3.is_cuda:
-        cands = (_causal_candidates if causal else _noncausal_candidates)(e, f)
+        cands = (causal_candidates if causal else noncausal_candidates)(e, f)
         cfg = tuned(("flow", causal, clamp, q3.shape[0], n, m, e, f, dt), cands,
                      lambda c: launch(q3, k3, v3, clamp, eps, c))
     return launch(q3, k3, v3, clamp, eps, cfg or {}).reshape(*lead, n, f)
@@ -322,7 +322,7 @@ def _pads(e: int, f: int) -> tuple[int, int]:
     return max(16, pow2(e)), max(16, pow2(f))
 
 
-def _causal_launch(q3, k3, v3, clamp: bool, eps: float, cfg: dict) -> torch.Tensor:
+def causal_launch(q3, k3, v3, clamp: bool, eps: float, cfg: dict) -> torch.Tensor:
     bh, n, e = q3.shape
     f = v3.shape[-1]
     be, bf = _pads(e, f)
@@ -337,7 +337,7 @@ def _causal_launch(q3, k3, v3, clamp: bool, eps: float, cfg: dict) -> torch.Tens
     return out
 
 
-def _flow_launch(q3, k3, v3, clamp: bool, eps: float, cfg: dict) -> torch.Tensor:
+def flow_launch(q3, k3, v3, clamp: bool, eps: float, cfg: dict) -> torch.Tensor:
     bh, n, e = q3.shape
     m, f = v3.shape[-2:]
     dt = q3.dtype

@@ -16,7 +16,7 @@ from .plan import Plan
 aten = torch.ops.aten
 
 
-def _canonical(graph: Graph, tp: TensorPlan) -> Node:
+def canonical_operand(graph: Graph, tp: TensorPlan) -> Node:
     node = tp.node
     if tp.perm != list(range(len(tp.perm))):
         node = graph.call_function(aten.permute.default, (node, tp.perm))
@@ -65,11 +65,11 @@ def apply_plan(graph: Graph, plan: Plan) -> Node:
     """Insert the fused call before the site's output and reroute its users."""
     site = plan.site
     with graph.inserting_before(site.out_node):
-        q = _canonical(graph, site.q)
-        k = _canonical(graph, site.k)
-        v = _canonical(graph, site.v)
-        bias = _combine(graph, [_canonical(graph, b) for b in plan.biases], aten.add.Tensor)
-        keeps = [_canonical(graph, m) for m in plan.keeps]
+        q = canonical_operand(graph, site.q)
+        k = canonical_operand(graph, site.k)
+        v = canonical_operand(graph, site.v)
+        bias = _combine(graph, [canonical_operand(graph, b) for b in plan.biases], aten.add.Tensor)
+        keeps = [canonical_operand(graph, m) for m in plan.keeps]
         if plan.constant_mask is not None:
             keeps.append(_constant(graph, plan.constant_mask))
         keep = _combine(graph, keeps, aten.logical_and.default)

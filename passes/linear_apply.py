@@ -11,7 +11,7 @@ import rewrite.codegen.linear_ops  # noqa: F401  (registers torch.ops.rewrite.li
 from rewrite.ir.cascade import Cascade
 from rewrite.report import SiteReport
 
-from .apply import _canonical
+from .apply import canonical_operand
 from .linearize import LinearPlan, NotLinearizable, plan_linear
 
 log = logging.getLogger("rewrite")
@@ -33,11 +33,11 @@ def _restore_layout(graph: Graph, out: Node, site) -> Node:
 def apply_linear(graph: Graph, plan: LinearPlan) -> Node:
     site = plan.site
     with graph.inserting_before(site.out_node):
-        fq = _canonical(graph, site.fq)
+        fq = canonical_operand(graph, site.fq)
         if site.scale != 1.0:
             fq = graph.call_function(aten.mul.Tensor, (fq, float(site.scale)))
-        fk = _canonical(graph, site.fk)
-        v = _canonical(graph, site.v)
+        fk = canonical_operand(graph, site.fk)
+        v = canonical_operand(graph, site.v)
         out = graph.call_function(torch.ops.rewrite.linear_attention.default, (
             fq, fk, v, bool(plan.causal), bool(site.normalize), float(site.eps), plan.kernel, site.out_dtype))
         out = _restore_layout(graph, out, site)

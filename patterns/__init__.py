@@ -61,10 +61,10 @@ def find_sites(graph: Graph, inputs: dict | None = None) -> list[tuple[Site | No
 def _looks_like_attention(sm) -> bool:
     """A softmax whose input comes from a product and whose output reaches another one."""
     from .contraction import as_contraction
-    from .softmax_attention import _reaches_contraction, softmax_of
+    from .softmax_attention import reaches_contraction, softmax_of
 
     found = softmax_of(sm)
-    if found is None or not _reaches_contraction(found[0], {}):
+    if found is None or not reaches_contraction(found[0], {}):
         return False
     frontier, seen = list(sm.users), set()
     while frontier:

@@ -62,7 +62,7 @@ WRITTEN_SOFTMAX = {aten.exp.default, aten.amax.default, aten.max.dim, aten.logsu
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-def _reaches_contraction(node, memo: dict, depth: int = 0) -> bool:
+def reaches_contraction(node, memo: dict, depth: int = 0) -> bool:
     if not isinstance(node, Node):
         return False
     if node in memo:
@@ -72,7 +72,7 @@ def _reaches_contraction(node, memo: dict, depth: int = 0) -> bool:
     if not ok and depth < 32 and node.op == "call_function" and (
             is_layout_op(node) or node.target in MASK_OPS | SCALE_OPS | set(NONLINEAR) | SOFTMAX_OPS | set(EDIT_OPS)
             | {aten.sum.dim_IntList, aten.add.Tensor, aten.sub.Tensor, aten.neg.default}):
-        ok = any(_reaches_contraction(a, memo, depth + 1) for a in node.args[:3] if isinstance(a, Node))
+        ok = any(reaches_contraction(a, memo, depth + 1) for a in node.args[:3] if isinstance(a, Node))
     memo[node] = ok
     return ok
 
@@ -133,7 +133,7 @@ def _walk_back(x: Node) -> tuple[Contraction, list[Node]]:
         if is_layout_op(cur):
             cur = cur.args[0]
             continue
-        cands = [a for a in cur.args[:3] if isinstance(a, Node) and _reaches_contraction(a, memo)]
+        cands = [a for a in cur.args[:3] if isinstance(a, Node) and reaches_contraction(a, memo)]
         if cur.target in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf):
             cands = [a for a in cands if a is not cur.args[0]]
         if cur.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):

@@ -177,7 +177,7 @@ _CHAIN_UNARY = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scal
 def _score_arg(node: Node, memo: dict) -> Node | None:
     """Which argument of a chain node carries the scores (leads back to a contraction)."""
     cands = [a for a in node.args if isinstance(a, Node)]
-    hits = [a for a in cands if _reaches_contraction(a, memo)]
+    hits = [a for a in cands if reaches_contraction(a, memo)]
     if node.target in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf):
         hits = [a for a in hits if a is not node.args[0]]
     if node.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
@@ -187,14 +187,14 @@ def _score_arg(node: Node, memo: dict) -> Node | None:
     return hits[0]
 
 
-def _reaches_contraction(node: Node, memo: dict, depth: int = 0) -> bool:
+def reaches_contraction(node: Node, memo: dict, depth: int = 0) -> bool:
     if node in memo:
         return memo[node]
     ok = False
     if as_contraction(node) is not None:
         ok = True
     elif depth < 40 and node.op == "call_function" and (is_layout_op(node) or node.target in _CHAIN_UNARY):
-        ok = any(_reaches_contraction(a, memo, depth + 1) for a in node.args[:3] if isinstance(a, Node))
+        ok = any(reaches_contraction(a, memo, depth + 1) for a in node.args[:3] if isinstance(a, Node))
     memo[node] = ok
     return ok
 

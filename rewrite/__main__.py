@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 
-def _load(target: str):
+def load_callable(target: str):
     """``path/to/file.py:NAME`` → (callable, example inputs)."""
     if ":" not in target:
         raise SystemExit(f"rewrite inspect: expected FILE.py:NAME, got {target!r}")
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "inspect":
         import rewrite
 
-        fn, inputs = _load(args.target)
+        fn, inputs = load_callable(args.target)
         report = rewrite.inspect(fn, *inputs, backend=args.backend)
         print(json.dumps(report.to_dict(), indent=2) if args.json else report)
         return 0

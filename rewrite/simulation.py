@@ -211,9 +211,9 @@ def cli_main(argv: list[str]) -> int:
         M, N, K = (int(x) for x in a.target[5:].split(","))
         target: Any = Cascade.gemm(M, N, K)
     elif ":" in a.target and a.target.split(":")[0].endswith(".py"):
-        from .__main__ import _load
+        from .__main__ import load_callable
 
-        target, inputs = _load(a.target)
+        target, inputs = load_callable(a.target)
         args = tuple(inputs)
     else:
         target = a.target

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 from rewrite.ir.cascade import Einsum, rank_family
 
-from .mapper import Mapping, Placement, _cross_pass_tensors, query_tiles
+from .mapper import Mapping, Placement, cross_pass_tensors, query_tiles
 from .systolic import best_dataflow, gemm_shape, systolic_cycles
 from .work import iteration_ranks, producers, score_shaped
 
@@ -140,7 +140,7 @@ def _traffic(mapping: Mapping, costs: dict[str, EinsumCost]) -> tuple[list[float
                 words *= max(1.0, per_tile * max(1, len(m_passes)) * dens)
             dram[0] += words
         dram[0] += sum(_tensor_words(mapping, prod[o].output.ranks) for o in c.outputs)
-        for e, later in _cross_pass_tensors(c, {pl.einsum: pl.pass_index for pl in mapping.placements}):
+        for e, later in cross_pass_tensors(c, {pl.einsum: pl.pass_index for pl in mapping.placements}):
             words = _tensor_words(mapping, e.output.ranks, e.scan)
             dram[0] += mapping.spill_fraction * words * (1 + len(later))
         buf[0] += dram[0]

@@ -162,7 +162,7 @@ def _tile_words(ranks, sizes: Sizes, tile_p: int, drop: str | None = None) -> in
     return words
 
 
-def _cross_pass_tensors(cascade: Cascade, levels: dict[str, int]) -> list[tuple[Einsum, list[int]]]:
+def cross_pass_tensors(cascade: Cascade, levels: dict[str, int]) -> list[tuple[Einsum, list[int]]]:
     """Tensors produced in one pass and read in a later one, with the passes that read them."""
     readers: dict[str, set[int]] = {}
     for e in cascade.einsums:
@@ -179,7 +179,7 @@ def _cross_pass_tensors(cascade: Cascade, levels: dict[str, int]) -> list[tuple[
 
 def _live_words(cascade, levels, sizes, tile_p) -> int:
     """The largest set of cross-pass tensors alive at one pass boundary, for one tile."""
-    crossing = _cross_pass_tensors(cascade, levels)
+    crossing = cross_pass_tensors(cascade, levels)
     best = 0
     for boundary in range(1, max(levels.values(), default=0)):
         alive = sum(_tile_words(e.output.ranks, sizes, tile_p, e.scan) for e, later in crossing
