@@ -9,6 +9,8 @@ from torch.fx import Graph
 
 import rewrite.codegen.linear_ops  # noqa: F401  (registers torch.ops.rewrite.flow_attention)
 from rewrite.ir.cascade import Cascade
+from rewrite.ir.mask import MaskSpec
+from rewrite.ir.plan import Plan
 from rewrite.report import SiteReport
 
 from .kernels import choose_kernel
@@ -22,19 +24,9 @@ def fused_passes(cascade: Cascade) -> str:
     return "\n".join(f"{e}   [pass {levels[e.name] or '-'}]" for e in cascade.einsums)
 
 
-def _eager_passes(site) -> int:
-    """Ops of the matched eager graph that read or write a tensor with a sequence axis."""
-    n = 0
-    for node in site.nodes:
-        val = node.meta.get("val")
-        if isinstance(val, torch.Tensor) and any(s in (site.n, site.m) for s in val.shape):
-            n += 1
-    return n
-
-
 def rewrite_flow_site(graph: Graph, site, backend: str) -> SiteReport:
     cascade = site.cascade or Cascade.flow_attention()
-    eager = _eager_passes(site)
+    eager = site.eager_passes
     rep = SiteReport(variant="flow", location=site.location, spelling=site.spelling, rewritten=False,
                      cascade=str(cascade), shapes={"batch": site.batch_sizes[0] * site.batch_sizes[1],
                                                    "batch_dims": list(site.batch_sizes), "n": site.n, "m": site.m,
@@ -43,10 +35,10 @@ def rewrite_flow_site(graph: Graph, site, backend: str) -> SiteReport:
     if site.rejected:
         rep.reason = site.rejected
         return rep
-    val = site.out_node.meta.get("val")
-    device = val.device if isinstance(val, torch.Tensor) else None
-    kernel, why = choose_kernel("flow", backend, device is not None and device.type == "cuda")
-    rep.notes.append(f"kernel {kernel}: {why}")
+    kernel, why = choose_kernel("flow", backend, site.device is not None and site.device.type == "cuda")
+    plan = Plan(site, "flow", kernel, MaskSpec("causal") if site.causal else MaskSpec("dense"), causal=site.causal,
+                notes=[f"kernel {kernel}: {why}"])
+    rep.notes += plan.notes
     with graph.inserting_before(site.out_node):
         out = graph.call_function(torch.ops.rewrite.flow_attention.default, (
             site.q, site.k, site.v, bool(site.causal), bool(site.clamp), float(site.eps), kernel, site.out_dtype))
@@ -54,8 +46,7 @@ def rewrite_flow_site(graph: Graph, site, backend: str) -> SiteReport:
     site.out_node.replace_all_uses_with(out)
     rep.rewritten = True
     rep.kernel = f"rewrite::flow_attention[{kernel}]"
-    b = site.batch_sizes[0] * site.batch_sizes[1]
-    rep.flops = int(2 * b * (site.n + site.m) * site.e * site.f)
+    rep.flops = plan.flops
     if site.causal:
         rep.pass_count["rewritten"] = 1
         rep.complexity = "O(N·D²) memory ([N, D, D] cumsum) → O(N·D) memory, O(N·D²) time"

@@ -9,10 +9,11 @@ from torch.fx import Graph, Node
 
 import rewrite.codegen.linear_ops  # noqa: F401  (registers torch.ops.rewrite.linear_attention / flow_attention)
 from rewrite.ir.cascade import Cascade
+from rewrite.ir.plan import Plan
 from rewrite.report import SiteReport
 
 from .apply import canonical_operand
-from .linearize import LinearPlan, NotLinearizable, plan_linear
+from .linearize import NotLinearizable, plan_linear
 
 log = logging.getLogger("rewrite")
 aten = torch.ops.aten
@@ -30,7 +31,7 @@ def _restore_layout(graph: Graph, out: Node, site) -> Node:
     return graph.call_function(aten.reshape.default, (out, list(site.out_shape)))
 
 
-def apply_linear(graph: Graph, plan: LinearPlan) -> Node:
+def apply_linear(graph: Graph, plan: Plan) -> Node:
     site = plan.site
     with graph.inserting_before(site.out_node):
         fq = canonical_operand(graph, site.fq)

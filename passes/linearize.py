@@ -20,41 +20,15 @@ Two more facts decide whether the rewrite may run:
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-
 import torch
 
 from rewrite.ir.cascade import Cascade
 from rewrite.ir.mask import MaskSpec, check_causal
+from rewrite.ir.plan import Plan
 
 from .kernels import choose_kernel
 
 LINEAR_MAPS = {"id", "cast", "×", "÷"}
-
-
-@dataclass
-class LinearPlan:
-    site: object
-    kernel: str
-    causal: bool
-    mask: MaskSpec
-    proof: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def flops_original(self) -> int:
-        s = self.site
-        b = math.prod(s.batch_sizes) if s.batch_sizes else 1
-        if s.form == "quadratic":
-            return int(2 * b * s.n * s.m * (s.e + s.f))
-        return int(2 * b * (s.m + s.n) * s.e * s.f)
-
-    @property
-    def flops(self) -> int:
-        s = self.site
-        b = math.prod(s.batch_sizes) if s.batch_sizes else 1
-        return int(2 * b * (s.m + s.n) * s.e * s.f)
 
 
 class NotLinearizable(Exception):
@@ -123,7 +97,7 @@ def _not_causal(keep: torch.Tensor) -> str:
     return f"{text}: it differs from m <= p at {len(wrong)} of {n * m} entries: {shown}{more}"
 
 
-def plan_linear(site, backend: str, device: torch.device | None) -> LinearPlan:
+def plan_linear(site, backend: str, device: torch.device | None) -> Plan:
     """Prove, classify the mask, pick the kernel; NotLinearizable with the reason otherwise."""
     if site.rejected:
         raise NotLinearizable(site.rejected)
@@ -150,7 +124,7 @@ def plan_linear(site, backend: str, device: torch.device | None) -> LinearPlan:
                      "(inf/NaN where eager has them)")
     kernel, why = choose_kernel("linear", backend, device is not None and device.type == "cuda")
     notes.append(f"kernel {kernel}: {why}")
-    return LinearPlan(site, kernel, causal, spec, proof, notes)
+    return Plan(site, "linear", kernel, spec, causal=causal, notes=notes, proof=proof)
 
 
 

@@ -100,6 +100,21 @@ class FlowSite:
     cascade: Cascade | None = None
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def eager_passes(self) -> int:
+        """Ops of the matched eager graph that read or write a tensor with a sequence axis."""
+        n = 0
+        for node in self.nodes:
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor) and any(s in (self.n, self.m) for s in val.shape):
+                n += 1
+        return n
+
+    @property
+    def device(self) -> torch.device | None:
+        val = self.out_node.meta.get("val")
+        return val.device if isinstance(val, torch.Tensor) else None
+
 
 def _trace(fn, shapes, device="cpu", dtype=torch.float32) -> GraphModule:
     """The template's ATen graph on fake tensors of the candidate's shapes, device and dtype."""

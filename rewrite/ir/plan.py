@@ -27,7 +27,7 @@ KERNELS = ("sdpa", "triton", "torch", "reference")
 
 @dataclass
 class Plan:
-    site: Site
+    site: Site  # or a linear/flow site of patterns/ (same role: facts read off the graph, bindings)
     variant: str  # one of VARIANTS
     kernel: str  # one of KERNELS
     mask: MaskSpec
@@ -46,6 +46,7 @@ class Plan:
     implied: bool = False  # the structure is implied by the mask tensors kept (nothing was dropped)
     mask_blocks: tuple[int, int] | None = None  # the one mask is a block table: keep[⌊p/bq⌋, ⌊m/bk⌋]
     recheck: bool = False  # the structure was read off a run-time mask's first value: the op re-checks it
+    proof: list[str] = field(default_factory=list)  # the linear-time families: the steps of the reassociation proof
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -84,4 +85,6 @@ class Plan:
     def flops(self) -> int:
         s = self.site
         b = math.prod(s.batch_sizes) if s.batch_sizes else 1
+        if self.variant in ("linear", "flow"):  # φK·V and φQ·state over every position: no N×M term
+            return int(2 * b * (s.m + s.n) * s.e * s.f)
         return int(2 * b * s.n * s.m * (s.e + s.f) * self.density)
