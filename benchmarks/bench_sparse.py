@@ -271,6 +271,7 @@ def main() -> None:
             for d in args.ds:
                 rows.append(run_one(name, n, d, args, flex, cbm, dense, sweep_rows, errors))
                 torch.cuda.empty_cache()
+                write(args.out, card, args.date, command, rows, sweep_rows, checks, errors)  # a time box keeps each row
 
     write(args.out, card, args.date, command, rows, sweep_rows, checks, errors)
 
