@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import torch
 
+from . import counters
 from .eager import (
     NEG_INF,
     Removed,
     Spelling,
     checks_inputs,
+    compute_dtype,
     eager_attention,
     excess_of,
     keep_floor,
+    score_bound,
     sdpa_call,
     tame,
     unsettled,
@@ -72,15 +75,36 @@ def fused_is_eager(q, k, v, bias, removed: Removed, scale: float, sem: Spelling)
     keeping a key and, with a finite fill, no row ``unsettled`` (codegen/eager.py)."""
     if not concrete(q, k, v, bias, removed.mask):
         return False
-    if checks_inputs(q) and not tame(q, k, v, scale):
+    cpu = checks_inputs(q)
+    if cpu and not tame(q, k, v, scale):
         return False
-    if _no_empty_rows(bias, removed) and not sem.finite:
+    no_empty = _no_empty_rows(bias, removed)
+    keep = None if no_empty else removed.rows(0, removed.n, q.device)
+    if (cpu or bias is not None) and not lse_precise(q, k, bias, keep, scale):
+        return False
+    if no_empty and not sem.finite:
         return True
-    keep = None if _no_empty_rows(bias, removed) else removed.rows(0, removed.n, q.device)
     floor = keep_floor(q, k, bias, keep, scale, bound=sem.finite)
     if bool((floor == NEG_INF).any()):
         return False
     return not sem.finite or not bool(unsettled(floor, sem, q.dtype, excess_of(q, k, scale, sem)).any())
+
+
+LSE_ULPS = 2.0 ** -12  # a row's largest score may be this many 1/eps: exp(s − LSE) is then exact to rounding
+
+
+def lse_precise(q, k, bias, keep, scale: float) -> bool:
+    """The fused backward rebuilds the weights as exp(s − LSE) from a float32 (or float64) LSE, whose
+    rounding is ~eps·|max|: eager's weights to rounding only while every row's largest score is small,
+    bounded here by its largest kept bias plus the Cauchy–Schwarz score bound. (A finfo.min bias over a
+    row it masks entirely, or scores of ~10⁴, would make exp(s − LSE) of the winning key 1 ± 10⁻³.)
+    On a GPU it is checked only where a bias is (the other bound costs a host sync per backward)."""
+    top = score_bound(q, k, scale)
+    if bias is not None:
+        b = bias.detach().double()
+        best = (b if keep is None else b.masked_fill(~keep, NEG_INF)).amax(-1)
+        top = top + best.abs().nan_to_num(posinf=0.0).expand_as(top)
+    return bool((top * torch.finfo(compute_dtype(q, k)).eps <= LSE_ULPS).all())
 
 
 def fused(q, k, v, bias, removed: Removed, scale: float) -> torch.Tensor:
@@ -96,5 +120,7 @@ def grad_forward(q, k, v, bias, removed: Removed, scale: float, sem: Spelling) -
     """The differentiable forward a backward recomputes: SDPA where its gradient is eager's (an SDPA
     spelling's always), else the eager spelling itself."""
     if sem.sdpa or fused_is_eager(q, k, v, bias, removed, scale, sem):
+        counters.ran("backward: fused sdpa")
         return fused(q, k, v, bias, removed, scale)
+    counters.ran("backward: eager spelling")
     return eager_attention(q, k, v, bias, removed, scale, sem)

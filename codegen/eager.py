@@ -50,6 +50,8 @@ import torch.nn.functional as F
 
 from rewrite.ir.mask import MaskSpec, keep_rows
 
+from . import counters
+
 NEG_INF = float("-inf")
 MASKED_ROWS = ("nan", "mean", "zero")
 ROW_ELEMS = 1 << 24  # score entries (all batch·heads) of one block of rows in eager_attention
@@ -162,6 +164,7 @@ def eager_attention(q, k, v, bias, removed: Removed, scale: float, sem: Spelling
         res = sdpa_call(q, k, v, bias, None if flag else removed.rows(0, n, q.device), scale, is_causal=flag)
         return res if rows is None else torch.where(rows[..., None], res.to(out.dtype), out)
     dt = compute_dtype(q, k, v)
+    sum_dtype = bias_sum_dtype(q, k, bias, sem)
     kk, vv = _gqa(k.to(dt), hq), _gqa(v.to(dt), hq)
     block = max(1, min(n, ROW_ELEMS // max(1, bsz * hq * m)))
     pieces = []
@@ -171,14 +174,15 @@ def eager_attention(q, k, v, bias, removed: Removed, scale: float, sem: Spelling
             pieces.append(out[:, :, r0:r1])
             continue
         s = (q[:, :, r0:r1].to(dt) @ kk.transpose(-1, -2)) * scale
-        if bias is not None:
-            s = s + (bias[..., r0:r1, :] if bias.shape[-2] > 1 else bias).to(dt)
         keep = removed.rows(r0, r1, q.device)
-        if keep is not None:
-            if sem.additive:
-                s = s + torch.full(keep.shape, sem.fill, dtype=dt, device=q.device).masked_fill(keep, 0.0)
-            else:
-                s = s.masked_fill(~keep, sem.fill)
+        added = None if bias is None else (bias[..., r0:r1, :] if bias.shape[-2] > 1 else bias).to(dt)
+        if keep is not None and sem.additive:
+            fills = torch.full(keep.shape, sem.fill, dtype=dt, device=q.device).masked_fill(keep, 0.0)
+            added = fills if added is None else added + fills
+        if added is not None:
+            s = add_as_eager(s, added, sum_dtype)
+        if keep is not None and not sem.additive:
+            s = s.masked_fill(~keep, sem.fill)
         o = torch.softmax(s, -1) @ vv
         if rows is not None:
             o = torch.where(rows[..., r0:r1, None], o.to(out.dtype), out[:, :, r0:r1])
@@ -186,6 +190,51 @@ def eager_attention(q, k, v, bias, removed: Removed, scale: float, sem: Spelling
     if not pieces:
         return q.new_empty(bsz, hq, 0, v.shape[-1], dtype=dt)
     return torch.cat(pieces, 2) if len(pieces) > 1 else pieces[0]
+
+
+def bias_sum_dtype(q, k, bias, sem: Spelling) -> torch.dtype | None:
+    """The half type eager adds a bias (or an added fill) to the scores in, when that is narrower than
+    the kernels' arithmetic; None otherwise. (The rewrite passes a bias in the dtype of eager's sum.)"""
+    dt = compute_dtype(q, k)
+    if bias is not None and bias.is_floating_point():
+        sd = torch.promote_types(torch.promote_types(q.dtype, k.dtype), bias.dtype)
+    elif sem.additive and sem.finite:
+        sd = torch.promote_types(q.dtype, k.dtype)
+    else:
+        return None
+    return sd if torch.finfo(sd).eps > torch.finfo(dt).eps else None
+
+
+def add_as_eager(s: torch.Tensor, added: torch.Tensor, sum_dtype: torch.dtype | None) -> torch.Tensor:
+    """s + added as eager rounds it: in ``sum_dtype`` (a half type) where s fits in it. (Where s does
+    not, eager's score overflowed already: that the rewrite does not reproduce, and says so.)"""
+    if sum_dtype is None:
+        return s + added
+    fits = s.abs() <= torch.finfo(sum_dtype).max
+    rounded = (s.to(sum_dtype) + added.to(sum_dtype)).to(s.dtype)
+    return torch.where(fits, rounded, s + added)
+
+
+COARSE_ULPS = 1 / 8  # a row's largest kept bias whose half-type ulp exceeds this: eager's sum is coarse
+ABSORBED = 2.0 ** 40  # a bias this large absorbs every score in float32 as in the half type: no difference
+
+
+def coarse_rows(q, k, bias, keep, sem: Spelling) -> torch.Tensor | None:
+    """[B, Hq, N] bool: rows where eager's half-precision sum scores + bias is coarser than the kernels'
+    float32 one, so their results differ beyond rounding: every kept key of the row carries a bias b
+    with |b| · eps(half) ≥ ``COARSE_ULPS`` (fp16: b ≤ −128; the common case: a finfo(float16).min
+    bias over a row it masks entirely, which eager's float16 sum makes uniform). None: no such row.
+    One pass over the bias (and, on a GPU, a host sync where the caller asks ``any``)."""
+    sd = bias_sum_dtype(q, k, bias, sem)
+    if sd is None or bias is None or not bias.is_floating_point():
+        return None
+    b = bias.detach()
+    if keep is not None:
+        b = b.masked_fill(~keep, NEG_INF)
+    best = b.amax(-1)
+    limit = COARSE_ULPS / torch.finfo(sd).eps
+    rows = (best <= -limit) & (best > -ABSORBED)
+    return rows.expand(q.shape[0], q.shape[1], q.shape[2])
 
 
 # ---------------------------------------------------------------- condition 2: tame inputs
@@ -265,20 +314,24 @@ def unsettled(floor: torch.Tensor, sem: Spelling, dtype: torch.dtype, excess: to
 
 
 def settle(out: torch.Tensor, floor: torch.Tensor, sem: Spelling, dtype: torch.dtype, recompute,
-           excess: torch.Tensor | None = None) -> torch.Tensor:
+           excess: torch.Tensor | None = None, coarse: torch.Tensor | None = None) -> torch.Tensor:
     """The one mechanism: a fast kernel's ``out`` [B, Hq, N, F] with its rows' ``floor`` (lse_floor,
     keep_floor) made eager's. Rows with no kept key: SDPA's 0 for an SDPA spelling, NaN for fill −inf
     (eager's softmax over all −inf; the Triton and tile kernels give it already, SDPA gives 0);
     with a finite fill, every row ``unsettled`` flags is recomputed by ``recompute(out, rows)``
-    (eager_attention over every key with the fill)."""
+    (eager_attention over every key with the fill). ``coarse`` (coarse_rows): rows whose eager
+    half-precision bias sum the kernel does not reproduce, recomputed too."""
     empty = (floor == NEG_INF).unsqueeze(-1)
     if sem.sdpa:
         return out.masked_fill(empty, 0.0)
     if not sem.finite:
-        return out.masked_fill(empty, float("nan"))
-    bad = unsettled(floor, sem, dtype, excess)
-    if not bool(bad.any()):
+        out, bad = out.masked_fill(empty, float("nan")), coarse
+    else:
+        bad = unsettled(floor, sem, dtype, excess)
+        bad = bad if coarse is None else bad | coarse
+    if bad is None or not bool(bad.any()):
         return out
+    counters.ran("rows recomputed with eager's spelling")
     return recompute(out, bad)
 
 

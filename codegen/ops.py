@@ -28,12 +28,14 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import counters
 from .backward import grad_forward, recompute_grads
 from .eager import (
     MASKED_ROWS,
     Removed,
     Spelling,
     checks_inputs,
+    coarse_rows,
     eager_attention,
     excess_of,
     keep_floor,
@@ -125,6 +127,8 @@ def dense_forward(q, k, v, bias, removed: Removed, scale: float, sem: Spelling, 
         return q.new_zeros(*q.shape[:3], v.shape[-1])
     selecting = kernel == "triton" and not sem.sdpa
     if kernel == "reference" or (checks_inputs(q) and not tame(q, k, v, scale, selecting, sem.additive)):
+        counters.ran("eager spelling" if kernel == "reference" else
+                     "eager spelling (inputs not finite, or scores that may overflow)")
         return eager_attention(q, k, v, bias, removed, scale, sem)
     dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
@@ -133,16 +137,19 @@ def dense_forward(q, k, v, bias, removed: Removed, scale: float, sem: Spelling, 
         return eager_attention(q, k, v, bias, removed, scale, sem, rows, out)
 
     excess = excess_of(q, k, scale, sem)
+    coarse = None if sem.sdpa or bias is None else coarse_rows(q, k, bias, removed.rows(0, n, q.device), sem)
     if kernel == "triton":
         from rewrite.codegen.triton_attention import triton_attention
 
-        want = sem.sdpa or sem.finite  # the row LSE only serves to settle rows
+        counters.ran("triton")
+        want = sem.sdpa or sem.finite or coarse is not None  # the row LSE only serves to settle rows
         res = triton_attention(q, k, v, scale=scale, bias=bias, mask=removed.mask,
                                causal=removed.causal_offset is not None, causal_offset=removed.causal_offset or 0,
                                return_lse=want)
-        return settle(res[0], lse_floor(res[1], m), sem, dt, recompute, excess) if want else res
+        return settle(res[0], lse_floor(res[1], m), sem, dt, recompute, excess, coarse) if want else res
     if kernel != "sdpa":
         raise ValueError(f"rewrite::attention: unknown kernel {kernel!r}; choose from {KERNELS}")
+    counters.ran("sdpa")
     plain = removed.mask is None and removed.spec is None and bias is None
     if plain and removed.causal_offset in (None, 0):
         out = sdpa_call(q, k, v, None, None, scale, is_causal=removed.causal_offset == 0)
@@ -154,7 +161,7 @@ def dense_forward(q, k, v, bias, removed: Removed, scale: float, sem: Spelling, 
         out = sdpa_call(q, k, v, bias, keep, scale)
         if sem.sdpa:
             return out  # SDPA is the spelling
-    return settle(out, keep_floor(q, k, bias, keep, scale, bound=sem.finite), sem, dt, recompute, excess)
+    return settle(out, keep_floor(q, k, bias, keep, scale, bound=sem.finite), sem, dt, recompute, excess, coarse)
 
 
 _CAUSAL_MASKS = IdentityCache(256)
@@ -183,9 +190,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
               mask: torch.Tensor | None, scale: float, causal: bool, causal_offset: int,
               masked_row: str, kernel: str, out_dtype: torch.dtype,
               mask_causal_hint: int | None = None, fill: float | None = None,
-              additive: bool = False) -> torch.Tensor:
+              additive: bool = False, site: str = "") -> torch.Tensor:
     if kernel not in KERNELS:
         raise ValueError(f"rewrite::attention: unknown kernel {kernel!r}; choose from {KERNELS}")
+    with counters.running(site):
+        return _attention(q, k, v, bias, mask, scale, causal, causal_offset, masked_row, kernel, out_dtype,
+                          mask_causal_hint, fill, additive)
+
+
+def _attention(q, k, v, bias, mask, scale, causal, causal_offset, masked_row, kernel, out_dtype,
+               mask_causal_hint, fill, additive) -> torch.Tensor:
     sem = spelling_of(q, k, masked_row, fill, additive)
     if (mask_causal_hint is not None and mask is not None and not causal
             and mask_is_causal(mask, mask_causal_hint, q.shape[-2], k.shape[-2])
@@ -193,12 +207,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
         # A run-time mask (a registered tril buffer) that is causal: skip it, run causal. (Not for an
         # SDPA call on inputs that are not finite: SDPA adds a bool mask, is_causal hides.)
         mask, causal, causal_offset = None, True, mask_causal_hint
+        counters.ran("run-time mask causal: causal kernel")
     if (kernel == "sdpa" and bias is None and mask is None and q.dim() == 4 and q.dtype == k.dtype == v.dtype
             and q.shape[:-2] == k.shape[:-2] == v.shape[:-2] and (not causal or causal_offset == 0)
             and k.shape[-2] > 0 and not (causal and sem.finite)
             and (sem.sdpa or not checks_inputs(q) or tame(q, k, v, scale))):
         # The common case, without the general path's bookkeeping: nothing removed, or causal with
         # every row keeping a key and removed scores −inf.
+        counters.ran("sdpa")
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale).to(out_dtype)
     (q4, k4, v4, b4, m4), batch = as_bhnd(q, k, v, bias, mask)
     removed = Removed(q.shape[-2], k.shape[-2], m4, causal_offset if causal else None)
@@ -208,19 +224,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
 
 @attention.register_fake
 def _attention_fake(q, k, v, bias, mask, scale, causal, causal_offset, masked_row, kernel, out_dtype,
-                    mask_causal_hint=None, fill=None, additive=False):
+                    mask_causal_hint=None, fill=None, additive=False, site=""):
     return q.new_empty(out_shape(q, k, v, bias, mask), dtype=out_dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, mask, scale, causal, causal_offset, masked_row, _kernel, _dtype, _hint, fill, additive = inputs
+    q, k, v, bias, mask, scale, causal, causal_offset, masked_row, _kernel, _dtype, _hint, fill, additive, site = inputs
     ctx.save_for_backward(q, k, v, bias, mask)
-    ctx.args = (scale, causal, causal_offset, spelling_of(q, k, masked_row, fill, additive))
+    ctx.args = (scale, causal, causal_offset, spelling_of(q, k, masked_row, fill, additive), site)
 
 
 def _backward(ctx, grad):
     q, k, v, bias, mask = ctx.saved_tensors
-    scale, causal, causal_offset, sem = ctx.args
+    scale, causal, causal_offset, sem, site = ctx.args
 
     def forward(q, k, v, b):
         (q4, k4, v4, b4, m4), batch = as_bhnd(q, k, v, b, mask)
@@ -228,8 +244,9 @@ def _backward(ctx, grad):
         out = grad_forward(q4, k4, v4, b4, removed, scale, sem)
         return out.reshape(*batch, *out.shape[-2:])
 
-    grads = recompute_grads(forward, (q, k, v, bias), ctx.needs_input_grad, grad)
-    return (*grads, *([None] * 10))
+    with counters.running(site):
+        grads = recompute_grads(forward, (q, k, v, bias), ctx.needs_input_grad, grad)
+    return (*grads, *([None] * 11))
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

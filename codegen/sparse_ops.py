@@ -34,8 +34,20 @@ import torch
 
 from rewrite.ir.mask import MaskSpec, keep_rows
 
+from . import counters
 from .backward import concrete, grad_forward, recompute_grads
-from .eager import NEG_INF, Removed, checks_inputs, eager_attention, excess_of, lse_floor, settle, tame, unsettled
+from .eager import (
+    NEG_INF,
+    Removed,
+    checks_inputs,
+    coarse_rows,
+    eager_attention,
+    excess_of,
+    lse_floor,
+    settle,
+    tame,
+    unsettled,
+)
 from .identity_cache import IdentityCache
 from .ops import as_bhnd, dense_forward, out_shape, spelling_of
 
@@ -156,13 +168,20 @@ def _fast(q4, k4, v4, b4, m4, scale, mspec: MaskSpec, kernel: str, blocks, want_
 @torch.library.custom_op("rewrite::sparse_attention", mutates_args=())
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                      mask: torch.Tensor | None, scale: float, spec: str, masked_row: str, kernel: str,
-                     out_dtype: torch.dtype, fill: float | None = None, additive: bool = False) -> torch.Tensor:
+                     out_dtype: torch.dtype, fill: float | None = None, additive: bool = False,
+                     site: str = "") -> torch.Tensor:
+    with counters.running(site):
+        return _sparse_attention(q, k, v, bias, mask, scale, spec, masked_row, kernel, out_dtype, fill, additive)
+
+
+def _sparse_attention(q, k, v, bias, mask, scale, spec, masked_row, kernel, out_dtype, fill, additive):
     mspec, implied, blocks, recheck = parse_spec(spec)
     sem = spelling_of(q, k, masked_row, fill, additive)
     n, m = q.shape[-2], k.shape[-2]
     if recheck and mask is not None and not mask_within_spec(mask, mspec, q.shape[-2], k.shape[-2]):
         # This tensor keeps keys outside the band read off the first one: it is all there is.
         mspec, implied = MaskSpec("arbitrary", runtime=True), False
+        counters.ran("new mask outside the first call's band: block-sparse")
     if kernel not in SPARSE_KERNELS:
         raise ValueError(f"rewrite::sparse_attention: unknown kernel {kernel!r}; choose from {SPARSE_KERNELS}")
     if bias is None and mask is None and q.dim() == k.dim() == v.dim() == 4 and q.shape[0] == k.shape[0]:
@@ -173,32 +192,35 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     if kernel in ("triton", "torch"):
         fast, kernel = kernel, "sdpa"  # unless the sparse kernels run: a dense run-time mask would not pay
         if n and m and not (checks_inputs(q4) and not tame(q4, k4, v4, scale, not sem.sdpa, sem.additive)):
-            want_lse = sem.sdpa or sem.finite  # the row LSE only serves to settle rows
+            coarse = None if sem.sdpa or b4 is None else coarse_rows(q4, k4, b4, removed.rows(0, n, q4.device), sem)
+            want_lse = sem.sdpa or sem.finite or coarse is not None  # the row LSE only serves to settle rows
             res = _fast(q4, k4, v4, b4, m4, scale, mspec, fast, blocks, want_lse)
             if res is not None:
+                counters.ran(fast)
                 if want_lse:
                     def recompute(out, rows):
                         return eager_attention(q4, k4, v4, b4, removed, scale, sem, rows, out)
 
                     out = settle(res[0], lse_floor(res[1], m), sem, q4.dtype, recompute,
-                                 excess_of(q4, k4, scale, sem))
+                                 excess_of(q4, k4, scale, sem), coarse)
                 else:
                     out = res[0] if isinstance(res, tuple) else res
                 return out.reshape(*batch, *out.shape[-2:]).to(out_dtype).contiguous()
+            counters.ran("dense (the block map visits too many tiles for sparsity to pay)")
     out = dense_forward(q4, k4, v4, b4, removed, scale, sem, kernel)
     return out.reshape(*batch, *out.shape[-2:]).to(out_dtype).contiguous()
 
 
 @sparse_attention.register_fake
 def _sparse_attention_fake(q, k, v, bias, mask, scale, spec, masked_row, kernel, out_dtype, fill=None,
-                           additive=False):
+                           additive=False, site=""):
     return q.new_empty(out_shape(q, k, v, bias, mask), dtype=out_dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, mask, scale, spec, masked_row, _kernel, _dtype, fill, additive = inputs
+    q, k, v, bias, mask, scale, spec, masked_row, _kernel, _dtype, fill, additive, site = inputs
     ctx.save_for_backward(q, k, v, bias, mask)
-    ctx.args = (scale, spec, spelling_of(q, k, masked_row, fill, additive))
+    ctx.args = (scale, spec, spelling_of(q, k, masked_row, fill, additive), site)
 
 
 def _tiled_forward(mask, scale: float, spec: MaskSpec, blocks, sem):
@@ -245,17 +267,20 @@ def _backward(ctx, grad):
     # Recompute through the tiled CPU path (memory for kept tiles only); with a bias, or where
     # that path does not apply, through SDPA / the eager spelling.
     q, k, v, bias, mask = ctx.saved_tensors
-    scale, spec, sem = ctx.args
+    scale, spec, sem, site = ctx.args
     mspec, implied, blocks, recheck = parse_spec(spec)
     if recheck and mask is not None and not mask_within_spec(mask, mspec, q.shape[-2], k.shape[-2]):
         mspec, implied = MaskSpec("arbitrary", runtime=True), False
     needs = ctx.needs_input_grad
     grads = None
-    if bias is None and concrete(q, k, v, mask):  # the tiled path plans from values (not traceable)
-        grads = recompute_grads(_tiled_forward(mask, scale, mspec, blocks, sem), (q, k, v, None), needs, grad)
-    if grads is None:
-        grads = dense_grads(q, k, v, bias, mask, needs, grad, scale, mspec, implied, blocks, sem)
-    return (*grads, *([None] * 8))
+    with counters.running(site):
+        if bias is None and concrete(q, k, v, mask):  # the tiled path plans from values (not traceable)
+            grads = recompute_grads(_tiled_forward(mask, scale, mspec, blocks, sem), (q, k, v, None), needs, grad)
+            if grads is not None:
+                counters.ran("backward: torch tiles")
+        if grads is None:
+            grads = dense_grads(q, k, v, bias, mask, needs, grad, scale, mspec, implied, blocks, sem)
+    return (*grads, *([None] * 9))
 
 
 sparse_attention.register_autograd(_backward, setup_context=_setup_context)

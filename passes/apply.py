@@ -31,6 +31,9 @@ def canonical_operand(graph: Graph, tp: TensorPlan) -> Node:
         node = graph.call_function(aten.mul.Tensor, (node, tp.factor))
     if tp.invert:
         node = graph.call_function(aten.logical_not.default, (node,))
+    if tp.dtype is not None and tp.node.meta["val"].dtype != tp.dtype:
+        # The op adds a bias in its own dtype (codegen/eager.py: the rounding of eager's sum).
+        node = graph.call_function(aten._to_copy.default, (node,), {"dtype": tp.dtype})
     return node
 
 
@@ -61,8 +64,9 @@ def _fill_args(plan: Plan) -> tuple:
     return (float(plan.fill) if math.isfinite(plan.fill) else None, bool(plan.additive))
 
 
-def apply_plan(graph: Graph, plan: Plan) -> Node:
-    """Insert the fused call before the site's output and reroute its users."""
+def apply_plan(graph: Graph, plan: Plan, site_id: str = "") -> Node:
+    """Insert the fused call before the site's output and reroute its users; ``site_id`` names the
+    site in the run-time kernel counters (codegen/counters.py)."""
     site = plan.site
     with graph.inserting_before(site.out_node):
         q = canonical_operand(graph, site.q)
@@ -77,11 +81,12 @@ def apply_plan(graph: Graph, plan: Plan) -> Node:
             out = graph.call_function(torch.ops.rewrite.sparse_attention.default, (
                 q, k, v, bias, keep, float(site.scale),
                 op_spec(plan.mask, plan.implied, plan.mask_blocks, plan.recheck),
-                plan.masked_row, plan.kernel, site.out_dtype, *_fill_args(plan)))
+                plan.masked_row, plan.kernel, site.out_dtype, *_fill_args(plan), site_id))
         else:
             out = graph.call_function(torch.ops.rewrite.attention.default, (
                 q, k, v, bias, keep, float(site.scale), bool(plan.causal), int(plan.causal_offset),
-                plan.masked_row, plan.kernel, site.out_dtype, plan.mask_causal_hint, *_fill_args(plan)))
+                plan.masked_row, plan.kernel, site.out_dtype, plan.mask_causal_hint, *_fill_args(plan),
+                site_id))
         atoms = getattr(site, "out_atoms_sizes", None)
         if atoms is not None and site.out_perm != list(range(len(site.out_perm))):
             out = graph.call_function(aten.reshape.default, (out, atoms))

@@ -7,6 +7,7 @@ import logging
 import torch
 from torch.fx import GraphModule
 
+from rewrite.codegen import counters
 from rewrite.ir.cascade import Cascade
 from rewrite.patterns import find_sites
 from rewrite.report import SiteReport
@@ -70,8 +71,9 @@ def rewrite_graph(gm: GraphModule, backend: str, example_inputs=None) -> tuple[G
             density=plan.density,
             pass_count={"original": original_passes, "rewritten": online_passes},
             ideal_speedup=1.0 / plan.density if plan.density > 0 else None, gqa=site.gqa_groups > 1,
-            notes=list(plan.notes), cascade_ir=cascade, mask_spec=plan.mask)
-        apply_plan(gm.graph, plan)
+            notes=list(plan.notes), cascade_ir=cascade, mask_spec=plan.mask,
+            site_id=counters.register(site.location, plan.kernel))
+        apply_plan(gm.graph, plan, rep.site_id)
         changed = True
         reports.append(rep)
     if changed:

@@ -117,7 +117,7 @@ def analyse_mask(site: Site) -> MaskFacts:
             notes.append("causal structure proven; run-time mask tensors applied as given")
             keeps, biases = restore()
             return MaskFacts(replace(spec, runtime=True), keeps, biases, False, spec.offset, None, notes)
-        return MaskFacts(spec, [], [], True, spec.offset, None, notes)
+        return MaskFacts(spec, [], [], True, spec.offset, None, notes, constant)
     if spec.kind in ("neighborhood", "blocked") and spec.density == 1.0:
         spec = MaskSpec("dense", proof=spec.proof)  # a window that covers every key (proven, counted exactly)
     if spec.kind in ("neighborhood", "blocked"):
@@ -196,6 +196,7 @@ def plan_site(site: Site, backend: str, device: torch.device | None) -> Plan:
             notes.append(f"run-time mask tensor was causal on the first call; {RUNTIME_MASK_CONTRACT}")
     fill, additive = _removed_fill(site, facts)
     masked_row = "zero" if site.kept_as_is else ("mean" if math.isfinite(fill) else "nan")
+    sdpa_mask = site.kept_as_is and causal and not site.causal  # an SDPA call's own mask, proven causal
     if site.causal:  # an SDPA call with is_causal=True
         causal, offset = True, site.causal_offset
         spec = MaskSpec("causal", predicate="m <= p", offset=offset, runtime=bool(keeps or biases),
@@ -246,8 +247,16 @@ def plan_site(site: Site, backend: str, device: torch.device | None) -> Plan:
                     table, mask_blocks = granular[0], granular[1:]
                     notes.append(f"the mask reads a run-time table per {mask_blocks[0]}×{mask_blocks[1]} block: "
                                  "the kernel takes the table, the token-level mask is not materialised")
+    if sdpa_mask:
+        # SDPA adds its mask as −inf, so a NaN/inf key the mask removes reaches the row (is_causal would
+        # hide it): the op keeps the mask and re-checks it (mask_causal_hint), running the causal kernels
+        # where the inputs are finite and the call's own form where not (codegen/ops.py).
+        constant, keeps, biases, hint, causal = _sdpa_causal_mask(site, facts) + (offset, False)
+        if biases:
+            hint = None
     on_gpu = device is not None and device.type == "cuda"
-    kernel, why = choose_kernel(variant, backend, on_gpu, bottom_right=causal and offset != 0, dtype=site.dtype)
+    kernel, why = choose_kernel(variant, backend, on_gpu, bottom_right=(causal or sdpa_mask) and offset != 0,
+                                 dtype=site.dtype)
     notes.append(f"kernel {kernel}: {why}")
     if on_gpu and not site.kept_as_is and (keeps or causal or spec.kind != "dense" or constant is not None):
         notes.append("on a GPU NaN/inf inputs are not checked (it costs a host sync per call): a NaN/inf key or "
@@ -257,6 +266,14 @@ def plan_site(site: Site, backend: str, device: torch.device | None) -> Plan:
                 masked_row, fill, additive, notes + site.notes,
                 mask_causal_hint=hint, predicate=facts.predicate, constant_mask=constant,
                 kept_fraction=kept_fraction, implied=implied, mask_blocks=mask_blocks, recheck=recheck)
+
+
+def _sdpa_causal_mask(site: Site, facts: MaskFacts) -> tuple[torch.Tensor | None, list, list]:
+    """(constant mask, keeps, biases) that give the op an SDPA call's own causal mask back: the folded
+    [N, M] constant where the proof evaluated it (one tensor: checked once), else the call's mask."""
+    if facts.constant_keep is not None:
+        return facts.constant_keep.expand(site.n, site.m).contiguous(), [], []
+    return None, [t for t in site.terms if not t.is_bias], [t for t in site.terms if t.is_bias]
 
 
 def _removed_fill(site: Site, facts: MaskFacts) -> tuple[float, bool]:

@@ -9,7 +9,8 @@ from rewrite.ir.site import Site, TensorPlan
 from .axes import NoMatch
 from .mask_terms import read_terms
 from .sdpa import SDPA_OPS, match_sdpa
-from .softmax_attention import find_softmax_candidates, location_of, match_softmax_attention
+from .softmax_attention import location_of, match_softmax_attention
+from .softmax_chain import find_softmax_candidates
 
 __all__ = ["NoMatch", "Site", "TensorPlan", "find_sites"]
 
@@ -61,7 +62,7 @@ def find_sites(graph: Graph, inputs: dict | None = None) -> list[tuple[Site | No
 def _looks_like_attention(sm) -> bool:
     """A softmax whose input comes from a product and whose output reaches another one."""
     from .contraction import as_contraction
-    from .softmax_attention import reaches_contraction, softmax_of
+    from .softmax_chain import reaches_contraction, softmax_of
 
     found = softmax_of(sm)
     if found is None or not reaches_contraction(found[0], {}):

@@ -7,7 +7,7 @@ import torch
 from torch.fx import Node
 
 from .axes import is_layout_op
-from .softmax_attention import scalar_value
+from .softmax_chain import scalar_value
 
 aten = torch.ops.aten
 

@@ -39,7 +39,8 @@ from .linear_site import (
     row_sum,
     same_weights,
 )
-from .softmax_attention import SOFTMAX_OPS, location_of, scalar_value
+from .softmax_attention import location_of
+from .softmax_chain import SOFTMAX_OPS, scalar_value
 
 aten = torch.ops.aten
 

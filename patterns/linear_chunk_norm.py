@@ -22,7 +22,7 @@ from .linear_readers import (
     to_source,
 )
 from .linear_site import LinearSite, den_axes, row_sum
-from .softmax_attention import scalar_value
+from .softmax_chain import scalar_value
 
 aten = torch.ops.aten
 

@@ -18,7 +18,8 @@ from .axes import AtomSizes, NoMatch, shape_of
 from .contraction import Contraction, as_contraction
 from .linear_readers import cumsum_of
 from .linear_site import LinearSite, broadcasts_as, finish_linear_site, plan_operand
-from .softmax_attention import location_of, scalar_value
+from .softmax_attention import location_of
+from .softmax_chain import scalar_value
 
 aten = torch.ops.aten
 

@@ -9,7 +9,7 @@ from torch.fx import Node
 
 from .axes import AtomSizes, Axes, NoMatch, is_layout_op, propagate, shape_of
 from .contraction import Contraction, as_contraction
-from .softmax_attention import scalar_value
+from .softmax_chain import scalar_value
 
 aten = torch.ops.aten
 

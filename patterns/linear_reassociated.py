@@ -14,7 +14,8 @@ from torch.fx import Node
 from .axes import AtomSizes, NoMatch, is_layout_op, propagate, shape_of
 from .contraction import Contraction, as_contraction
 from .linear_site import LinearSite, broadcasts_as, finish_linear_site, plan_operand
-from .softmax_attention import location_of, scalar_value
+from .softmax_attention import location_of
+from .softmax_chain import scalar_value
 
 aten = torch.ops.aten
 

@@ -19,7 +19,7 @@ from rewrite.ir.site import TensorPlan
 
 from .axes import AtomSizes, Axes, NoMatch, canonical_plan, dtype_of, is_layout_op, shape_of
 from .feature_maps import feature_map
-from .softmax_attention import scalar_value
+from .softmax_chain import scalar_value
 
 aten = torch.ops.aten
 

@@ -3,7 +3,8 @@
 Inductor writes one torch function per pattern; we normalise first. The graph has
 already been lowered to ATen (so methods, functions, modules and operators are one
 op set); `contraction` reads every matmul spelling as an einsum; `axes` carries named
-axes through layout ops; this module walks the one canonical chain
+axes through layout ops; `softmax_chain` finds the softmax and walks the scores back to
+their contraction; this module reads the one canonical chain
 
     contraction(Q, K) → [layout | scale | +bias | mask | cast | eval-dropout]*
         → softmax over the key axis → [layout | cast | eval-dropout]* → contraction(A, V)
@@ -14,11 +15,10 @@ and returns a `Site` with every binding in the canonical layout, or a reason.
 from __future__ import annotations
 
 import math
-import operator
 import re
 
 import torch
-from torch.fx import Graph, Node
+from torch.fx import Node
 
 from rewrite.ir.site import Site, TensorPlan
 
@@ -34,6 +34,19 @@ from .axes import (
     shape_of,
 )
 from .contraction import Contraction, as_contraction
+from .softmax_chain import (
+    CAST_OPS,
+    DROPOUT_OPS,
+    as_stored,
+    chain_back,
+    deviation_notes,
+    late_softmax,
+    narrows,
+    only_user,
+    repeat_factor,
+    scalar_value,
+    softmax_of,
+)
 
 aten = torch.ops.aten
 
@@ -44,9 +57,6 @@ aten = torch.ops.aten
 # a larger fill would send most rows to the recomputation and the site is left as it is.
 FINITE_FILL_LIMIT = -1e4
 
-SOFTMAX_OPS = {aten._softmax.default, aten.softmax.int}
-DROPOUT_OPS = {aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default}
-CAST_OPS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.type_as.default}
 
 
 def module_path_of(node: Node) -> str:
@@ -68,160 +78,6 @@ def location_of(node: Node) -> str:
     line = frames[-1].replace("File ", "").replace('"', "") if frames else node.name
     module = module_path_of(node)
     return f"{module}: {line}" if module else line
-
-
-def scalar_value(x) -> float | None:
-    """A Python number, or a 0-d tensor the graph holds as a constant."""
-    if isinstance(x, (int, float)) and not isinstance(x, bool):
-        return float(x)
-    if isinstance(x, Node):
-        if x.op == "get_attr":
-            obj = x.graph.owning_module
-            for part in x.target.split("."):
-                obj = getattr(obj, part, None)
-            if isinstance(obj, torch.Tensor) and obj.numel() == 1:
-                return float(obj.item())
-        if x.op == "call_function" and x.target in (aten.lift_fresh_copy.default, aten.clone.default,
-                                                    *CAST_OPS, aten.detach.default):
-            return scalar_value(x.args[0])
-        if x.op == "call_function" and x.target in (aten.scalar_tensor.default, aten.full.default):
-            arg = x.args[0] if x.target == aten.scalar_tensor.default else x.args[1]
-            return scalar_value(arg)
-        if x.op == "call_function" and x.target == aten.sqrt.default:
-            v = scalar_value(x.args[0])
-            return math.sqrt(v) if v is not None and v >= 0 else None
-    return None
-
-
-# ---- softmax, in any spelling -------------------------------------------------------------
-def _strip(node):
-    while isinstance(node, Node) and node.op == "call_function" and node.target in (
-            aten.detach.default, aten.alias.default):
-        node = node.args[0]
-    return node
-
-
-def _row_max_of(node, x, dim) -> bool:
-    node = _strip(node)
-    if not isinstance(node, Node) or node.op != "call_function":
-        return False
-    if node.target == aten.amax.default:
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-        return node.args[0] is x and list(dims) == [dim] and keep
-    if node.target == operator.getitem and node.args[1] == 0:
-        mx = node.args[0]
-        return (mx.op == "call_function" and mx.target == aten.max.dim and mx.args[0] is x
-                and mx.args[1] == dim and (mx.args[2] if len(mx.args) > 2 else False))
-    return False
-
-
-def _norm(d, node):
-    shape = shape_of(node)
-    return d + len(shape) if d < 0 and shape is not None else d
-
-
-def written_softmax(e: Node) -> tuple[Node, int, str] | None:
-    """``exp(x − rowmax(x))`` or ``exp(x)``: return (x, dim, spelling) if e is that and the
-    caller finds its normaliser; dim is read from the normalising sum."""
-    if e.op != "call_function" or e.target != aten.exp.default:
-        return None
-    y = e.args[0]
-    sums = [u for u in e.users if u.op == "call_function" and u.target == aten.sum.dim_IntList
-            and len(u.args[1]) == 1 and (u.args[2] if len(u.args) > 2 else u.kwargs.get("keepdim"))]
-    if len(sums) != 1:
-        return None
-    dim = _norm(sums[0].args[1][0], e)
-    if isinstance(y, Node) and y.op == "call_function" and y.target == aten.sub.Tensor:
-        x, mx = y.args[:2]
-        if isinstance(x, Node) and _row_max_of(mx, x, dim) or _row_max_of(mx, x, dim - len(shape_of(x))):
-            return x, dim, "exp(x − max)/Σ"
-    return y, dim, "exp(x)/Σ (no max subtraction)"
-
-
-def softmax_of(node: Node) -> tuple[Node, int, str] | None:
-    """(input, dim, spelling) if node computes a softmax, normalised before the product."""
-    if node.op != "call_function":
-        return None
-    if node.target in SOFTMAX_OPS:
-        return node.args[0], _norm(node.args[1], node), "softmax"
-    if node.target == aten.div.Tensor and isinstance(node.args[0], Node) and isinstance(node.args[1], Node):
-        e, s = node.args[:2]
-        w = written_softmax(e)
-        if w is not None and s.op == "call_function" and s.target == aten.sum.dim_IntList and s.args[0] is e:
-            return w
-    return None
-
-
-def late_softmax(e: Node) -> tuple[Node, int, str, Node] | None:
-    """``exp(x − max)`` whose normaliser divides the product with V instead of the weights:
-    ``(E @ v) / E.sum(-1, keepdim=True)``. Returns (x, dim, spelling, the sum node)."""
-    w = written_softmax(e)
-    if w is None:
-        return None
-    x, dim, spelling = w
-    sums = [u for u in e.users if u.target == aten.sum.dim_IntList]
-    if len(sums) != 1 or len(e.users) != 2:
-        return None
-    if any(u.target == aten.div.Tensor and u.args[1] is sums[0] and u.args[0] is e for u in sums[0].users):
-        return None  # normalised before the product: softmax_of handles it
-    return x, dim, spelling.replace("/Σ", "") + " → product → ÷Σ", sums[0]
-
-
-# ---- the score chain, walked backwards to its contraction ---------------------------------
-_CHAIN_UNARY = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.add.Tensor,
-                aten.sub.Tensor, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self,
-                aten.where.ScalarOther, aten.where.ScalarSelf, *DROPOUT_OPS}
-
-
-def _score_arg(node: Node, memo: dict) -> Node | None:
-    """Which argument of a chain node carries the scores (leads back to a contraction)."""
-    cands = [a for a in node.args if isinstance(a, Node)]
-    hits = [a for a in cands if reaches_contraction(a, memo)]
-    if node.target in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf):
-        hits = [a for a in hits if a is not node.args[0]]
-    if node.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
-        hits = [a for a in hits if a is node.args[0]]
-    if len(hits) != 1:
-        return None
-    return hits[0]
-
-
-def reaches_contraction(node: Node, memo: dict, depth: int = 0) -> bool:
-    if node in memo:
-        return memo[node]
-    ok = False
-    if as_contraction(node) is not None:
-        ok = True
-    elif depth < 40 and node.op == "call_function" and (is_layout_op(node) or node.target in _CHAIN_UNARY):
-        ok = any(reaches_contraction(a, memo, depth + 1) for a in node.args[:3] if isinstance(a, Node))
-    memo[node] = ok
-    return ok
-
-
-def _chain_back(x: Node) -> tuple[Contraction, list[Node]]:
-    memo: dict = {}
-    chain: list[Node] = []
-    cur = x
-    for _ in range(64):
-        c = as_contraction(cur)
-        if c is not None:
-            return c, list(reversed(chain))
-        if cur.op != "call_function" or not (is_layout_op(cur) or cur.target in _CHAIN_UNARY):
-            raise NoMatch(f"softmax input comes from {cur.target if cur.op == 'call_function' else cur.op}, "
-                          "not from a product of queries and keys")
-        chain.append(cur)
-        nxt = cur.args[0] if is_layout_op(cur) else _score_arg(cur, memo)
-        if nxt is None:
-            raise NoMatch(f"cannot tell which operand of {cur.name} holds the scores")
-        cur = nxt
-    raise NoMatch("score chain too long")
-
-
-def _only_user(node: Node, allowed: Node | None = None) -> None:
-    users = [u for u in node.users if u is not allowed]
-    if allowed is None and len(node.users) != 1 or allowed is not None and users:
-        raise NoMatch(f"{node.name} is also used outside attention (e.g. the weights are returned)")
 
 
 # ---- the recogniser ----------------------------------------------------------------------------
@@ -258,25 +114,33 @@ def match_softmax_attention(sm: Node) -> Site:
         x, dim, sm_spelling, late_sum = late
     else:
         x, dim, sm_spelling = found
-    qk, chain = _chain_back(x)
+    for cast in (sm, *([x] if x.target in CAST_OPS else [])):
+        if narrows(dtype_of(cast.args[0]), dtype_of(cast)):
+            raise NoMatch(f"the scores are narrowed from {dtype_of(cast.args[0])} to {dtype_of(cast)} for the softmax "
+                          "(that rounds them, and makes scores beyond its range ±inf)")
+    qk, chain = chain_back(x)
     sizes = AtomSizes({})
     a_axes, b_axes, axes = _atoms_for(qk, sizes)
     nodes = [qk.node]
     scale = qk.alpha
     keeps: list[tuple[Node, Axes, bool]] = []
-    bias_raw: list[tuple[Node, Axes, bool, float]] = []
+    bias_raw: list[tuple[Node, Axes, bool, float, torch.dtype | None]] = []  # (.., the add's dtype)
     fill: float | None = None
     finite_fill_seen = False
     spelling = [qk.spelling]
     if qk.added is not None and qk.beta != 0:
         if isinstance(qk.added, Node):
-            bias_raw.append((qk.added, align_broadcast(shape_of(qk.added), axes, sizes), False, qk.beta))
+            bias_raw.append((qk.added, align_broadcast(shape_of(qk.added), axes, sizes), False, qk.beta,
+                             dtype_of(qk.node)))
         spelling.append("+bias")
     for node in chain:
-        _only_user(node) if node is not chain[-1] else None
+        only_user(node) if node is not chain[-1] else None
         nodes.append(node)
         t = node.target
         if is_layout_op(node):
+            if t in CAST_OPS and narrows(dtype_of(node.args[0]), dtype_of(node)):
+                raise NoMatch(f"the scores are cast from {dtype_of(node.args[0])} to {dtype_of(node)} before the "
+                              "softmax (a narrowing cast rounds them, and makes scores beyond its range ±inf)")
             axes = propagate(node, axes, sizes)
             continue
         if t in DROPOUT_OPS:
@@ -294,9 +158,9 @@ def match_softmax_attention(sm: Node) -> Site:
             if factor <= 0:
                 raise NoMatch("a non-positive scale")
             scale *= factor
-            bias_raw = [(n, a, neg, f * factor) for n, a, neg, f in bias_raw]
+            bias_raw = [(n, a, neg, f * factor, dt) for n, a, neg, f, dt in bias_raw]
             if fill is not None and math.isfinite(fill):
-                fill = _as_stored(fill * factor, dtype_of(node))
+                fill = as_stored(fill * factor, dtype_of(node))
             spelling.append("scale")
             continue
         if t in (aten.add.Tensor, aten.sub.Tensor):
@@ -308,7 +172,8 @@ def match_softmax_attention(sm: Node) -> Site:
             if isinstance(other, Node) and shape_of(other) is not None and len(shape_of(other)) > 0:
                 if finite_fill_seen:
                     raise NoMatch("a bias added after a finite masked_fill")
-                bias_raw.append((other, align_broadcast(shape_of(other), axes, sizes), neg, float(alpha)))
+                bias_raw.append((other, align_broadcast(shape_of(other), axes, sizes), neg, float(alpha),
+                                 dtype_of(node)))
                 spelling.append("+bias")
                 continue
             val = scalar_value(other)
@@ -324,7 +189,7 @@ def match_softmax_attention(sm: Node) -> Site:
                 cond, a, b = node.args[:3]
                 score = _score_of(node, chain)
                 mask_node, value, invert = (cond, b, False) if a is score else (cond, a, True)
-            val = _as_stored(scalar_value(value), dtype_of(node))  # -1e9 into float16 scores is -inf
+            val = as_stored(scalar_value(value), dtype_of(node))  # -1e9 into float16 scores is -inf
             if val is None or not isinstance(mask_node, Node):
                 raise NoMatch(f"{node.name}: masked with a non-constant value")
             if dtype_of(mask_node) != torch.bool:
@@ -333,7 +198,7 @@ def match_softmax_attention(sm: Node) -> Site:
                 if finite_fill_seen:
                     raise NoMatch("-inf and finite masked_fill values mixed")
                 fill = val
-            elif val <= FINITE_FILL_LIMIT or _as_stored(FINITE_FILL_LIMIT, dtype_of(node)) == val:
+            elif val <= FINITE_FILL_LIMIT or as_stored(FINITE_FILL_LIMIT, dtype_of(node)) == val:
                 if fill is not None and fill != val:
                     raise NoMatch("masked_fill values differ")
                 fill, finite_fill_seen = val, True
@@ -488,14 +353,15 @@ def match_softmax_attention(sm: Node) -> Site:
     # GQA/MQA: keys shared by several query heads, by broadcasting or by an explicit repeat.
     q_batch = math.prod(site.q.shape[:-2])
     k_batch = math.prod(site.k.shape[:-2])
-    site.gqa_groups = max(q_batch // max(k_batch, 1), _repeat_factor(k_op), 1)
+    site.gqa_groups = max(q_batch // max(k_batch, 1), repeat_factor(k_op), 1)
     if len(n_atoms) > 1 and len(m_atoms) == 1:
         # Query heads grouped over one key head ([B, Hkv, R, N] against [B, Hkv, M]): the
         # group is folded into the query rows, so keys are read once per key head.
         site.gqa_groups = max(site.gqa_groups, math.prod(sizes.sizes[a] for a in n_atoms[:-1]))
         site.notes.append("grouped query heads folded into the query axis (keys read once per key head)")
-    for node, node_axes, neg, factor in bias_raw:
-        site.biases.append(plan(node, node_axes, n_atoms, m_atoms, "a bias", negate=neg, factor=factor))
+    for node, node_axes, neg, factor, add_dtype in bias_raw:
+        site.biases.append(plan(node, node_axes, n_atoms, m_atoms, "a bias", negate=neg, factor=factor,
+                                dtype=add_dtype))
     for node, node_axes, invert in keeps:
         site.keeps.append(plan(node, node_axes, n_atoms, m_atoms, "a mask", invert=invert))
     # From canonical [*batch, N, F] back to the graph's layout of the output.
@@ -510,50 +376,6 @@ def match_softmax_attention(sm: Node) -> Site:
     return site
 
 
-def _as_stored(val: float | None, dtype: torch.dtype | None) -> float | None:
-    """A constant as a tensor of ``dtype`` holds it (what eager writes into the scores)."""
-    if val is None or dtype is None or not dtype.is_floating_point:
-        return val
-    return float(torch.tensor(val, dtype=torch.float64).to(dtype))
-
-
-def deviation_notes(softmax_spelling: str, score_dtype: torch.dtype | None, exp_dtype: torch.dtype | None) -> list[str]:
-    """Where the rewrite deliberately gives a finite result that eager makes NaN: the kernels compute
-    scores with float32 accumulation and the softmax in its stable form."""
-    notes = []
-    if score_dtype == torch.float16:
-        notes.append("float16 scores: eager's q·kᵀ overflows to ±inf beyond 65504 (its rows become NaN); "
-                     "the rewrite accumulates in float32 and stays finite there")
-    if softmax_spelling.startswith("exp(x)/Σ"):
-        dt = exp_dtype if exp_dtype is not None and exp_dtype.is_floating_point else torch.float32
-        notes.append("softmax written without the max subtraction: the rewrite is the stable form "
-                     f"(eager's exp overflows to inf, its rows to NaN, for scores above "
-                     f"{math.log(torch.finfo(dt).max):.4g} in {str(dt).replace('torch.', '')})")
-    return notes
-
-
-def _repeat_factor(node: Node) -> int:
-    """How many times a key/value operand repeats its heads (repeat_kv's expand+reshape,
-    repeat_interleave), found by walking back through layout ops; 1 if it does not."""
-    for _ in range(12):
-        if not isinstance(node, Node) or node.op != "call_function":
-            return 1
-        t = node.target
-        if t in (aten.repeat_interleave.self_int, aten.repeat_interleave.self_Tensor):
-            reps = node.args[1]
-            return int(reps) if isinstance(reps, int) else 2
-        if t == aten.expand.default:
-            src, dst = shape_of(node.args[0]), shape_of(node)
-            if src is not None and dst is not None:
-                grown = [d for s_, d in zip((1,) * (len(dst) - len(src)) + src, dst) if s_ == 1 and d > 1]
-                if grown:
-                    return math.prod(grown)
-        if not (is_layout_op(node) or t == aten.repeat.default):
-            return 1
-        node = node.args[0]
-    return 1
-
-
 def _score_of(node: Node, chain: list[Node]) -> Node | None:
     """The argument of ``node`` that is the previous link of the chain (or the contraction)."""
     for a in node.args:
@@ -562,9 +384,3 @@ def _score_of(node: Node, chain: list[Node]) -> Node | None:
     return None
 
 
-def find_softmax_candidates(graph: Graph) -> list[Node]:
-    out = []
-    for node in graph.nodes:
-        if softmax_of(node) is not None or late_softmax(node) is not None:
-            out.append(node)
-    return out

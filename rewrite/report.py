@@ -32,11 +32,21 @@ class SiteReport:
     complexity: str = ""  # e.g. "O(N²·D) → O(N·D²)" for the linear-time families
     cascade_ir: Cascade | None = field(default=None, repr=False, compare=False)
     mask_spec: Any = field(default=None, repr=False, compare=False)  # passes.masks.MaskSpec the kernel runs
+    site_id: str = ""  # the site's name in the run-time kernel counters
+
+    @property
+    def ran(self) -> dict[str, int]:
+        """Calls of this site so far by what really ran (the planned kernel, or what a run-time check
+        chose instead: codegen/counters.py), e.g. {"sdpa": 3, "eager spelling (inputs not finite, …)": 1}."""
+        from .codegen.counters import counts
+
+        return counts(self.site_id) if self.site_id else {}
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("cascade_ir", None)
         d.pop("mask_spec", None)
+        d["ran"] = self.ran
         return d
 
 
@@ -99,6 +109,9 @@ class Report:
                 console.print(f"  left alone: {s.reason}", markup=False)
             for n in s.notes:
                 console.print(f"  note: {n}", markup=False)
+            if s.ran:
+                ran = ", ".join(f"{path} ×{c}" for path, c in s.ran.items())
+                console.print(f"  ran (calls so far): {ran}", markup=False)
         for g in self.skipped_graphs:
             console.print(f"graph left alone: {g}", markup=False)
         return console.export_text()

@@ -34,6 +34,7 @@ class TensorPlan:
     factor: float = 1.0  # a bias later multiplied by the scale
     rows_dim: int | None = None  # the dim of ``node`` that holds the query (or key, for k/v) rows
     cols_dim: int | None = None  # the dim that holds the key columns (masks and biases)
+    dtype: torch.dtype | None = None  # a bias: the dtype eager adds it to the scores in
 
 
 @dataclass

@@ -1,0 +1,158 @@
+"""Regressions for the classes the differential fuzzer found (tests/test_fuzz.py), each written
+the way the fuzzer's programs write it and compared with eager (own dtype) and float64:
+
+- a half-precision ``(1 − keep) · finfo.min`` bias over rows it masks entirely: eager's float16
+  sum absorbs the scores (the row averages v); a float32 kernel keeps them;
+- scores narrowed for the softmax (``softmax(s, dtype=torch.float32)`` on float64 scores): values
+  beyond float32's range become −inf there; the site must be left alone;
+- a scale from ``torch.tensor(d).sqrt()``: a float32 value, not Python's float64 square root;
+- an SDPA call whose own bool mask is causal, with a NaN key it removes: SDPA adds the mask, so the
+  row is NaN (``is_causal`` would hide the key);
+- gradients where the fused backward's float32 LSE is coarse: a finfo.min bias over a masked row,
+  scores of ~10⁴ (exp(s − LSE) of the winning key is then not 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from eager_cases import compiled, double, inputs, rewritten_site, same_as_eager
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+FEW = settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck),
+               phases=[Phase.explicit, Phase.reuse, Phase.generate])
+BACKENDS = ["torch", "triton"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def band_bias_fp16(q, k, v):
+    """A band |p − m| ≤ 2 as a finfo.min bias; with N > M + 2 the last rows keep no key."""
+    n, m = q.shape[-2], k.shape[-2]
+    i = torch.arange(n)[:, None]
+    j = torch.arange(m)[None, :]
+    keep = (i - j).abs() <= 2
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    s = s + (~keep).to(s.dtype) * torch.finfo(s.dtype).min
+    return torch.softmax(s, -1) @ v
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@FEW
+@given(n=st.integers(9, 40), m=st.integers(3, 7), d=st.sampled_from([16, 24, 64]), seed=st.integers(0, 2**31))
+def test_half_bias_over_a_masked_row_is_eagers_sum(backend, n, m, d, seed):
+    q, k, v = inputs(torch.Generator().manual_seed(seed), 2, 2, 2, n, m, d, torch.float16)
+    fn, report = compiled(band_bias_fp16, backend)
+    out = fn(q, k, v)
+    rewritten_site(report, ("dense", "neighborhood", "block_sparse"), backend)
+    want = band_bias_fp16(q, k, v)  # eager float16: the masked rows average v
+    same_as_eager(out, band_bias_fp16(*double((q, k, v))), torch.float16, "out", lowp=want)
+    assert (out[..., m + 3:, :].float() - want[..., m + 3:, :].float()).abs().max() < 1e-2
+
+
+def narrowed_softmax(q, k, v):
+    s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    keep = torch.ones(s.shape[-2:], dtype=torch.bool).tril()
+    keep[1] = False
+    s = s + (1.0 - keep.to(s.dtype)) * torch.finfo(s.dtype).min
+    return torch.softmax(s, -1, dtype=torch.float32).to(v.dtype) @ v
+
+
+def test_scores_narrowed_for_the_softmax_are_left_alone():
+    q, k, v = inputs(torch.Generator().manual_seed(3), 1, 2, 2, 9, 9, 16, torch.float64)
+    fn, report = compiled(narrowed_softmax, "torch")
+    out = fn(q, k, v)
+    assert len(report.sites) == 1 and not report.sites[0].rewritten
+    assert "narrowed" in report.sites[0].reason, report.sites[0].reason
+    want = narrowed_softmax(q, k, v)
+    assert torch.isnan(want[:, :, 1]).all()
+    assert torch.equal(torch.isnan(out), torch.isnan(want))
+
+
+def tensor_sqrt_scale(q, k, v):
+    d = q.shape[-1]
+    s = torch.matmul(q, k.transpose(-1, -2)) / torch.tensor(d).sqrt()
+    return torch.softmax(s, -1) @ v
+
+
+@FEW
+@given(n=st.integers(1, 33), d=st.sampled_from([24, 32, 80, 96]), seed=st.integers(0, 2**31))
+def test_a_tensor_square_root_scale_is_its_float32_value(n, d, seed):
+    q, k, v = inputs(torch.Generator().manual_seed(seed), 1, 3, 3, n, n + 2, d, torch.float64)
+    fn, report = compiled(tensor_sqrt_scale, "torch")
+    out = fn(q, k, v)
+    rewritten_site(report, ("dense",), "torch")
+    torch.testing.assert_close(out, tensor_sqrt_scale(q, k, v), atol=1e-12, rtol=1e-12)
+
+
+def sdpa_own_causal_mask(q, k, v):
+    n, m = q.shape[-2], k.shape[-2]
+    keep = ~torch.triu(torch.ones(n, m, dtype=torch.bool), diagonal=1)
+    return F.scaled_dot_product_attention(q, k, v, keep)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@FEW
+@given(n=st.integers(4, 40), dm=st.integers(0, 30), seed=st.integers(0, 2**31))
+def test_sdpa_bool_mask_proven_causal_keeps_a_removed_nan_key_in_its_rows(backend, n, dm, seed):
+    m = n + dm
+    q, k, v = inputs(torch.Generator().manual_seed(seed), 2, 2, 2, n, m, 16, torch.float32)
+    k[0, 1, m - 1, 3] = float("nan")  # removed for every row but the last (when m == n)
+    fn, report = compiled(sdpa_own_causal_mask, backend)
+    out = fn(q, k, v)
+    site = rewritten_site(report, ("causal",), "torch")
+    same_as_eager(out, sdpa_own_causal_mask(*double((q, k, v))), torch.float32, "out")
+    q2, k2, v2 = inputs(torch.Generator().manual_seed(seed + 1), 2, 2, 2, n, m, 16, torch.float32)
+    same_as_eager(fn(q2, k2, v2), sdpa_own_causal_mask(*double((q2, k2, v2))), torch.float32, "finite inputs")
+    assert any("causal kernel" in path for path in site.ran), site.ran  # finite inputs: the causal kernel
+
+
+def finfo_bias_with_empty_rows(q, k, v, keep):
+    s = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    s = s + (keep == 0).to(s.dtype) * torch.finfo(s.dtype).min
+    return F.softmax(s, dim=-1) @ v
+
+
+def unscaled_decode(q, k, v):
+    return torch.softmax(q @ k.transpose(-2, -1), -1) @ v
+
+
+def _grads(fn, args):
+    xs = [a.detach().requires_grad_() for a in args[:3]]
+    out = fn(*xs, *args[3:])
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype)
+    return torch.autograd.grad((out * g).sum(), xs)
+
+
+@FEW
+@given(n=st.integers(2, 31), m=st.integers(2, 65), dtype=st.sampled_from([torch.float32, torch.float64]),
+       seed=st.integers(0, 2**31))
+def test_gradients_where_the_fused_lse_is_coarse(n, m, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = inputs(gen, 2, 2, 2, n, m, 40, dtype)
+    keep = torch.rand(2, 1, n, m, generator=gen) < 0.6
+    keep[:, :, n // 2] = False  # a row the finfo.min bias masks entirely: eager's weights are uniform
+    fn, report = compiled(finfo_bias_with_empty_rows, "torch")
+    got = _grads(fn, (q, k, v, keep))
+    site = rewritten_site(report, ("dense",), "torch")
+    own = _grads(finfo_bias_with_empty_rows, (q, k, v, keep))
+    for a, e, o, name in zip(got, _grads(finfo_bias_with_empty_rows, (*double((q, k, v)), keep)), own, "qkv"):
+        same_as_eager(a, e, dtype, f"grad_{name}", lowp=o)
+    assert site.ran.get("backward: eager spelling"), site.ran
+
+    q, k, v = (30 * t for t in inputs(gen, 1, 2, 2, 1, m, 256, torch.float32))  # scores of ~10⁴
+    fn, report = compiled(unscaled_decode, "torch")
+    got = _grads(fn, (q, k, v))
+    rewritten_site(report, ("dense",), "torch")
+    own = _grads(unscaled_decode, (q, k, v))
+    for a, e, o, name in zip(got, _grads(unscaled_decode, double((q, k, v))), own, "qkv"):
+        same_as_eager(a, e, torch.float32, f"large scores: grad_{name}", lowp=o)
