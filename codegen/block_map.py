@@ -28,6 +28,8 @@ Builders (each on CUDA a Triton kernel, on the CPU torch; ``impl`` picks one exp
   tiles no tile is partial.
 * :func:`block_map_from_key_blocks` — per-token query routing (MoBA): keep[B?, H?, N, Mb].
 * :func:`cached_block_map` — the above, cached by tensor identity for constant masks.
+
+The Triton kernels these builders launch are in codegen/block_map_kernels.py.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ from dataclasses import dataclass
 
 import torch
 import triton
-import triton.language as tl
 
+from .block_map_kernels import block_keep_kernel, classify_mask_kernel, compress_kernel
 from .identity_cache import IdentityCache
 
 __all__ = ["BlockMap", "block_map_from_mask", "block_map_from_block_keep", "block_map_from_key_blocks",
@@ -147,125 +149,6 @@ def _empty_lists(bm_: int, hm: int, tq: int, tk: int, device) -> tuple[torch.Ten
 
 
 # --------------------------------------------------------------------------------------------------
-# Triton kernels
-# --------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _append(idx_ptr, count, tiles, flag):
-    # Compressed append: flagged tiles go to idx_ptr[count + rank], in ascending order.
-    f = flag.to(tl.int32)
-    pos = count + tl.cumsum(f, 0) - f
-    tl.store(idx_ptr + pos, tiles, mask=flag)
-    return count + tl.sum(f, 0)
-
-
-@triton.jit
-def _zero_tail(idx_ptr, count, TK, CK: tl.constexpr):
-    for j0 in range(0, TK, CK):
-        t = j0 + tl.arange(0, CK)
-        tl.store(idx_ptr + t, tl.zeros([CK], dtype=tl.int32), mask=(t >= count) & (t < TK))
-
-
-@triton.jit
-def _classify_mask_kernel(
-    Mask, Cls, HM, TQ, TK, N, MW,
-    s_b, s_h, s_n, s_m,
-    ALL: tl.constexpr, BLOCK_M: tl.constexpr, TILE_W: tl.constexpr, KT: tl.constexpr,
-    CHECK_N: tl.constexpr, CHECK_M: tl.constexpr,
-):
-    # One program: query tile i of (b, h) x KT key tiles. The mask is read in words of W bytes
-    # (W = 1, 4 or 8: a bool byte is 0 or 1, so a word is all-kept iff it equals ALL = 0x01..01,
-    # and any-kept iff it is nonzero). Writes the tile classes 0 empty / 1 partial / 2 full.
-    row = tl.program_id(0)
-    jc = tl.program_id(1)
-    i = row % TQ
-    bh = row // TQ
-    b = (bh // HM).to(tl.int64)
-    h = (bh % HM).to(tl.int64)
-    rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = jc * (KT * TILE_W) + tl.arange(0, KT * TILE_W)
-    ptrs = Mask + b * s_b + h * s_h + rows.to(tl.int64)[:, None] * s_n + cols[None, :] * s_m
-    if CHECK_N or CHECK_M:
-        inb = (rows[:, None] < N) & (cols[None, :] < MW)
-        w = tl.load(ptrs, mask=inb, other=0)
-        w_all = tl.where(inb, w, ALL)
-    else:
-        w = tl.load(ptrs)
-        w_all = w
-    a = tl.max(tl.reshape(tl.max(w, 0), [KT, TILE_W]), 1)
-    z = tl.min(tl.reshape(tl.min(w_all, 0), [KT, TILE_W]), 1)
-    cls = tl.where(z == ALL, 2, tl.where(a != 0, 1, 0)).to(tl.int8)
-    t = jc * KT + tl.arange(0, KT)
-    tl.store(Cls + row.to(tl.int64) * TK + t, cls, mask=t < TK)
-
-
-@triton.jit
-def _compress_kernel(Cls, FullCnt, FullIdx, PartCnt, PartIdx, TK, CK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    nf = 0
-    npart = 0
-    for j0 in range(0, TK, CK):
-        t = j0 + tl.arange(0, CK)
-        c = tl.load(Cls + row * TK + t, mask=t < TK, other=0)
-        nf = _append(FullIdx + row * TK, nf, t, c == 2)
-        npart = _append(PartIdx + row * TK, npart, t, c == 1)
-    _zero_tail(FullIdx + row * TK, nf, TK, CK)
-    _zero_tail(PartIdx + row * TK, npart, TK, CK)
-    tl.store(FullCnt + row, nf)
-    tl.store(PartCnt + row, npart)
-
-
-@triton.jit
-def _block_keep_kernel(
-    Keep, FullCnt, FullIdx, PartCnt, PartIdx,
-    HM, TQ, TK, N, M, BQ, BK,
-    s_b, s_h, s_n, s_m,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LQ: tl.constexpr, LK: tl.constexpr, CK: tl.constexpr,
-):
-    # One program: query tile i of (b, h). Its rows span keep rows qb0..qb1 (at most LQ); key
-    # tile j spans keep columns kb0..kb1 (at most LK). Full iff every spanned entry is kept,
-    # partial iff some is. Classification and compression in one pass.
-    row = tl.program_id(0)
-    i = row % TQ
-    bh = row // TQ
-    b = (bh // HM).to(tl.int64)
-    h = (bh % HM).to(tl.int64)
-    base = Keep + b * s_b + h * s_h
-    q_lo = i * BLOCK_M
-    q_hi = tl.minimum(q_lo + BLOCK_M, N) - 1
-    qb = q_lo // BQ + tl.arange(0, LQ)
-    qvalid = qb <= q_hi // BQ
-    out = row.to(tl.int64) * TK
-    nf = 0
-    npart = 0
-    for j0 in range(0, TK, CK):
-        t = j0 + tl.arange(0, CK)
-        tvalid = t < TK
-        k_lo = t * BLOCK_N
-        kb0 = k_lo // BK
-        kb1 = (tl.minimum(k_lo + BLOCK_N, M) - 1) // BK
-        any_ = tl.zeros([CK], dtype=tl.int32)
-        all_ = tl.full([CK], 1, dtype=tl.int32)
-        for dk in tl.static_range(LK):
-            kb = kb0 + dk
-            kvalid = (kb <= kb1) & tvalid
-            x = tl.load(base + qb.to(tl.int64)[:, None] * s_n + kb[None, :] * s_m,
-                        mask=qvalid[:, None] & kvalid[None, :], other=0).to(tl.int32)
-            any_ = tl.maximum(any_, tl.max(x, 0))
-            x_all = tl.where(qvalid[:, None] & kvalid[None, :], x, 1)
-            all_ = tl.minimum(all_, tl.min(x_all, 0))
-        full = (all_ != 0) & tvalid
-        part = (any_ != 0) & (all_ == 0) & tvalid
-        nf = _append(FullIdx + out, nf, t, full)
-        npart = _append(PartIdx + out, npart, t, part)
-    _zero_tail(FullIdx + out, nf, TK, CK)
-    _zero_tail(PartIdx + out, npart, TK, CK)
-    tl.store(FullCnt + row, nf)
-    tl.store(PartCnt + row, npart)
-
-
-# --------------------------------------------------------------------------------------------------
 # Builders
 # --------------------------------------------------------------------------------------------------
 
@@ -314,14 +197,14 @@ def block_map_from_mask(mask: torch.Tensor, block_m: int, block_n: int, *, impl:
     cls = torch.empty((bm_, hm, tq, tk), dtype=torch.int8, device=mask4.device)
     rows = bm_ * hm * tq
     with torch.cuda.device(mask4.device) if mask4.device.type == "cuda" else _null():
-        _classify_mask_kernel[(rows, triton.cdiv(tk, kt))](
+        classify_mask_kernel[(rows, triton.cdiv(tk, kt))](
             words, cls, hm, tq, tk, n, m // w, *words.stride(),
             ALL=_ALL_WORD[w], BLOCK_M=block_m, TILE_W=tile_w, KT=kt,
             CHECK_N=n % block_m != 0, CHECK_M=m % block_n != 0 or kt * tile_w * triton.cdiv(tk, kt) != m // w,
             num_warps=4,
         )
         fc, fi, pc, pi = _empty_lists(bm_, hm, tq, tk, mask4.device)
-        _compress_kernel[(rows,)](cls, fc, fi, pc, pi, tk, CK=min(1024, triton.next_power_of_2(tk)), num_warps=4)
+        compress_kernel[(rows,)](cls, fc, fi, pc, pi, tk, CK=min(1024, triton.next_power_of_2(tk)), num_warps=4)
     return BlockMap(block_m, block_n, n, m, fc, fi, pc, pi, mask4)
 
 
@@ -360,7 +243,7 @@ def block_map_from_block_keep(keep_blocks: torch.Tensor, block_q: int, block_k: 
     kb = keep4.view(torch.uint8)
     fc, fi, pc, pi = _empty_lists(bm_, hm, tq, tk, keep4.device)
     with torch.cuda.device(keep4.device) if keep4.device.type == "cuda" else _null():
-        _block_keep_kernel[(bm_ * hm * tq,)](
+        block_keep_kernel[(bm_ * hm * tq,)](
             kb, fc, fi, pc, pi, hm, tq, tk, n, m, block_q, block_k, *kb.stride(),
             BLOCK_M=block_m, BLOCK_N=block_n, LQ=triton.next_power_of_2(lq), LK=lk,
             CK=min(256 if lq <= 8 else 64, triton.next_power_of_2(tk)), num_warps=4,

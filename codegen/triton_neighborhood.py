@@ -7,8 +7,10 @@ Public entry point: :func:`neighborhood_attention`. Per batch ``b`` and query he
 
 exactly as eager float32 attention with the materialised mask would: a row that keeps no key is
 NaN (softmax of all −inf), its LSE −inf. ``spec_keep`` (rewrite/ir/mask.py) is the reference.
-The tile body (online softmax, names RM / RD / RNV) is ``attn_tile`` of triton_attention.py; this
-file only decides which key tiles a query tile visits and which of them need the predicate.
+The tile body (online softmax, names RM / RD / RNV) is ``attn_tile`` of attention_tiles.py; this
+file only decides which key tiles a query tile visits and which of them need the predicate (the
+per-axis device functions for that are in neighborhood_geometry.py, the host-side planner in
+neighborhood_tiles.py).
 
 Geometry. A spec is a token grid of 1-3 axes flattened row-major (flat = Σ_a coord_a · stride_a);
 each axis keeps, for a query coordinate q, keys k with a per-axis rule. In kernel terms every axis
@@ -49,6 +51,7 @@ import triton
 import triton.language as tl
 
 from rewrite.codegen.attention_tiles import LOG2E, attn_tile, load_tile, store_rows
+from rewrite.codegen.neighborhood_geometry import axis_setup, kept_interval, row_coords, shell_tile_2d, tile_start
 from rewrite.codegen.neighborhood_tiles import (
     TRIVIAL_AXIS,
     NeighborhoodConfig,
@@ -62,114 +65,10 @@ from rewrite.ir.mask import MaskSpec
 
 __all__ = ["NeighborhoodConfig", "neighborhood_attention"]  # the planner: codegen/neighborhood_tiles.py
 
-# axis kinds in the kernel (constexpr); 0 is a size-1 axis padding a 1-D / 2-D grid to three
-
 
 # --------------------------------------------------------------------------------------------------
-# Kernel
+# Kernel (its per-axis geometry helpers: codegen/neighborhood_geometry.py)
 # --------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _interval(i, KIND: tl.constexpr, pa, pb, c, length):
-    # Kept key class indices [lo, hi] of query class index i (scalar or vector), not clipped to
-    # [0, L_k). pa / pb: W / − (window), k / s (clamped), B / h (blocked); length: NATTEN's L_r.
-    if KIND == 3:
-        leader = tl.minimum((i // pb) * pb + (pb - 1) // 2, length - 1)
-        lo = tl.minimum(tl.maximum(leader - pa // 2, 0), length - pa)
-        hi = lo + pa - 1
-    elif KIND == 4:
-        first = (i // pa) * pa
-        lo = first - pb
-        hi = first + pa - 1 + pb
-    elif KIND == 2:
-        lo = i + c - pa
-        hi = i + c
-    else:  # window (and the trivial axis: pa = 0, c = 0)
-        lo = i + c - pa
-        hi = i + c + pa
-    return lo, hi
-
-
-@triton.jit
-def _axis_setup(idx, NT, QG, KG, G, d, off, pa, pb,
-                KIND: tl.constexpr, P: tl.constexpr, KP: tl.constexpr):
-    # One axis of the program's query patch: class r (keys of class rk), first class index i0,
-    # class lengths, and the key tiles: nk tiles of KP from klo, of which [flo, fhi) are full along
-    # this axis. A trivial (size-1) axis: one query, one key, one full tile.
-    if KIND == 0:
-        r, rk, c, i0, lq, lk, lf, klo, nk, flo, fhi = 0, 0, 0, 0, 1, 1, 1, 0, 1, 0, 1
-    else:
-        r = idx // NT
-        i0 = (idx % NT) * P
-        if KIND == 1 or KIND == 2:
-            rk = ((r + off) % d + d) % d
-        else:
-            rk = r
-        c = (r + off - rk) // d  # exact
-        lq = (QG - r + d - 1) // d
-        lk = (KG - rk + d - 1) // d
-        lf = (G - r + d - 1) // d
-        imax = tl.minimum(i0 + P - 1, lq - 1)
-        lo_first, hi_first = _interval(i0, KIND, pa, pb, c, lf)
-        lo_last, hi_last = _interval(imax, KIND, pa, pb, c, lf)
-        klo = tl.maximum(lo_first, 0)
-        khi = tl.minimum(hi_last, lk - 1)
-        nk = tl.where((khi >= klo) & (i0 < lq), (khi - klo + KP) // KP, 0)
-        fhi = tl.minimum(tl.maximum(tl.minimum(hi_first, lk - 1) + 1 - klo, 0) // KP, nk)
-        flo = tl.minimum((tl.maximum(lo_last - klo, 0) + KP - 1) // KP, fhi)
-    return r, rk, c, i0, lq, lk, lf, klo, nk, flo, fhi
-
-
-@triton.jit
-def _shell2(v, n1, n2, a1, b1, a2, b2):
-    # v-th tile (row-major) of the n1 × n2 box minus [a1, b1) × [a2, b2).
-    mw = n2 - (b2 - a2)
-    top = a1 * n2
-    mid = (b1 - a1) * mw
-    mwc = tl.maximum(mw, 1)
-    w = v - top
-    cm = w % mwc
-    wb = v - top - mid
-    t1 = tl.where(v < top, v // n2, tl.where(v < top + mid, a1 + w // mwc, b1 + wb // n2))
-    t2 = tl.where(v < top, v % n2, tl.where(v < top + mid, tl.where(cm < a2, cm, cm + (b2 - a2)), wb % n2))
-    return t1, t2
-
-
-@triton.jit
-def _row_coords(rows, i0, r, d, lq, KIND: tl.constexpr, P: tl.constexpr, INNER: tl.constexpr):
-    # Class index and grid coordinate of the patch rows along one axis (INNER: product of the
-    # patch sizes of the axes inside this one).
-    if KIND == 0:
-        qi = rows * 0
-        coord = qi
-        ok = qi == 0
-    else:
-        if INNER == 1:
-            qi = i0 + rows % P
-        else:
-            qi = i0 + (rows // INNER) % P
-        coord = r + d * qi
-        ok = qi < lq
-    return qi, coord, ok
-
-
-@triton.jit
-def _tile_start(t0, t1, t2, klo0, klo1, klo2, rk0, rk1, rk2, D0, D1, D2, KG1, KG2,
-                NDIM: tl.constexpr, KP0: tl.constexpr, KP1: tl.constexpr, KP2: tl.constexpr):
-    # First key class index of tile (t0, t1, t2) along each axis, and the flat index of its
-    # first key (the tile's keys are that plus col_base).
-    jb2 = klo2 + t2 * KP2
-    base = rk2 + D2 * jb2
-    jb1 = 0
-    jb0 = 0
-    if NDIM >= 2:
-        jb1 = klo1 + t1 * KP1
-        base += (rk1 + D1 * jb1) * KG2
-    if NDIM == 3:
-        jb0 = klo0 + t0 * KP0
-        base += (rk0 + D0 * jb0) * (KG1 * KG2)
-    return jb0, jb1, jb2, base
 
 
 @triton.jit
@@ -208,19 +107,19 @@ def _nbhd_fwd_kernel(
     h = h32.to(tl.int64)
     hk = (h32 // GROUP).to(tl.int64)  # GQA / MQA
 
-    r0, rk0, c0, i00, lq0, lk0, lf0, klo0, nk0, flo0, fhi0 = _axis_setup(
+    r0, rk0, c0, i00, lq0, lk0, lf0, klo0, nk0, flo0, fhi0 = axis_setup(
         idx0, NT0, QG0, KG0, G0, D0, 0, PA0, PB0, KIND0, P0, KP0)
-    r1, rk1, c1, i01, lq1, lk1, lf1, klo1, nk1, flo1, fhi1 = _axis_setup(
+    r1, rk1, c1, i01, lq1, lk1, lf1, klo1, nk1, flo1, fhi1 = axis_setup(
         idx1, NT1, QG1, KG1, G1, D1, 0, PA1, PB1, KIND1, P1, KP1)
-    r2, rk2, c2, i02, lq2, lk2, lf2, klo2, nk2, flo2, fhi2 = _axis_setup(
+    r2, rk2, c2, i02, lq2, lk2, lf2, klo2, nk2, flo2, fhi2 = axis_setup(
         idx2, NT2, QG2, KG2, G2, D2, OFF, PA2, PB2, KIND2, P2, KP2)
 
     # Rows: the patch's query coordinates (flat index N where off the grid) and, per axis, the
     # kept key interval [lo, hi] of each row: the predicate of partial tiles.
     rows = tl.arange(0, BLOCK_M)
-    qi2, x2, ok2 = _row_coords(rows, i02, r2, D2, lq2, KIND2, P2, 1)
-    qi1, x1, ok1 = _row_coords(rows, i01, r1, D1, lq1, KIND1, P1, P2)
-    qi0, x0, ok0 = _row_coords(rows, i00, r0, D0, lq0, KIND0, P0, P2 * P1)
+    qi2, x2, ok2 = row_coords(rows, i02, r2, D2, lq2, KIND2, P2, 1)
+    qi1, x1, ok1 = row_coords(rows, i01, r1, D1, lq1, KIND1, P1, P2)
+    qi0, x0, ok0 = row_coords(rows, i00, r0, D0, lq0, KIND0, P0, P2 * P1)
     if NDIM == 1:
         offs_m = x2
         row_ok = ok2
@@ -232,9 +131,9 @@ def _nbhd_fwd_kernel(
         row_ok = ok0 & ok1 & ok2
     if not EVEN_Q:
         offs_m = tl.where(row_ok, offs_m, N)
-    lo0, hi0 = _interval(qi0, KIND0, PA0, PB0, c0, lf0)
-    lo1, hi1 = _interval(qi1, KIND1, PA1, PB1, c1, lf1)
-    lo2, hi2 = _interval(qi2, KIND2, PA2, PB2, c2, lf2)
+    lo0, hi0 = kept_interval(qi0, KIND0, PA0, PB0, c0, lf0)
+    lo1, hi1 = kept_interval(qi1, KIND1, PA1, PB1, c1, lf1)
+    lo2, hi2 = kept_interval(qi2, KIND2, PA2, PB2, c2, lf2)
 
     # Columns: key patch offsets per axis; a tile's flat key index is one scalar plus col_base.
     cn = tl.arange(0, BLOCK_N)
@@ -282,8 +181,8 @@ def _nbhd_fwd_kernel(
             t0 = flo0 + u // (nf2 * nf1)
             t1 = flo1 + (u // nf2) % nf1
             t2 = flo2 + u % nf2
-        jb0, jb1, jb2, start = _tile_start(t0, t1, t2, klo0, klo1, klo2, rk0, rk1, rk2, D0, D1, D2, KG1, KG2,
-                                           NDIM, KP0, KP1, KP2)
+        jb0, jb1, jb2, start = tile_start(t0, t1, t2, klo0, klo1, klo2, rk0, rk1, rk2, D0, D1, D2, KG1, KG2,
+                                          NDIM, KP0, KP1, KP2)
         cols = col_base + start
         acc, rd, rm = attn_tile(
             acc, rd, rm, q, k_base, v_base, bias_base, mask_base,
@@ -309,7 +208,7 @@ def _nbhd_fwd_kernel(
             pt2 = tl.where(v < a2, v, v + (b2 - a2))
         elif NDIM == 2:
             pt0 = 0
-            pt1, pt2 = _shell2(v, nk1, nk2, a1, b1, a2, b2)
+            pt1, pt2 = shell_tile_2d(v, nk1, nk2, a1, b1, a2, b2)
         else:
             plane = nk1 * nk2
             ps = plane - (b1 - a1) * (b2 - a2)  # shell tiles of a plane crossing the full box
@@ -318,13 +217,13 @@ def _nbhd_fwd_kernel(
             ps_c = tl.maximum(ps, 1)
             w = v - top
             wb = v - top - mid
-            t1m, t2m = _shell2(w % ps_c, nk1, nk2, a1, b1, a2, b2)
+            t1m, t2m = shell_tile_2d(w % ps_c, nk1, nk2, a1, b1, a2, b2)
             in_top = v < top
             in_mid = v < top + mid
             pt0 = tl.where(in_top, v // plane, tl.where(in_mid, a0 + w // ps_c, b0 + wb // plane))
             pt1 = tl.where(in_top, (v // nk2) % nk1, tl.where(in_mid, t1m, (wb // nk2) % nk1))
             pt2 = tl.where(in_top, v % nk2, tl.where(in_mid, t2m, wb % nk2))
-        pj0, pj1, pj2, pstart = _tile_start(pt0, pt1, pt2, klo0, klo1, klo2, rk0, rk1, rk2, D0, D1, D2, KG1, KG2,
+        pj0, pj1, pj2, pstart = tile_start(pt0, pt1, pt2, klo0, klo1, klo2, rk0, rk1, rk2, D0, D1, D2, KG1, KG2,
                                            NDIM, KP0, KP1, KP2)
         # key k = jb + kc is kept by row i along an axis iff lo(i) ≤ k ≤ hi(i) and k < L_k
         keep = (kc2[None, :] >= (lo2 - pj2)[:, None]) & (kc2[None, :] <= (hi2 - pj2)[:, None])
