@@ -95,7 +95,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _as_4d(t: torch.Tensor, what: str) -> torch.Tensor:
+def as_4d(t: torch.Tensor, what: str) -> torch.Tensor:
     """[B?, H?, R, C] -> 4-D view; batch/head dims of stride 0 (expanded) collapse to size 1."""
     if t.dtype != torch.bool:
         raise ValueError(f"{what} must be a bool tensor (True = keep); got {t.dtype}")
@@ -176,7 +176,7 @@ def block_map_from_mask(mask: torch.Tensor, block_m: int, block_n: int, *, impl:
     stride-0 batch/head dims stay Bm = 1 / Hm = 1). The map keeps ``mask`` for partial tiles."""
     _check_block("block_m", block_m)
     _check_block("block_n", block_n)
-    mask4 = _as_4d(mask, "mask")
+    mask4 = as_4d(mask, "mask")
     bm_, hm, n, m = mask4.shape
     tq, tk = triton.cdiv(n, block_m), triton.cdiv(m, block_n)
     if _pick_impl(impl, mask4.device) == "torch" or n == 0 or m == 0 or bm_ * hm == 0:
@@ -226,7 +226,7 @@ def block_map_from_block_keep(keep_blocks: torch.Tensor, block_q: int, block_k: 
     mask (the map's ``mask`` is keep_blocks itself, with mask_block_q/k set)."""
     for name, b in (("block_q", block_q), ("block_k", block_k), ("block_m", block_m), ("block_n", block_n)):
         _check_block(name, b)
-    keep4 = _as_4d(keep_blocks, "keep_blocks")
+    keep4 = as_4d(keep_blocks, "keep_blocks")
     bm_, hm, nb, mb = keep4.shape
     if nb != triton.cdiv(n, block_q) or mb != triton.cdiv(m, block_k):
         raise ValueError(f"keep_blocks of shape {tuple(keep_blocks.shape)} does not tile n={n}, m={m} in "
@@ -311,7 +311,7 @@ def cached_block_map(mask: torch.Tensor, block_m: int, block_n: int, *, block_q:
     extra = (block_m, block_n, block_q, block_k, n, m, impl)
     hit = _CACHE.get(mask, extra)
     if hit is not None:
-        return dataclasses.replace(hit, mask=_as_4d(mask, "mask"))
+        return dataclasses.replace(hit, mask=as_4d(mask, "mask"))
     if block_q == 1 and block_k == 1 and n is None and m is None:
         bmap = block_map_from_mask(mask, block_m, block_n, impl=impl)
     else:

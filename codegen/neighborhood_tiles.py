@@ -1,7 +1,7 @@
 """Host side of the neighborhood kernel (codegen/triton_neighborhood.py): a ``MaskSpec`` in kernel
 terms (``kernel_axes``: per grid axis its kind, sizes, dilation, offset and parameters), the query /
 key patch planner (``plan_tiles``: patch shapes minimising the visited tiles, counted exactly per axis
-by ``axis_patches`` the way the kernel's ``_axis_setup`` computes them) and the launch table
+by ``axis_patches`` the way the kernel's ``axis_setup`` (neighborhood_geometry.py) computes them) and the launch table
 (``choose_config``). The kernel's geometry is explained in triton_neighborhood.py's docstring.
 """
 
@@ -81,7 +81,7 @@ def kernel_axes(spec: MaskSpec, n: int, m: int) -> list[_Axis]:
 
 
 def _interval_np(i: np.ndarray, ax: _Axis, c: int, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """The kernel's ``_interval`` in numpy (i ≥ 0 wherever a floor division happens)."""
+    """The kernel's ``kept_interval`` (neighborhood_geometry.py) in numpy (i ≥ 0 wherever a floor division happens)."""
     if ax.kind == _CLAMPED:
         leader = np.minimum((i // ax.pb) * ax.pb + (ax.pb - 1) // 2, length - 1)
         lo = np.minimum(np.maximum(leader - ax.pa // 2, 0), length - ax.pa)
@@ -100,7 +100,7 @@ def patches_per_class(ax: _Axis, p: int) -> int:
 
 
 def axis_patches(ax: _Axis, p: int, kp: int):
-    """Per residue class r, the kernel's view of one axis (``_axis_setup``) for all its query
+    """Per residue class r, the kernel's view of one axis (``axis_setup``) for all its query
     patches of p class indices: yields (r, rk, c, lq, lk, lf, i0, klo, nk, flo, fhi), the last five
     arrays over the patches (key tiles of kp from klo; [flo, fhi) full along the axis)."""
     nt = patches_per_class(ax, p)

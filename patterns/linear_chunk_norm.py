@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
-from .axes import AtomSizes, Axes, NoMatch, is_layout_op, shape_of
+from .axes import AtomSizes, Axes, NoMatch, shape_of
 from .linear_prefix import exclusive_prefix
 from .linear_readers import (
     axes_from_labels,
@@ -21,7 +21,7 @@ from .linear_readers import (
     operand_axes,
     to_source,
 )
-from .linear_site import LinearSite, den_axes, row_sum
+from .linear_site import LinearSite, den_axes, row_sum, same_weights
 from .softmax_chain import scalar_value
 
 aten = torch.ops.aten
@@ -58,7 +58,7 @@ def chunked_denominator(node: Node, qs: LinearSite, src: dict, chunk: str, sizes
         if rs is not None:
             w, dim, _ = rs
             axes_of = bnd["axes_of"]
-            if w not in axes_of or not _same_weights_chain(w, bnd["weights"]):
+            if w not in axes_of or not same_weights(w, bnd["weights"]):
                 return None
             ax = den_axes(w, dim, axes_of[w])
             if ax is None:
@@ -79,18 +79,6 @@ def chunked_denominator(node: Node, qs: LinearSite, src: dict, chunk: str, sizes
     if any(sorted(a for ax in axes for a in ax) != need for axes in axes_list):
         return None
     return axes_list, eps, nodes
-
-
-def _same_weights_chain(w: Node, weights: Node) -> bool:
-    """w is the weights node, or a node of the layout chain that leads to it."""
-    cur = weights
-    for _ in range(8):
-        if cur is w:
-            return True
-        if not (isinstance(cur, Node) and is_layout_op(cur)):
-            return False
-        cur = cur.args[0]
-    return False
 
 
 def _inter_den(t: Node, src: dict, chunk: str, sizes: AtomSizes,

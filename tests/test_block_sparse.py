@@ -114,7 +114,7 @@ def test_block_map_from_mask(data) -> None:
     finally:
         bmod.MASK_WORD_BYTES = old
     assert_same_map(a, b)
-    brute_force_check(a, bmod._as_4d(mask, "mask"))
+    brute_force_check(a, bmod.as_4d(mask, "mask"))
     assert a.mask is not None and a.mask.dim() == 4
 
 
@@ -147,7 +147,7 @@ def test_block_map_from_block_keep(data) -> None:
     a = block_map_from_block_keep(keep, bq, bk, n, m, bm, bn, impl="torch")
     b = block_map_from_block_keep(keep, bq, bk, n, m, bm, bn, impl="triton")
     assert_same_map(a, b)
-    tok = bmod._as_4d(token_mask(keep, bq, bk, n, m), "keep")
+    tok = bmod.as_4d(token_mask(keep, bq, bk, n, m), "keep")
     assert_same_map(a, block_map_from_mask(tok, bm, bn, impl="torch"))
     brute_force_check(a, tok)
     if aligned:
