@@ -205,18 +205,21 @@ def bias_sum_dtype(q, k, bias, sem: Spelling) -> torch.dtype | None:
     return sd if torch.finfo(sd).eps > torch.finfo(dt).eps else None
 
 
+COARSE_ULPS = 1 / 8  # a bias whose half-type ulp exceeds this: eager's sum with it is coarse
+ABSORBED = 2.0 ** 40  # a bias this large absorbs every score in float32 as in the half type: no difference
+
+
 def add_as_eager(s: torch.Tensor, added: torch.Tensor, sum_dtype: torch.dtype | None) -> torch.Tensor:
-    """s + added as eager rounds it: in ``sum_dtype`` (a half type) where s fits in it. (Where s does
-    not, eager's score overflowed already: that the rewrite does not reproduce, and says so.)"""
+    """s + added, rounded in ``sum_dtype`` (a half type) as eager's sum is where the added term is
+    coarse there (|added| · eps ≥ ``COARSE_ULPS``: a finfo.min bias absorbs the score) and s fits;
+    elsewhere in the kernels' arithmetic, as the fast kernels add it. (Eager's own rounding of the
+    scores, before the sum, is its error, not its meaning; where s does not fit, eager's score
+    overflowed already, which the rewrite does not reproduce, and says so.)"""
     if sum_dtype is None:
         return s + added
-    fits = s.abs() <= torch.finfo(sum_dtype).max
+    coarse = (added.abs() * torch.finfo(sum_dtype).eps >= COARSE_ULPS) & (s.abs() <= torch.finfo(sum_dtype).max)
     rounded = (s.to(sum_dtype) + added.to(sum_dtype)).to(s.dtype)
-    return torch.where(fits, rounded, s + added)
-
-
-COARSE_ULPS = 1 / 8  # a row's largest kept bias whose half-type ulp exceeds this: eager's sum is coarse
-ABSORBED = 2.0 ** 40  # a bias this large absorbs every score in float32 as in the half type: no difference
+    return torch.where(coarse, rounded, s + added)
 
 
 def coarse_rows(q, k, bias, keep, sem: Spelling) -> torch.Tensor | None:
