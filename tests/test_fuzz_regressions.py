@@ -8,6 +8,8 @@ the way the fuzzer's programs write it and compared with eager (own dtype) and f
 - a scale from ``torch.tensor(d).sqrt()``: a float32 value, not Python's float64 square root;
 - an SDPA call whose own bool mask is causal, with a NaN key it removes: SDPA adds the mask, so the
   row is NaN (``is_causal`` would hide the key);
+- eager's half-precision bias sum reproduced only where the bias is coarse in that type (an
+  explore-profile case: rounding every score made bf16 near-ties exact ties);
 - gradients where the fused backward's float32 LSE is coarse: a finfo.min bias over a masked row,
   scores of ~10⁴ (exp(s − LSE) of the winning key is then not 1).
 """
@@ -22,6 +24,8 @@ import torch.nn.functional as F
 from eager_cases import compiled, double, inputs, rewritten_site, same_as_eager
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+
+from rewrite.codegen.eager import add_as_eager
 
 FEW = settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck),
                phases=[Phase.explicit, Phase.reuse, Phase.generate])
@@ -156,3 +160,19 @@ def test_gradients_where_the_fused_lse_is_coarse(n, m, dtype, seed):
     own = _grads(unscaled_decode, (q, k, v))
     for a, e, o, name in zip(got, _grads(unscaled_decode, double((q, k, v))), own, "qkv"):
         same_as_eager(a, e, torch.float32, f"large scores: grad_{name}", lowp=o)
+
+
+
+@FEW
+@given(seed=st.integers(0, 2**31), big=st.floats(1e3, 3e4))
+def test_only_a_coarse_half_bias_is_summed_as_eager_rounds_it(seed, big):
+    """Scores the kernels hold in float32 (here ~10⁴, where bf16's ulp is 64) stay unrounded beside a
+    small bias (an explore-profile fuzz case: rounding them made near-ties exact ties); a bias that is
+    coarse in the half type (finfo(float16).min) gives eager's half-precision sum."""
+    s = (torch.randn(3, 40, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * big).float()
+    zero = torch.zeros(3, 40, dtype=torch.bfloat16)
+    assert torch.equal(add_as_eager(s, zero.float(), torch.bfloat16), s)
+    s16 = s.clamp(-6e4, 6e4)
+    fmin = torch.full((3, 40), torch.finfo(torch.float16).min)
+    want = (s16.half() + fmin.half()).float()
+    assert torch.equal(add_as_eager(s16, fmin, torch.float16), want)
