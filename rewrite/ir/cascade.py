@@ -28,6 +28,7 @@ MAP_OPS: dict[str, int] = {
     "×": 1, "+": 1, "−": 1, "÷": 1, "max": 1, "id": 0, "exp": 7, "sigmoid": 9,
     "φ": 2, "cast": 0, "where": 1, "select": 1,
     "fma": 2,  # fma(a, b, c) = a + b·c: a running state updated by a product (one MAC)
+    "mod": 4,  # a site's score modifier (ir/score_mod.py), e.g. soft-capping's tanh and two products
 }
 REDUCE_OPS = ("+", "max")
 
@@ -243,14 +244,20 @@ class Cascade:
 
     # ---- the canonical cascades ----------------------------------------------------------
     @staticmethod
-    def softmax_attention(mask: sympy.Basic | None = None, batch: str = "bh") -> Cascade:
-        """The 3-pass softmax cascade every softmax-attention spelling is normalised to."""
+    def softmax_attention(mask: sympy.Basic | None = None, batch: str = "bh", score_mod: str = "") -> Cascade:
+        """The 3-pass softmax cascade every softmax-attention spelling is normalised to. ``score_mod``
+        (a `ScoreMod` as text): a pointwise modifier of the raw products, before the mask."""
         b = tuple(batch)
+        qk = T("QK", (*b, "m", "p"))
+        head: tuple[Einsum, ...] = (
+            Einsum(qk, (T("Q", (*b, "e", "p")), T("K", (*b, "e", "m"))), "×", "+", mask=None if score_mod else mask),)
+        if score_mod:
+            head += (Einsum(T("QKM", (*b, "m", "p")), (qk,), "mod", mask=mask, note=f"s' = {score_mod}"),)
+            qk = T("QKM", (*b, "m", "p"))
         return Cascade((
-            Einsum(T("QK", (*b, "m", "p")), (T("Q", (*b, "e", "p")), T("K", (*b, "e", "m"))), "×", "+",
-                   mask=mask),
-            Einsum(T("GM", (*b, "p")), (T("QK", (*b, "m", "p")),), "id", "max"),
-            Einsum(T("SN", (*b, "m", "p")), (T("QK", (*b, "m", "p")), T("GM", (*b, "p"))), "−",
+            *head,
+            Einsum(T("GM", (*b, "p")), (qk,), "id", "max"),
+            Einsum(T("SN", (*b, "m", "p")), (qk, T("GM", (*b, "p"))), "−",
                    note="then exp"),
             Einsum(T("SE", (*b, "m", "p")), (T("SN", (*b, "m", "p")),), "exp"),
             Einsum(T("SD", (*b, "p")), (T("SE", (*b, "m", "p")),), "id", "+"),

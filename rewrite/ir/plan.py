@@ -71,7 +71,8 @@ class Plan:
         s = self.site
         lead = s.batch_sizes or [1]
         sizes = dict(p=s.n, m=s.m, e=s.e, f=s.f, b=math.prod(lead[:-1]), h=lead[-1])
-        return Cascade.softmax_attention(mask=pred, batch="bh").with_sizes(**sizes)
+        mod = str(s.score_mod) if getattr(s, "score_mod", None) is not None else ""
+        return Cascade.softmax_attention(mask=pred, batch="bh", score_mod=mod).with_sizes(**sizes)
 
     @property
     def density(self) -> float:

@@ -1,6 +1,7 @@
 """What a recogniser hands to the passes: a matched attention site and its bindings.
 
-A `Site` is the normalised attention ``softmax(scale·q kᵀ + Σ bias, keep) @ v`` plus the facts
+A `Site` is the normalised attention ``softmax(scale·mod(q kᵀ) + Σ bias, keep) @ v`` (``mod`` a
+`ScoreMod`, the identity for most sites) plus the facts
 the recogniser read off the graph: sizes, the scale, the fill of masked scores and one
 `MaskTerm` per mask or bias operand (its keep predicate over the positions, lifted by
 patterns/lift.py, and thunks that give its value). Passes decide from these alone; the
@@ -17,6 +18,7 @@ import sympy
 import torch
 
 from .cascade import Cascade
+from .score_mod import ScoreMod
 
 if TYPE_CHECKING:
     from torch.fx import Node
@@ -92,3 +94,5 @@ class Site:
     terms: list[MaskTerm] = field(default_factory=list)  # set by patterns/mask_terms.py, keeps first
     cascade: Cascade | None = None  # the softmax cascade with the terms' keep predicate on QK
     dtype: torch.dtype | None = None  # q, k, v promoted: what the kernel computes in
+    score_mod: ScoreMod | None = None  # the pointwise program on the raw product, before scale and masks
+    mod_leaves: list[TensorPlan] = field(default_factory=list)  # its tensors L0, L1, … ([*batch, N, M] broadcast)
