@@ -34,6 +34,7 @@ from .axes import (
     shape_of,
 )
 from .contraction import Contraction, as_contraction
+from .score_mod import lift_modifier
 from .softmax_chain import (
     CAST_OPS,
     DROPOUT_OPS,
@@ -43,6 +44,7 @@ from .softmax_chain import (
     late_softmax,
     narrows,
     only_user,
+    pass_through,
     repeat_factor,
     scalar_value,
     softmax_of,
@@ -128,28 +130,28 @@ def match_softmax_attention(sm: Node) -> Site:
     fill: float | None = None
     finite_fill_seen = False
     spelling = [qk.spelling]
-    if qk.added is not None and qk.beta != 0:
+    links = chain  # every link of the score chain (the modifier's part included)
+    lifted = lift_modifier(qk, chain, axes, sizes, _score_of)
+    if lifted is not None:  # the modifier takes the product's own scale and added input
+        for node in lifted.nodes:
+            only_user(node) if node is not links[-1] else None
+        nodes += lifted.nodes
+        chain, axes, scale = lifted.rest, lifted.axes, 1.0
+        spelling += lifted.spelling
+    elif qk.added is not None and qk.beta != 0:
         if isinstance(qk.added, Node):
             bias_raw.append((qk.added, align_broadcast(shape_of(qk.added), axes, sizes), False, qk.beta,
                              dtype_of(qk.node)))
         spelling.append("+bias")
     for node in chain:
-        only_user(node) if node is not chain[-1] else None
+        only_user(node) if node is not links[-1] else None
         nodes.append(node)
         t = node.target
-        if is_layout_op(node):
-            if t in CAST_OPS and narrows(dtype_of(node.args[0]), dtype_of(node)):
-                raise NoMatch(f"the scores are cast from {dtype_of(node.args[0])} to {dtype_of(node)} before the "
-                              "softmax (a narrowing cast rounds them, and makes scores beyond its range ±inf)")
-            axes = propagate(node, axes, sizes)
+        moved = pass_through(node, axes, sizes, "before the softmax")
+        if moved is not None:
+            axes = moved
             continue
-        if t in DROPOUT_OPS:
-            p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
-            train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
-            if train and p > 0:
-                raise NoMatch("dropout in training mode (its random mask is not reproduced)")
-            continue
-        others = [a for a in node.args if a is not _score_of(node, chain)]
+        others = [a for a in node.args if a is not _score_of(node, links)]
         if t in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar):
             val = scalar_value(others[0]) if others else None
             if val is None:
@@ -167,7 +169,7 @@ def match_softmax_attention(sm: Node) -> Site:
             other = others[0]
             alpha = node.kwargs.get("alpha", 1)
             neg = t == aten.sub.Tensor
-            if neg and node.args[0] is not _score_of(node, chain):
+            if neg and node.args[0] is not _score_of(node, links):
                 raise NoMatch("scores subtracted from a tensor")
             if isinstance(other, Node) and shape_of(other) is not None and len(shape_of(other)) > 0:
                 if finite_fill_seen:
@@ -187,7 +189,7 @@ def match_softmax_attention(sm: Node) -> Site:
                 mask_node, value, invert = node.args[1], node.args[2], True
             else:
                 cond, a, b = node.args[:3]
-                score = _score_of(node, chain)
+                score = _score_of(node, links)
                 mask_node, value, invert = (cond, b, False) if a is score else (cond, a, True)
             val = as_stored(scalar_value(value), dtype_of(node))  # -1e9 into float16 scores is -inf
             if val is None or not isinstance(mask_node, Node):
@@ -364,6 +366,9 @@ def match_softmax_attention(sm: Node) -> Site:
                                 dtype=add_dtype))
     for node, node_axes, invert in keeps:
         site.keeps.append(plan(node, node_axes, n_atoms, m_atoms, "a mask", invert=invert))
+    if lifted is not None:
+        site.score_mod = lifted.mod
+        site.mod_leaves = [plan(node, node_axes, n_atoms, m_atoms, "a bias") for node, node_axes in lifted.leaves]
     # From canonical [*batch, N, F] back to the graph's layout of the output.
     canon_atoms = [*batch, *n_atoms, *f_atoms]
     order = [canon_atoms.index(a) for ax in out_axes for a in ax]

@@ -14,7 +14,7 @@ import operator
 import torch
 from torch.fx import Graph, Node
 
-from .axes import NoMatch, dtype_of, is_layout_op, shape_of
+from .axes import NoMatch, dtype_of, is_layout_op, propagate, shape_of
 from .contraction import Contraction, as_contraction
 
 aten = torch.ops.aten
@@ -41,7 +41,8 @@ def scalar_value(x) -> float | None:
     elif x.op == "call_function" and x.target in (aten.lift_fresh_copy.default, aten.clone.default,
                                                   *CAST_OPS, aten.detach.default):
         val = scalar_value(x.args[0])
-    elif x.op == "call_function" and x.target in (aten.scalar_tensor.default, aten.full.default):
+    elif x.op == "call_function" and x.target in (aten.scalar_tensor.default, aten.full.default,
+                                                  aten.full_like.default):
         val = scalar_value(x.args[0] if x.target == aten.scalar_tensor.default else x.args[1])
     elif x.op == "call_function" and x.target == aten.sqrt.default:
         v = scalar_value(x.args[0])
@@ -143,7 +144,10 @@ def late_softmax(e: Node) -> tuple[Node, int, str, Node] | None:
 
 
 # ---- the score chain, walked backwards to its contraction ---------------------------------
-_CHAIN_UNARY = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.add.Tensor,
+# Pointwise ops a score modifier may hold (patterns/score_mod.py lifts them).
+MODIFIER_OPS = {aten.tanh.default, aten.sigmoid.default, aten.abs.default, aten.neg.default, aten.clamp.default,
+                aten.clamp_min.default, aten.clamp_max.default}
+_CHAIN_UNARY = {*MODIFIER_OPS, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.add.Tensor,
                 aten.sub.Tensor, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self,
                 aten.where.ScalarOther, aten.where.ScalarSelf, *DROPOUT_OPS}
 
@@ -192,9 +196,15 @@ def chain_back(x: Node) -> tuple[Contraction, list[Node]]:
     raise NoMatch("score chain too long")
 
 
+# Ops that read only a tensor's shape and dtype (``torch.full_like(s, -inf)`` as a fill).
+SHAPE_READERS = {aten.full_like.default, aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default}
+
+
 def only_user(node: Node, allowed: Node | None = None) -> None:
-    users = [u for u in node.users if u is not allowed]
-    if allowed is None and len(node.users) != 1 or allowed is not None and users:
+    """Raise unless ``node``'s value feeds only the next link (``allowed``, or its one user); users that
+    read only its shape (a fill built with ``full_like``) keep no value alive and do not count."""
+    users = [u for u in node.users if not (u.op == "call_function" and u.target in SHAPE_READERS)]
+    if allowed is None and len(users) != 1 or allowed is not None and [u for u in users if u is not allowed]:
         raise NoMatch(f"{node.name} is also used outside attention (e.g. the weights are returned)")
 
 
@@ -241,3 +251,22 @@ def repeat_factor(node: Node) -> int:
             return 1
         node = node.args[0]
     return 1
+
+
+def pass_through(node: Node, axes, sizes, where: str):
+    """The score axes after ``node`` when it only moves, views or widens the scores (or is dropout
+    with p = 0 / in eval mode); None when it computes. Refused: a narrowing cast (it rounds the
+    scores, and makes those beyond its range ±inf) and dropout in training mode. ``where`` names the
+    place for the reason ("before the softmax", "inside a score modifier")."""
+    if is_layout_op(node):
+        if node.target in CAST_OPS and narrows(dtype_of(node.args[0]), dtype_of(node)):
+            raise NoMatch(f"the scores are cast from {dtype_of(node.args[0])} to {dtype_of(node)} {where} (a "
+                          "narrowing cast rounds them, and makes scores beyond its range ±inf)")
+        return propagate(node, axes, sizes)
+    if node.target in DROPOUT_OPS:
+        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+        if train and p > 0:
+            raise NoMatch("dropout in training mode (its random mask is not reproduced)")
+        return axes
+    return None

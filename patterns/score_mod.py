@@ -1,0 +1,133 @@
+"""Lift the pointwise part of a score chain that is not scale / bias / mask into a `ScoreMod`.
+
+The score chain (patterns/softmax_chain.py walks it back from the softmax) is read by
+softmax_attention as ``scale · s + Σ bias`` with masks. Anything else on it (tanh, sigmoid, abs,
+clamp, a product with a tensor, a score subtracted from something) is a score modifier: the chain
+up to and including the last such op becomes the modifier's steps, and the rest of the chain is
+read as before, over the modifier's output. A mask inside the modifier's part is refused: the
+modifier would change what the mask wrote, which the kernels (masks first decide which tiles run)
+cannot reproduce.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import Node
+
+from rewrite.ir.score_mod import ModStep, ScoreMod
+
+from .axes import AtomSizes, Axes, NoMatch, align_broadcast, dtype_of, is_layout_op, shape_of
+from .contraction import Contraction
+from .softmax_chain import MODIFIER_OPS, pass_through, scalar_value
+
+aten = torch.ops.aten
+
+UNARY = {aten.tanh.default: "tanh", aten.sigmoid.default: "sigmoid", aten.abs.default: "abs",
+         aten.neg.default: "neg"}
+CLAMPS = {aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default}
+BINARY = {aten.add.Tensor: "add", aten.sub.Tensor: "sub", aten.mul.Tensor: "mul", aten.mul.Scalar: "mul",
+          aten.div.Tensor: "div", aten.div.Scalar: "div", aten.add.Scalar: "add", aten.sub.Scalar: "sub"}
+MASKS = {aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self, aten.where.ScalarOther,
+         aten.where.ScalarSelf}
+
+
+@dataclass
+class LiftedMod:
+    mod: ScoreMod
+    leaves: list[tuple[Node, Axes]]  # each leaf's graph value and its axes against the scores
+    nodes: list[Node]  # the chain nodes the modifier covers
+    rest: list[Node]  # the chain after it, read as scale / bias / mask
+    axes: Axes  # the score axes after the modifier's part
+    spelling: list[str] = field(default_factory=list)
+
+
+def needs_modifier(node: Node, score: Node | None) -> bool:
+    """An op the linear reading (scale · s + Σ bias, masks) cannot take."""
+    t = node.target
+    if t in MODIFIER_OPS:
+        return True
+    if t in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar):
+        others = [a for a in node.args[:2] if a is not score]
+        if not others:
+            return True  # s · s
+        val = scalar_value(others[0])
+        if val is None:
+            return True  # a tensor scale
+        return val <= 0 or t in (aten.div.Tensor, aten.div.Scalar) and node.args[1] is score
+    if t == aten.sub.Tensor:
+        return node.args[0] is not score  # c − s
+    return False
+
+
+def lift_modifier(qk: Contraction, chain: list[Node], axes: Axes, sizes: AtomSizes, score_of) -> LiftedMod | None:
+    """The modifier of ``chain`` (None when every op is scale, bias, mask or layout)."""
+    marks = [i for i, n in enumerate(chain) if not is_layout_op(n) and needs_modifier(n, score_of(n, chain))]
+    if not marks:
+        return None
+    part, rest = chain[:marks[-1] + 1], chain[marks[-1] + 1:]
+    steps: list[ModStep] = []
+    leaves: list[tuple[Node, Axes]] = []
+    cur: str = "s"
+
+    def step(op, *args) -> str:
+        steps.append(ModStep(op, tuple(float(a) if not isinstance(a, str) else a for a in args)))
+        return f"r{len(steps) - 1}"
+
+    def operand(x) -> str | float:
+        val = scalar_value(x)
+        if val is not None:
+            return val
+        if not isinstance(x, Node) or shape_of(x) is None:
+            raise NoMatch(f"score modifier operand {x!r} is neither a constant nor a tensor")
+        if dtype_of(x) is not None and not dtype_of(x).is_floating_point:
+            raise NoMatch(f"score modifier operand {x.name} is not a float tensor")
+        leaves.append((x, align_broadcast(shape_of(x), axes, sizes)))
+        return f"L{len(leaves) - 1}"
+
+    if qk.alpha != 1:
+        cur = step("mul", cur, qk.alpha)
+    if qk.added is not None and qk.beta != 0:
+        b = operand(qk.added)
+        if qk.beta != 1:
+            b = step("mul", b, qk.beta)
+        cur = step("add", cur, b)
+    for node in part:
+        t = node.target
+        moved = pass_through(node, axes, sizes, "inside a score modifier")
+        if moved is not None:
+            axes = moved
+            continue
+        if t in MASKS:
+            raise NoMatch(f"{node.name}: a mask applied before a score modifier (the modifier changes the "
+                          "masked scores; mask after it, as the kernels do)")
+        score = score_of(node, chain)
+        if t in UNARY:
+            cur = step(UNARY[t], cur)
+        elif t in CLAMPS:
+            lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+            hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
+            if t == aten.clamp_max.default:
+                lo, hi = None, node.args[1]
+            for bound, op in ((lo, "max"), (hi, "min")):
+                if bound is not None:
+                    val = scalar_value(bound)
+                    if val is None:
+                        raise NoMatch(f"{node.name}: clamp to a tensor bound")
+                    cur = step(op, cur, val)
+        elif t in BINARY:
+            a, b = node.args[:2]
+            other = b if a is score else a
+            if other is score:
+                raise NoMatch(f"{node.name}: the scores combined with themselves")
+            o = operand(other)
+            alpha = node.kwargs.get("alpha", 1)
+            if alpha != 1:
+                o = o * alpha if isinstance(o, float) else step("mul", o, alpha)
+            op = BINARY[t]
+            cur = step(op, cur, o) if a is score else step(op, o, cur)
+        else:
+            raise NoMatch(f"unsupported op {t} in a score modifier")
+    mod = ScoreMod(tuple(steps), len(leaves))
+    return LiftedMod(mod, leaves, part, rest, axes, [f"score modifier {mod}"])
