@@ -72,7 +72,11 @@ def attn_tile(
     kv_b, kv_h, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_DIV_N: tl.constexpr = 1, MASK_DIV_M: tl.constexpr = 1,
     keep_pred=0, HAS_PRED: tl.constexpr = False,
+    SCORE_MOD: tl.constexpr = None, mod_args=(), mod_b=0, mod_h=0,
 ):
+    # SCORE_MOD (optional): a generated ``score_mod(s, rows, cols, b, h, N, M, args)``
+    # (codegen/score_mod_gen.py) applied to the raw products before the scale, the bias and the
+    # masks; with it the scores are kept in natural units, as with a bias.
     # HAS_PRED (optional): ``keep_pred`` is a bool [BLOCK_M, BLOCK_N] predicate the caller computed
     # in closed form (triton_neighborhood.py's structured masks), ANDed like the bool mask. There
     # offs_m and start_n + offs_n are gathered flat indices of grid patches, N / M where invalid.
@@ -90,10 +94,14 @@ def attn_tile(
     if UPCAST_DOT:
         kt = kt.to(tl.float32)
     bqk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+    if SCORE_MOD is not None:
+        bqk = SCORE_MOD(bqk, offs_m, cols, mod_b, mod_h, N, M, mod_args)
     if HAS_BIAS:
         bias = load_tile(bias_base + offs_m[:, None] * stride_bn + cols[None, :] * stride_bm,
                           offs_m, cols, N, M, ROW_BOUND, KEY_BOUND)
         s = bqk * qk_scale + bias.to(tl.float32)  # natural units (see the header)
+    elif SCORE_MOD is not None:
+        s = bqk * qk_scale  # natural units
     elif FOLD_SCALE:
         s = bqk  # scale > 0 commutes with max and −inf: applied inside exp2's FMA below
     else:
@@ -121,6 +129,9 @@ def attn_tile(
     rm_new = tl.maximum(rm, lm)
     rm_safe = tl.where(rm_new == float("-inf"), 0.0, rm_new)  # empty-so-far rows: no −inf − −inf
     if HAS_BIAS:
+        sln = tl.math.exp2((s - rm_safe[:, None]) * 1.4426950408889634)
+        prm = tl.math.exp2((rm - rm_safe) * 1.4426950408889634)
+    elif SCORE_MOD is not None:
         sln = tl.math.exp2((s - rm_safe[:, None]) * 1.4426950408889634)
         prm = tl.math.exp2((rm - rm_safe) * 1.4426950408889634)
     elif FOLD_SCALE:

@@ -40,19 +40,19 @@ def concrete(*tensors: torch.Tensor | None) -> bool:
 
 
 def recompute_grads(forward, tensors, needs, grad) -> list | None:
-    """Gradients of ``tensors`` (q, k, v, bias; None where not needed) by running ``forward`` (a
-    differentiable function of them) again under autograd: every attention op's backward. ``forward``
-    may return None (its path does not apply to these inputs); then so does this."""
+    """Gradients of ``tensors`` (q, k, v, bias, …; None where ``needs`` says no) by running ``forward``
+    (a differentiable function of them) again under autograd: every attention op's backward.
+    ``forward`` may return None (its path does not apply to these inputs); then so does this."""
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(bool(n)) if t is not None and t.is_floating_point() else t
-                  for t, n in zip(tensors, needs[:4])]
+                  for t, n in zip(tensors, needs)]
         out = forward(*leaves)
         if out is None:
             return None
-        wrt = [t for t, n in zip(leaves, needs[:4]) if t is not None and n]
+        wrt = [t for t, n in zip(leaves, needs) if t is not None and n]
         grads = iter(torch.autograd.grad(out, wrt, grad.to(out.dtype), allow_unused=True) if wrt else [])
     result = []
-    for t, n in zip(leaves, needs[:4]):
+    for t, n in zip(leaves, needs):
         g = next(grads) if t is not None and n else None
         # Broadcast inputs (a [B,1,1,M] bias, an MQA key) get their gradient summed back.
         result.append(g.sum_to_size(t.shape) if g is not None and g.shape != t.shape else g)

@@ -150,13 +150,15 @@ def sdpa_call(q, k, v, bias, keep, scale: float, is_causal: bool = False) -> tor
 
 
 def eager_attention(q, k, v, bias, removed: Removed, scale: float, sem: Spelling,
-                    rows: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                    rows: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                    score_mod=None) -> torch.Tensor:
     """The eager spelling over every key: softmax(scale·q kᵀ + bias, removed scores given ``sem.fill``,
     written over the score or added to it) @ v, by blocks of rows, differentiable. q [B, Hq, N, D],
     k/v [B, Hkv, M, *], bias broadcastable to [B, Hq, N, M]. Arithmetic in ``compute_dtype`` (float32
     for half types, as the kernels: eager's own float16 score overflow is not reproduced, and the
     site's report says so). ``rows`` [B, Hq, N] bool with ``out``: recompute only the blocks that hold
-    such rows and merge those rows into ``out``. An SDPA spelling is SDPA itself."""
+    such rows and merge those rows into ``out``. An SDPA spelling is SDPA itself. ``score_mod(s, r0, r1)``
+    (optional) modifies the raw products q kᵀ of rows r0:r1 before the scale (a site's `ScoreMod`)."""
     bsz, hq, n, _ = q.shape
     m = k.shape[2]
     if sem.sdpa:  # is_causal hides what a bool mask (added as −inf) does not: keep the call's own form
@@ -173,7 +175,8 @@ def eager_attention(q, k, v, bias, removed: Removed, scale: float, sem: Spelling
         if rows is not None and not bool(rows[..., r0:r1].any()):
             pieces.append(out[:, :, r0:r1])
             continue
-        s = (q[:, :, r0:r1].to(dt) @ kk.transpose(-1, -2)) * scale
+        s = q[:, :, r0:r1].to(dt) @ kk.transpose(-1, -2)
+        s = (s if score_mod is None else score_mod(s, r0, r1)) * scale
         keep = removed.rows(r0, r1, q.device)
         added = None if bias is None else (bias[..., r0:r1, :] if bias.shape[-2] > 1 else bias).to(dt)
         if keep is not None and sem.additive:

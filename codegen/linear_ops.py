@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from .backward import recompute_grads
+
 KERNELS = ("torch", "triton", "reference")
 CHUNK = 64
 
@@ -117,18 +119,7 @@ linear_attention.register_autograd(_linear_backward, setup_context=_linear_setup
 
 
 def _recompute_grads(ctx, grad, fn):
-    ins = ctx.saved_tensors
-    needs = ctx.needs_input_grad[:3]
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(bool(n)) for t, n in zip(ins, needs)]
-        out = fn(*leaves, *ctx.args)
-        wrt = [t for t, n in zip(leaves, needs) if n]
-        grads = iter(torch.autograd.grad(out, wrt, grad.to(out.dtype), allow_unused=True) if wrt else [])
-    result = []
-    for t, n in zip(leaves, needs):
-        g = next(grads) if n else None
-        result.append(g.sum_to_size(t.shape) if g is not None and g.shape != t.shape else g)
-    return result
+    return recompute_grads(lambda *t: fn(*t, *ctx.args), ctx.saved_tensors, ctx.needs_input_grad[:3], grad)
 
 
 # ---- flow attention ----------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .attention_tiles import LOG2E, attn_tile, load_tile, store_rows
+from .score_mod_gen import leaf_args
 
 try:  # host-side TMA descriptors (Triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -45,12 +46,12 @@ def _attn_fwd_kernel(
     stride_bb, stride_bh, stride_bn, stride_bm,
     stride_mb, stride_mh, stride_mn, stride_mm,
     stride_ob, stride_oh, stride_on, stride_od,
-    HQ, GROUP, N, M, D, DV, qk_scale, causal_offset, num_m_blocks,
+    HQ, GROUP, N, M, D, DV, qk_scale, causal_offset, num_m_blocks, mod_args,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, RETURN_LSE: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, FOLD_SCALE: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, SCORE_MOD: tl.constexpr, NATURAL: tl.constexpr,
 ):
     # Q, K, V, Out are pointers, or with USE_TMA host-built 4-D TMA descriptors over the same
     # strided tensors (Hopper's bulk tensor copy engine: fewer address instructions, async copies).
@@ -114,6 +115,7 @@ def _attn_fwd_kernel(
             stride_kn, stride_kd, stride_vn, stride_vd, stride_bn, stride_bm, stride_mn, stride_mm,
             HAS_BIAS, HAS_MASK, False, False, not EVEN_N, PAD_D, PAD_DV, DOT_PRECISION, UPCAST_DOT,
             FOLD_SCALE, b32, hk32, USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV,
+            SCORE_MOD=SCORE_MOD, mod_args=mod_args, mod_b=b, mod_h=h,
         )
     for start_n in range(lo, hi, BLOCK_N):
         acc, rd, rm = attn_tile(
@@ -122,6 +124,7 @@ def _attn_fwd_kernel(
             stride_kn, stride_kd, stride_vn, stride_vd, stride_bn, stride_bm, stride_mn, stride_mm,
             HAS_BIAS, HAS_MASK, CAUSAL, not EVEN_M, not EVEN_N, PAD_D, PAD_DV, DOT_PRECISION, UPCAST_DOT,
             FOLD_SCALE, b32, hk32, USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV,
+            SCORE_MOD=SCORE_MOD, mod_args=mod_args, mod_b=b, mod_h=h,
         )
 
     # AV = RNV ÷ RD: 0 ÷ 0 = NaN for rows that never saw a finite score, as in eager.
@@ -133,7 +136,7 @@ def _attn_fwd_kernel(
         o_ptrs = (Out + b * stride_ob + h * stride_oh
                   + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od)
     store_rows(out, rm, rd, o_ptrs, Lse + bh.to(tl.int64) * N + offs_m, offs_m, offs_dv, N, DV,
-                not USE_TMA, HAS_BIAS, RETURN_LSE, EVEN_N, PAD_DV)
+                not USE_TMA, NATURAL, RETURN_LSE, EVEN_N, PAD_DV)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -279,8 +282,13 @@ def triton_attention(
     causal_offset: int = 0,
     return_lse: bool = False,
     config: AttentionConfig | None = None,
+    score_mod=None,
+    mod_leaves: tuple[torch.Tensor, ...] = (),
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """softmax(scale · q kᵀ + bias, masked −inf) @ v, fused; see the module docstring.
+
+    ``score_mod`` (optional): a generated Triton score modifier (codegen/score_mod_gen.py) applied
+    to q kᵀ before the scale, with its leaf tensors ``mod_leaves`` (broadcastable to [B, Hq, N, M]).
 
     q [B, Hq, N, D], k [B, Hkv, M, D], v [B, Hkv, M, Dv], Hq % Hkv == 0, any strides.
     bias: float, broadcastable to [B, Hq, N, M]. mask: bool, broadcastable, True = keep.
@@ -297,7 +305,8 @@ def triton_attention(
     if done:
         return (out, lse) if return_lse else out
 
-    cfg = config or choose_config(D, DV, q.dtype, q.device, causal, bias is not None or mask is not None)
+    cfg = config or choose_config(D, DV, q.dtype, q.device, causal,
+                                  bias is not None or mask is not None or score_mod is not None)
     block_d = max(16, triton.next_power_of_2(D))
     block_dv = max(16, triton.next_power_of_2(DV))
     use_tma = use_tma_for(cfg, q.device, (q, k, v, out), (block_d, block_d, block_dv, block_dv))
@@ -308,7 +317,9 @@ def triton_attention(
     mask_arg = mask if has_mask else q
     bs = bias.stride() if has_bias else (0, 0, 0, 0)
     ms = mask.stride() if has_mask else (0, 0, 0, 0)
-    qk_scale = float(scale) if has_bias else float(scale) * LOG2E
+    natural = has_bias or score_mod is not None  # scores in natural units, not log2 (attention_tiles.py)
+    qk_scale = float(scale) if natural else float(scale) * LOG2E
+    mod_args = leaf_args([broadcast_4d(t, shape4, "score modifier tensor") for t in mod_leaves])
 
     with torch.cuda.device(q.device) if q.device.type == "cuda" else nullcontext():
         if use_tma:
@@ -320,7 +331,7 @@ def triton_attention(
         _attn_fwd_kernel[grid](
             qa, ka, va, bias_arg, mask_arg, oa, lse,
             *q.stride(), *k.stride(), *v.stride(), *bs, *ms, *out.stride(),
-            HQ, HQ // HKV, N, M, D, DV, qk_scale, int(causal_offset), num_m_blocks,
+            HQ, HQ // HKV, N, M, D, DV, qk_scale, int(causal_offset), num_m_blocks, mod_args,
             HAS_BIAS=has_bias, HAS_MASK=has_mask, CAUSAL=bool(causal), RETURN_LSE=return_lse,
             EVEN_N=N % cfg.block_m == 0, EVEN_M=M % cfg.block_n == 0,
             PAD_D=block_d != D, PAD_DV=block_dv != DV,
@@ -330,8 +341,8 @@ def triton_attention(
             # (seen with triton 3.8): upcast them there. bf16 -> fp32 is exact and the products
             # are exact in fp32 either way, so the math is the tensor cores' (fp32 accumulate).
             UPCAST_DOT=q.device.type == "cpu" and q.dtype == torch.bfloat16,
-            FOLD_SCALE=not has_bias and scale > 0,
-            USE_TMA=use_tma,
+            FOLD_SCALE=not natural and scale > 0,
+            USE_TMA=use_tma, SCORE_MOD=score_mod, NATURAL=natural,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return (out, lse) if return_lse else out

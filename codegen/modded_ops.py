@@ -1,0 +1,152 @@
+"""``rewrite::modded_attention``: softmax attention with a score modifier (a site's `ScoreMod`).
+
+The canonical layout and eager semantics of ``rewrite::attention`` (codegen/ops.py), with the
+modifier applied to the raw products before the scale, the bias and the masks:
+
+    S   = scale · mod(q kᵀ, leaves) + bias
+    S   = fill where mask is False or (causal and m > p + causal_offset)
+    out = softmax(S, -1) @ v
+
+``program`` is the `ScoreMod` as JSON; ``leaves`` its tensors, broadcastable to [*batch, N, M].
+Kernels: "triton", the fused softmax-attention kernel with the generated modifier in its tiles
+(masks as −inf, causal tiles skipped; rows a finite fill would change are settled to eager's
+spelling by recomputation), and "torch", eager's math by row blocks with the same modifier
+(an SDPA call, and where a CPU input check finds values a kernel that skips keys cannot take).
+The backward recomputes through the torch path under autograd (gradients for q, k, v, the bias
+and every leaf: a learned logit scale trains).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rewrite.ir.score_mod import ScoreMod
+
+from . import counters
+from .backward import recompute_grads
+from .eager import Removed, checks_inputs, coarse_rows, eager_attention, lse_floor, score_bound, settle, tame
+from .ops import as_bhnd, out_shape, spelling_of
+from .score_mod_gen import apply_torch
+
+KERNELS = ("torch", "triton")
+
+
+def _four(q, k, v, t):
+    return as_bhnd(q, k, v, t, None)[0][3]
+
+
+def _rows_of(t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    return t[..., r0:r1, :] if t.shape[-2] > 1 else t
+
+
+def _torch_path(q, k, v, leaves, bias, mask, scale, causal, causal_offset, sem, mod: ScoreMod):
+    (q4, k4, v4, b4, m4), batch = as_bhnd(q, k, v, bias, mask)
+    leaves4 = [_four(q, k, v, t) for t in leaves]
+    removed = Removed(q.shape[-2], k.shape[-2], m4, causal_offset if causal else None)
+    if k.shape[-2] == 0:
+        out = q4.new_zeros(*q4.shape[:3], v4.shape[-1])
+    else:
+        out = eager_attention(q4, k4, v4, b4, removed, scale, sem, score_mod=_modify(mod, leaves4))
+    return out.reshape(*batch, *out.shape[-2:])
+
+
+def _modify(mod: ScoreMod, leaves4: list[torch.Tensor]):
+    def modify(s, r0, r1):
+        return apply_torch(mod, s, [_rows_of(t, r0, r1) for t in leaves4])
+    return modify
+
+
+def _triton_ok(q, k, v, leaves, scale, sem) -> bool:
+    if sem.sdpa or k.shape[-2] == 0:
+        return False
+    if checks_inputs(q):  # the CPU (the interpreter): inputs the tiles' skipping would treat otherwise
+        return (tame(q, k, v, scale, selecting=True, additive=sem.additive)
+                and all(bool(torch.isfinite(t).all()) for t in leaves))
+    return True
+
+
+def _triton_path(q, k, v, leaves, bias, mask, scale, causal, causal_offset, sem, mod: ScoreMod):
+    """The fused kernel with the generated modifier (masks as −inf), its rows then settled to eager's
+    spelling as the plain op's are (codegen/eager.py ``settle``): with a finite fill, rows whose kept
+    modified scores come near the fill are recomputed by the torch path. The removed score's excess
+    over an added fill is bounded by interval arithmetic over the modifier (``modified_bound``)."""
+    from .score_mod_gen import modified_bound, triton_function
+    from .triton_attention import triton_attention
+
+    counters.ran("triton (generated score modifier)")
+    (q4, k4, v4, b4, m4), batch = as_bhnd(q, k, v, bias, mask)
+    dt = torch.promote_types(torch.promote_types(q4.dtype, k4.dtype), v4.dtype)
+    q4, k4, v4 = q4.to(dt), k4.to(dt), v4.to(dt)
+    leaves4 = [_four(q, k, v, t) for t in leaves]
+    n, m = q4.shape[2], k4.shape[2]
+    removed = Removed(n, m, m4, causal_offset if causal else None)
+    coarse = None if b4 is None else coarse_rows(q4, k4, b4, removed.rows(0, n, q4.device), sem)
+    want = sem.finite or coarse is not None
+    res = triton_attention(q4, k4, v4, scale=scale, bias=b4, mask=m4, causal=causal, causal_offset=causal_offset,
+                           score_mod=triton_function(mod), mod_leaves=tuple(leaves4), return_lse=want)
+    if want:
+        excess = None
+        if sem.additive and sem.finite:
+            excess = modified_bound(mod, score_bound(q4, k4, 1.0), leaves4) * abs(scale)
+
+        def recompute(out, rows):
+            return eager_attention(q4, k4, v4, b4, removed, scale, sem, rows, out, score_mod=_modify(mod, leaves4))
+
+        res = settle(res[0], lse_floor(res[1], m), sem, dt, recompute, excess, coarse)
+    return res.reshape(*batch, *res.shape[-2:])
+
+
+@torch.library.custom_op("rewrite::modded_attention", mutates_args=())
+def modded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, leaves: list[torch.Tensor],
+                     bias: torch.Tensor | None, mask: torch.Tensor | None, scale: float, causal: bool,
+                     causal_offset: int, masked_row: str, kernel: str, out_dtype: torch.dtype, program: str,
+                     fill: float | None = None, additive: bool = False, site: str = "") -> torch.Tensor:
+    if kernel not in KERNELS:
+        raise ValueError(f"rewrite::modded_attention: unknown kernel {kernel!r}; choose from {KERNELS}")
+    mod = ScoreMod.from_json(program)
+    sem = spelling_of(q, k, masked_row, fill, additive)
+    with counters.running(site):
+        if kernel == "triton" and _triton_ok(q, k, v, leaves, scale, sem):
+            out = _triton_path(q, k, v, leaves, bias, mask, scale, causal, causal_offset, sem, mod)
+        else:
+            counters.ran("torch (eager math by row blocks, score modifier)" if kernel == "torch" else
+                         "torch (score modifier; the Triton tiles do not take these inputs)")
+            out = _torch_path(q, k, v, leaves, bias, mask, scale, causal, causal_offset, sem, mod)
+    return out.to(out_dtype).contiguous()
+
+
+@modded_attention.register_fake
+def _fake(q, k, v, leaves, bias, mask, scale, causal, causal_offset, masked_row, kernel, out_dtype, program,
+          fill=None, additive=False, site=""):
+    return q.new_empty(out_shape(q, k, v, bias, mask), dtype=out_dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, leaves, bias, mask, scale, causal, causal_offset, masked_row, _kernel, _dt, program, fill, additive,
+     site) = inputs
+    ctx.save_for_backward(q, k, v, bias, mask, *leaves)
+    ctx.leaf_count = len(leaves)
+    ctx.leaf_grad = [t.requires_grad and t.is_floating_point() for t in leaves]
+    ctx.args = (scale, causal, causal_offset, spelling_of(q, k, masked_row, fill, additive),
+                ScoreMod.from_json(program), site)
+
+
+def _backward(ctx, grad):
+    q, k, v, bias, mask, *leaves = ctx.saved_tensors
+    scale, causal, causal_offset, sem, mod, site = ctx.args
+    needs = ctx.needs_input_grad
+    want = [bool(needs[0]), bool(needs[1]), bool(needs[2]), *ctx.leaf_grad, bool(needs[4]) and bias is not None]
+    nl = len(leaves)
+
+    def forward(q, k, v, *rest):
+        return _torch_path(q, k, v, rest[:nl], rest[nl], mask, scale, causal, causal_offset, sem, mod)
+
+    with counters.running(site):
+        counters.ran("backward: torch recompute (score modifier)")
+        grads = recompute_grads(forward, (q, k, v, *leaves, bias), want, grad)
+    gq, gk, gv = grads[:3]
+    gleaves = grads[3:3 + nl]
+    return gq, gk, gv, gleaves, grads[-1], *([None] * 11)
+
+
+modded_attention.register_autograd(_backward, setup_context=_setup_context)
