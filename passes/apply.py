@@ -1,4 +1,5 @@
-"""The fx rewrite: replace a planned site by one call of ``torch.ops.rewrite.attention``."""
+"""The fx rewrite: replace a planned site by one call of ``torch.ops.rewrite.attention`` (or its sparse or
+score-modified form)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 import torch
 from torch.fx import Graph, Node
 
+import rewrite.codegen.modded_ops  # noqa: F401  (registers torch.ops.rewrite.modded_attention)
 import rewrite.codegen.ops  # noqa: F401  (registers torch.ops.rewrite.*)
 from rewrite.codegen.sparse_ops import op_spec
 from rewrite.ir.site import TensorPlan
@@ -77,7 +79,12 @@ def apply_plan(graph: Graph, plan: Plan, site_id: str = "") -> Node:
         if plan.constant_mask is not None:
             keeps.append(_constant(graph, plan.constant_mask))
         keep = _combine(graph, keeps, aten.logical_and.default)
-        if plan.sparse:
+        if site.score_mod is not None:
+            leaves = [canonical_operand(graph, t) for t in site.mod_leaves]
+            out = graph.call_function(torch.ops.rewrite.modded_attention.default, (
+                q, k, v, leaves, bias, keep, float(site.scale), bool(plan.causal), int(plan.causal_offset),
+                plan.masked_row, plan.kernel, site.out_dtype, site.score_mod.to_json(), *_fill_args(plan), site_id))
+        elif plan.sparse:
             out = graph.call_function(torch.ops.rewrite.sparse_attention.default, (
                 q, k, v, bias, keep, float(site.scale),
                 op_spec(plan.mask, plan.implied, plan.mask_blocks, plan.recheck),

@@ -42,9 +42,28 @@ TABLE: tuple[Rule, ...] = (
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+# A site with a score modifier (SDPA takes none): the generated Triton kernel, or eager's math by rows.
+MODIFIED: tuple[Rule, ...] = (
+    Rule(SOFTMAX, ("triton",), None, None, "triton", "backend='triton' asked for: the modifier generated into "
+         "the fused kernel's tiles"),
+    Rule(SOFTMAX, ("auto",), True, None, "triton", "score modifier: generated into the fused kernel's tiles "
+         "(SDPA takes no modifier)"),
+    Rule(SOFTMAX, ("auto", "torch"), None, None, "torch", "score modifier: eager's math by row blocks (no GPU, "
+         "or backend='torch'; SDPA takes no modifier)"),
+)
+
+
 def choose_kernel(variant: str, backend: str, on_gpu: bool, bottom_right: bool = False,
-                  dtype: torch.dtype | None = None) -> tuple[str, str]:
-    """(kernel, reason) for a site; every (variant, backend) has a rule."""
+                  dtype: torch.dtype | None = None, modified: bool = False) -> tuple[str, str]:
+    """(kernel, reason) for a site; every (variant, backend) has a rule. ``modified``: the site has a
+    score modifier (dense and causal only: the plan refuses a modifier with a sparse structure)."""
+    if modified:
+        if dtype is not None and dtype not in TRITON_DTYPES:
+            return "torch", f"score modifier in {str(dtype).removeprefix('torch.')}: eager's math by row blocks"
+        for rule in MODIFIED:
+            if variant in rule.variants and backend in rule.backends and (rule.gpu is None or rule.gpu == on_gpu):
+                return rule.kernel, rule.reason
+        raise ValueError(f"no kernel rule for a score-modified {variant!r} site with backend {backend!r}")
     if dtype is not None and dtype not in TRITON_DTYPES and backend in ("triton", "auto"):
         kernel, why = choose_kernel(variant, "torch", on_gpu, bottom_right)
         names = ", ".join(str(d).removeprefix("torch.") for d in TRITON_DTYPES)

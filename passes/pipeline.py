@@ -66,13 +66,15 @@ def rewrite_graph(gm: GraphModule, backend: str, example_inputs=None) -> tuple[G
         rep = SiteReport(
             variant=plan.variant, location=site.location, spelling=site.spelling, rewritten=True,
             kernel=plan.kernel, cascade=str(cascade),
-            rewritten_cascade=str(Cascade.online_softmax_attention(mask=cascade.einsums[0].mask)),
+            rewritten_cascade=str(Cascade.online_softmax_attention(
+                mask=next((e.mask for e in cascade if e.mask is not None), None))),
             mask=plan.mask.describe(), proof=plan.mask.proof, shapes=_shapes(site), flops=plan.flops,
             density=plan.density,
             pass_count={"original": original_passes, "rewritten": online_passes},
             ideal_speedup=1.0 / plan.density if plan.density > 0 else None, gqa=site.gqa_groups > 1,
             notes=list(plan.notes), cascade_ir=cascade, mask_spec=plan.mask,
-            site_id=counters.register(site.location, plan.kernel))
+            site_id=counters.register(site.location, plan.kernel),
+            score_mod=str(site.score_mod or ""), kernel_source=modifier_source(site.score_mod, plan.kernel))
         apply_plan(gm.graph, plan, rep.site_id)
         changed = True
         reports.append(rep)
@@ -81,6 +83,16 @@ def rewrite_graph(gm: GraphModule, backend: str, example_inputs=None) -> tuple[G
         gm.graph.lint()
         gm.recompile()
     return gm, reports
+
+
+def modifier_source(mod, kernel: str) -> str:
+    """The generated code a score-modified site runs, and where the Triton file lives."""
+    if mod is None:
+        return ""
+    from rewrite.codegen.score_mod_gen import source_path, triton_source
+
+    text = triton_source(mod)
+    return f"# {source_path(mod)}\n{text}" if kernel == "triton" else f"# runs on the torch path; Triton form:\n{text}"
 
 
 def node_device(node) -> torch.device | None:

@@ -254,9 +254,16 @@ def plan_site(site: Site, backend: str, device: torch.device | None) -> Plan:
         constant, keeps, biases, hint, causal = _sdpa_causal_mask(site, facts) + (offset, False)
         if biases:
             hint = None
+    modified = site.score_mod is not None
+    if modified and variant not in ("dense", "causal"):
+        if constant is None and not implied and not (variant == "block_sparse" and keeps):
+            raise ValueError(f"a score modifier with a {spec.kind} mask: the sparse kernels do not apply modifiers "
+                             "yet (the site runs as written)")
+        notes.append(f"score modifier: the {variant} tiles do not take it; the dense kernel applies the mask")
+        variant, spec, kept_fraction, table, mask_blocks = "dense", replace(spec, kind="dense"), None, None, None
     on_gpu = device is not None and device.type == "cuda"
     kernel, why = choose_kernel(variant, backend, on_gpu, bottom_right=(causal or sdpa_mask) and offset != 0,
-                                 dtype=site.dtype)
+                                 dtype=site.dtype, modified=modified)
     notes.append(f"kernel {kernel}: {why}")
     if on_gpu and not site.kept_as_is and (keeps or causal or spec.kind != "dense" or constant is not None):
         notes.append("on a GPU NaN/inf inputs are not checked (it costs a host sync per call): a NaN/inf key or "

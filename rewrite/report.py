@@ -33,6 +33,8 @@ class SiteReport:
     cascade_ir: Cascade | None = field(default=None, repr=False, compare=False)
     mask_spec: Any = field(default=None, repr=False, compare=False)  # passes.masks.MaskSpec the kernel runs
     site_id: str = ""  # the site's name in the run-time kernel counters
+    score_mod: str = ""  # the inferred score modifier s' = f(s, L…), "" when there is none
+    kernel_source: str = ""  # generated kernel code (the score modifier's Triton function) and where it lives
 
     @property
     def ran(self) -> dict[str, int]:
