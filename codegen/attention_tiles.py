@@ -72,7 +72,7 @@ def attn_tile(
     kv_b, kv_h, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_DIV_N: tl.constexpr = 1, MASK_DIV_M: tl.constexpr = 1,
     keep_pred=0, HAS_PRED: tl.constexpr = False,
-    SCORE_MOD: tl.constexpr = None, mod_args=(), mod_b=0, mod_h=0,
+    SCORE_MOD: tl.constexpr = None, mod_args=None, mod_b=0, mod_h=0,
 ):
     # SCORE_MOD (optional): a generated ``score_mod(s, rows, cols, b, h, N, M, args)``
     # (codegen/score_mod_gen.py) applied to the raw products before the scale, the bias and the

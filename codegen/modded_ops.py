@@ -18,13 +18,15 @@ and every leaf: a learned logit scale trains).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from rewrite.ir.score_mod import ScoreMod
 
 from . import counters
 from .backward import recompute_grads
-from .eager import Removed, checks_inputs, coarse_rows, eager_attention, lse_floor, score_bound, settle, tame
+from .eager import Removed, checks_inputs, coarse_rows, eager_attention, lse_floor, score_bound, settle, tame, underflow
 from .ops import as_bhnd, out_shape, spelling_of
 from .score_mod_gen import apply_torch
 
@@ -65,6 +67,25 @@ def _triton_ok(q, k, v, leaves, scale, sem) -> bool:
     return True
 
 
+def fill_cannot_show(mod: ScoreMod, leaves4, bias, mask, causal: bool, causal_offset: int, scale: float,
+                      sem, dtype) -> bool:
+    """True when no row's result can depend on a finite fill, proven before the launch (no LSE, no
+    row check, no host sync where the modifier has no leaves): every row keeps a key (no mask tensor,
+    no bias, causal offset ≥ 0) and the modifier is bounded, |scale·mod(s)| ≤ B for every s
+    (``modified_bound`` over s ∈ ℝ), so a removed score (≤ fill + B when added) sits at least
+    −(fill + 2B) below its row's largest kept score, past exp's underflow. Gemma 2's soft-cap with a
+    finfo.min causal mask is the case: B = cap·scale."""
+    from .score_mod_gen import modified_bound
+
+    if mask is not None or bias is not None or (causal and causal_offset < 0):
+        return False
+    bound = abs(scale) * float(modified_bound(mod, torch.tensor(float("inf"), dtype=torch.float64), leaves4))
+    if not math.isfinite(bound):
+        return False
+    gap = sem.fill + (2 * bound if sem.additive else bound)
+    return gap + 4 * torch.finfo(torch.float32).eps * abs(sem.fill) < underflow(dtype)
+
+
 def _triton_path(q, k, v, leaves, bias, mask, scale, causal, causal_offset, sem, mod: ScoreMod):
     """The fused kernel with the generated modifier (masks as −inf), its rows then settled to eager's
     spelling as the plain op's are (codegen/eager.py ``settle``): with a finite fill, rows whose kept
@@ -81,7 +102,8 @@ def _triton_path(q, k, v, leaves, bias, mask, scale, causal, causal_offset, sem,
     n, m = q4.shape[2], k4.shape[2]
     removed = Removed(n, m, m4, causal_offset if causal else None)
     coarse = None if b4 is None else coarse_rows(q4, k4, b4, removed.rows(0, n, q4.device), sem)
-    want = sem.finite or coarse is not None
+    want = coarse is not None or (sem.finite and not fill_cannot_show(mod, leaves4, b4, m4, causal, causal_offset,
+                                                                        scale, sem, dt))
     res = triton_attention(q4, k4, v4, scale=scale, bias=b4, mask=m4, causal=causal, causal_offset=causal_offset,
                            score_mod=triton_function(mod), mod_leaves=tuple(leaves4), return_lse=want)
     if want:

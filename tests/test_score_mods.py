@@ -29,7 +29,7 @@ def gemma2_softcap(q, k, v, cap=50.0):
     w = w / cap
     w = torch.tanh(w)
     w = w * cap
-    mask = torch.full((n, m), torch.finfo(w.dtype).min, dtype=w.dtype).triu(1 + m - n)
+    mask = torch.full((n, m), torch.finfo(w.dtype).min, dtype=w.dtype, device=w.device).triu(1 + m - n)
     w = w + mask
     return F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
@@ -285,3 +285,25 @@ def test_generated_modifiers_on_the_gpu(dtype, n, extra, d, groups):
     for name, a, b in zip("qkvs", got, want):
         err = float((a.double() - b).abs().max() / (b.abs().max() + 1e-9))
         assert err < tol, f"grad {name}: relative error {err:.2e}"
+
+
+def test_a_finite_fill_is_proven_invisible_only_where_it_is():
+    """The shortcut that skips the row check: a bounded modifier, no empty row, a fill far enough
+    below. Each near-miss (an unbounded modifier, an offset that empties rows, a fill close to the
+    capped scores, a mask tensor) must keep the check."""
+    from rewrite.codegen.eager import Spelling
+    from rewrite.codegen.modded_ops import fill_cannot_show
+
+    cap = ScoreMod((ModStep("mul", ("s", 0.01)), ModStep("tanh", ("r0",))))
+    clamp_hi = ScoreMod((ModStep("min", ("s", 4.0)),))  # bounded above only
+    fmin = Spelling(torch.finfo(torch.float32).min, True)
+
+    def ok(mod, fill=fmin, mask=None, offset=0, scale=50.0):
+        return fill_cannot_show(mod, [], None, mask, True, offset, scale, fill, torch.float32)
+
+    assert ok(cap)
+    assert ok(cap, Spelling(-1e4, False))
+    assert not ok(clamp_hi)
+    assert not ok(cap, offset=-1)
+    assert not ok(cap, Spelling(-150.0, True))  # removed ≤ −150 + 50, kept ≥ −50: a weight e^−50 survives
+    assert not ok(cap, mask=torch.ones(1, 1, dtype=torch.bool))
