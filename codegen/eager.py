@@ -53,7 +53,7 @@ from rewrite.ir.mask import MaskSpec, keep_rows
 from . import counters
 
 NEG_INF = float("-inf")
-MASKED_ROWS = ("nan", "mean", "zero")
+MASKED_ROWS = ("nan", "mean", "zero", "zero_masked")
 ROW_ELEMS = 1 << 24  # score entries (all batch·heads) of one block of rows in eager_attention
 
 
@@ -64,15 +64,17 @@ class Spelling:
     fill: float = NEG_INF
     additive: bool = False
     sdpa: bool = False
+    sdpa_masked: bool = False  # the SDPA call passed an attn_mask (one the rewrite may have proven keeps all)
 
     @staticmethod
     def of(masked_row: str, fill: float | None, additive: bool, dtype: torch.dtype) -> Spelling:
-        """From the ops' arguments: ``masked_row`` "zero" is an SDPA call; ``fill`` None is −inf, or
-        for "mean" (a finite fill whose value the caller did not give) finfo(dtype).min."""
+        """From the ops' arguments: ``masked_row`` "zero" is an SDPA call, "zero_masked" one that passed
+        an attn_mask; ``fill`` None is −inf, or for "mean" (a finite fill whose value the caller did
+        not give) finfo(dtype).min."""
         if masked_row not in MASKED_ROWS:
             raise ValueError(f"masked_row must be one of {MASKED_ROWS}, not {masked_row!r}")
-        if masked_row == "zero":
-            return Spelling(sdpa=True)
+        if masked_row in ("zero", "zero_masked"):
+            return Spelling(sdpa=True, sdpa_masked=masked_row == "zero_masked")
         if fill is None:
             fill = torch.finfo(dtype).min if masked_row == "mean" else NEG_INF
         return Spelling(float(fill), bool(additive))
@@ -163,7 +165,12 @@ def eager_attention(q, k, v, bias, removed: Removed, scale: float, sem: Spelling
     m = k.shape[2]
     if sem.sdpa:  # is_causal hides what a bool mask (added as −inf) does not: keep the call's own form
         flag = removed.causal_offset == 0 and removed.mask is None and removed.spec is None and bias is None
-        res = sdpa_call(q, k, v, bias, None if flag else removed.rows(0, n, q.device), scale, is_causal=flag)
+        keep = None if flag else removed.rows(0, n, q.device)
+        if keep is None and bias is None and sem.sdpa_masked:
+            # The call's mask kept every key and the rewrite dropped it, but SDPA without a mask takes
+            # other kernels, whose NaN/inf propagation differs (a NaN key at M = 1 gives v): pass it.
+            keep = torch.ones(n, m, dtype=torch.bool, device=q.device)
+        res = sdpa_call(q, k, v, bias, keep, scale, is_causal=flag)
         return res if rows is None else torch.where(rows[..., None], res.to(out.dtype), out)
     dt = compute_dtype(q, k, v)
     sum_dtype = bias_sum_dtype(q, k, bias, sem)

@@ -12,7 +12,8 @@ with exactly eager PyTorch's semantics for the spelling it replaced:
 (masked_fill, where) or, with ``additive``, added to it (a where-built bias). ``masked_row`` names
 the spelling's answer for a row with no kept key: "nan" (eager softmax over all −inf), "mean" (a
 finite fill: softmax over equal scores averages v; ``fill`` gives its value, finfo.min if None),
-"zero" (an F.scaled_dot_product_attention call: SDPA's own semantics, 0 there). codegen/eager.py
+"zero" (an F.scaled_dot_product_attention call: SDPA's own semantics, 0 there; "zero_masked": one
+that passed an attn_mask, which the op passes again on inputs that are not finite). codegen/eager.py
 holds every kernel to this (settled rows, inputs a kernel cannot take exactly).
 
 The op carries a fake kernel (so graphs that call it still export and compile under Inductor) and
@@ -211,7 +212,7 @@ def _attention(q, k, v, bias, mask, scale, causal, causal_offset, masked_row, ke
     if (kernel == "sdpa" and bias is None and mask is None and q.dim() == 4 and q.dtype == k.dtype == v.dtype
             and q.shape[:-2] == k.shape[:-2] == v.shape[:-2] and (not causal or causal_offset == 0)
             and k.shape[-2] > 0 and not (causal and sem.finite)
-            and (sem.sdpa or not checks_inputs(q) or tame(q, k, v, scale))):
+            and ((sem.sdpa and not sem.sdpa_masked) or not checks_inputs(q) or tame(q, k, v, scale))):
         # The common case, without the general path's bookkeeping: nothing removed, or causal with
         # every row keeping a key and removed scores −inf.
         counters.ran("sdpa")

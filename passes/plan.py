@@ -195,7 +195,8 @@ def plan_site(site: Site, backend: str, device: torch.device | None) -> Plan:
                             proof="first-call value, re-checked per tensor")
             notes.append(f"run-time mask tensor was causal on the first call; {RUNTIME_MASK_CONTRACT}")
     fill, additive = _removed_fill(site, facts)
-    masked_row = "zero" if site.kept_as_is else ("mean" if math.isfinite(fill) else "nan")
+    masked_row = ("zero_masked" if site.keeps or site.biases else "zero") if site.kept_as_is else (
+        "mean" if math.isfinite(fill) else "nan")
     sdpa_mask = site.kept_as_is and causal and not site.causal  # an SDPA call's own mask, proven causal
     if site.causal:  # an SDPA call with is_causal=True
         causal, offset = True, site.causal_offset

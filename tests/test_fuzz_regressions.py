@@ -10,6 +10,9 @@ the way the fuzzer's programs write it and compared with eager (own dtype) and f
   row is NaN (``is_causal`` would hide the key);
 - eager's half-precision bias sum reproduced only where the bias is coarse in that type (an
   explore-profile case: rounding every score made bf16 near-ties exact ties);
+- an SDPA call whose bool mask keeps every key (a sink column over one key, a window wider than
+  the grid): dropping it changes SDPA's kernel, and with it what a NaN or inf input gives (at
+  M = 1 the mask-free CPU kernel returns v for a NaN key; the masked call returns NaN);
 - gradients where the fused backward's float32 LSE is coarse: a finfo.min bias over a masked row,
   scores of ~10⁴ (exp(s − LSE) of the winning key is then not 1).
 """
@@ -176,3 +179,37 @@ def test_only_a_coarse_half_bias_is_summed_as_eager_rounds_it(seed, big):
     fmin = torch.full((3, 40), torch.finfo(torch.float16).min)
     want = (s16.half() + fmin.half()).float()
     assert torch.equal(add_as_eager(s16, fmin, torch.float16), want)
+
+
+def sink_over_one_key(q, k, v):
+    n, m = q.shape[-2], k.shape[-2]
+    keep = (torch.arange(m)[None, :] <= torch.arange(n)[:, None]) | (torch.arange(m)[None, :] == 0)
+    return F.scaled_dot_product_attention(q, k, v, keep)
+
+
+def window_wider_than_the_grid(q, k, v):
+    side = 3
+    i, j = torch.arange(q.shape[-2])[:, None], torch.arange(k.shape[-2])[None, :]
+    keep = ((i // side - j // side).abs() <= 2) & ((i % side - j % side).abs() <= 2)
+    keep[..., -1] = True
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("fn,m,poison", [(sink_over_one_key, 1, "nan_k"), (window_wider_than_the_grid, 6, "inf_k"),
+                                         (window_wider_than_the_grid, 6, "nan_q")])
+def test_an_sdpa_mask_that_keeps_everything_is_passed_again_on_non_finite_inputs(fn, m, poison, dtype):
+    q, k, v = inputs(torch.Generator().manual_seed(11), 2, 3, 3, 6 if m == 6 else 31, m, 16, dtype)
+    if poison == "nan_k":
+        k[0, 1, 0, 3] = float("nan")
+    elif poison == "inf_k":
+        k[1, 2, 4, 0] = float("inf")
+    else:
+        q[0, 0, 2, 5] = float("nan")
+    cfn, report = compiled(fn, "torch")
+    out = cfn(q, k, v)
+    site = rewritten_site(report, ("dense",), "torch")
+    assert site.mask == "none", site.mask  # the mask was proven to keep every key and dropped
+    ref = fn(*double((q, k, v)))
+    assert torch.isnan(ref).any()
+    same_as_eager(out, ref, dtype, fn.__name__, lowp=fn(q, k, v))
