@@ -258,9 +258,13 @@ def plan_site(site: Site, backend: str, device: torch.device | None) -> Plan:
     modified = site.score_mod is not None
     if modified and variant not in ("dense", "causal"):
         if constant is None and not implied and not (variant == "block_sparse" and keeps):
-            raise ValueError(f"a score modifier with a {spec.kind} mask: the sparse kernels do not apply modifiers "
-                             "yet (the site runs as written)")
-        notes.append(f"score modifier: the {variant} tiles do not take it; the dense kernel applies the mask")
+            constant = _structure_as_constant(spec, site.n, site.m)
+            if constant is None:
+                raise ValueError(f"a score modifier with a {spec.kind} mask of {site.n}×{site.m}: the sparse kernels "
+                                 f"do not apply modifiers yet, and its dense mask would exceed {MODDED_MASK_LIMIT} "
+                                 "entries (the site runs as written)")
+        notes.append(f"score modifier: the {variant} tiles do not take it; the dense kernel applies the mask "
+                     "(no tile is skipped)")
         variant, spec, kept_fraction, table, mask_blocks = "dense", replace(spec, kind="dense"), None, None, None
     on_gpu = device is not None and device.type == "cuda"
     kernel, why = choose_kernel(variant, backend, on_gpu, bottom_right=(causal or sdpa_mask) and offset != 0,
@@ -274,6 +278,15 @@ def plan_site(site: Site, backend: str, device: torch.device | None) -> Plan:
                 masked_row, fill, additive, notes + site.notes,
                 mask_causal_hint=hint, predicate=facts.predicate, constant_mask=constant,
                 kept_fraction=kept_fraction, implied=implied, mask_blocks=mask_blocks, recheck=recheck)
+
+
+MODDED_MASK_LIMIT = 1 << 28  # entries of a proven structure built as a bool mask for a modified site (256 MiB)
+
+
+def _structure_as_constant(spec: MaskSpec, n: int, m: int) -> torch.Tensor | None:
+    """The proven structure's [N, M] keep mask (the IR's one predicate), for a kernel that takes a mask
+    but not the structure; None above MODDED_MASK_LIMIT entries."""
+    return keep_matrix(spec, n, m) if n * m <= MODDED_MASK_LIMIT else None
 
 
 def _sdpa_causal_mask(site: Site, facts: MaskFacts) -> tuple[torch.Tensor | None, list, list]:

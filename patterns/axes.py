@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.fx import Node
@@ -29,10 +29,33 @@ class NoMatch(Exception):
 
 @dataclass
 class AtomSizes:
+    """Atom sizes. With ``splittable``, a reshape may split an atom at any factor of its size
+    (``[B·H, N, M]`` viewed as ``[B, H, N, M]``, Bloom's and Swin's spelling): the atom is refined into
+    row-major parts recorded in ``parts``, and ``expand`` rewrites axes in the refined atoms, so every
+    tensor that holds the merged atom reads the same split."""
+
     sizes: dict[str, int]
+    splittable: bool = False
+    parts: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def of(self, axis: Axis) -> int:
         return math.prod(self.sizes[a] for a in axis)
+
+    def split(self, atom: str, outer: int) -> tuple[str, str]:
+        inner = self.sizes[atom] // outer
+        names = (f"{atom}.0", f"{atom}.1")
+        self.sizes.update({names[0]: outer, names[1]: inner})
+        self.parts[atom] = names
+        return names
+
+    def expand(self, axis: Axis) -> Axis:
+        out: list[str] = []
+        for a in axis:
+            out.extend(self.expand(self.parts[a]) if a in self.parts else (a,))
+        return tuple(out)
+
+    def expand_axes(self, axes: Axes) -> Axes:
+        return tuple(self.expand(ax) for ax in axes)
 
 
 def shape_of(node) -> tuple[int, ...] | None:
@@ -155,7 +178,7 @@ _LAYOUT_RULES = {
 def reshape_axes(axes: Axes, out_shape: Sequence[int], sizes: AtomSizes) -> Axes:
     """Regroup atoms into ``out_shape``: merged axes concatenate atoms, split axes must
     split at atom boundaries (otherwise the reshape mixes logical axes: no match)."""
-    atoms = [a for axis in axes for a in axis]
+    atoms = [a for axis in sizes.expand_axes(axes) for a in axis]
     out: list[Axis] = []
     i = 0
     for s in out_shape:
@@ -170,8 +193,12 @@ def reshape_axes(axes: Axes, out_shape: Sequence[int], sizes: AtomSizes) -> Axes
         group = []
         prod = 1
         while prod < s and i < len(atoms):
+            size = sizes.sizes[atoms[i]]
+            if prod * size > s and sizes.splittable and s % prod == 0 and size % (s // prod) == 0:
+                atoms[i:i + 1] = sizes.split(atoms[i], s // prod)  # the reshape splits this atom
+                continue
             group.append(atoms[i])
-            prod *= sizes.sizes[atoms[i]]
+            prod *= size
             i += 1
         while i < len(atoms) and sizes.sizes[atoms[i]] == 1 and prod == s:
             group.append(atoms[i])
@@ -210,7 +237,8 @@ def canonical_plan(axes: Axes, groups: Sequence[Sequence[str]], sizes: AtomSizes
 
     groups = (batch atoms, row atoms, column atoms). Batch atoms the tensor lacks become
     size-1 dims (they broadcast); every atom of the last two groups must be present."""
-    batch, rows, cols = (list(g) for g in groups)
+    batch, rows, cols = (list(sizes.expand(tuple(g))) for g in groups)
+    axes = sizes.expand_axes(axes)
     where = {}
     for d, axis in enumerate(axes):
         for a in axis:

@@ -121,7 +121,7 @@ def match_softmax_attention(sm: Node) -> Site:
             raise NoMatch(f"the scores are narrowed from {dtype_of(cast.args[0])} to {dtype_of(cast)} for the softmax "
                           "(that rounds them, and makes scores beyond its range ±inf)")
     qk, chain = chain_back(x)
-    sizes = AtomSizes({})
+    sizes = AtomSizes({}, splittable=True)
     a_axes, b_axes, axes = _atoms_for(qk, sizes)
     nodes = [qk.node]
     scale = qk.alpha
@@ -216,6 +216,7 @@ def match_softmax_attention(sm: Node) -> Site:
     # The softmax axis names the keys; the operand holding them is K.
     if not (0 <= dim < len(axes)) or not axes[dim]:
         raise NoMatch("softmax over a size-1 axis")
+    axes, a_axes, b_axes = (sizes.expand_axes(x_) for x_ in (axes, a_axes, b_axes))  # atoms a view split
     m_atoms = list(axes[dim])
     a_set = {a for ax in a_axes for a in ax}
     b_set = {a for ax in b_axes for a in ax}
@@ -309,6 +310,11 @@ def match_softmax_attention(sm: Node) -> Site:
         else:
             idx = list(v_labels).index(lab) if lab in v_labels else None
             out_axes.append(v_axes[idx] if idx is not None and s == sizes.of(v_axes[idx]) else ())
+    if sizes.parts:  # a view after the softmax split atoms: name every axis in the refined atoms
+        out_axes, q_axes, k_axes, v_axes, axes = (list(sizes.expand_axes(tuple(x_)))
+                                                  for x_ in (out_axes, q_axes, k_axes, v_axes, axes))
+        batch, n_atoms, m_atoms, e_atoms, f_atoms = (list(sizes.expand(tuple(x_)))
+                                                     for x_ in (batch, n_atoms, m_atoms, e_atoms, f_atoms))
     out_atoms = [a for ax in out_axes for a in ax if sizes.sizes[a] != 1]
     if sorted(out_atoms) != sorted([a for a in batch + n_atoms + f_atoms if sizes.sizes[a] != 1]):
         raise NoMatch("the output of the product with V is not [batch, queries, values]")
@@ -336,6 +342,7 @@ def match_softmax_attention(sm: Node) -> Site:
     def plan(node, node_axes, rows, cols, what, **kw):
         perm, shape = canonical_plan(node_axes, (batch, rows, cols), sizes, what,
                                      broadcast_ok=what in ("a bias", "a mask"))
+        node_axes = sizes.expand_axes(node_axes)
         rows_dim = next((d for d, ax in enumerate(node_axes) if ax and list(ax) == list(rows)), None)
         cols_dim = next((d for d, ax in enumerate(node_axes) if ax and list(ax) == list(cols)), None)
         return TensorPlan(node, perm, shape, rows_dim=rows_dim, cols_dim=cols_dim, **kw)

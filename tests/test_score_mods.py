@@ -187,10 +187,28 @@ def banded_softcap(q, k, v):
     return s.softmax(-1) @ v
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_band_with_a_modifier_runs_dense_with_the_band_as_its_mask(backend, monkeypatch):
+    q, k, v = inputs(torch.Generator().manual_seed(9), 1, 2, 2, 45, 45, 16, torch.float32)
+    fn, report = compiled(banded_softcap, backend)
+    out = fn(q, k, v)
+    site = modified_site(report, backend)
+    ran_kernel(site, backend)
+    assert any("the dense kernel applies the mask" in n for n in site.notes), site.notes
+    same_as_eager(out, banded_softcap(*double((q, k, v))), torch.float32, "banded softcap")
+
+    import rewrite.passes.plan as plan  # above the limit the band is not built: left alone, with the reason
+    monkeypatch.setattr(plan, "MODDED_MASK_LIMIT", 45 * 45 - 1)
+    fn, report = compiled(banded_softcap, backend)
+    out = fn(q, k, v)
+    assert not report.sites[0].rewritten
+    assert "its dense mask would exceed" in report.sites[0].reason, report.sites[0].reason
+    same_as_eager(out, banded_softcap(*double((q, k, v))), torch.float32, "banded softcap, left alone")
+
+
 @pytest.mark.parametrize("fn, args, why", [
     (mask_then_tanh, "keep", "mask applied before a score modifier"),
     (squared_scores, "", "which operand of mul holds the scores"),
-    (banded_softcap, "", "sparse kernels do not apply modifiers"),
 ])
 def test_near_misses_are_left_alone_with_their_reason(fn, args, why):
     q, k, v = inputs(torch.Generator().manual_seed(6), 1, 2, 2, 96, 96, 16, torch.float32)

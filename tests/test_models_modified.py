@@ -1,0 +1,138 @@
+"""Real model code with score modifiers and merged-batch views: Hugging Face Gemma 2 (soft-capping,
+sliding and global layers), Bloom (ALiBi through ``baddbmm`` on ``[B·H, N, D]`` then a view to
+``[B, H, N, M]``), Falcon with ALiBi, and timm's Swin V2 (cosine attention with a learned per-head
+scale, shifted windows whose mask is added through a ``[B·nW, …] → [B, nW, …]`` view). Tiny, random,
+built from configs (never downloaded). Each must equal eager and report every attention module
+rewritten, with the modifier where the model has one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from eager_cases import compiled, double, inputs, same_as_eager
+
+import rewrite
+
+transformers = pytest.importorskip("transformers")
+timm = pytest.importorskip("timm")
+
+VOCAB, SEQ = 128, 17
+FP32 = {"atol": 1e-4, "rtol": 1e-4}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    with torch.no_grad():
+        yield
+    torch._dynamo.reset()
+
+
+def _ids(seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def _all_rewritten(report, count: int, modifier: str | None = None):
+    assert len(report.sites) == count, str(report)
+    for site in report.sites:
+        assert site.rewritten, f"left alone: {site.reason}\n{report}"
+        if modifier is not None:
+            assert site.score_mod and modifier in site.score_mod, site.score_mod
+    return report.sites
+
+
+def _same(model, **kw):
+    eager = model(**kw)
+    out = rewrite.compile(model)(**kw)
+    eager = getattr(eager, "last_hidden_state", eager)
+    out = getattr(out, "last_hidden_state", out)
+    torch.testing.assert_close(out, eager, **FP32)
+
+
+def test_gemma2_softcapped_sliding_and_global_layers():
+    from transformers import Gemma2Config, Gemma2Model
+
+    config = Gemma2Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=16, intermediate_size=128, vocab_size=VOCAB, attn_implementation="eager",
+                          sliding_window=8, attn_logit_softcapping=50.0, query_pre_attn_scalar=16)
+    torch.manual_seed(0)
+    model = Gemma2Model(config).eval()
+    ids = _ids()
+    _same(model, input_ids=ids)
+    sites = _all_rewritten(rewrite.inspect(model, input_ids=ids), 2, modifier="tanh")
+    # the sliding layer's band runs as a mask on the dense kernel (the sparse tiles take no modifier)
+    assert any("the dense kernel applies the mask" in n for s in sites for n in s.notes), [s.notes for s in sites]
+
+
+def test_bloom_alibi_through_baddbmm_and_a_split_view():
+    from transformers import BloomConfig, BloomModel
+
+    torch.manual_seed(0)
+    model = BloomModel(BloomConfig(n_layer=2, hidden_size=64, n_head=4, vocab_size=VOCAB)).eval()
+    ids = _ids(1)
+    _same(model, input_ids=ids)
+    sites = _all_rewritten(rewrite.inspect(model, input_ids=ids), 2)
+    assert all("baddbmm" in s.spelling for s in sites), [s.spelling for s in sites]
+
+
+def test_falcon_with_alibi():
+    from transformers import FalconConfig, FalconModel
+
+    config = FalconConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=VOCAB, alibi=True,
+                          new_decoder_architecture=False, multi_query=False, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = FalconModel(config).eval()
+    ids = _ids(2)
+    _same(model, input_ids=ids)
+    _all_rewritten(rewrite.inspect(model, input_ids=ids), 2)
+
+
+def test_swin_v2_cosine_attention_with_shifted_windows():
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+    torch.manual_seed(0)
+    model = SwinTransformerV2(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 1),
+                              num_heads=(2, 4), num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(rewrite.compile(model)(x), model(x), **FP32)
+    sites = _all_rewritten(rewrite.inspect(model, x), 3, modifier="L0")
+    assert sum("+bias → +bias" in s.spelling for s in sites) == 1  # the shifted block adds its window mask
+
+
+# ---- the split view, written by hand --------------------------------------------------------------
+def merged_heads_with_padding(q, k, v, pad):
+    """[B·H, N, D] operands (Bloom's layout), the scores viewed as [B, H, N, M] for a padding mask."""
+    b, h = pad.shape[0], q.shape[0] // pad.shape[0]
+    s = torch.bmm(q, k.transpose(1, 2)) / math.sqrt(q.shape[-1])
+    s = s.view(b, h, q.shape[1], k.shape[1]).masked_fill(~pad[:, None, None, :], float("-inf"))
+    w = torch.softmax(s, -1).view(b * h, q.shape[1], k.shape[1])
+    return torch.bmm(w, v)
+
+
+def crossing_view(q, k, v):
+    """A view whose factors cross the batch and query axes ([B·H, N, M] → [B·H·N/2, 2, M]): the rows
+    are no longer one axis; whatever the rewriter decides, the result is eager's."""
+    s = torch.bmm(q, k.transpose(1, 2))
+    bh, n, m = s.shape
+    w = torch.softmax(s.view(bh * n // 2, 2, m), -1).view(bh, n, m)
+    return torch.bmm(w, v)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_view_that_splits_the_merged_batch(backend):
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (t.squeeze(0) for t in inputs(gen, 1, 6, 6, 19, 23, 16, torch.float32))  # B·H = 6: B 2, H 3
+    pad = torch.rand(2, 23, generator=gen) > 0.3
+    pad[:, 0] = True
+    fn, report = compiled(merged_heads_with_padding, backend)
+    out = fn(q, k, v, pad)
+    assert report.sites and report.sites[0].rewritten, str(report)
+    same_as_eager(out, merged_heads_with_padding(*double((q, k, v)), pad), torch.float32, "split view")
+
+    q, k, v = (t.squeeze(0) for t in inputs(gen, 1, 6, 6, 20, 23, 16, torch.float32))
+    fn, report = compiled(crossing_view, backend)
+    out = fn(q, k, v)
+    same_as_eager(out, crossing_view(*double((q, k, v))), torch.float32, "crossing view")
