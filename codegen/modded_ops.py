@@ -18,6 +18,7 @@ and every leaf: a learned logit scale trains).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -67,6 +68,15 @@ def _triton_ok(q, k, v, leaves, scale, sem) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=256)
+def _bound_over_all_scores(mod: ScoreMod) -> float:
+    """max |mod(s)| over every real s, for a modifier without leaves (a property of the program:
+    computed once, not per call)."""
+    from .score_mod_gen import modified_bound
+
+    return float(modified_bound(mod, torch.tensor(float("inf"), dtype=torch.float64), []))
+
+
 def fill_cannot_show(mod: ScoreMod, leaves4, bias, mask, causal: bool, causal_offset: int, scale: float,
                       sem, dtype) -> bool:
     """True when no row's result can depend on a finite fill, proven before the launch (no LSE, no
@@ -79,7 +89,8 @@ def fill_cannot_show(mod: ScoreMod, leaves4, bias, mask, causal: bool, causal_of
 
     if mask is not None or bias is not None or (causal and causal_offset < 0):
         return False
-    bound = abs(scale) * float(modified_bound(mod, torch.tensor(float("inf"), dtype=torch.float64), leaves4))
+    bound = abs(scale) * (_bound_over_all_scores(mod) if not leaves4 else
+                          float(modified_bound(mod, torch.tensor(float("inf"), dtype=torch.float64), leaves4)))
     if not math.isfinite(bound):
         return False
     gap = sem.fill + (2 * bound if sem.additive else bound)

@@ -27,6 +27,7 @@ import traceback
 from dataclasses import dataclass, field
 
 import torch
+from fuzz_condition import LargestLogit, allowance
 from fuzz_inputs import as_float64, make_args, second_call
 from fuzz_programs import Program, base_family
 from reference import TOLERANCES
@@ -59,11 +60,12 @@ def noted_difference(notes: list[str]) -> bool:
 
 
 def compare(c: torch.Tensor, e: torch.Tensor, r: torch.Tensor, dtype: torch.dtype, what: str,
-            noted: bool, scale: float = 1.0) -> list[str]:
+            noted: bool, scale: float = 1.0, extra: float = 0.0) -> list[str]:
     """Problems of the rewritten result ``c`` against eager in its own dtype ``e`` and the
     float64 reference ``r`` (empty: fine). ``scale`` multiplies the absolute tolerance (gradients:
     the largest gradient entry of the case, so a fused backward's rounding, relative to the
-    quantities it combines, is not judged against a gradient that happens to be ~0)."""
+    quantities it combines, is not judged against a gradient that happens to be ~0). ``extra``:
+    the case's conditioning allowance (tests/fuzz_condition.py), added to the absolute tolerance."""
     if c is None or e is None:
         return [] if c is None and e is None else [f"{what}: None vs tensor (compiled {c is None}, eager {e is None})"]
     if c.shape != e.shape:
@@ -84,6 +86,7 @@ def compare(c: torch.Tensor, e: torch.Tensor, r: torch.Tensor, dtype: torch.dtyp
     fin = torch.isfinite(c) & torch.isfinite(e) & torch.isfinite(r)
     if fin.any():
         atol, rtol = TOLERANCES[dtype]
+        atol = atol + extra / scale
         cf, ef, rf = c[fin], e[fin], r[fin]
         err_c, err_e = (cf - rf).abs(), (ef - rf).abs()
         if (err_c > atol * scale + rtol * rf.abs()).any():
@@ -119,6 +122,7 @@ class Outcome:
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
     cpu_seconds: float = 0.0  # process time: what the case costs on an otherwise idle machine
+    allowance: float = 0.0  # the conditioning allowance the values were judged with (fuzz_condition.py)
 
     def klass(self) -> str:
         """A mismatch class: family, what differs, variant, kernel, backend."""
@@ -137,7 +141,7 @@ class Outcome:
                 "dtype": str(self.program.dtype), "seed": self.program.seed, "grad": self.program.grad,
                 "second": self.program.second, "tags": self.program.tags,
                 "class": self.klass() if self.status in ("mismatch", "crash") else None, "seconds": self.seconds,
-                "cpu_seconds": self.cpu_seconds}
+                "cpu_seconds": self.cpu_seconds, "allowance": self.allowance}
 
 
 def _forward_and_grads(fn, args, prog: Program, gw_seed: int):
@@ -156,11 +160,13 @@ def _forward_and_grads(fn, args, prog: Program, gw_seed: int):
 def _eager(prog, args):
     """Eager results in the program's dtype, and the reference: the program in float64 throughout
     (for the ~8k programs, float32); computed once where the two are the same computation."""
-    out, grads = _forward_and_grads(prog.fn, args, prog, prog.seed)
+    with LargestLogit() as seen:
+        out, grads = _forward_and_grads(prog.fn, args, prog, prog.seed)
     if prog.reference_is_eager:
-        return out, grads, out, grads
-    return (out, grads,
-            *_forward_and_grads(prog.fn64, as_float64(args, prog.grad, prog.ref_dtype), prog, prog.seed))
+        return out, grads, out, grads, seen.largest
+    with LargestLogit() as seen:  # the reference's logits: what the rounding acts on
+        ref = _forward_and_grads(prog.fn64, as_float64(args, prog.grad, prog.ref_dtype), prog, prog.seed)
+    return (out, grads, *ref, seen.largest)
 
 
 def tolerance_dtype(prog: Program) -> torch.dtype:
@@ -172,7 +178,7 @@ def tolerance_dtype(prog: Program) -> torch.dtype:
 
 
 def _judge(prog, new, args, outcome: Outcome, call: str, eager=None) -> None:
-    out_e, g_e, out_r, g_r = eager or _eager(prog, args)
+    out_e, g_e, out_r, g_r, logit = eager or _eager(prog, args)
     try:
         out_c, g_c = _forward_and_grads(new, args, prog, prog.seed)
     except Exception as exc:  # noqa: BLE001 - any failure of the rewritten program is a finding
@@ -181,11 +187,17 @@ def _judge(prog, new, args, outcome: Outcome, call: str, eager=None) -> None:
         outcome.problems.append(f"{call}run: {type(exc).__name__}: {first}")
         return
     noted, tol = noted_difference(outcome.notes), tolerance_dtype(prog)
-    outcome.problems += compare(out_c, out_e, out_r, tol, f"{call}out", noted)
+    values = [a for a, s in zip(args, prog.args) if s.kind == "x" and s.name.startswith("v") and a.is_floating_point()]
+    finite_v = [a.detach()[torch.isfinite(a.detach())] for a in values]
+    vmax = max([0.0] + [float(f.abs().max()) for f in finite_v if f.numel()])
+    extra = allowance(logit, vmax, tol)
+    outcome.allowance = max(outcome.allowance, extra)
+    outcome.problems += compare(out_c, out_e, out_r, tol, f"{call}out", noted, extra=extra)
     finite = [g[torch.isfinite(g)] for g in g_r if g is not None]
     scale = GRAD_ATOL_FACTOR * max([1.0] + [float(g.abs().max()) for g in finite if g.numel()])
     for s, gc, ge, gr in zip([s for s in prog.args if s.kind == "x"], g_c, g_e, g_r):
-        outcome.problems += compare(gc, ge, gr, tol, f"{call}grad_{s.name}", noted, scale)
+        outcome.problems += compare(gc, ge, gr, tol, f"{call}grad_{s.name}", noted, scale,
+                                    allowance(logit, 1.0, tol) * scale)
 
 
 def run_case(prog: Program, backend: str = "torch", path: str = "fast") -> Outcome:

@@ -299,10 +299,13 @@ def test_generated_modifiers_on_the_gpu(dtype, n, extra, d, groups):
     g = torch.randn_like(ref)
     got = torch.autograd.grad(out, leaves, g.to(dtype))
     want = torch.autograd.grad(ref, ref_in, g)
-    tol = 2e-4 if dtype == torch.float32 else 5e-2
-    for name, a, b in zip("qkvs", got, want):
-        err = float((a.double() - b).abs().max() / (b.abs().max() + 1e-9))
-        assert err < tol, f"grad {name}: relative error {err:.2e}"
+    low_in = [t.detach().clone().requires_grad_() for t in leaves]  # eager's own error in this dtype
+    low = torch.autograd.grad(cosine_swin_v2(*low_in), low_in, g.to(dtype))
+    for name, a, b, c in zip("qkvs", got, want, low):
+        def rel(x, b=b):
+            return float((x.double() - b).abs().max() / (b.abs().max() + 1e-9))
+        tol = max(2e-4 if dtype == torch.float32 else 5e-2, 2 * rel(c))
+        assert rel(a) < tol, f"grad {name}: relative error {rel(a):.2e} (eager's own in {dtype}: {rel(c):.2e})"
 
 
 def test_a_finite_fill_is_proven_invisible_only_where_it_is():
