@@ -40,6 +40,7 @@ from .softmax_chain import (
     DROPOUT_OPS,
     as_stored,
     chain_back,
+    demote_unshared_rows,
     deviation_notes,
     late_softmax,
     narrows,
@@ -47,6 +48,7 @@ from .softmax_chain import (
     pass_through,
     repeat_factor,
     scalar_value,
+    score_of,
     softmax_of,
 )
 
@@ -131,7 +133,7 @@ def match_softmax_attention(sm: Node) -> Site:
     finite_fill_seen = False
     spelling = [qk.spelling]
     links = chain  # every link of the score chain (the modifier's part included)
-    lifted = lift_modifier(qk, chain, axes, sizes, _score_of)
+    lifted = lift_modifier(qk, chain, axes, sizes, score_of)
     if lifted is not None:  # the modifier takes the product's own scale and added input
         for node in lifted.nodes:
             only_user(node) if node is not links[-1] else None
@@ -151,7 +153,7 @@ def match_softmax_attention(sm: Node) -> Site:
         if moved is not None:
             axes = moved
             continue
-        others = [a for a in node.args if a is not _score_of(node, links)]
+        others = [a for a in node.args if a is not score_of(node, links)]
         if t in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar):
             val = scalar_value(others[0]) if others else None
             if val is None:
@@ -169,7 +171,7 @@ def match_softmax_attention(sm: Node) -> Site:
             other = others[0]
             alpha = node.kwargs.get("alpha", 1)
             neg = t == aten.sub.Tensor
-            if neg and node.args[0] is not _score_of(node, links):
+            if neg and node.args[0] is not score_of(node, links):
                 raise NoMatch("scores subtracted from a tensor")
             if isinstance(other, Node) and shape_of(other) is not None and len(shape_of(other)) > 0:
                 if finite_fill_seen:
@@ -189,7 +191,7 @@ def match_softmax_attention(sm: Node) -> Site:
                 mask_node, value, invert = node.args[1], node.args[2], True
             else:
                 cond, a, b = node.args[:3]
-                score = _score_of(node, links)
+                score = score_of(node, links)
                 mask_node, value, invert = (cond, b, False) if a is score else (cond, a, True)
             val = as_stored(scalar_value(value), dtype_of(node))  # -1e9 into float16 scores is -inf
             if val is None or not isinstance(mask_node, Node):
@@ -339,6 +341,9 @@ def match_softmax_attention(sm: Node) -> Site:
         out_node = divs[0]
         nodes += [late_sum, out_node]
 
+    n_atoms, batch = demote_unshared_rows(n_atoms, batch, [x_[1] for x_ in [*bias_raw, *keeps, *(
+        lifted.leaves if lifted is not None else [])]], sizes)
+
     def plan(node, node_axes, rows, cols, what, **kw):
         perm, shape = canonical_plan(node_axes, (batch, rows, cols), sizes, what,
                                      broadcast_ok=what in ("a bias", "a mask"))
@@ -386,13 +391,3 @@ def match_softmax_attention(sm: Node) -> Site:
         site.notes.append(f"masked_fill({fill:g}) is exact: a row whose kept scores come within ~104 of the fill "
                           "(or that keeps no key: eager averages V) is recomputed over every key with the fill")
     return site
-
-
-def _score_of(node: Node, chain: list[Node]) -> Node | None:
-    """The argument of ``node`` that is the previous link of the chain (or the contraction)."""
-    for a in node.args:
-        if isinstance(a, Node) and (a in chain or as_contraction(a) is not None):
-            return a
-    return None
-
-

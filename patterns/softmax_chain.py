@@ -270,3 +270,27 @@ def pass_through(node: Node, axes, sizes, where: str):
             raise NoMatch("dropout in training mode (its random mask is not reproduced)")
         return axes
     return None
+
+
+def score_of(node: Node, chain: list[Node]) -> Node | None:
+    """The argument of ``node`` that is the previous link of the chain (or the contraction)."""
+    for a in node.args:
+        if isinstance(a, Node) and (a in chain or as_contraction(a) is not None):
+            return a
+    return None
+
+
+def demote_unshared_rows(n_atoms: list[str], batch: list[str], operands, sizes) -> tuple[list[str], list[str]]:
+    """Query atoms besides the query position (heads that only q has: MQA/GQA by broadcasting) are
+    rows by default (one key head read once for its group). A bias, mask or modifier tensor that
+    broadcasts over such an atom cannot be laid out over merged rows; then those atoms become batch
+    atoms instead, K and V broadcast over them (the same sums, another layout)."""
+    lacking = []
+    for a in n_atoms[:-1]:
+        for node_axes in operands:
+            if a not in {x for ax in sizes.expand_axes(node_axes) for x in ax} and sizes.sizes[a] != 1:
+                lacking.append(a)
+                break
+    if not lacking:
+        return n_atoms, batch
+    return [a for a in n_atoms if a not in lacking], batch + lacking

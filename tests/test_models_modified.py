@@ -90,6 +90,21 @@ def test_falcon_with_alibi():
     _all_rewritten(rewrite.inspect(model, input_ids=ids), 2)
 
 
+def test_falcon_multi_query_without_alibi():
+    """One key head broadcast by the matmul ([B, 1, M, D] against [B, H, N, D]) and a [B, 1, N, M]
+    mask: the query heads become batch atoms (K, V broadcast) rather than rows the mask lacks."""
+    from transformers import FalconConfig, FalconModel
+
+    config = FalconConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=VOCAB, alibi=False,
+                          attn_implementation="eager")
+    torch.manual_seed(0)
+    model = FalconModel(config).eval()
+    ids = _ids(5)
+    _same(model, input_ids=ids)
+    sites = _all_rewritten(rewrite.inspect(model, input_ids=ids), 2)
+    assert all(s.variant == "causal" and s.gqa for s in sites), [(s.variant, s.gqa) for s in sites]
+
+
 def test_swin_v2_cosine_attention_with_shifted_windows():
     from timm.models.swin_transformer_v2 import SwinTransformerV2
 
@@ -119,6 +134,25 @@ def crossing_view(q, k, v):
     bh, n, m = s.shape
     w = torch.softmax(s.view(bh * n // 2, 2, m), -1).view(bh, n, m)
     return torch.bmm(w, v)
+
+
+def mqa_broadcast_with_padding(q, k, v, pad_bias):
+    """MQA by broadcasting in the matmul, a [B, 1, N, M] additive bias (Falcon's mask layout)."""
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return torch.softmax(s + pad_bias, -1) @ v
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_broadcast_key_heads_with_a_bias_over_batch_only(backend):
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = inputs(gen, 2, 4, 1, 13, 21, 16, torch.float32)
+    pad_bias = torch.randn(2, 1, 13, 21, generator=gen)
+    pad_bias[1, ..., 15:] = float("-inf")
+    pad_bias[0, 0, 4, 2:] = float("-inf")
+    fn, report = compiled(mqa_broadcast_with_padding, backend)
+    out = fn(q, k, v, pad_bias)
+    assert report.sites and report.sites[0].rewritten and report.sites[0].gqa, str(report)
+    same_as_eager(out, mqa_broadcast_with_padding(*double((q, k, v, pad_bias))), torch.float32, "MQA + padding")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
