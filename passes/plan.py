@@ -248,6 +248,11 @@ def plan_site(site: Site, backend: str, device: torch.device | None) -> Plan:
                     table, mask_blocks = granular[0], granular[1:]
                     notes.append(f"the mask reads a run-time table per {mask_blocks[0]}×{mask_blocks[1]} block: "
                                  "the kernel takes the table, the token-level mask is not materialised")
+            elif band is None:
+                notes.append(f"run-time mask keeps {kept_fraction:.1%} on the first call: dense kernel with the "
+                             "mask (the block-sparse kernel is chosen at most 50% kept)")
+    elif spec.kind in ("dense", "arbitrary") and biases and not keeps and not site.causal:
+        notes += _bias_density_note(biases)
     if sdpa_mask:
         # SDPA adds its mask as −inf, so a NaN/inf key the mask removes reaches the row (is_causal would
         # hide it): the op keeps the mask and re-checks it (mask_causal_hint), running the causal kernels
@@ -308,6 +313,21 @@ def _removed_fill(site: Site, facts: MaskFacts) -> tuple[float, bool]:
     fills = [t.fill for t in site.terms if t.is_bias and t.predicate is not None and t.fill is not None
              and (id(t) not in applied or facts.implied)]
     return (max(fills), True) if fills else (float("-inf"), False)
+
+
+def _bias_density_note(biases: list[MaskTerm]) -> list[str]:
+    """Why a run-time additive bias that removes keys (a −inf block layout expanded into a bias) runs
+    dense: its share of −inf entries on the first call, and the decision."""
+    vals = [t.first_value() for t in biases]
+    vals = [v for v in vals if v is not None and v.is_floating_point() and v.dim() >= 2 and v.shape[-2] > 1]
+    if not vals:
+        return []
+    removed = max(float((v == float("-inf")).float().mean()) for v in vals)
+    if removed == 0.0:
+        return []
+    return [f"run-time bias removes {removed:.1%} of the scores (−inf) on the first call, keeping "
+            f"{1 - removed:.1%}: dense kernel with the bias (the block-sparse kernels skip tiles of a bool mask or "
+            "a block table, not of an additive bias; pass the layout as a bool mask to have them skipped)"]
 
 
 def _first_call_keep(keeps: list[MaskTerm]) -> torch.Tensor | None:
