@@ -10,7 +10,9 @@ The oracle (`compare`): the program run eagerly on float64 copies of its inputs 
 The rewritten output, in the program's own dtype, must be within max(the dtype's tolerance in
 ``tests/reference.py``, a small multiple of eager's own-dtype error) of it, and its NaN / ±inf
 positions must be eager's own-dtype ones, unless the site's report notes declare a deliberate
-difference (`noted_difference`). Gradients (of ``(out * g).sum()``) are judged the same way, with
+difference (`noted_difference`). The absolute tolerance also holds the case's conditioning
+allowance, 2·u·max|S|·max|v| (``fuzz_condition.py``: what rounding the logits once more moves the
+output by; recorded per case as ``allowance``). Gradients (of ``(out * g).sum()``) are judged the same way, with
 the absolute tolerance scaled by the case's largest gradient entry (x ``GRAD_ATOL_FACTOR``).
 
 Deliberate exceptions, each for a reason that is eager's and not the rewrite's: NaN entries that
