@@ -124,7 +124,8 @@ class Stats:
                 c[f"v:{o.variant}"] += 1
         total_rw = sum(o.rewritten for o in self.outcomes)
         lines = [f"== fuzz {self.name}: {len(self.outcomes)} cases, {total_rw} rewritten, "
-                 f"{len(self.failures)} failing, "
+                 f"{len(self.failures)} failing, {sum(o.rescued for o in self.outcomes)} within the conditioning "
+                 "allowance only, "
                  f"{sum(o.seconds for o in self.outcomes):.1f} s in cases "
                  f"({sum(o.cpu_seconds for o in self.outcomes):.1f} s CPU)"]
         for fam in sorted(fams):

@@ -19,12 +19,7 @@ LAYERS, HIDDEN, HEADS, VOCAB, SEQ = 2, 64, 4, 128, 17
 FP32 = {"atol": 1e-4, "rtol": 1e-4}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    with torch.no_grad():
-        yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo_no_grad")
 
 
 def _ids(batch: int = 2, seed: int = 0) -> torch.Tensor:
