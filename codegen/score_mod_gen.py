@@ -103,7 +103,7 @@ def modified_bound(mod: ScoreMod, s_bound: torch.Tensor, leaves: list[torch.Tens
         else:  # abs
             top = torch.maximum(-a[0], a[1])
             r = (torch.where(a[0] >= 0, a[0], torch.where(a[1] <= 0, -a[1], 0.0)), top)
-        env[f"r{i}"] = tuple(torch.nan_to_num(x, nan=inf) for x in r)
+        env[f"r{i}"] = (torch.nan_to_num(r[0], nan=-inf), torch.nan_to_num(r[1], nan=inf))  # NaN: unbounded
     lo, hi = env[f"r{len(mod.steps) - 1}"]
     return torch.maximum(-lo, hi).expand_as(s_bound)
 

@@ -60,17 +60,19 @@ def choose_kernel(variant: str, backend: str, on_gpu: bool, bottom_right: bool =
     if modified:
         if dtype is not None and dtype not in TRITON_DTYPES:
             return "torch", f"score modifier in {str(dtype).removeprefix('torch.')}: eager's math by row blocks"
-        for rule in MODIFIED:
-            if variant in rule.variants and backend in rule.backends and (rule.gpu is None or rule.gpu == on_gpu):
-                return rule.kernel, rule.reason
-        raise ValueError(f"no kernel rule for a score-modified {variant!r} site with backend {backend!r}")
+        return _first_rule(MODIFIED, variant, backend, on_gpu, bottom_right, "a score-modified ")
     if dtype is not None and dtype not in TRITON_DTYPES and backend in ("triton", "auto"):
         kernel, why = choose_kernel(variant, "torch", on_gpu, bottom_right)
         names = ", ".join(str(d).removeprefix("torch.") for d in TRITON_DTYPES)
         return kernel, f"{why}; the Triton kernels take {names}, not {str(dtype).removeprefix('torch.')}"
-    for rule in TABLE:
+    return _first_rule(TABLE, variant, backend, on_gpu, bottom_right)
+
+
+def _first_rule(rules: tuple[Rule, ...], variant: str, backend: str, on_gpu: bool, bottom_right: bool,
+                what: str = "") -> tuple[str, str]:
+    for rule in rules:
         if (variant in rule.variants and backend in rule.backends
                 and (rule.gpu is None or rule.gpu == on_gpu)
                 and (rule.bottom_right is None or rule.bottom_right == bottom_right)):
             return rule.kernel, rule.reason
-    raise ValueError(f"no kernel rule for variant {variant!r} with backend {backend!r}")
+    raise ValueError(f"no kernel rule for {what}variant {variant!r} with backend {backend!r}")
