@@ -26,7 +26,7 @@ aten = torch.ops.aten
 
 UNARY = {aten.tanh.default: "tanh", aten.sigmoid.default: "sigmoid", aten.abs.default: "abs",
          aten.neg.default: "neg"}
-CLAMPS = {aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default}
+CLAMPS = {aten.clamp.default, aten.clamp.Tensor, aten.clamp_min.default, aten.clamp_max.default}
 BINARY = {aten.add.Tensor: "add", aten.sub.Tensor: "sub", aten.mul.Tensor: "mul", aten.mul.Scalar: "mul",
           aten.div.Tensor: "div", aten.div.Scalar: "div", aten.add.Scalar: "add", aten.sub.Scalar: "sub"}
 MASKS = {aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self, aten.where.ScalarOther,

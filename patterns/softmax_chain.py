@@ -146,7 +146,7 @@ def late_softmax(e: Node) -> tuple[Node, int, str, Node] | None:
 # ---- the score chain, walked backwards to its contraction ---------------------------------
 # Pointwise ops a score modifier may hold (patterns/score_mod.py lifts them).
 MODIFIER_OPS = {aten.tanh.default, aten.sigmoid.default, aten.abs.default, aten.neg.default, aten.clamp.default,
-                aten.clamp_min.default, aten.clamp_max.default}
+                aten.clamp.Tensor, aten.clamp_min.default, aten.clamp_max.default}
 _CHAIN_UNARY = {*MODIFIER_OPS, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.add.Tensor,
                 aten.sub.Tensor, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self,
                 aten.where.ScalarOther, aten.where.ScalarSelf, *DROPOUT_OPS}
@@ -283,14 +283,12 @@ def score_of(node: Node, chain: list[Node]) -> Node | None:
 def demote_unshared_rows(n_atoms: list[str], batch: list[str], operands, sizes) -> tuple[list[str], list[str]]:
     """Query atoms besides the query position (heads that only q has: MQA/GQA by broadcasting) are
     rows by default (one key head read once for its group). A bias, mask or modifier tensor that
-    broadcasts over such an atom cannot be laid out over merged rows; then those atoms become batch
-    atoms instead, K and V broadcast over them (the same sums, another layout)."""
-    lacking = []
-    for a in n_atoms[:-1]:
-        for node_axes in operands:
-            if a not in {x for ax in sizes.expand_axes(node_axes) for x in ax} and sizes.sizes[a] != 1:
-                lacking.append(a)
-                break
-    if not lacking:
-        return n_atoms, batch
-    return [a for a in n_atoms if a not in lacking], batch + lacking
+    covers only part of those rows (a [B, 1, N, M] mask, a [1, H, 1, M] bias) cannot be laid out over
+    them merged; then the heads become batch atoms instead, K and V broadcast over them (the same
+    sums, another layout)."""
+    rows = {a for a in n_atoms if sizes.sizes[a] != 1}
+    for node_axes in operands:
+        present = rows & {x for ax in sizes.expand_axes(node_axes) for x in ax}
+        if present and present != rows:
+            return n_atoms[-1:], batch + n_atoms[:-1]
+    return n_atoms, batch

@@ -122,6 +122,14 @@ def merged_heads_with_padding(q, k, v, pad):
     return torch.bmm(w, v)
 
 
+def heads_outer_split(q, k, v, pad):
+    """[B·H, …] viewed as [H, B, …] (factors 3 and 2 of 6) and masked along the inner factor."""
+    b, h = pad.shape[0], q.shape[0] // pad.shape[0]
+    s = torch.bmm(q, k.transpose(1, 2))
+    s = s.view(h, b, q.shape[1], k.shape[1]).masked_fill(~pad[None, :, None, :], float("-inf"))
+    return torch.bmm(torch.softmax(s, -1).view(b * h, q.shape[1], k.shape[1]), v)
+
+
 def crossing_view(q, k, v):
     """A view whose factors cross the batch and query axes ([B·H, N, M] → [B·H·N/2, 2, M]): the rows
     are no longer one axis; whatever the rewriter decides, the result is eager's."""
@@ -150,6 +158,22 @@ def test_broadcast_key_heads_with_a_bias_over_batch_only(backend):
     same_as_eager(out, mqa_broadcast_with_padding(*double((q, k, v, pad_bias))), torch.float32, "MQA + padding")
 
 
+def mqa_with_a_per_head_bias(q, k, v, head_bias):
+    """MQA by broadcasting, a [1, H, 1, M] bias: it holds the heads but not the query positions."""
+    return torch.softmax(q @ k.transpose(-1, -2) + head_bias, -1) @ v
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_broadcast_key_heads_with_a_per_head_bias(backend):
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = inputs(gen, 2, 4, 1, 13, 21, 16, torch.float32)
+    head_bias = torch.randn(1, 4, 1, 21, generator=gen)
+    fn, report = compiled(mqa_with_a_per_head_bias, backend)
+    out = fn(q, k, v, head_bias)
+    assert report.sites and report.sites[0].rewritten, str(report)
+    same_as_eager(out, mqa_with_a_per_head_bias(*double((q, k, v, head_bias))), torch.float32, "MQA + head bias")
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_a_view_that_splits_the_merged_batch(backend):
     gen = torch.Generator().manual_seed(4)
@@ -161,7 +185,15 @@ def test_a_view_that_splits_the_merged_batch(backend):
     assert report.sites and report.sites[0].rewritten, str(report)
     same_as_eager(out, merged_heads_with_padding(*double((q, k, v)), pad), torch.float32, "split view")
 
+    # the same merged axis split the other way round ([H, B], B ≠ H): the mask then varies along the
+    # inner factor; memory order decides, whatever the names
+    fn, report = compiled(heads_outer_split, backend)
+    out = fn(q, k, v, pad)
+    assert report.sites and report.sites[0].rewritten, str(report)
+    same_as_eager(out, heads_outer_split(*double((q, k, v)), pad), torch.float32, "split [H, B]")
+
     q, k, v = (t.squeeze(0) for t in inputs(gen, 1, 6, 6, 20, 23, 16, torch.float32))
     fn, report = compiled(crossing_view, backend)
     out = fn(q, k, v)
+    assert report.sites and (report.sites[0].rewritten or report.sites[0].reason), str(report)
     same_as_eager(out, crossing_view(*double((q, k, v))), torch.float32, "crossing view")

@@ -174,6 +174,16 @@ def mask_then_tanh(q, k, v, keep):
     return torch.softmax(torch.tanh(s / 10) * 10, -1) @ v  # tanh(−inf) = −1: the mask no longer removes
 
 
+def softcap_through_half(q, k, v):
+    s = q @ k.mT
+    return torch.softmax(torch.tanh(s.to(torch.float16) / 10).to(q.dtype) * 10, -1) @ v  # rounds s to fp16 first
+
+
+def clamp_to_a_tensor(q, k, v):
+    s = q @ k.mT
+    return torch.softmax(torch.clamp(s, max=s.detach().mean(-1, keepdim=True)), -1) @ v
+
+
 def squared_scores(q, k, v):
     s = q @ k.mT / 4
     return torch.softmax(s * s, -1) @ v
@@ -209,6 +219,8 @@ def test_a_band_with_a_modifier_runs_dense_with_the_band_as_its_mask(backend, mo
 @pytest.mark.parametrize("fn, args, why", [
     (mask_then_tanh, "keep", "mask applied before a score modifier"),
     (squared_scores, "", "which operand of mul holds the scores"),
+    (softcap_through_half, "", "narrowing cast rounds them"),
+    (clamp_to_a_tensor, "", "clamp to a tensor bound"),  # it depends on the scores: not pointwise
 ])
 def test_near_misses_are_left_alone_with_their_reason(fn, args, why):
     q, k, v = inputs(torch.Generator().manual_seed(6), 1, 2, 2, 96, 96, 16, torch.float32)
