@@ -39,15 +39,15 @@ def canonical_operand(graph: Graph, tp: TensorPlan) -> Node:
     return node
 
 
-def _constant(graph: Graph, value: torch.Tensor) -> Node:
-    """A folded position-only mask as a buffer of the graph's module: the same tensor on every
-    call, so the kernels' block map is built once and cached by tensor identity."""
+def constant_buffer(graph: Graph, value: torch.Tensor) -> Node:
+    """A folded constant (a position-only mask, a log decay) as a buffer of the graph's module: the same
+    tensor on every call, so the kernels' block map is built once and cached by tensor identity."""
     gm = graph.owning_module
     i = 0
-    while hasattr(gm, f"_rewrite_mask_{i}"):
+    while hasattr(gm, f"_rewrite_const_{i}"):
         i += 1
-    gm.register_buffer(f"_rewrite_mask_{i}", value.contiguous())
-    node = graph.get_attr(f"_rewrite_mask_{i}")
+    gm.register_buffer(f"_rewrite_const_{i}", value.contiguous())
+    node = graph.get_attr(f"_rewrite_const_{i}")
     node.meta["val"] = value
     return node
 
@@ -77,7 +77,7 @@ def apply_plan(graph: Graph, plan: Plan, site_id: str = "") -> Node:
         bias = _combine(graph, [canonical_operand(graph, b) for b in plan.biases], aten.add.Tensor)
         keeps = [canonical_operand(graph, m) for m in plan.keeps]
         if plan.constant_mask is not None:
-            keeps.append(_constant(graph, plan.constant_mask))
+            keeps.append(constant_buffer(graph, plan.constant_mask))
         keep = _combine(graph, keeps, aten.logical_and.default)
         if site.score_mod is not None:
             leaves = [canonical_operand(graph, t) for t in site.mod_leaves]

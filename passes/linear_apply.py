@@ -7,12 +7,13 @@ import logging
 import torch
 from torch.fx import Graph, Node
 
+import rewrite.codegen.decay_ops  # noqa: F401  (registers torch.ops.rewrite.decay_linear_attention)
 import rewrite.codegen.linear_ops  # noqa: F401  (registers torch.ops.rewrite.linear_attention / flow_attention)
 from rewrite.ir.cascade import Cascade
 from rewrite.ir.plan import Plan
 from rewrite.report import SiteReport
 
-from .apply import canonical_operand
+from .apply import canonical_operand, constant_buffer
 from .linearize import NotLinearizable, plan_linear
 
 log = logging.getLogger("rewrite")
@@ -39,12 +40,26 @@ def apply_linear(graph: Graph, plan: Plan) -> Node:
             fq = graph.call_function(aten.mul.Tensor, (fq, float(site.scale)))
         fk = canonical_operand(graph, site.fk)
         v = canonical_operand(graph, site.v)
-        out = graph.call_function(torch.ops.rewrite.linear_attention.default, (
-            fq, fk, v, bool(plan.causal), bool(site.normalize), float(site.eps), plan.kernel, site.out_dtype))
+        if site.decay is not None:
+            out = graph.call_function(torch.ops.rewrite.decay_linear_attention.default, (
+                fq, fk, v, _log_decay(graph, site), plan.kernel, site.out_dtype))
+        else:
+            out = graph.call_function(torch.ops.rewrite.linear_attention.default, (
+                fq, fk, v, bool(plan.causal), bool(site.normalize), float(site.eps), plan.kernel, site.out_dtype))
         out = _restore_layout(graph, out, site)
     out.meta["rewrite_site"] = site.location
     site.out_node.replace_all_uses_with(out)
     return out
+
+
+def _log_decay(graph: Graph, site) -> Node:
+    """G [*batch, N] for the op: a buffer λ·p for a constant decay, else the graph's own G."""
+    n = site.n
+    if site.decay.g is not None:
+        g = canonical_operand(graph, site.decay.g)
+        return graph.call_function(aten.reshape.default, (g, [*(site.decay.g.shape[:-2]), n]))
+    lam = site.decay.log_rate.reshape(*site.decay.log_rate.shape, 1)
+    return constant_buffer(graph, (lam * torch.arange(n, dtype=torch.float64)).to(torch.float32))
 
 
 def _shapes(site) -> dict:
@@ -78,9 +93,10 @@ def rewrite_linear_site(graph: Graph, site, backend: str) -> SiteReport:
         log.info("linear site at %s left alone: %s", site.location, exc)
         rep.reason = str(exc)
         return rep
-    rewritten = Cascade.linear_attention(causal=plan.causal)
+    rewritten = Cascade.linear_attention(causal=plan.causal, normalize=site.normalize, decay=site.decay is not None)
     rep.rewritten = True
-    rep.kernel = f"rewrite::linear_attention[{plan.kernel}]"
+    op = "decay_linear_attention" if site.decay is not None else "linear_attention"
+    rep.kernel = f"rewrite::{op}[{plan.kernel}]"
     rep.rewritten_cascade = str(rewritten)
     rep.mask = plan.mask.describe()
     rep.flops = plan.flops

@@ -114,6 +114,13 @@ def plan_linear(site, backend: str, device: torch.device | None) -> Plan:
     elif spec.kind != "dense" or spec.runtime:
         raise NotLinearizable(f"the mask is not causal or dense ({spec.describe()}): it has no O(N) form here")
     notes = []
+    if site.decay is not None:
+        if not causal:
+            raise NotLinearizable("a decay without the causal mask m ≤ p has no O(N) scan")
+        if site.normalize:
+            raise NotLinearizable("a normalised decay-gated form (Σ_m of decayed weights): not supported yet")
+        proof.insert(-1, f"DECAY = {site.decay.describe}: exp(G_p − G_m) = exp(G_p − G_r)·exp(G_r − G_m) "
+                         "factors through any position r between them, so the state is decayed and carried")
     if site.normalize:
         names = site.feature_maps
         if not all(nonneg for _, nonneg in names):

@@ -28,6 +28,7 @@ from rewrite.ir.cascade import Cascade, Einsum, T
 
 from .axes import AtomSizes, Axes, NoMatch, dtype_of, is_layout_op, propagate, shape_of
 from .contraction import Contraction, as_contraction
+from .linear_decay import decay_factor, looks_like_gate, read_decay
 from .linear_masks import align, read_masks
 from .linear_site import (
     LinearSite,
@@ -141,6 +142,8 @@ def _walk_back(x: Node) -> tuple[Contraction, list[Node]]:
             cands = [a for a in cands if a is cur.args[0]]
         if cur.target == aten.div.Tensor and len(cands) == 2 and row_sum(cur.args[1]) is not None:
             cands = [cur.args[0]]
+        if cur.target == aten.mul.Tensor and len(cands) == 2 and sum(map(looks_like_gate, cands)) == 1:
+            cands = [a for a in cands if not looks_like_gate(a)]  # exp(G_p − G_m) of a projected gate
         if len(cands) != 1:
             raise NoMatch(f"cannot tell which operand of {cur.name} holds the scores")
         cur = cands[0]
@@ -161,7 +164,15 @@ def _classify_step(node: Node, axes: Axes, sizes: AtomSizes, score: Node) -> _St
                 return _Step(node, "norm", rs[2])
             return _Step(node, "nonlinear", "÷ by something other than the row sum of the scores")
         if t == aten.mul.Tensor and isinstance(other, Node):
-            rows, cols = align(shape_of(other), axes, sizes)
+            batch = sorted(a for a in sizes.sizes if a.startswith("b"))
+            factor = decay_factor(node, other, axes, sizes, batch)
+            if factor is not None:
+                return _Step(node, "decay", factor)
+            try:
+                rows, cols = align(shape_of(other), axes, sizes)
+            except NoMatch as exc:
+                return _Step(node, "nonlinear", f"× a tensor that is neither a 0/1 mask nor a decay "
+                                                f"exp(G_p − G_m) ({exc})")
             return _Step(node, "mask", (other, False, rows, cols))
         return _Step(node, "nonlinear", f"{t}")
     if t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
@@ -200,6 +211,9 @@ def _build_cascade(steps: list[_Step], normalize_after: bool, mask_pred) -> Casc
             es.append(Einsum(t(name, "mp"), (t(cur, "mp"), T("c")), "×", note=f"c = {s.detail:g}"))
         elif s.what == "mask":
             es.append(Einsum(t(name, "mp"), (t(cur, "mp"), t("MASK", "mp")), "×", note="0/1 mask"))
+        elif s.what == "decay":
+            es.append(Einsum(t(name, "mp"), (t(cur, "mp"), t("DECAY", "mp")), "×",
+                             note="decay exp(G_p − G_m)" if s.detail.g is not None else "constant factor"))
         elif s.what == "norm":
             es.append(Einsum(t(f"SD{i}", "p"), (t(cur, "mp"),), "id", "+", note="row sum (+ eps)"))
             es.append(Einsum(t(name, "mp"), (t(cur, "mp"), t(f"SD{i}", "p")), "÷"))
@@ -322,9 +336,15 @@ def _match_from(c2, c1, chain, x, v_node, x_labels, v_labels) -> LinearSite:
         site.rejected = "normalised twice"
     site.normalize = bool(norms) or normalize_after
     # Masks: the keep predicate over (p, m) for the cascade and, to decide, the mask's value (linear_masks.py).
-    masks = read_masks([s.detail for s in steps if s.what == "mask"], site.n, site.m)
+    decays = [s.detail for s in steps if s.what == "decay"]
+    masks = read_masks([*(s.detail for s in steps if s.what == "mask"), *_peeled(decays, sizes)], site.n, site.m)
     site.mask_pred, site.mask_const = masks.pred, masks.keep
     site.rejected = site.rejected or masks.rejected
+    if decays and not site.rejected:
+        site.decay, why = read_decay(decays, masks.keep, site.n, site.m, dtype_of(decays[0].node))
+        site.rejected = why
+        if site.decay is not None and masks.keep is None:  # the zeros above the diagonal were in the decay
+            site.mask_const = torch.ones(site.n, site.m, dtype=torch.bool).tril()
     nonlinear = [s for s in steps if s.what == "nonlinear"]
     edits = [s for s in steps if s.what == "edit"]
     spelling = [c1.spelling, *(f"{s.what}" for s in steps if s.what != "layout"), c2.spelling]
@@ -358,6 +378,17 @@ def _match_from(c2, c1, chain, x, v_node, x_labels, v_labels) -> LinearSite:
     site.bindings = {"q": c1.a, "k": c1.b, "v": v_node, "weights": x, "q_axes": qa, "k_axes": ka,
                      "v_axes": v_axes, "out_axes": tuple(out_axes_c2), "axes_of": axes_of, "c1": c1, "c2": c2}
     return site
+
+
+def _peeled(decays, sizes: AtomSizes) -> list:
+    """The masks found around a gate (``where(tril, exp(G_p − G_m), 0)``), as mask-reader entries."""
+    out = []
+    for d in decays:
+        for cond, invert in d.masks:
+            axes = tuple(("p",) if i == 0 else ("m",) for i in range(2))
+            rows, cols = align(shape_of(cond), axes, sizes)
+            out.append((cond, invert, rows, cols))
+    return out
 
 
 # ---- entry point ---------------------------------------------------------------------------------

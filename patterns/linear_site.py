@@ -55,6 +55,7 @@ class LinearSite:
     e: int = 0
     f: int = 0
     kind: str = "linear"
+    decay: object | None = None  # a DecayPlan (patterns/linear_decay.py): decay-gated, run by its own op
     rejected: str | None = None  # set when the site is attention-like but cannot be expressed
     notes: list[str] = field(default_factory=list)
     nodes: list[Node] = field(default_factory=list)  # the products and every node between them

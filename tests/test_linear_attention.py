@@ -252,15 +252,7 @@ def anti_causal(q, k, v):
     return ((F.relu(q) @ F.relu(k).transpose(-2, -1)) * upper) @ v
 
 
-def decayed(q, k, v):  # RetNet-like decay γ^(p−m) on the causal scores: not a 0/1 mask
-    n = q.shape[-2]
-    i = torch.arange(n, device=q.device)
-    decay = torch.where(i[:, None] >= i[None, :], 0.9 ** (i[:, None] - i[None, :]).to(q.dtype), 0.0)
-    return ((F.relu(q) @ F.relu(k).transpose(-2, -1)) * decay) @ v
-
-
 @pytest.mark.parametrize("fn,reason", [
-    (decayed, "not 0/1"),
     (relu_between, "nonlinearity (relu)"), (squared_between, "nonlinearity"),
     (identity_normalised, "not provably non-negative"), (window_mask, "not causal or dense"),
     (runtime_mask, "run-time"), (anti_causal, "not causal or dense")])

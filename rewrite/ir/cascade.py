@@ -296,11 +296,13 @@ class Cascade:
         ), name="softmax-attention (1-pass, online softmax)")
 
     @staticmethod
-    def linear_attention(causal: bool = False, feature_map: str = "φ", batch: str = "bh") -> Cascade:
+    def linear_attention(causal: bool = False, feature_map: str = "φ", batch: str = "bh", normalize: bool = True,
+                         decay: bool = False) -> Cascade:
         """Linear attention O = φQ (φKᵀ V) ÷ φQ (φKᵀ 1): one pass over m, no [m,p] tensor.
 
         Causal: the key-side sums become running states over m (prefix sums); each query
-        reads the state at its own position (``where m = p``)."""
+        reads the state at its own position (``where m = p``). ``decay``: the running state is
+        multiplied by exp(G_m − G_{m−1}) before each step (retention, gated linear attention)."""
         b = tuple(batch)
 
         def t(name, ranks):
@@ -317,15 +319,22 @@ class Cascade:
             )
         else:
             at_p = sympy.Eq(m, p)
+            kv = (Einsum(t("KV", "mef"), (t("KV", "mef"), t("DG", "m"), t("FK", "em"), t("V", "fm")), "fma",
+                         scan="m", note="running exp(G_m − G_{m−1})·state + φK·Vᵀ") if decay else
+                  Einsum(t("KV", "mef"), (t("KV", "mef"), t("FK", "em"), t("V", "fm")), "fma", scan="m",
+                         note="running Σ φK·Vᵀ"))
             body = (
-                Einsum(t("KV", "mef"), (t("KV", "mef"), t("FK", "em"), t("V", "fm")), "fma", scan="m",
-                       note="running Σ φK·Vᵀ"),
+                kv,
                 Einsum(t("KS", "me"), (t("KS", "me"), t("FK", "em")), "+", scan="m", note="running Σ φK"),
                 Einsum(t("NUM", "fp"), (t("FQ", "ep"), t("KV", "mef")), "×", "+", mask=at_p),
                 Einsum(t("DEN", "p"), (t("FQ", "ep"), t("KS", "me")), "×", "+", mask=at_p),
             )
-        out = Einsum(t("AV", "fp"), (t("NUM", "fp"), t("DEN", "p")), "÷")
-        kind = "causal" if causal else "non-causal"
+        if not normalize:
+            body = tuple(e for e in body if e.name not in ("KS", "DEN"))
+            out = Einsum(t("AV", "fp"), (t("NUM", "fp"),), "id")
+        else:
+            out = Einsum(t("AV", "fp"), (t("NUM", "fp"), t("DEN", "p")), "÷")
+        kind = ("decay-gated " if decay else "") + ("causal" if causal else "non-causal")
         return Cascade((fq, fk, *body, out), name=f"linear-attention ({kind})")
 
     @staticmethod
