@@ -19,16 +19,10 @@ from __future__ import annotations
 import torch
 
 from .backward import recompute_grads
+from .linear_ops import acc_dtype
 
 KERNELS = ("torch", "triton", "reference")
 CHUNK = 64
-
-
-def _acc(*ts: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
-    dt = ts[0].dtype
-    for t in ts[1:]:
-        dt = torch.promote_types(dt, t.dtype)
-    return dt, (torch.float32 if dt in (torch.bfloat16, torch.float16) else dt)
 
 
 def _causal_decay(gp: torch.Tensor, gm: torch.Tensor) -> torch.Tensor:
@@ -41,16 +35,16 @@ def _causal_decay(gp: torch.Tensor, gm: torch.Tensor) -> torch.Tensor:
 
 def decay_reference(q, k, v, g) -> torch.Tensor:
     """The quadratic form: ((q kᵀ) ⊙ exp(g_p − g_m) ⊙ [m ≤ p]) v."""
-    dt, acc = _acc(q, k, v)
-    gg = g.to(acc if acc != torch.float32 else torch.float32)
-    s = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * _causal_decay(gg, gg).to(acc)
+    dt, acc = acc_dtype(q, k, v)
+    gg = g.to(acc)
+    s = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * _causal_decay(gg, gg)
     return (s @ v.to(acc)).to(dt)
 
 
 def decay_torch(q, k, v, g) -> torch.Tensor:
     """Chunked PyTorch, O(N·C·(E+F) + N·E·F + (N/C)²·E·F); accumulates in fp32 for half-precision inputs.
     Differentiable in q, k, v and g, so it is also the CPU backward's recomputation."""
-    dt, acc = _acc(q, k, v)
+    dt, acc = acc_dtype(q, k, v)
     n = q.shape[-2]
     gacc = torch.float64 if acc == torch.float64 else torch.float32
     lead = torch.broadcast_shapes(q.shape[:-1], k.shape[:-1], v.shape[:-1], g.shape)

@@ -39,6 +39,11 @@ def pow2(x: int) -> int:
     return 1 << max(0, x - 1).bit_length()
 
 
+def pad_dim(d: int) -> int:
+    """A head dim padded for tl.arange/tl.dot: a power of two, at least 16."""
+    return max(16, pow2(d))
+
+
 def segments(bh: int, n: int, block: int, target: int = 528) -> tuple[int, int]:
     """(segments, segment length): enough (bh, segment) programs to fill the GPU, each a
     whole number of blocks long."""

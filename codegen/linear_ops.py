@@ -27,7 +27,7 @@ KERNELS = ("torch", "triton", "reference")
 CHUNK = 64
 
 
-def _acc_dtype(*ts: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+def acc_dtype(*ts: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
     dt = ts[0].dtype
     for t in ts[1:]:
         dt = torch.promote_types(dt, t.dtype)
@@ -50,7 +50,7 @@ def linear_reference(fq, fk, v, causal: bool = False, normalize: bool = True, ep
 def linear_torch(fq, fk, v, causal: bool = False, normalize: bool = True, eps: float = 0.0) -> torch.Tensor:
     """Reassociated (non-causal) or chunked (causal) PyTorch: O(N·E·F), accumulating in fp32
     for half-precision inputs. Differentiable, so it is also the backward's recomputation."""
-    dt, acc = _acc_dtype(fq, fk, v)
+    dt, acc = acc_dtype(fq, fk, v)
     q, k, vv = fq.to(acc), fk.to(acc), v.to(acc)
     if not causal:
         state = k.transpose(-1, -2) @ vv  # [*, E, F]
@@ -176,7 +176,7 @@ def flow_torch(q, k, v, causal: bool = False, clamp: bool = True, eps: float = 1
                linear=linear_torch) -> torch.Tensor:
     """O(N·D²) PyTorch: the official non-causal code (already linear), and for causal the prefix
     sums of vectors followed by chunked causal linear attention (no [N, D, D] cumsum)."""
-    dt, acc = _acc_dtype(q, k, v)
+    dt, acc = acc_dtype(q, k, v)
     if not causal:
         return flow_reference(q.to(acc), k.to(acc), v.to(acc), False, clamp, eps).to(dt)
     fq, fk = torch.sigmoid(q.to(acc)), torch.sigmoid(k.to(acc))

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_kernel_utils import TUNED, dot, dot_precisions, pow2, rows3d, segments, tuned, upcast_dots
+from .linear_kernel_utils import TUNED, dot, dot_precisions, pad_dim, rows3d, segments, tuned, upcast_dots
 
 CHUNK = 64
 
@@ -181,15 +181,11 @@ def _decay_dkdv(Q, K, V, DO, G, R0, DK, DV, N, seg_len, nseg, sqb, sqn, skb, skn
         g_ref = g_prev
 
 
-def _pad(d: int) -> int:
-    return max(16, pow2(d))
-
-
 def _states(a3, b3, g2, nseg: int, seg_len: int, rev: bool, cfg: dict) -> torch.Tensor:
     """The state entering each segment, [bh, nseg, BE, BF] fp32 (forward: from the left; REV: from the right)."""
     bh, n, e = a3.shape
     f = b3.shape[-1]
-    be, bf = _pad(e), _pad(f)
+    be, bf = pad_dim(e), pad_dim(f)
     s = torch.zeros(bh, nseg, be, bf, device=a3.device, dtype=torch.float32)
     if nseg == 1:
         return s
@@ -218,7 +214,7 @@ def candidate_configs(e: int, f: int) -> list[dict]:
     seen, out = set(), []
     for v in variants:
         cfg = {**base, **v}
-        key = tuple(sorted({**cfg, "bft": min(_pad(f), cfg["bft"])}.items()))
+        key = tuple(sorted({**cfg, "bft": min(pad_dim(f), cfg["bft"])}.items()))
         if key not in seen:
             seen.add(key)
             out.append(cfg)
@@ -242,7 +238,7 @@ def decay_forward(q3, k3, v3, g2, cfg: dict) -> torch.Tensor:
     bh, n, e = q3.shape
     f = v3.shape[-1]
     cfg = {**default_config(e, f), **cfg}
-    be, bf = _pad(e), _pad(f)
+    be, bf = pad_dim(e), pad_dim(f)
     nseg, seg_len = segments(bh, n, cfg["chunk"], cfg["target"])
     h0 = _states(k3, v3, g2, nseg, seg_len, False, cfg)
     out = torch.empty(bh, n, f, device=q3.device, dtype=q3.dtype)
@@ -269,7 +265,7 @@ def decay_backward(q3, k3, v3, g2, do3, cfg: dict) -> tuple[torch.Tensor, ...]:
     _, prec = dot_precisions(q3.dtype)
     _decay_dkdv[(bh, nseg)](q3, k3, v3, do3, g2, r0, dk, dv, n, seg_len, nseg, q3.stride(0), q3.stride(1),
                             k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1), do3.stride(0), do3.stride(1),
-                            g2.stride(0), E=e, F=f, BE=_pad(e), BF=_pad(f), C=cfg["chunk"], PREC=prec,
+                            g2.stride(0), E=e, F=f, BE=pad_dim(e), BF=pad_dim(f), C=cfg["chunk"], PREC=prec,
                             UPCAST=upcast_dots(q3), num_warps=cfg["bwd_warps"], num_stages=1)
     dg = (q3.float() * dq.float()).sum(-1) - (k3.float() * dk.float()).sum(-1)
     return dq, dk, dv, dg

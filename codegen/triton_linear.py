@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_kernel_utils import TUNED, dot, dot_precisions, pow2, rows3d, segments, tuned, upcast_dots
+from .linear_kernel_utils import TUNED, dot, dot_precisions, pad_dim, pow2, rows3d, segments, tuned, upcast_dots
 
 CHUNK = 64
 COMBINE_ELEMENTS = 4096  # segments × state entries per program of ``_combine_states``
@@ -161,17 +161,13 @@ def _causal_out(Q, K, V, S0, Z0, Out, N, seg_len, nseg, eps, sqb, sqn, skb, skm,
         z += tl.sum(k.to(tl.float32), 0)
 
 
-def _pad(d: int) -> int:
-    return max(16, pow2(d))
-
-
 def segment_states(k: torch.Tensor, v: torch.Tensor, nseg: int, seg_len: int, cfg: dict | None = None,
                    filled: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (bh, segment): Σ φKᵀV [bh, nseg, BE, BF] and Σ φK [bh, nseg, BE] in fp32 (padded to powers of 2);
     only the first ``filled`` segments (default all) are computed, the others are left unwritten."""
     bh, m, e = k.shape
     f = v.shape[-1]
-    be, bf = _pad(e), _pad(f)
+    be, bf = pad_dim(e), pad_dim(f)
     cfg = {**default_config(e, f, False), **(cfg or {})}
     s = torch.empty(bh, nseg, be, bf, device=k.device, dtype=torch.float32)
     z = torch.empty(bh, nseg, be, device=k.device, dtype=torch.float32)
@@ -212,7 +208,7 @@ def default_config(e: int, f: int, causal: bool) -> dict:
 
 def _effective(cfg: dict, e: int, f: int, causal: bool) -> tuple:
     """The launch parameters a configuration really changes (block widths clipped to the padded dims)."""
-    bf = _pad(f)
+    bf = pad_dim(f)
     keys = (("chunk", "causal_bft", "causal_warps", "causal_stages", "causal_target") if causal else
             ("out_block", "out_bft", "out_warps", "out_stages", "out_target", "target"))
     keys += ("state_block", "state_bft", "state_warps", "state_stages")
@@ -269,7 +265,7 @@ def _launch(q3, k3, v3, causal: bool, normalize: bool, eps: float, cfg: dict) ->
     dt = q3.dtype
     cfg = {**default_config(e, f, causal), **cfg}
     out = torch.empty(bh, n, f, device=q3.device, dtype=dt)
-    be, bf = _pad(e), _pad(f)
+    be, bf = pad_dim(e), pad_dim(f)
     _, prec = dot_precisions(dt)
     upcast = upcast_dots(q3)
     if not causal:

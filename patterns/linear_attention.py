@@ -385,8 +385,7 @@ def _peeled(decays, sizes: AtomSizes) -> list:
     out = []
     for d in decays:
         for cond, invert in d.masks:
-            axes = tuple(("p",) if i == 0 else ("m",) for i in range(2))
-            rows, cols = align(shape_of(cond), axes, sizes)
+            rows, cols = align(shape_of(cond), (("p",), ("m",)), sizes)
             out.append((cond, invert, rows, cols))
     return out
 

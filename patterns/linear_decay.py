@@ -189,10 +189,12 @@ def read_decay(factors: list[DecayFactor], keep: torch.Tensor | None, n: int, m:
             return None, ("a gated decay exp(G_p − G_m) without exactly the causal mask m ≤ p: "
                           "the pairs m > p would grow, not decay, and have no O(N) scan")
         return DecayPlan(g=f.g, describe="exp(G_p − G_m), G a run-time tensor (gated)"), None
-    d = f.value if keep is None else f.value * keep.to(torch.float64)
-    if d.numel() > VERIFY_LIMIT:
-        return None, (f"a constant decay of {d.numel()} entries: above the {VERIFY_LIMIT} checked one by one, "
+    if f.value.numel() > VERIFY_LIMIT:  # decided before the float64 copy below is made
+        return None, (f"a constant decay of {f.value.numel()} entries: above the {VERIFY_LIMIT} checked one by one, "
                       "so it is not proven (pass it as a gate, exp(G_p − G_m), to run it in O(N))")
+    if dtype in (torch.float16, torch.bfloat16):
+        return None, "a constant decay in half precision: its rounding cannot be told from an edited entry"
+    d = f.value if keep is None else f.value * keep.to(torch.float64)
     upper = ~causal
     if bool((d[..., upper] != 0).any()):
         return None, ("the decay keeps pairs m > p (not causal; a two-sided γ^|p−m| has no single-scan form): "
@@ -213,8 +215,6 @@ def read_decay(factors: list[DecayFactor], keep: torch.Tensor | None, n: int, m:
     lam = torch.tensor(rates, dtype=torch.float64)
     dist = (torch.arange(n, dtype=torch.float64)[:, None] - torch.arange(m, dtype=torch.float64)[None, :])
     tol = 3e-5 if dtype in (torch.float32, None) else 1e-10
-    if dtype in (torch.float16, torch.bfloat16):
-        return None, "a constant decay in half precision: its rounding cannot be told from an edited entry"
     for b in range(flat.shape[0]):
         want = torch.where(causal, (lam[b] * dist).exp(), torch.zeros(()))
         bad = (flat[b] - want).abs() > tol * want + 1e-30

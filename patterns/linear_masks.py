@@ -101,7 +101,7 @@ def read_masks(masks: list[tuple[Node, bool, int | None, int | None]], n: int, m
         val = constant_value(node)
         if val is not None and val.dtype != torch.bool and not bool(((val == 0) | (val == 1)).all()):
             out.rejected = out.rejected or ("the scores are multiplied by a matrix whose values are not 0/1 "
-                                            "(a decay or weight, e.g. RetNet's γ^(p−m)): not a mask")
+                                            "(a weight; a float decay γ^(p−m) is read by linear_decay.py): not a mask")
             continue
         keep = None if val is None else mask_2d(~val.to(torch.bool) if invert else val.to(torch.bool), rows, cols)
         if keep is None:

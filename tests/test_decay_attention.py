@@ -356,3 +356,44 @@ def test_retnet_style_model_rewritten_forward_and_backward():
     ref.square().sum().backward()
     for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
         close_relative(p.grad, p_ref.grad, torch.float32, name)
+
+
+def two_gates(q, k, v, G, H):  # exp(G_p − H_m): two different tensors, not one decay
+    n = q.shape[-2]
+    D = torch.exp(G[..., :, None] - H[..., None, :]) * torch.ones(n, n).tril()
+    return (q @ k.transpose(-1, -2) * D) @ v
+
+
+def test_gate_of_two_tensors_left_alone():
+    q, k, v = _qkv(1, 2, 30, 16)
+    G, H = (torch.log(torch.rand(1, 2, 30) * 0.5 + 0.5).cumsum(-1) for _ in range(2))
+    site, report = _decay_site(two_gates, q, k, v, G, H)
+    assert not site.rewritten and "neither a 0/1 mask nor a decay" in site.reason, report
+
+
+def test_decay_above_the_checked_size_is_refused(monkeypatch):
+    """The entry-by-entry check switches off above VERIFY_LIMIT: the site is then left alone, with that reason."""
+    import rewrite.patterns.linear_decay as linear_decay
+
+    q, k, v = _qkv(1, 2, 40, 16)
+    monkeypatch.setattr(linear_decay, "VERIFY_LIMIT", 2 * 40 * 40 - 1)
+    site, report = _decay_site(retnet_pow_masked_fill, q, k, v)
+    assert not site.rewritten and "checked one by one" in site.reason, report
+    monkeypatch.setattr(linear_decay, "VERIFY_LIMIT", 2 * 40 * 40)
+    rewrite.clear_caches()
+    site, report = _decay_site(retnet_pow_masked_fill, q, k, v)
+    assert site.rewritten, report
+
+
+def test_one_gamma_broadcast_over_heads_as_size_one_axis():
+    """A [1, N, N] decay (a size-1 head axis) is one γ shared by every head: read back as that γ."""
+    q, k, v = _qkv(2, 3, 33, 16)
+
+    def shared(q, k, v):
+        i = torch.arange(q.shape[-2])
+        d = torch.tril(0.95 ** (i[:, None] - i[None, :]).float())[None]
+        return (q @ k.transpose(-1, -2) * d) @ v
+
+    site, report = _decay_site(shared, q, k, v)
+    assert site.rewritten and "0.95" in " ".join(site.notes), report
+    close_relative(rewrite.compile(shared)(q, k, v), shared(*(t.double() for t in (q, k, v))), torch.float32)
