@@ -87,7 +87,7 @@ def fused_is_eager(q, k, v, bias, removed: Removed, scale: float, sem: Spelling)
     floor = keep_floor(q, k, bias, keep, scale, bound=sem.finite)
     if bool((floor == NEG_INF).any()):
         return False
-    return not sem.finite or not bool(unsettled(floor, sem, q.dtype, excess_of(q, k, scale, sem)).any())
+    return not sem.finite or not bool(unsettled(floor, sem, q.dtype, excess_of(q, k, scale, sem, bias)).any())
 
 
 LSE_ULPS = 2.0 ** -12  # a row's largest score may be this many 1/eps: exp(s − LSE) is then exact to rounding

@@ -53,7 +53,7 @@ from rewrite.ir.mask import MaskSpec, keep_rows
 from . import counters
 
 NEG_INF = float("-inf")
-MASKED_ROWS = ("nan", "mean", "zero", "zero_masked")
+MASKED_ROWS = ("nan", "mean", "zero", "zero_masked", "biased_fill")
 ROW_ELEMS = 1 << 24  # score entries (all batch·heads) of one block of rows in eager_attention
 
 
@@ -63,6 +63,7 @@ class Spelling:
 
     fill: float = NEG_INF
     additive: bool = False
+    biased: bool = False  # the bias is added after the fill is written: removed scores are fill + bias (GPT-Neo)
     sdpa: bool = False
     sdpa_masked: bool = False  # the SDPA call passed an attn_mask (one the rewrite may have proven keeps all)
 
@@ -76,8 +77,11 @@ class Spelling:
         if masked_row in ("zero", "zero_masked"):
             return Spelling(sdpa=True, sdpa_masked=masked_row == "zero_masked")
         if fill is None:
-            fill = torch.finfo(dtype).min if masked_row == "mean" else NEG_INF
-        return Spelling(float(fill), bool(additive))
+            fill = torch.finfo(dtype).min if masked_row in ("mean", "biased_fill") else NEG_INF
+        biased = masked_row == "biased_fill"
+        if biased and (additive or not math.isfinite(fill)):
+            raise ValueError("masked_row 'biased_fill' is a finite fill written over the score, then biased")
+        return Spelling(float(fill), bool(additive), biased)
 
     @property
     def finite(self) -> bool:
@@ -189,9 +193,12 @@ def eager_attention(q, k, v, bias, removed: Removed, scale: float, sem: Spelling
         if keep is not None and sem.additive:
             fills = torch.full(keep.shape, sem.fill, dtype=dt, device=q.device).masked_fill(keep, 0.0)
             added = fills if added is None else added + fills
+        written = keep is not None and not sem.additive
+        if written and sem.biased:  # the fill first, the bias over it
+            s = s.masked_fill(~keep, sem.fill)
         if added is not None:
             s = add_as_eager(s, added, sum_dtype)
-        if keep is not None and not sem.additive:
+        if written and not sem.biased:
             s = s.masked_fill(~keep, sem.fill)
         o = torch.softmax(s, -1) @ vv
         if rows is not None:
@@ -348,6 +355,17 @@ def settle(out: torch.Tensor, floor: torch.Tensor, sem: Spelling, dtype: torch.d
     return recompute(out, bad)
 
 
-def excess_of(q, k, scale: float, sem: Spelling) -> torch.Tensor | None:
-    """How far above an added finite fill a removed score can be (None when the fill is written)."""
-    return score_bound(q, k, scale) if sem.additive and sem.finite else None
+def excess_of(q, k, scale: float, sem: Spelling, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """[B, Hq, N] float64: how far above the fill a removed score can be. An added finite fill: the
+    score bound; a fill the bias is added over (``sem.biased``): the row's largest bias, NaN taken as
+    +inf (eager's removed score is then NaN: the row is recomputed), a row of −inf as 0 (its removed
+    scores are −inf), plus the rounding of fill + bias in the sum's dtype. None when the fill is
+    written and nothing is added over it."""
+    if sem.additive and sem.finite:
+        return score_bound(q, k, scale)
+    if not (sem.biased and bias is not None and bias.is_floating_point()):
+        return None
+    best = bias.detach().double().amax(-1).nan_to_num(nan=math.inf, neginf=0.0)
+    sd = bias_sum_dtype(q, k, bias, sem) or compute_dtype(q, k)
+    best = best + 2 * torch.finfo(sd).eps * (abs(sem.fill) + best.abs().nan_to_num(posinf=0.0))
+    return best.expand(q.shape[0], q.shape[1], q.shape[2])

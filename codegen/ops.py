@@ -13,7 +13,8 @@ with exactly eager PyTorch's semantics for the spelling it replaced:
 the spelling's answer for a row with no kept key: "nan" (eager softmax over all −inf), "mean" (a
 finite fill: softmax over equal scores averages v; ``fill`` gives its value, finfo.min if None),
 "zero" (an F.scaled_dot_product_attention call: SDPA's own semantics, 0 there; "zero_masked": one
-that passed an attn_mask, which the op passes again on inputs that are not finite). codegen/eager.py
+that passed an attn_mask, which the op passes again on inputs that are not finite; "biased_fill": a
+finite fill written over the score and the bias added over it, GPT-Neo's order). codegen/eager.py
 holds every kernel to this (settled rows, inputs a kernel cannot take exactly).
 
 The op carries a fake kernel (so graphs that call it still export and compile under Inductor) and
@@ -137,7 +138,7 @@ def dense_forward(q, k, v, bias, removed: Removed, scale: float, sem: Spelling, 
     def recompute(out, rows):
         return eager_attention(q, k, v, bias, removed, scale, sem, rows, out)
 
-    excess = excess_of(q, k, scale, sem)
+    excess = excess_of(q, k, scale, sem, bias)
     coarse = None if sem.sdpa or bias is None else coarse_rows(q, k, bias, removed.rows(0, n, q.device), sem)
     if kernel == "triton":
         from rewrite.codegen.triton_attention import triton_attention

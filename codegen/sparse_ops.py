@@ -202,7 +202,7 @@ def _sparse_attention(q, k, v, bias, mask, scale, spec, masked_row, kernel, out_
                         return eager_attention(q4, k4, v4, b4, removed, scale, sem, rows, out)
 
                     out = settle(res[0], lse_floor(res[1], m), sem, q4.dtype, recompute,
-                                 excess_of(q4, k4, scale, sem), coarse)
+                                 excess_of(q4, k4, scale, sem, b4), coarse)
                 else:
                     out = res[0] if isinstance(res, tuple) else res
                 return out.reshape(*batch, *out.shape[-2:]).to(out_dtype).contiguous()

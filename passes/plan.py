@@ -81,8 +81,8 @@ def analyse_mask(site: Site) -> MaskFacts:
                 droppable.append(t)
             continue
         exact = _exact_fill(t.fill)
-        if rt or not exact or t.predicate is sympy.true:
-            biases.append(t)  # run-time values, or values the softmax still sees
+        if rt or not exact or t.predicate is sympy.true or site.fill_biased:
+            biases.append(t)  # run-time values, values the softmax still sees, or added over the fill
             hints += pos if exact else []
         else:
             droppable.append(t)
@@ -196,7 +196,7 @@ def plan_site(site: Site, backend: str, device: torch.device | None) -> Plan:
             notes.append(f"run-time mask tensor was causal on the first call; {RUNTIME_MASK_CONTRACT}")
     fill, additive = _removed_fill(site, facts)
     masked_row = ("zero_masked" if site.keeps or site.biases else "zero") if site.kept_as_is else (
-        "mean" if math.isfinite(fill) else "nan")
+        ("biased_fill" if site.fill_biased else "mean") if math.isfinite(fill) else "nan")
     sdpa_mask = site.kept_as_is and causal and not site.causal  # an SDPA call's own mask, proven causal
     if site.causal:  # an SDPA call with is_causal=True
         causal, offset = True, site.causal_offset

@@ -130,7 +130,7 @@ def match_softmax_attention(sm: Node) -> Site:
     keeps: list[tuple[Node, Axes, bool]] = []
     bias_raw: list[tuple[Node, Axes, bool, float, torch.dtype | None]] = []  # (.., the add's dtype)
     fill: float | None = None
-    finite_fill_seen = False
+    finite_fill_seen = fill_biased = False
     spelling = [qk.spelling]
     links = chain  # every link of the score chain (the modifier's part included)
     lifted = lift_modifier(qk, chain, axes, sizes, score_of)
@@ -174,8 +174,10 @@ def match_softmax_attention(sm: Node) -> Site:
             if neg and node.args[0] is not score_of(node, links):
                 raise NoMatch("scores subtracted from a tensor")
             if isinstance(other, Node) and shape_of(other) is not None and len(shape_of(other)) > 0:
-                if finite_fill_seen:
-                    raise NoMatch("a bias added after a finite masked_fill")
+                if finite_fill_seen:  # GPT-Neo: where(causal, s, finfo.min) + mask; removed scores are fill + bias
+                    if bias_raw and not fill_biased:
+                        raise NoMatch("biases added both before and after a finite masked_fill")
+                    fill_biased = True
                 bias_raw.append((other, align_broadcast(shape_of(other), axes, sizes), neg, float(alpha),
                                  dtype_of(node)))
                 spelling.append("+bias")
@@ -193,6 +195,8 @@ def match_softmax_attention(sm: Node) -> Site:
                 cond, a, b = node.args[:3]
                 score = score_of(node, links)
                 mask_node, value, invert = (cond, b, False) if a is score else (cond, a, True)
+            if fill_biased:
+                raise NoMatch(f"{node.name}: a masked_fill after a bias that was added over a finite fill")
             val = as_stored(scalar_value(value), dtype_of(node))  # -1e9 into float16 scores is -inf
             if val is None or not isinstance(mask_node, Node):
                 raise NoMatch(f"{node.name}: masked with a non-constant value")
@@ -359,7 +363,7 @@ def match_softmax_attention(sm: Node) -> Site:
         k=plan(k_op, k_axes, m_atoms, e_atoms, "the key"),
         v=plan(v_node, tuple(v_axes), m_atoms, f_atoms, "the value"),
         out_node=out_node, out_perm=[], out_shape=list(so), out_dtype=dtype_of(out_node),
-        scale=scale, fill=fill, nodes=nodes,
+        scale=scale, fill=fill, fill_biased=fill_biased, nodes=nodes,
         batch_sizes=[sizes.sizes[a] for a in batch],
         n=math.prod(sizes.sizes[a] for a in n_atoms), m=math.prod(sizes.sizes[a] for a in m_atoms),
         e=math.prod(sizes.sizes[a] for a in e_atoms), f=math.prod(sizes.sizes[a] for a in f_atoms),
@@ -387,6 +391,10 @@ def match_softmax_attention(sm: Node) -> Site:
     site.out_perm = order + [i for i in range(len(canon_atoms)) if i not in order]
     site.out_atoms_sizes = [sizes.sizes[a] for a in canon_atoms]
     site.notes += deviation_notes(sm_spelling, dtype_of(qk.node), dtype_of(x))
+    if fill_biased and lifted is not None:
+        raise NoMatch("a bias added over a finite masked_fill in a site with a score modifier")
+    if fill_biased:
+        site.notes.append("the bias is added after the finite masked_fill: eager's removed scores are fill + bias")
     if fill is not None and math.isfinite(fill):
         site.notes.append(f"masked_fill({fill:g}) is exact: a row whose kept scores come within ~104 of the fill "
                           "(or that keeps no key: eager averages V) is recomputed over every key with the fill")

@@ -100,6 +100,25 @@ def test_falcon_multi_query_without_alibi():
     assert all(s.variant == "causal" and s.gqa for s in sites), [(s.variant, s.gqa) for s in sites]
 
 
+def test_gpt_neo_global_and_local_layers_with_padding():
+    """GPT-Neo selects its (banded) causal buffer with finfo.min, then adds the padding mask over it:
+    removed scores are finfo.min + mask. Left padding empties the first rows of one sequence."""
+    from transformers import GPTNeoConfig, GPTNeoModel
+
+    config = GPTNeoConfig(num_layers=2, hidden_size=64, num_heads=4, vocab_size=VOCAB, window_size=5,
+                          attention_types=[[["global", "local"], 1]], max_position_embeddings=64,
+                          attn_implementation="eager", bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = GPTNeoModel(config).eval()
+    ids = _ids(6)
+    mask = torch.ones(2, SEQ, dtype=torch.long)
+    mask[0, :6] = 0
+    mask[1, 13:] = 0
+    _same(model, input_ids=ids, attention_mask=mask)
+    sites = _all_rewritten(rewrite.inspect(model, input_ids=ids, attention_mask=mask), 2)
+    assert all(any("fill + bias" in n for n in s.notes) for s in sites), [s.notes for s in sites]
+
+
 def test_swin_v2_cosine_attention_with_shifted_windows():
     from timm.models.swin_transformer_v2 import SwinTransformerV2
 

@@ -79,6 +79,7 @@ class Site:
     biases: list[TensorPlan] = field(default_factory=list)
     keeps: list[TensorPlan] = field(default_factory=list)
     fill: float | None = None  # value written into masked scores (-inf or a finite minimum)
+    fill_biased: bool = False  # a bias is added after a finite fill: removed scores are fill + bias (GPT-Neo)
     nodes: list[Node] = field(default_factory=list)  # every node the site replaces
     batch_sizes: list[int] = field(default_factory=list)
     n: int = 0
