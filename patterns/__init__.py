@@ -61,11 +61,17 @@ def find_sites(graph: Graph, inputs: dict | None = None) -> list[tuple[Site | No
 
 def _looks_like_attention(sm) -> bool:
     """A softmax whose input comes from a product and whose output reaches another one."""
+    from .axes import is_layout_op
     from .contraction import as_contraction
-    from .softmax_chain import reaches_contraction, softmax_of
+    from .softmax_chain import mixes_products, reaches_contraction, softmax_of
 
     found = softmax_of(sm)
-    if found is None or not reaches_contraction(found[0], {}):
+    if found is None:
+        return False
+    cur = found[0]
+    while is_layout_op(cur):
+        cur = cur.args[0]
+    if not (reaches_contraction(found[0], {}) or mixes_products(cur)):
         return False
     frontier, seen = list(sm.users), set()
     while frontier:

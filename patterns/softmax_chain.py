@@ -177,6 +177,28 @@ def reaches_contraction(node: Node, memo: dict, depth: int = 0) -> bool:
     return ok
 
 
+TALKING_HEADS = ("talking-heads attention: a linear layer mixes the scores across heads before the softmax "
+                 "(CaiT's proj_l); no kernel takes mixed heads yet (an exact fused form would give every query head "
+                 "all H·E features against shared keys: H× the FLOPs of unmixed attention): left as written")
+
+
+def mixes_products(node: Node) -> bool:
+    """A linear layer (``aten.linear``) applied to a product of two tensors, through layout ops only:
+    scores mixed across heads (talking heads), not scores of one head."""
+    if not (isinstance(node, Node) and node.op == "call_function" and node.target == aten.linear.default):
+        return False
+    cur = node.args[0]
+    for _ in range(8):
+        if not isinstance(cur, Node) or cur.op != "call_function":
+            return False
+        if as_contraction(cur) is not None:
+            return True
+        if not is_layout_op(cur):
+            return False
+        cur = cur.args[0]
+    return False
+
+
 def chain_back(x: Node) -> tuple[Contraction, list[Node]]:
     memo: dict = {}
     chain: list[Node] = []
@@ -185,6 +207,8 @@ def chain_back(x: Node) -> tuple[Contraction, list[Node]]:
         c = as_contraction(cur)
         if c is not None:
             return c, list(reversed(chain))
+        if mixes_products(cur):
+            raise NoMatch(TALKING_HEADS)
         if cur.op != "call_function" or not (is_layout_op(cur) or cur.target in _CHAIN_UNARY):
             raise NoMatch(f"softmax input comes from {cur.target if cur.op == 'call_function' else cur.op}, "
                           "not from a product of queries and keys")

@@ -131,6 +131,23 @@ def test_swin_v2_cosine_attention_with_shifted_windows():
     assert sum("+bias → +bias" in s.spelling for s in sites) == 1  # the shifted block adds its window mask
 
 
+def test_cait_class_attention_rewritten_and_talking_heads_reported():
+    """CaiT: its class-attention blocks (one query, the class token, over every token) are rewritten;
+    its talking-heads blocks (scores mixed across heads by a linear before and after the softmax) are
+    reported, left as written, with the reason (they used to give no site at all)."""
+    torch.manual_seed(0)
+    model = timm.create_model("cait_xxs24_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                              depth_token_only=2, embed_dim=64, num_heads=4, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(rewrite.compile(model)(x), model(x), **FP32)
+    report = rewrite.inspect(model, x)
+    assert len(report.sites) == 4, str(report)
+    cls = [s for s in report.sites if "blocks_token_only" in s.location]
+    talking = [s for s in report.sites if "blocks_token_only" not in s.location]
+    assert len(cls) == 2 and all(s.rewritten and s.shapes.get("n") == 1 for s in cls), str(report)
+    assert len(talking) == 2 and all(not s.rewritten and "talking-heads" in s.reason for s in talking), str(report)
+
+
 # ---- the split view, written by hand --------------------------------------------------------------
 def merged_heads_with_padding(q, k, v, pad):
     """[B·H, N, D] operands (Bloom's layout), the scores viewed as [B, H, N, M] for a padding mask."""
