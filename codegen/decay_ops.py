@@ -108,7 +108,7 @@ def _backward(ctx, grad):
     if ctx.kernel == "triton" and grad.is_cuda:
         from rewrite.codegen.triton_decay import decay_attention_triton_backward
 
-        dq, dk, dv, dg = decay_attention_triton_backward(q, k, v, g, grad)
+        dq, dk, dv, dg = decay_attention_triton_backward(q, k, v, g, grad, want_dg=needs[3])
         dg = dg.sum_to_size(g.shape) if needs[3] else None
         return (dq.to(q.dtype) if needs[0] else None, dk.to(k.dtype) if needs[1] else None,
                 dv.to(v.dtype) if needs[2] else None, dg.to(g.dtype) if dg is not None else None, None, None)

@@ -136,11 +136,12 @@ def _decay_out(Q, K, V, G, H0, Out, N, seg_len, nseg, sqb, sqn, skb, skm, svb, s
 
 
 @triton.jit(do_not_specialize=["N", "seg_len", "nseg"])
-def _decay_dkdv(Q, K, V, DO, G, R0, DK, DV, N, seg_len, nseg, sqb, sqn, skb, skn, svb, svn, sdb, sdn, sgb,
-                E: tl.constexpr, F: tl.constexpr, BE: tl.constexpr, BF: tl.constexpr, C: tl.constexpr,
-                PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _decay_dkdv(Q, K, V, DO, G, R0, DK, DV, DQ, DG, N, seg_len, nseg, sqb, sqn, skb, skn, svb, svn, sdb, sdn, sgb,
+                sdqb, sdqn, E: tl.constexpr, F: tl.constexpr, BE: tl.constexpr, BF: tl.constexpr, C: tl.constexpr,
+                WANT_DG: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """dk, dv of one (bh, segment), walking its chunks from the last; R (E×F, fp32) is referenced at the
-    position before the chunk walked next (R0: at the segment's last position)."""
+    position before the chunk walked next (R0: at the segment's last position). WANT_DG: also
+    dG_p = q_p · dq_p − k_p · dk_p (dq from the pass before, dk unrounded), [bh, N] fp32."""
     bh = tl.program_id(0)
     seg = tl.program_id(1)
     offs_e = tl.arange(0, BE)
@@ -176,6 +177,10 @@ def _decay_dkdv(Q, K, V, DO, G, R0, DK, DV, N, seg_len, nseg, sqb, sqn, skb, skn
         dk = dot(vd, tl.trans(st), PREC, UPCAST) + dot(vdo.to(q.dtype), q, PREC, UPCAST)
         tl.store(DV + bh * svb + rows[:, None] * svn + offs_f[None, :], dv.to(DV.dtype.element_ty), mask=fmask)
         tl.store(DK + bh * skb + rows[:, None] * skn + offs_e[None, :], dk.to(DK.dtype.element_ty), mask=emask)
+        if WANT_DG:
+            dq = tl.load(DQ + bh * sdqb + rows[:, None] * sdqn + offs_e[None, :], mask=emask, other=0.0)
+            dg = tl.sum(q.to(tl.float32) * dq.to(tl.float32), 1) - tl.sum(k.to(tl.float32) * dk, 1)
+            tl.store(DG + bh * N + rows, dg, mask=rmask)
         qd = (q.to(tl.float32) * tl.exp(g - g_prev)[:, None]).to(q.dtype)
         state = state * tl.exp(g_ref - g_prev) + dot(tl.trans(qd), do, PREC, UPCAST)
         g_ref = g_prev
@@ -204,13 +209,14 @@ def _states(a3, b3, g2, nseg: int, seg_len: int, rev: bool, cfg: dict) -> torch.
 def default_config(e: int, f: int) -> dict:
     big = max(e, f) > 64
     return {"chunk": CHUNK, "bft": 64, "warps": 8 if big else 4, "stages": 2, "target": 264,
-            "state_block": 64, "state_bft": 128, "bwd_warps": 8 if big else 4, "bwd_target": 132}
+            "state_block": 64, "state_bft": 128, "bwd_warps": 8 if big else 4, "bwd_target": 132, "bwd_stages": 1}
 
 
 def candidate_configs(e: int, f: int) -> list[dict]:
     """Launch configurations timed once per shape on a GPU (``tuned``); duplicates after clipping dropped."""
     base = default_config(e, f)
-    variants = [{}, {"bft": 128, "target": 528}, {"stages": 3}, {"target": 528}, {"bft": 128, "warps": 8}]
+    variants = [{}, {"bft": 128, "target": 528}, {"stages": 3}, {"target": 528}, {"bft": 128, "warps": 8},
+                {"target": 1056}]
     seen, out = set(), []
     for v in variants:
         cfg = {**base, **v}
@@ -219,6 +225,16 @@ def candidate_configs(e: int, f: int) -> list[dict]:
             seen.add(key)
             out.append(cfg)
     return out
+
+
+def backward_configs(e: int, f: int, forward: dict) -> list[dict]:
+    """Backward launch configurations timed once per shape: how many (bh, segment) programs walk the
+    chunks backwards (more segments: more parallel walks, each shorter, for a few more states), and
+    their warps; the dq pass keeps the forward's tuned configuration."""
+    base = {**default_config(e, f), **forward}
+    warps, other = base["bwd_warps"], 8 if base["bwd_warps"] == 4 else 4
+    return [{**base, "bwd_target": t, "bwd_warps": w, "bwd_stages": st}
+            for t, w, st in ((132, warps, 1), (528, warps, 1), (1056, warps, 1), (528, warps, 2), (1056, other, 1))]
 
 
 def _prep(q, k, v, g):
@@ -252,8 +268,8 @@ def decay_forward(q3, k3, v3, g2, cfg: dict) -> torch.Tensor:
     return out
 
 
-def decay_backward(q3, k3, v3, g2, do3, cfg: dict) -> tuple[torch.Tensor, ...]:
-    """(dq, dk, dv, dG) of the canonical operands; dG [bh, N] fp32."""
+def decay_backward(q3, k3, v3, g2, do3, cfg: dict, want_dg: bool = True) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv, dG) of the canonical operands; dG [bh, N] fp32 (None unless ``want_dg``)."""
     bh, n, e = q3.shape
     f = v3.shape[-1]
     cfg = {**default_config(e, f), **cfg}
@@ -262,12 +278,13 @@ def decay_backward(q3, k3, v3, g2, do3, cfg: dict) -> tuple[torch.Tensor, ...]:
     nseg, seg_len = segments(bh, n, cfg["chunk"], cfg["bwd_target"])
     r0 = _states(q3, do3, g2, nseg, seg_len, True, cfg)
     dk, dv = torch.empty_like(k3), torch.empty_like(v3)
+    dg = torch.empty(bh, n, device=q3.device, dtype=torch.float32) if want_dg else None
     _, prec = dot_precisions(q3.dtype)
-    _decay_dkdv[(bh, nseg)](q3, k3, v3, do3, g2, r0, dk, dv, n, seg_len, nseg, q3.stride(0), q3.stride(1),
-                            k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1), do3.stride(0), do3.stride(1),
-                            g2.stride(0), E=e, F=f, BE=pad_dim(e), BF=pad_dim(f), C=cfg["chunk"], PREC=prec,
-                            UPCAST=upcast_dots(q3), num_warps=cfg["bwd_warps"], num_stages=1)
-    dg = (q3.float() * dq.float()).sum(-1) - (k3.float() * dk.float()).sum(-1)
+    _decay_dkdv[(bh, nseg)](q3, k3, v3, do3, g2, r0, dk, dv, dq, dg if want_dg else g2, n, seg_len, nseg,
+                            q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
+                            do3.stride(0), do3.stride(1), g2.stride(0), dq.stride(0), dq.stride(1), E=e, F=f,
+                            BE=pad_dim(e), BF=pad_dim(f), C=cfg["chunk"], WANT_DG=want_dg, PREC=prec,
+                            UPCAST=upcast_dots(q3), num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
     return dq, dk, dv, dg
 
 
@@ -286,10 +303,20 @@ def decay_attention_triton(q, k, v, g, cfg: dict | None = None) -> torch.Tensor:
     return out.reshape(*lead, n, f)
 
 
-def decay_attention_triton_backward(q, k, v, g, grad, cfg: dict | None = None) -> tuple[torch.Tensor, ...]:
-    """(dq, dk, dv, dG) in the shapes of q, k, v and of G broadcast to q's leading dims."""
+def decay_attention_triton_backward(q, k, v, g, grad, cfg: dict | None = None,
+                                    want_dg: bool = True) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv, dG) in the shapes of q, k, v and of G broadcast to q's leading dims (dG None unless
+    ``want_dg``)."""
     dt, q3, k3, v3, g2 = _prep(q, k, v, g)
-    dq, dk, dv, dg = decay_backward(q3, k3, v3, g2, rows3d(grad), cfg or {})
+    do3 = rows3d(grad)
+    if cfg is None and q3.is_cuda:
+        bh, n, e = q3.shape
+        f = v3.shape[-1]
+        forward = TUNED.get(("decay", bh, n, e, f, dt), {})
+        key = ("decay_bwd", bh, n, e, f, dt)
+        cfg = TUNED.get(key) or tuned(key, backward_configs(e, f, forward) if dt != torch.float32 else [forward],
+                                      lambda c: decay_backward(q3, k3, v3, g2, do3, c, want_dg))
+    dq, dk, dv, dg = decay_backward(q3, k3, v3, g2, do3, cfg or {}, want_dg)
     lead = grad.shape[:-1]
     return (dq.reshape(*lead, q.shape[-1]).sum_to_size(q.shape), dk.reshape(*lead, k.shape[-1]).sum_to_size(k.shape),
-            dv.reshape(*lead, v.shape[-1]).sum_to_size(v.shape), dg.reshape(lead))
+            dv.reshape(*lead, v.shape[-1]).sum_to_size(v.shape), dg.reshape(lead) if want_dg else None)
