@@ -1,0 +1,239 @@
+"""A small canonical expression algebra over named axes, for recognising Flow-Attention by what it computes.
+
+An `Expr` is a tensor-valued expression whose value at an index depends only on the atoms in ``free``
+(named axes: batch atoms, the query axis, the key axis, features). Layout is gone: a transposed or
+reshaped tensor is the same Expr. The constructors keep every expression in one canonical form, so two
+spellings that are equal by the rules below build the same ``key``:
+
+- products are flat: a coefficient times bases with integer exponents, bases sorted (x·y⁻¹ ≡ x/y,
+  x·x⁻¹ cancels: every base Flow-Attention divides by is positive: sigmoids + eps, exp, p + 1);
+- sums of terms are flat: a constant plus sorted terms;
+- a sum (or prefix sum) over atoms keeps only the factors that depend on those atoms, the others and the
+  coefficient move out (Σ_m a·x_m = a·Σ_m x_m); nested sums merge;
+- softmax over an atom is exp(x)·(Σ exp(x))⁻¹ (the max it subtracts cancels).
+
+``key`` is the canonical form as text; ``shape_key`` is the same with every constant blanked, so a
+mismatch that is only a constant can be named.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .axes import NoMatch
+
+
+class Expr:
+    __slots__ = ("head", "args", "key", "shape_key", "free", "_hash")
+
+    def __init__(self, head: str, args: tuple, free: frozenset):
+        self.head, self.args, self.free = head, args, free
+        self.key = _key(head, args, blank=False)
+        self.shape_key = _key(head, args, blank=True)
+        self._hash = hash(self.key)
+
+    def __eq__(self, other):
+        return isinstance(other, Expr) and other.key == self.key
+
+    def __hash__(self):
+        return self._hash
+
+    def __repr__(self):
+        return self.key
+
+    def walk(self):
+        """Every sub-expression, this one included (each once)."""
+        seen: dict[str, Expr] = {}
+        stack = [self]
+        while stack:
+            x = stack.pop()
+            if x.key in seen:
+                continue
+            seen[x.key] = x
+            stack.extend(_children(x))
+        return list(seen.values())
+
+    def constants(self) -> list[float]:
+        """The constants in ``key``'s order (what ``shape_key`` blanks)."""
+        out: list[float] = []
+        _collect_constants(self, out)
+        return out
+
+
+def _children(x: Expr) -> list[Expr]:
+    h, a = x.head, x.args
+    if h in ("fn",):
+        return [a[1]]
+    if h == "clamp":
+        return [a[0]]
+    if h in ("sum", "cumsum"):
+        return [a[1]]
+    if h == "prod":
+        return [b for b, _ in a[1]]
+    if h == "add":
+        return list(a[1])
+    return []
+
+
+def _collect_constants(x: Expr, out: list[float]) -> None:
+    h, a = x.head, x.args
+    if h == "const":
+        out.append(a[0])
+    elif h == "clamp":
+        _collect_constants(a[0], out)
+        out.extend(v for v in a[1:] if v is not None)
+    elif h == "prod":
+        out.append(a[0])
+        for b, _ in a[1]:
+            _collect_constants(b, out)
+    elif h == "add":
+        out.append(a[0])
+        for t in a[1]:
+            _collect_constants(t, out)
+    else:
+        for c in _children(x):
+            _collect_constants(c, out)
+
+
+def _num(v, blank: bool) -> str:
+    return "#" if blank else repr(float(v))
+
+
+def _key(head: str, args: tuple, blank: bool) -> str:
+    k = (lambda e: e.shape_key) if blank else (lambda e: e.key)
+    if head == "leaf":
+        return f"{args[0]}[{','.join(args[1])}]"
+    if head == "pos":
+        return f"pos<{args[0]}>"
+    if head == "const":
+        return _num(args[0], blank)
+    if head == "fn":
+        return f"{args[0]}({k(args[1])})"
+    if head == "clamp":
+        lo, hi = ("-" if v is None else _num(v, blank) for v in args[1:])
+        return f"clamp({k(args[0])},{lo},{hi})"
+    if head in ("sum", "cumsum"):
+        atoms = args[0] if head == "sum" else (args[0],)
+        return f"{'Σ' if head == 'sum' else 'cumΣ'}_{{{','.join(atoms)}}}({k(args[1])})"
+    if head == "prod":
+        body = "·".join(k(b) if e == 1 else f"{k(b)}^{e}" for b, e in args[1])
+        return f"({_num(args[0], blank)}*{body})"
+    if head == "add":
+        return f"({_num(args[0], blank)}+{'+'.join(k(t) for t in args[1])})"
+    raise ValueError(head)
+
+
+# ---- constructors (every one returns the canonical form) -------------------------------------------
+def leaf(name: str, atoms: tuple[str, ...]) -> Expr:
+    return Expr("leaf", (name, tuple(atoms)), frozenset(atoms))
+
+
+def pos(atom: str) -> Expr:
+    """The position along ``atom`` (0, 1, 2, …): what ``arange`` holds."""
+    return Expr("pos", (atom,), frozenset((atom,)))
+
+
+def const(c: float) -> Expr:
+    return Expr("const", (float(c),), frozenset())
+
+
+def fn(name: str, x: Expr) -> Expr:
+    return Expr("fn", (name, x), x.free)
+
+
+def clamp(x: Expr, lo: float | None, hi: float | None) -> Expr:
+    return Expr("clamp", (x, None if lo is None else float(lo), None if hi is None else float(hi)), x.free)
+
+
+def _factors(x: Expr) -> tuple[float, list[tuple[Expr, int]]]:
+    if x.head == "prod":
+        return x.args[0], list(x.args[1])
+    if x.head == "const":
+        return x.args[0], []
+    return 1.0, [(x, 1)]
+
+
+def _build_prod(coeff: float, items: list[tuple[Expr, int]]) -> Expr:
+    acc: dict[str, list] = {}
+    for b, e in items:
+        if b.key in acc:
+            acc[b.key][1] += e
+        else:
+            acc[b.key] = [b, e]
+    kept = sorted(((b, e) for b, e in acc.values() if e != 0), key=lambda be: (be[0].shape_key, be[0].key))
+    if not kept:
+        return const(coeff)
+    if coeff == 1.0 and len(kept) == 1 and kept[0][1] == 1:
+        return kept[0][0]
+    return Expr("prod", (float(coeff), tuple(kept)), frozenset().union(*(b.free for b, _ in kept)))
+
+
+def mul(*xs: Expr | float) -> Expr:
+    coeff, items = 1.0, []
+    for x in xs:
+        c, fs = _factors(x if isinstance(x, Expr) else const(x))
+        coeff *= c
+        items += fs
+    return _build_prod(coeff, items)
+
+
+def power(x: Expr, n: int) -> Expr:
+    c, fs = _factors(x)
+    if c == 0 and n < 0:
+        raise NoMatch("a reciprocal of zero")
+    return _build_prod(c ** n, [(b, e * n) for b, e in fs])
+
+
+def add(*xs: Expr | float) -> Expr:
+    c, terms = 0.0, []
+    for x in xs:
+        x = x if isinstance(x, Expr) else const(x)
+        if x.head == "const":
+            c += x.args[0]
+        elif x.head == "add":
+            c += x.args[0]
+            terms += list(x.args[1])
+        else:
+            terms.append(x)
+    if not terms:
+        return const(c)
+    if c == 0.0 and len(terms) == 1:
+        return terms[0]
+    terms.sort(key=lambda t: (t.shape_key, t.key))
+    return Expr("add", (c, tuple(terms)), frozenset().union(*(t.free for t in terms)))
+
+
+def _split(x: Expr, atoms: set[str]) -> tuple[float, list, list]:
+    """(coefficient, factors that depend on ``atoms``, factors that do not)."""
+    c, fs = _factors(x)
+    return c, [f for f in fs if f[0].free & atoms], [f for f in fs if not f[0].free & atoms]
+
+
+def reduce_sum(atoms, x: Expr, sizes: dict[str, int]) -> Expr:
+    """Σ over ``atoms`` of x; atoms x does not depend on multiply by their size."""
+    atoms = set(atoms)
+    absent = math.prod(sizes[a] for a in atoms - x.free)
+    atoms &= x.free
+    if not atoms:
+        return mul(float(absent), x)
+    c, inner, outer = _split(x, atoms)
+    body = _build_prod(1.0, inner)
+    if body.head == "sum":
+        atoms |= set(body.args[0])
+        body = body.args[1]
+    summed = Expr("sum", (tuple(sorted(atoms)), body), body.free - atoms)
+    return mul(c * absent, _build_prod(1.0, outer), summed)
+
+
+def prefix_sum(atom: str, x: Expr) -> Expr:
+    """The prefix sum along ``atom`` (torch.cumsum); of a value constant along it: (p + 1)·x."""
+    if atom not in x.free:
+        return mul(add(pos(atom), 1.0), x)
+    c, inner, outer = _split(x, {atom})
+    body = _build_prod(1.0, inner)
+    return mul(c, _build_prod(1.0, outer), Expr("cumsum", (atom, body), body.free))
+
+
+def softmax(atom: str, x: Expr, sizes: dict[str, int]) -> Expr:
+    ex = fn("exp", x)
+    return mul(ex, power(reduce_sum({atom}, ex, sizes), -1))

@@ -1,0 +1,279 @@
+"""Lift an fx sub-graph into the canonical expression form of patterns/flow_expr.py.
+
+Two phases. First every node gets its axes: each leaf dim a fresh atom, layout ops carried by the axis
+algebra (patterns/axes.py), and every elementwise broadcast or contraction unifies the atoms it aligns
+(union-find: after it, ``q``'s key axis and ``v``'s are one atom however the code transposed them).
+Then each node's Expr is built over the final atoms, so a sum's atoms are known before anything is
+pulled out of it. Every einsum, matmul, bmm and mul+sum is one contraction here (``as_contraction``).
+
+What is lifted: the nodes that depend on a sigmoid (Flow-Attention's feature maps) and the constant
+expressions (``arange`` and arithmetic on it). Everything else met on the way is a leaf: the inputs
+of the feature maps and the values. An op the lifter does not model makes the lift fail (NoMatch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Graph, Node
+
+from . import flow_expr as fx_
+from .axes import LAYOUT_IDENTITY, AtomSizes, Axes, NoMatch, is_layout_op, propagate, shape_of
+from .contraction import as_contraction
+
+aten = torch.ops.aten
+UNARY = {aten.sigmoid.default: "sigmoid", aten.exp.default: "exp", aten.relu.default: "relu",
+         aten.tanh.default: "tanh", aten.elu.default: "elu", aten.log.default: "log",
+         aten.abs.default: "abs", aten.softplus.default: "softplus"}
+ARANGE = {aten.arange.default, aten.arange.start, aten.arange.start_step}
+ELEMENTWISE = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.rsub.Scalar,
+               aten.add.Scalar, aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar, aten.neg.default,
+               aten.reciprocal.default, aten.pow.Tensor_Scalar, aten.clamp.default, aten.clamp_min.default,
+               aten.clamp_max.default, aten.cumsum.default, aten.softmax.int, aten._softmax.default, *UNARY}
+SUMS = {aten.sum.dim_IntList, aten.sum.default}
+
+
+@dataclass
+class GraphContext:
+    """Per graph, once: which nodes depend on a sigmoid, which are constant, and graph order."""
+
+    sig_desc: set
+    const_like: set
+    order: dict
+
+    @staticmethod
+    def of(graph: Graph) -> GraphContext:
+        sig, const, order = set(), set(), {}
+        for i, n in enumerate(graph.nodes):
+            order[n] = i
+            if n.op != "call_function":
+                continue
+            ins = [a for a in n.all_input_nodes]
+            if n.target == aten.sigmoid.default or any(a in sig for a in ins):
+                sig.add(n)
+            if all(a in const for a in ins) and (ins or n.target in ARANGE or "full" in str(n.target)
+                                                 or "scalar_tensor" in str(n.target)):
+                const.add(n)
+        return GraphContext(sig, const, order)
+
+
+@dataclass
+class Lifted:
+    out: Expr
+    axes: dict  # node → its axes over the final atoms
+    exprs: dict  # node → its Expr
+    leaves: list  # the tensor leaves, in graph order
+    sizes: dict  # atom → size
+    nodes: list  # the lifted call_function nodes, in graph order
+
+
+Expr = fx_.Expr
+
+
+class _Atoms:
+    def __init__(self):
+        self.parent: dict[str, str] = {}
+        self.sizes = AtomSizes({})
+
+    def fresh(self, size: int) -> tuple[str, ...]:
+        if size == 1:
+            return ()
+        name = f"a{len(self.parent)}"
+        self.parent[name] = name
+        self.sizes.sizes[name] = size
+        return (name,)
+
+    def find(self, a: str) -> str:
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def canon(self, axes: Axes) -> Axes:
+        return tuple(tuple(self.find(a) for a in ax) for ax in axes)
+
+    def unify(self, x: tuple, y: tuple) -> tuple:
+        if not x:
+            return y
+        if not y:
+            return x
+        if len(x) != len(y):
+            raise NoMatch("two tensors align axes that merge different atoms")
+        for a, b in zip(x, y):
+            ra, rb = self.find(a), self.find(b)
+            if ra != rb:
+                if self.sizes.sizes[ra] != self.sizes.sizes[rb]:
+                    raise NoMatch("aligned axes of different sizes")
+                self.parent[rb] = ra
+        return x
+
+    def broadcast(self, all_axes: list[Axes]) -> Axes:
+        rank = max((len(a) for a in all_axes), default=0)
+        out = []
+        for i in range(rank):
+            ax: tuple = ()
+            for axes in all_axes:
+                j = i - (rank - len(axes))
+                if j >= 0:
+                    ax = self.unify(ax, axes[j])
+            out.append(ax)
+        return tuple(out)
+
+
+def _dim(d: int, rank: int) -> int:
+    return d + rank if d < 0 else d
+
+
+def _tensor_args(node: Node) -> list[Node]:
+    return [a for a in node.args if isinstance(a, Node)]
+
+
+def _collect(out: Node, ctx: GraphContext) -> tuple[list[Node], list[Node]]:
+    lifted, leaves, seen, stack = set(), set(), set(), [out]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_function" and (n in ctx.sig_desc or n in ctx.const_like):
+            lifted.add(n)
+            stack.extend(n.all_input_nodes)
+        else:
+            leaves.add(n)
+    by = ctx.order.get
+    return sorted(lifted, key=by), sorted(leaves, key=by)
+
+
+def _axes_of(node: Node, at: _Atoms, axes: dict) -> Axes:
+    """Phase 1: the axes of one lifted node (and the unifications it implies)."""
+    t, shape = node.target, shape_of(node)
+    if t in ARANGE:
+        return (at.fresh(shape[0]),) if shape else ()
+    con = as_contraction(node) if t in (aten.einsum.default, aten.matmul.default, aten.bmm.default,
+                                        aten.mm.default) else None
+    if con is not None:
+        lab: dict[str, tuple] = {}
+        for operand, labels in ((con.a, con.a_labels), (con.b, con.b_labels)):
+            for ax, label in zip(at.canon(axes[operand]), labels):
+                if label:
+                    lab[label] = at.unify(lab.get(label, ()), ax)
+        return tuple(lab.get(label, ()) for label in con.out_labels)
+    src = node.args[0] if node.args and isinstance(node.args[0], Node) else None
+    if t == aten.expand.default:
+        lead = len(shape) - len(axes[src])
+        old = [()] * lead + list(axes[src])
+        return tuple(ax if (ax or s == 1) else at.fresh(s) for ax, s in zip(old, shape))
+    if is_layout_op(node) and src is not None:
+        return propagate(node, at.canon(axes[src]), at.sizes)
+    if t in SUMS:
+        src_axes = axes[src]
+        dims = range(len(src_axes)) if t == aten.sum.default else [_dim(d, len(src_axes)) for d in node.args[1]]
+        keep = len(node.args) > 2 and node.args[2] or node.kwargs.get("keepdim", False)
+        return tuple(() if i in dims else ax for i, ax in enumerate(src_axes) if keep or i not in dims)
+    if t in ELEMENTWISE:
+        return at.broadcast([at.canon(axes[a]) for a in _tensor_args(node)])
+    if t in LAYOUT_IDENTITY:
+        return axes[src]
+    raise NoMatch(f"{t} is not modelled by the flow lifter")
+
+
+def _one_atom(axes: Axes, d: int, what: str) -> str:
+    ax = axes[_dim(d, len(axes))]
+    if len(ax) != 1:
+        raise NoMatch(f"{what} over an axis that is not one atom")
+    return ax[0]
+
+
+def _scalar(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def _expr_of(node: Node, ex: dict, axes: dict, sizes: dict) -> Expr:
+    """Phase 2: the canonical Expr of one lifted node."""
+    t, args = node.target, node.args
+
+    def val(a):
+        if isinstance(a, Node):
+            return ex[a]
+        c = _scalar(a)
+        if c is None:
+            raise NoMatch(f"{t}: an argument that is neither a tensor nor a number")
+        return fx_.const(c)
+
+    if t in ARANGE:
+        nums = [_scalar(a) for a in args]
+        start, step = (0.0, 1.0) if len(args) == 1 else (nums[0], nums[2] if len(args) > 2 else 1.0)
+        return fx_.const(start) if not axes[node] else fx_.add(start, fx_.mul(step, fx_.pos(axes[node][0][0])))
+    con = as_contraction(node) if t in (aten.einsum.default, aten.matmul.default, aten.bmm.default,
+                                        aten.mm.default) else None
+    if con is not None:
+        out_atoms = {a for ax in axes[node] for a in ax}
+        inner = {a for op in (con.a, con.b) for ax in axes[op] for a in ax} - out_atoms
+        return fx_.reduce_sum(inner, fx_.mul(ex[con.a], ex[con.b]), sizes)
+    if is_layout_op(node) or t in LAYOUT_IDENTITY:
+        return ex[args[0]]
+    if t in UNARY:
+        if t == aten.elu.default and len(args) > 1:
+            raise NoMatch("elu with parameters")
+        return fx_.fn(UNARY[t], ex[args[0]])
+    if t in (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar):
+        alpha = float(node.kwargs.get("alpha", 1.0)) * (-1.0 if t in (aten.sub.Tensor, aten.sub.Scalar) else 1.0)
+        return fx_.add(val(args[0]), fx_.mul(alpha, val(args[1])))
+    if t == aten.rsub.Scalar:
+        return fx_.add(val(args[1]), fx_.mul(-float(node.kwargs.get("alpha", 1.0)), val(args[0])))
+    if t in (aten.mul.Tensor, aten.mul.Scalar):
+        return fx_.mul(val(args[0]), val(args[1]))
+    if t in (aten.div.Tensor, aten.div.Scalar):
+        if node.kwargs.get("rounding_mode") is not None:
+            raise NoMatch("a rounding division")
+        return fx_.mul(val(args[0]), fx_.power(val(args[1]), -1))
+    if t == aten.neg.default:
+        return fx_.mul(-1.0, ex[args[0]])
+    if t == aten.reciprocal.default:
+        return fx_.power(ex[args[0]], -1)
+    if t == aten.pow.Tensor_Scalar:
+        n = _scalar(args[1])
+        if n is None or n != int(n):
+            raise NoMatch("a power that is not an integer")
+        return fx_.power(ex[args[0]], int(n))
+    if t in (aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default):
+        lo = _scalar(args[1]) if len(args) > 1 and t != aten.clamp_max.default else None
+        hi = _scalar(args[2]) if len(args) > 2 else (_scalar(args[1]) if t == aten.clamp_max.default else None)
+        lo, hi = node.kwargs.get("min", lo), node.kwargs.get("max", hi)
+        return fx_.clamp(ex[args[0]], lo, hi)
+    if t in SUMS:
+        src = axes[args[0]]
+        dims = range(len(src)) if t == aten.sum.default else [_dim(d, len(src)) for d in args[1]]
+        return fx_.reduce_sum({a for d in dims for a in src[d]}, ex[args[0]], sizes)
+    if t == aten.cumsum.default:
+        return fx_.prefix_sum(_one_atom(axes[args[0]], args[1], "a prefix sum"), ex[args[0]])
+    if t in (aten.softmax.int, aten._softmax.default):
+        return fx_.softmax(_one_atom(axes[args[0]], args[1], "a softmax"), ex[args[0]], sizes)
+    raise NoMatch(f"{t} is not modelled by the flow lifter")
+
+
+def lift(out: Node, ctx: GraphContext) -> Lifted:
+    """The canonical Expr of ``out``'s value over the atoms of its leaves, or NoMatch."""
+    lifted, leaves = _collect(out, ctx)
+    at = _Atoms()
+    axes: dict = {}
+    for n in leaves:
+        shape = shape_of(n)
+        if shape is None:
+            raise NoMatch(f"{n.name}: a leaf without a known shape")
+        axes[n] = tuple(at.fresh(s) for s in shape)
+    for n in lifted:
+        if shape_of(n) is None:
+            raise NoMatch(f"{n.name}: no known shape")
+        axes[n] = _axes_of(n, at, axes)
+    axes = {n: at.canon(a) for n, a in axes.items()}
+    sizes = {at.find(a): s for a, s in at.sizes.sizes.items()}
+    for n, a in axes.items():
+        flat = [x for ax in a for x in ax]
+        if len(set(flat)) != len(flat):
+            raise NoMatch(f"{n.name} holds one axis twice (a diagonal)")
+    ex: dict = {n: fx_.leaf(n.name, tuple(x for ax in axes[n] for x in ax)) for n in leaves}
+    for n in lifted:
+        ex[n] = _expr_of(n, ex, axes, sizes)
+    return Lifted(ex[out], axes, ex, leaves, sizes, lifted)
