@@ -23,8 +23,8 @@ from rewrite.ir.cascade import Cascade
 from rewrite.ir.site import TensorPlan
 
 from .axes import AtomSizes, NoMatch, canonical_plan, dtype_of, shape_of
-from .flow_equations import FlowRoles, looks_like_flow, prove_flow
-from .flow_normal import GraphContext, Lifted, lift
+from .flow_equations import FlowRoles, looks_like_flow, looks_like_flow_nodes, prove_flow
+from .flow_normal import GraphContext, Lifted, collect, lift
 from .softmax_attention import location_of
 
 aten = torch.ops.aten
@@ -176,7 +176,13 @@ def find_flow_sites(graph: Graph) -> list[FlowSite]:
             continue
         try:
             lifted = lift(out, ctx)
-        except NoMatch:
+        except NoMatch as exc:
+            try:
+                nodes = collect(out, ctx)[0]
+            except NoMatch:
+                continue
+            if looks_like_flow_nodes(nodes):
+                refused.append((out, Lifted(None, {}, {}, [], {}, nodes), f"not proven Flow-Attention: {exc}"))
             continue
         if not looks_like_flow(lifted):
             continue

@@ -48,8 +48,32 @@ def looks_like_flow(lifted: Lifted) -> bool:
     return len(_nodes_with(lifted, "fn", "sigmoid")) >= 2 and bool(_nodes_with(lifted, "fn", "exp")) and len(sums) >= 4
 
 
-def _describe(node: Node) -> str:
-    return f"{node.name} ({node.target})" if node.op == "call_function" else node.name
+def looks_like_flow_nodes(nodes: list[Node]) -> bool:
+    """The same test on fx nodes, for a candidate the lifter could not model."""
+    names = [str(n.target) for n in nodes]
+    return (sum(t == "aten.sigmoid.default" for t in names) >= 2 and any("exp" in t or "softmax" in t for t in names)
+            and sum(t.startswith(("aten.sum", "aten.cumsum", "aten.einsum", "aten.matmul", "aten.bmm"))
+                    for t in names) >= 4)
+
+
+def _describe(lifted: Lifted, node: Node) -> str:
+    key = lifted.exprs[node].key
+    maps = sorted({x.args[0] for x in _nodes_with(lifted, "fn") if x.args[1].key == key})
+    return f"{node.name} ({'through ' + ', '.join(maps) if maps else 'as it is'})"
+
+
+def _aggregation_query(lifted: Lifted) -> str | None:
+    """The leaf whose sigmoid multiplies the aggregation directly (Σ_e σQ·…·Σ σK⊗V): the queries."""
+    top = lifted.out.args[1] if lifted.out.head == "prod" else ((lifted.out, 1),)
+    found = set()
+    for base, _ in top:
+        if base.head != "sum":
+            continue
+        body = base.args[1]
+        for f, _ in (body.args[1] if body.head == "prod" else ((body, 1),)):
+            if f.head == "fn" and f.args[0] == "sigmoid" and f.args[1].head == "leaf":
+                found.add(f.args[1].key)
+    return next(iter(found)) if len(found) == 1 else None
 
 
 def bind_roles(lifted: Lifted, out: Node) -> list[FlowRoles]:
@@ -60,10 +84,10 @@ def bind_roles(lifted: Lifted, out: Node) -> list[FlowRoles]:
     bare = [n for n in lifted.leaves if n not in fed and _atoms(lifted, n)]
     if len(fed) != 2:
         raise NoMatch(f"Flow-Attention's queries and keys both enter through a sigmoid; here {len(fed)} input(s) "
-                      f"do, and {', '.join(_describe(n) for n in bare) or 'nothing'} enter(s) without one")
+                      f"do, and {', '.join(_describe(lifted, n) for n in bare) or 'nothing'} enter(s) without one")
     if len(bare) != 1:
         raise NoMatch(f"one value tensor expected besides the two sigmoid inputs, found "
-                      f"{', '.join(_describe(n) for n in bare) or 'none'}")
+                      f"{', '.join(_describe(lifted, n) for n in bare) or 'none'}")
     v = bare[0]
     scans = {x.args[0] for x in _nodes_with(lifted, "cumsum")}
     if len(scans) > 1:
@@ -71,7 +95,11 @@ def bind_roles(lifted: Lifted, out: Node) -> list[FlowRoles]:
     causal = bool(scans)
     oa, va = set(_atoms(lifted, out)), set(_atoms(lifted, v))
     found = []
-    for q, k in ((fed[0], fed[1]), (fed[1], fed[0])):
+    orders = [(fed[0], fed[1]), (fed[1], fed[0])]
+    hint = _aggregation_query(lifted)
+    if causal and hint is not None:  # both orders fit the atoms; the aggregation says which leaf is Q
+        orders = [(q, k) for q, k in orders if lifted.exprs[q].key == hint] or orders
+    for q, k in orders:
         qa, ka = set(_atoms(lifted, q)), set(_atoms(lifted, k))
         if causal:
             s = next(iter(scans))
@@ -171,11 +199,20 @@ def eps_and_clamp(lifted: Lifted) -> tuple[float, bool]:
     return values[0], bool(clamps)
 
 
+def _nearest_constant(twins: list[E.Expr], want: E.Expr) -> tuple[float, float]:
+    """(found, wanted): the first differing constant of the value that differs from ``want`` the least."""
+    def gap(x):
+        return sum(abs(c - w) / max(abs(w), 1e-30) for c, w in zip(x.constants(), want.constants()))
+
+    best = min(twins, key=gap)
+    return next((c, w) for c, w in zip(best.constants(), want.constants()) if not math.isclose(c, w, rel_tol=CLOSE))
+
+
 def prove_flow(lifted: Lifted, out: Node) -> tuple[FlowRoles, float, bool, str]:
     """(roles, eps, clamp, proof) when ``out`` is Flow-Attention, else NoMatch with the first step that differs."""
     eps, clamp = eps_and_clamp(lifted)
-    present: dict[str, list[E.Expr]] = {}
-    for x in lifted.out.walk():
+    present: dict[str, list[E.Expr]] = {}  # every value the graph computes (a product may be flattened later)
+    for x in {y for node_expr in lifted.exprs.values() for y in node_expr.walk()}:
         present.setdefault(x.shape_key, []).append(x)
     best = None
     for roles in bind_roles(lifted, out):
@@ -191,10 +228,7 @@ def prove_flow(lifted: Lifted, out: Node) -> tuple[FlowRoles, float, bool, str]:
                 continue
             twins = present.get(want.shape_key, [])
             if twins:
-                got = next(c for c, w in zip(twins[0].constants(), want.constants())
-                           if not math.isclose(c, w, rel_tol=CLOSE))
-                wanted = next(w for c, w in zip(twins[0].constants(), want.constants())
-                              if not math.isclose(c, w, rel_tol=CLOSE))
+                got, wanted = _nearest_constant(twins, want)
                 why = f"{name}: a constant is {got:g} where Flow-Attention has {wanted:g}"
             else:
                 why = f"{name} is not what the graph computes"

@@ -26,17 +26,20 @@ aten = torch.ops.aten
 UNARY = {aten.sigmoid.default: "sigmoid", aten.exp.default: "exp", aten.relu.default: "relu",
          aten.tanh.default: "tanh", aten.elu.default: "elu", aten.log.default: "log",
          aten.abs.default: "abs", aten.softplus.default: "softplus"}
+# The lift starts at these (Flow-Attention's sigmoid, and the maps a near-miss may use instead of it).
+FEATURE_MAPS = {aten.sigmoid.default, aten.relu.default, aten.elu.default, aten.softplus.default, aten.exp.default}
 ARANGE = {aten.arange.default, aten.arange.start, aten.arange.start_step}
 ELEMENTWISE = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.rsub.Scalar,
                aten.add.Scalar, aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar, aten.neg.default,
                aten.reciprocal.default, aten.pow.Tensor_Scalar, aten.clamp.default, aten.clamp_min.default,
                aten.clamp_max.default, aten.cumsum.default, aten.softmax.int, aten._softmax.default, *UNARY}
 SUMS = {aten.sum.dim_IntList, aten.sum.default}
+MAX_NODES = 400  # Flow-Attention is ~40-60 ATen ops; a larger region is a model, not one site
 
 
 @dataclass
 class GraphContext:
-    """Per graph, once: which nodes depend on a sigmoid, which are constant, and graph order."""
+    """Per graph, once: which nodes depend on a feature map, which are constant, and graph order."""
 
     sig_desc: set
     const_like: set
@@ -50,7 +53,7 @@ class GraphContext:
             if n.op != "call_function":
                 continue
             ins = [a for a in n.all_input_nodes]
-            if n.target == aten.sigmoid.default or any(a in sig for a in ins):
+            if n.target in FEATURE_MAPS or any(a in sig for a in ins):
                 sig.add(n)
             if all(a in const for a in ins) and (ins or n.target in ARANGE or "full" in str(n.target)
                                                  or "scalar_tensor" in str(n.target)):
@@ -129,7 +132,8 @@ def _tensor_args(node: Node) -> list[Node]:
     return [a for a in node.args if isinstance(a, Node)]
 
 
-def _collect(out: Node, ctx: GraphContext) -> tuple[list[Node], list[Node]]:
+def collect(out: Node, ctx: GraphContext) -> tuple[list[Node], list[Node]]:
+    """(the nodes to lift, the leaves), in graph order; NoMatch past MAX_NODES (not one attention site)."""
     lifted, leaves, seen, stack = set(), set(), set(), [out]
     while stack:
         n = stack.pop()
@@ -138,6 +142,8 @@ def _collect(out: Node, ctx: GraphContext) -> tuple[list[Node], list[Node]]:
         seen.add(n)
         if n.op == "call_function" and (n in ctx.sig_desc or n in ctx.const_like):
             lifted.add(n)
+            if len(lifted) > MAX_NODES:
+                raise NoMatch(f"more than {MAX_NODES} ops depend on a sigmoid here")
             stack.extend(n.all_input_nodes)
         else:
             leaves.add(n)
@@ -189,6 +195,14 @@ def _scalar(x) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
 
+def _refuse_narrowing(node: Node) -> None:
+    """A cast to a float type of fewer bits rounds what the flow op would compute in full precision."""
+    src, dst = (a.meta.get("val") for a in (node.args[0], node))
+    if (isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.dtype.is_floating_point
+            and dst.dtype.is_floating_point and torch.finfo(dst.dtype).bits < torch.finfo(src.dtype).bits):
+        raise NoMatch(f"a narrowing cast {src.dtype} → {dst.dtype} inside the flow")
+
+
 def _expr_of(node: Node, ex: dict, axes: dict, sizes: dict) -> Expr:
     """Phase 2: the canonical Expr of one lifted node."""
     t, args = node.target, node.args
@@ -212,6 +226,7 @@ def _expr_of(node: Node, ex: dict, axes: dict, sizes: dict) -> Expr:
         inner = {a for op in (con.a, con.b) for ax in axes[op] for a in ax} - out_atoms
         return fx_.reduce_sum(inner, fx_.mul(ex[con.a], ex[con.b]), sizes)
     if is_layout_op(node) or t in LAYOUT_IDENTITY:
+        _refuse_narrowing(node)
         return ex[args[0]]
     if t in UNARY:
         if t == aten.elu.default and len(args) > 1:
@@ -255,7 +270,7 @@ def _expr_of(node: Node, ex: dict, axes: dict, sizes: dict) -> Expr:
 
 def lift(out: Node, ctx: GraphContext) -> Lifted:
     """The canonical Expr of ``out``'s value over the atoms of its leaves, or NoMatch."""
-    lifted, leaves = _collect(out, ctx)
+    lifted, leaves = collect(out, ctx)
     at = _Atoms()
     axes: dict = {}
     for n in leaves:

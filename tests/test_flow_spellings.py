@@ -1,0 +1,201 @@
+"""Flow-Attention recognised by what it computes: independent spellings (the official code, the paper's
+equations with named flows, a [B, N, H, D] layout with matmul and negative dims, reciprocals written as
+multiplications, a causal form with its own cumsum and arange) are rewritten to the flow op and match
+float64 eager; near-misses are refused with their reason and claimed by nothing else."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from reference import close_relative
+
+import rewrite
+from rewrite.patterns.flow_attention import official_flow, official_flow_causal
+
+close = close_relative
+
+
+# ---- spellings, each written from the equations in its own style ---------------------------------------
+def paper_flow(q, k, v, eps=1e-6):
+    """Named flows of the paper: I, O, Î, Ô, competition, allocation (layout [B, H, L, D])."""
+    phi_q, phi_k = q.sigmoid(), k.sigmoid()
+    n, m = q.shape[-2], k.shape[-2]
+    incoming = ((phi_q + eps) * (phi_k.sum(-2, keepdim=True) + eps)).sum(-1)
+    outgoing = ((phi_k + eps) * (phi_q.sum(-2, keepdim=True) + eps)).sum(-1)
+    conserved_in = ((phi_q + eps) * ((phi_k / outgoing.unsqueeze(-1)).sum(-2, keepdim=True) + eps)).sum(-1)
+    conserved_out = ((phi_k + eps) * ((phi_q / incoming.unsqueeze(-1)).sum(-2, keepdim=True) + eps)).sum(-1)
+    competition = conserved_out.clamp(-1, 1).softmax(dim=-1) * m
+    allocation = torch.sigmoid(conserved_in * (n / m))
+    v_hat = v * competition.unsqueeze(-1)
+    aggregated = (phi_q / incoming.unsqueeze(-1)) @ (phi_k.transpose(-2, -1) @ v_hat)
+    return aggregated * allocation.unsqueeze(-1)
+
+
+def bnhd_flow(q, k, v, eps=1e-6):
+    """[B, L, H, D] tensors, negative dims, matmul for the contractions, (x·N)/M for the ratio."""
+    q, k = torch.sigmoid(q), torch.sigmoid(k)
+    inc = ((q + eps) * (k.sum(dim=-3) + eps)[:, None]).sum(-1)
+    outg = ((k + eps) * (q.sum(dim=-3) + eps)[:, None]).sum(-1)
+    c_in = ((q + eps) * ((k / outg[..., None]).sum(-3) + eps)[:, None]).sum(-1)
+    c_out = ((k + eps) * ((q / inc[..., None]).sum(-3) + eps)[:, None]).sum(-1)
+    comp = torch.softmax(torch.clamp(c_out, -1.0, 1.0), dim=-2) * k.shape[-3]
+    alloc = torch.sigmoid(c_in * q.shape[-3] / k.shape[-3])
+    kv = torch.matmul(k.permute(0, 2, 3, 1), (v * comp[..., None]).transpose(-3, -2))
+    r = torch.matmul((q / inc[..., None]).transpose(-3, -2), kv)
+    return r.transpose(-3, -2) * alloc[..., None]
+
+
+def reciprocal_flow(q, k, v, eps=1e-6):
+    """No division: reciprocal, pow(-1), x·(1/y); softmax by hand; no clamp; einsum with other letters."""
+    fq, fk = torch.sigmoid(q), torch.sigmoid(k)
+    inv_in = torch.reciprocal(torch.einsum("bhnd,bhd->bhn", fq + eps, fk.sum(2) + eps))
+    inv_out = torch.einsum("bhmd,bhd->bhm", fk + eps, fq.sum(2) + eps).pow(-1)
+    c_in = torch.einsum("bhnd,bhd->bhn", fq + eps, torch.einsum("bhmd,bhm->bhd", fk, inv_out) + eps)
+    c_out = torch.einsum("bhmd,bhd->bhm", fk + eps, torch.einsum("bhnd,bhn->bhd", fq, inv_in) + eps)
+    ex = torch.exp(c_out)
+    comp = ex * (1.0 / ex.sum(-1, keepdim=True)) * k.shape[2]
+    alloc = torch.sigmoid(c_in * (1.0 / k.shape[2]) * q.shape[2])
+    kv = torch.einsum("bhmd,bhmf->bhdf", fk, v * comp.unsqueeze(-1))
+    return alloc.unsqueeze(-1) * torch.einsum("bhnd,bhdf->bhnf", fq * inv_in.unsqueeze(-1), kv)
+
+
+def causal_flow(q, k, v, eps=1e-6):
+    """Causal: arange(1, N+1) as a column, keepdim sums, the [.., N, D, F] prefix sum by broadcasting."""
+    n = q.shape[-2]
+    fq, fk = q.sigmoid(), k.sigmoid()
+    pos = torch.arange(1, n + 1, device=q.device, dtype=q.dtype)[:, None]
+    inc = ((fq + eps) * (torch.cumsum(fk, dim=-2) + eps)).sum(-1, keepdim=True)
+    outg = ((fk + eps) * (torch.cumsum(fq, dim=-2) + eps)).sum(-1, keepdim=True)
+    c_in = ((fq + eps) * ((fk * pos / outg).cumsum(-2) + eps)).sum(-1, keepdim=True) / pos
+    c_out = ((fk + eps) * ((fq * pos / inc).cumsum(-2) + eps)).sum(-1, keepdim=True) / pos
+    e = c_out.clamp(min=-1.0, max=1.0).exp()
+    comp = e / e.cumsum(-2) * pos
+    kv = torch.cumsum(fk.unsqueeze(-1) * (v * comp).unsqueeze(-2), dim=-3)
+    return (fq.unsqueeze(-1) / inc.unsqueeze(-1) * kv).sum(-2) * torch.sigmoid(c_in)
+
+
+def _inputs(layout: str, n: int, m: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (lambda L, d: (2, L, 3, d)) if layout == "bnhd" else (lambda L, d: (2, 3, L, d))
+    return (torch.randn(shape(n, 16), generator=g) * 2, torch.randn(shape(m, 16), generator=g) * 2,
+            torch.randn(shape(m, 12), generator=g))
+
+
+SPELLINGS = [  # (name, fn, layout, causal, clamp, N, M)
+    ("official", official_flow(1e-6, True), "bhnd", False, True, 37, 23),
+    ("official causal", official_flow_causal(1e-6, False), "bhnd", True, False, 29, 29),
+    ("paper equations", paper_flow, "bhnd", False, True, 31, 45),
+    ("[B, N, H, D] with matmul", bnhd_flow, "bnhd", False, True, 27, 19),
+    ("reciprocals as products", reciprocal_flow, "bhnd", False, False, 33, 21),
+    ("causal, own cumsum and arange", causal_flow, "bhnd", True, True, 35, 35),
+]
+
+
+def _flow_sites(report):
+    assert not [s for s in report.sites if s.variant != "flow"], report  # nothing claims part of it as linear
+    return [s for s in report.sites if s.variant == "flow"]
+
+
+@pytest.mark.parametrize("name,fn,layout,causal,clamp,n,m", SPELLINGS, ids=[s[0] for s in SPELLINGS])
+def test_spelling_rewritten_to_flow_and_exact(name, fn, layout, causal, clamp, n, m):
+    q, k, v = _inputs(layout, n, m)
+    torch._dynamo.reset()
+    report = rewrite.inspect(fn, q, k, v)
+    flow = _flow_sites(report)
+    assert len(flow) == 1 and flow[0].rewritten, report
+    assert flow[0].kernel.startswith("rewrite::flow_attention"), flow[0].kernel
+    assert ("Causal" in flow[0].spelling) == causal and ("no clamp" in flow[0].spelling) != clamp, flow[0].spelling
+    notes = " ".join(flow[0].notes)
+    assert "proof: the canonical form of the graph equals" in notes and "eps = 1e-06" in notes, notes
+    torch._dynamo.reset()
+    got = rewrite.compile(fn)(q, k, v)
+    close(got, fn(q.double(), k.double(), v.double()), torch.float32, name)
+
+
+def _variant(*, eps2=1e-6, drop_eps=False, comp_dim=-1, ratio="n/m", bounds=(-1.0, 1.0), q_map=torch.sigmoid,
+             wrong_flow=False):
+    """The paper spelling with one thing changed (each near-miss below changes one)."""
+    def flow(q, k, v, eps=1e-6):
+        fq, fk = q_map(q), torch.sigmoid(k)
+        n, m = q.shape[-2], k.shape[-2]
+        inc = ((fq + eps) * (fk.sum(-2, keepdim=True) + eps)).sum(-1)
+        outg = ((fk + eps2) * (fq.sum(-2, keepdim=True) + (0.0 if drop_eps else eps))).sum(-1)
+        out_flow = outg.unsqueeze(-1) if not wrong_flow else 1.0 / outg.unsqueeze(-1)
+        c_in = ((fq + eps) * ((fk / out_flow).sum(-2, keepdim=True) + eps)).sum(-1)
+        c_out = ((fk + eps) * ((fq / inc.unsqueeze(-1)).sum(-2, keepdim=True) + eps)).sum(-1)
+        comp = torch.softmax(c_out.clamp(*bounds), dim=comp_dim) * m
+        alloc = torch.sigmoid(c_in * (n / m if ratio == "n/m" else m / n))
+        kv = fk.transpose(-2, -1) @ (v * comp.unsqueeze(-1))
+        return (fq / inc.unsqueeze(-1)) @ kv * alloc.unsqueeze(-1)
+    return flow
+
+
+NEAR_MISSES = [  # (name, variant, a fragment of the reported reason)
+    ("eps differs in one place", _variant(eps2=1e-5), "eps is not one number"),
+    ("eps missing in one place", _variant(drop_eps=True), "the outgoing flow O is not what the graph computes"),
+    ("competition over the heads", _variant(comp_dim=1), "the competition softmax over the sources"),
+    ("allocation with M/N", _variant(ratio="m/n"), "allocation σ(Î · N/M): a constant is 1.4"),
+    ("clamp to [-2, 1]", _variant(bounds=(-2.0, 1.0)), "a clamp to [-2.0, 1.0]"),
+    ("relu feature map for the queries", _variant(q_map=torch.relu), "queries and keys both enter through a sigmoid"),
+    ("conservation with O, not 1/O", _variant(wrong_flow=True), "the conserved incoming flow Î"),
+]
+
+
+@pytest.mark.parametrize("name,fn,why", NEAR_MISSES, ids=[s[0] for s in NEAR_MISSES])
+def test_near_miss_refused_with_reason(name, fn, why):
+    q, k, v = _inputs("bhnd", 25, 35, seed=1)
+    torch._dynamo.reset()
+    report = rewrite.inspect(fn, q, k, v)
+    flow = _flow_sites(report)
+    assert len(flow) == 1 and not flow[0].rewritten, report
+    assert why in flow[0].reason, flow[0].reason
+    torch._dynamo.reset()
+    close(rewrite.compile(fn)(q, k, v), fn(q.double(), k.double(), v.double()), torch.float32, name)
+
+
+def test_the_unchanged_variant_is_flow():
+    """The near-misses' base spelling, unchanged, is rewritten: each refusal is due to its one change."""
+    q, k, v = _inputs("bhnd", 25, 35, seed=1)
+    torch._dynamo.reset()
+    flow = _flow_sites(rewrite.inspect(_variant(), q, k, v))
+    assert len(flow) == 1 and flow[0].rewritten, flow
+
+
+class FlowLayer(nn.Module):
+    """A Flowformer-style layer: q/k/v projections to [B, L, H, D], the flow, the output projection."""
+
+    def __init__(self, d_model=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x):
+        b, L, d = x.shape
+        q, k, v = self.qkv(x).view(b, L, 3, self.heads, d // self.heads).unbind(2)
+        return self.proj(bnhd_flow(q, k, v).reshape(b, L, d)) + x
+
+
+def test_module_forward_and_gradients_against_float64():
+    torch.manual_seed(3)
+    model = FlowLayer()
+    ref = copy.deepcopy(model).double()
+    x = torch.randn(2, 41, 32)
+    torch._dynamo.reset()
+    report = rewrite.inspect(model, x)
+    flow = _flow_sites(report)
+    assert len(flow) == 1 and flow[0].rewritten, report
+    torch._dynamo.reset()
+    fast = rewrite.compile(model)
+    xg, xr = x.clone().requires_grad_(), x.double().requires_grad_()
+    out, want = fast(xg), ref(xr)
+    close(out, want, torch.float32, "forward")
+    do = torch.randn_like(want)
+    out.backward(do.float())
+    want.backward(do)
+    close(xg.grad, xr.grad, torch.float32, "dx")
+    for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
+        close(p.grad, p_ref.grad, torch.float32, name)
