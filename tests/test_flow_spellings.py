@@ -10,6 +10,8 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from reference import close_relative
 
 import rewrite
@@ -116,7 +118,7 @@ def test_spelling_rewritten_to_flow_and_exact(name, fn, layout, causal, clamp, n
 
 
 def _variant(*, eps2=1e-6, drop_eps=False, comp_dim=-1, ratio="n/m", bounds=(-1.0, 1.0), q_map=torch.sigmoid,
-             wrong_flow=False):
+             wrong_flow=False, times="m"):
     """The paper spelling with one thing changed (each near-miss below changes one)."""
     def flow(q, k, v, eps=1e-6):
         fq, fk = q_map(q), torch.sigmoid(k)
@@ -126,7 +128,7 @@ def _variant(*, eps2=1e-6, drop_eps=False, comp_dim=-1, ratio="n/m", bounds=(-1.
         out_flow = outg.unsqueeze(-1) if not wrong_flow else 1.0 / outg.unsqueeze(-1)
         c_in = ((fq + eps) * ((fk / out_flow).sum(-2, keepdim=True) + eps)).sum(-1)
         c_out = ((fk + eps) * ((fq / inc.unsqueeze(-1)).sum(-2, keepdim=True) + eps)).sum(-1)
-        comp = torch.softmax(c_out.clamp(*bounds), dim=comp_dim) * m
+        comp = torch.softmax(c_out.clamp(*bounds), dim=comp_dim) * (m if times == "m" else n)
         alloc = torch.sigmoid(c_in * (n / m if ratio == "n/m" else m / n))
         kv = fk.transpose(-2, -1) @ (v * comp.unsqueeze(-1))
         return (fq / inc.unsqueeze(-1)) @ kv * alloc.unsqueeze(-1)
@@ -152,6 +154,58 @@ def test_near_miss_refused_with_reason(name, fn, why):
     flow = _flow_sites(report)
     assert len(flow) == 1 and not flow[0].rewritten, report
     assert why in flow[0].reason, flow[0].reason
+    torch._dynamo.reset()
+    close(rewrite.compile(fn)(q, k, v), fn(q.double(), k.double(), v.double()), torch.float32, name)
+
+
+def _causal_variant(*, offset=1.0, divide_sink=True, cast=None):
+    """The causal spelling with one thing changed: p + offset, Î not divided by p + 1, a cast of I."""
+    def flow(q, k, v, eps=1e-6):
+        fq, fk = q.sigmoid(), k.sigmoid()
+        pos = torch.arange(q.shape[-2], dtype=q.dtype)[:, None] + offset
+        inc = ((fq + eps) * (torch.cumsum(fk, dim=-2) + eps)).sum(-1, keepdim=True)
+        if cast is not None:
+            inc = inc.to(cast).to(q.dtype)
+        outg = ((fk + eps) * (torch.cumsum(fq, dim=-2) + eps)).sum(-1, keepdim=True)
+        c_in = ((fq + eps) * ((fk * pos / outg).cumsum(-2) + eps)).sum(-1, keepdim=True)
+        c_in = c_in / pos if divide_sink else c_in
+        c_out = ((fk + eps) * ((fq * pos / inc).cumsum(-2) + eps)).sum(-1, keepdim=True) / pos
+        e = c_out.exp()
+        kv = torch.cumsum(fk.unsqueeze(-1) * (v * (e / e.cumsum(-2) * pos)).unsqueeze(-2), dim=-3)
+        return (fq.unsqueeze(-1) / inc.unsqueeze(-1) * kv).sum(-2) * torch.sigmoid(c_in)
+    return flow
+
+
+def _masked_competition(q, k, v, eps=1e-6):
+    """A where() inside the competition: an op the lifter does not model, reported as such."""
+    fq, fk = torch.sigmoid(q), torch.sigmoid(k)
+    inc = torch.einsum("bhnd,bhd->bhn", fq + eps, fk.sum(2) + eps)
+    outg = torch.einsum("bhmd,bhd->bhm", fk + eps, fq.sum(2) + eps)
+    c_in = torch.einsum("bhnd,bhd->bhn", fq + eps, (fk / outg[..., None]).sum(2) + eps)
+    c_out = torch.einsum("bhmd,bhd->bhm", fk + eps, (fq / inc[..., None]).sum(2) + eps)
+    comp = torch.softmax(torch.where(c_out > 3.0, 0.0, c_out), dim=-1) * k.shape[2]
+    kv = torch.einsum("bhmd,bhmf->bhdf", fk, v * comp[..., None])
+    out = torch.einsum("bhnd,bhdf->bhnf", fq / inc[..., None], kv)
+    return out * torch.sigmoid(c_in * q.shape[2] / k.shape[2])[..., None]
+
+
+MORE_NEAR_MISSES = [  # (name, fn, N, M, reason fragment)
+    ("causal: p + 2 for p + 1", _causal_variant(offset=2.0), 27, 27,
+     "the conserved incoming flow Î (Σ over sources of σK/O): a constant is 2 where Flow-Attention has 1"),
+    ("causal: Î not divided by p + 1", _causal_variant(divide_sink=False), 27, 27, "the conserved incoming flow Î"),
+    ("causal: I rounded through float16", _causal_variant(cast=torch.float16), 27, 27, "a narrowing cast"),
+    ("competition × N for × M", _variant(times="n"), 25, 35,
+     "the competition softmax over the sources (m) · M: a constant is 25 where Flow-Attention has 35"),
+    ("a where() in the competition", _masked_competition, 25, 35, "aten.gt.Scalar is not modelled"),
+]
+
+
+@pytest.mark.parametrize("name,fn,n,m,why", MORE_NEAR_MISSES, ids=[s[0] for s in MORE_NEAR_MISSES])
+def test_more_near_misses_refused_with_reason(name, fn, n, m, why):
+    q, k, v = _inputs("bhnd", n, m, seed=2)
+    torch._dynamo.reset()
+    flow = _flow_sites(rewrite.inspect(fn, q, k, v))
+    assert len(flow) == 1 and not flow[0].rewritten and why in flow[0].reason, flow
     torch._dynamo.reset()
     close(rewrite.compile(fn)(q, k, v), fn(q.double(), k.double(), v.double()), torch.float32, name)
 
@@ -199,3 +253,31 @@ def test_module_forward_and_gradients_against_float64():
     close(xg.grad, xr.grad, torch.float32, "dx")
     for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
         close(p.grad, p_ref.grad, torch.float32, name)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+          phases=(Phase.explicit, Phase.reuse, Phase.generate))
+@given(b=st.integers(1, 2), h=st.integers(1, 3), n=st.integers(1, 30).map(lambda x: 2 * x + 1),
+       m=st.integers(1, 30).map(lambda x: 2 * x + 1), d=st.sampled_from([2, 8, 12]), f=st.sampled_from([2, 5, 16]),
+       layout=st.sampled_from(["bhnd", "bnhd"]), seed=st.integers(0, 2**16))
+def test_sizes_and_layouts(b, h, n, m, d, f, layout, seed):
+    """Size-1 batch and head axes, odd N ≠ M, both layouts: rewritten and exact (non-causal)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (lambda L, x: (b, L, h, x)) if layout == "bnhd" else (lambda L, x: (b, h, L, x))
+    q, k = (torch.randn(shape(L, d), generator=g) * 2 for L in (n, m))
+    v = torch.randn(shape(m, f), generator=g)
+    fn = bnhd_flow if layout == "bnhd" else paper_flow
+    torch._dynamo.reset()
+    flow = _flow_sites(rewrite.inspect(fn, q, k, v))
+    assert len(flow) == 1 and flow[0].rewritten, flow
+    torch._dynamo.reset()
+    close(rewrite.compile(fn)(q, k, v), fn(q.double(), k.double(), v.double()), torch.float32, "sizes")
+
+
+@pytest.mark.parametrize("d,f", [(1, 5), (8, 1)])
+def test_size_one_features_refused_with_reason(d, f):
+    """A size-1 feature axis names no atom, so q, k, v's roles cannot be read: refused, not guessed."""
+    q, k, v = torch.randn(1, 2, 5, d), torch.randn(1, 2, 7, d), torch.randn(1, 2, 7, f)
+    torch._dynamo.reset()
+    flow = _flow_sites(rewrite.inspect(paper_flow, q, k, v))
+    assert len(flow) == 1 and not flow[0].rewritten and "axes of the two sigmoid inputs" in flow[0].reason, flow
