@@ -45,7 +45,8 @@ def _nodes_with(lifted: Lifted, head: str, name: str | None = None) -> list[E.Ex
 def looks_like_flow(lifted: Lifted) -> bool:
     """Worth a reason when refused: two sigmoids or more, an exp (competition) and four sums or more."""
     sums = _nodes_with(lifted, "sum") + _nodes_with(lifted, "cumsum")
-    return len(_nodes_with(lifted, "fn", "sigmoid")) >= 2 and bool(_nodes_with(lifted, "fn", "exp")) and len(sums) >= 4
+    competition = _nodes_with(lifted, "fn", "exp") + _nodes_with(lifted, "softmax")
+    return len(_nodes_with(lifted, "fn", "sigmoid")) >= 2 and bool(competition) and len(sums) >= 4
 
 
 def looks_like_flow_nodes(nodes: list[Node]) -> bool:
@@ -235,4 +236,16 @@ def prove_flow(lifted: Lifted, out: Node) -> tuple[FlowRoles, float, bool, str]:
             if best is None or i > best[0]:
                 best = (i, why)
             break
+    if any(_softmax_unclamped(x) for xs in present.values() for x in xs):
+        raise NoMatch("the competition is exp(Ô)/Σ exp(Ô) written out on an unclamped Ô: eager overflows to "
+                      "inf/NaN there where softmax (and the flow op) does not")
     raise NoMatch("not Flow-Attention: " + (best[1] if best else "the output is not R ⊙ allocation"))
+
+
+def _softmax_unclamped(x: E.Expr) -> bool:
+    """A product holding exp(y) and (Σ_a exp(y))⁻¹ (y unclamped: clamped, it is read as softmax)."""
+    if x.head != "prod":
+        return False
+    keys = {b.key: e for b, e in x.args[1]}
+    return any(b.head == "sum" and e == -1 and b.args[1].head == "fn" and b.args[1].args[0] == "exp"
+               and keys.get(b.args[1].key) == 1 for b, e in x.args[1])

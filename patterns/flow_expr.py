@@ -5,12 +5,14 @@ An `Expr` is a tensor-valued expression whose value at an index depends only on 
 reshaped tensor is the same Expr. The constructors keep every expression in one canonical form, so two
 spellings that are equal by the rules below build the same ``key``:
 
-- products are flat: a coefficient times bases with integer exponents, bases sorted (x·y⁻¹ ≡ x/y,
-  x·x⁻¹ cancels: every base Flow-Attention divides by is positive: sigmoids + eps, exp, p + 1);
+- products are flat: a coefficient times bases with integer exponents, bases sorted (x·y⁻¹ ≡ x/y);
 - sums of terms are flat: a constant plus sorted terms;
 - a sum (or prefix sum) over atoms keeps only the factors that depend on those atoms, the others and the
   coefficient move out (Σ_m a·x_m = a·Σ_m x_m); nested sums merge;
-- softmax over an atom is exp(x)·(Σ exp(x))⁻¹ (the max it subtracts cancels).
+- softmax over an atom is its own head; exp(x)·(Σ exp(x))⁻¹ written out is the same only when x is
+  clamped (unclamped, eager's written-out form overflows where softmax does not);
+- x·x⁻¹ cancels only for values in (0, ∞) (sigmoids + eps, p + 1, …): for a value that may be 0 or ∞
+  eager computes NaN there, so the lift refuses.
 
 ``key`` is the canonical form as text; ``shape_key`` is the same with every constant blanked, so a
 mismatch that is only a constant can be named.
@@ -66,7 +68,7 @@ def _children(x: Expr) -> list[Expr]:
         return [a[1]]
     if h == "clamp":
         return [a[0]]
-    if h in ("sum", "cumsum"):
+    if h in ("sum", "cumsum", "softmax"):
         return [a[1]]
     if h == "prod":
         return [b for b, _ in a[1]]
@@ -112,6 +114,8 @@ def _key(head: str, args: tuple, blank: bool) -> str:
     if head == "clamp":
         lo, hi = ("-" if v is None else _num(v, blank) for v in args[1:])
         return f"clamp({k(args[0])},{lo},{hi})"
+    if head == "softmax":
+        return f"softmax_{args[0]}({k(args[1])})"
     if head in ("sum", "cumsum"):
         atoms = args[0] if head == "sum" else (args[0],)
         return f"{'Σ' if head == 'sum' else 'cumΣ'}_{{{','.join(atoms)}}}({k(args[1])})"
@@ -142,7 +146,15 @@ def fn(name: str, x: Expr) -> Expr:
 
 
 def clamp(x: Expr, lo: float | None, hi: float | None) -> Expr:
-    return Expr("clamp", (x, None if lo is None else float(lo), None if hi is None else float(hi)), x.free)
+    """clamp(clamp(x, a, b), c, d) is clamp(x, max(a, c), min(b, d)) when the two ranges overlap."""
+    lo, hi = (None if v is None else float(v) for v in (lo, hi))
+    if x.head == "clamp":
+        inner, a, b = x.args
+        new_lo = a if lo is None else (lo if a is None else max(a, lo))
+        new_hi = b if hi is None else (hi if b is None else min(b, hi))
+        if new_lo is None or new_hi is None or new_lo <= new_hi:
+            return Expr("clamp", (inner, new_lo, new_hi), inner.free)
+    return Expr("clamp", (x, lo, hi), x.free)
 
 
 def _factors(x: Expr) -> tuple[float, list[tuple[Expr, int]]]:
@@ -153,13 +165,63 @@ def _factors(x: Expr) -> tuple[float, list[tuple[Expr, int]]]:
     return 1.0, [(x, 1)]
 
 
+def finite_nonneg(x: Expr) -> bool:
+    """x ≥ 0 and finite wherever the inputs are finite."""
+    h, a = x.head, x.args
+    if h == "fn":
+        return a[0] == "sigmoid"
+    if h in ("pos", "const"):
+        return h == "pos" or a[0] >= 0
+    if h in ("add", "prod"):
+        return a[0] >= 0 and all(finite_nonneg(t) for t in a[1]) if h == "add" else (
+            a[0] >= 0 and all(e > 0 and finite_nonneg(b) for b, e in a[1]))
+    if h in ("sum", "cumsum"):
+        return finite_nonneg(a[1])
+    return False
+
+
+def safe_divisor(x: Expr) -> bool:
+    """x is in (0, ∞) wherever the inputs are finite (sigmoids + eps, p + 1, their sums and products), so
+    x·x⁻¹ = 1 in floating point too (up to rounding), not 0·∞."""
+    h, a = x.head, x.args
+    if h == "const":
+        return a[0] > 0
+    if h == "add":
+        return a[0] > 0 and all(finite_nonneg(t) for t in a[1])
+    if h == "prod":
+        return a[0] > 0 and all(safe_divisor(b) for b, _ in a[1])
+    if h in ("sum", "cumsum"):
+        return safe_divisor(a[1])
+    return False
+
+
+def _softmax_written_out(acc: dict[str, list]) -> None:
+    """exp(x)·(Σ_a exp(x))⁻¹ is softmax over a when x is clamped to finite bounds (it cannot overflow
+    there); unclamped, eager's written-out form overflows where softmax does not, so it stays as it is."""
+    for key, (b, e) in list(acc.items()):
+        if b.head != "sum" or e != -1 or len(b.args[0]) != 1 or b.args[1].head != "fn" or b.args[1].args[0] != "exp":
+            continue
+        ex = b.args[1]
+        x = ex.args[1]
+        if ex.key in acc and acc[ex.key][1] == 1 and x.head == "clamp" and None not in x.args[1:]:
+            del acc[key], acc[ex.key]
+            sm = softmax(b.args[0][0], x, {})
+            acc[sm.key] = [sm, 1]
+
+
 def _build_prod(coeff: float, items: list[tuple[Expr, int]]) -> Expr:
     acc: dict[str, list] = {}
+    signs: dict[str, set] = {}
     for b, e in items:
         if b.key in acc:
             acc[b.key][1] += e
         else:
             acc[b.key] = [b, e]
+        signs.setdefault(b.key, set()).add(e > 0)
+    for key, (b, _e) in acc.items():
+        if len(signs[key]) == 2 and not safe_divisor(b):
+            raise NoMatch(f"a value that may be 0 or ∞ cancels against its reciprocal: {b.key[:80]}")
+    _softmax_written_out(acc)
     kept = sorted(((b, e) for b, e in acc.values() if e != 0), key=lambda be: (be[0].shape_key, be[0].key))
     if not kept:
         return const(coeff)
@@ -235,5 +297,5 @@ def prefix_sum(atom: str, x: Expr) -> Expr:
 
 
 def softmax(atom: str, x: Expr, sizes: dict[str, int]) -> Expr:
-    ex = fn("exp", x)
-    return mul(ex, power(reduce_sum({atom}, ex, sizes), -1))
+    """torch.softmax over ``atom`` (it subtracts the max: it never overflows)."""
+    return Expr("softmax", (atom, x), x.free)

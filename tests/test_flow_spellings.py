@@ -51,13 +51,14 @@ def bnhd_flow(q, k, v, eps=1e-6):
 
 
 def reciprocal_flow(q, k, v, eps=1e-6):
-    """No division: reciprocal, pow(-1), x·(1/y); softmax by hand; no clamp; einsum with other letters."""
+    """No division: reciprocal, pow(-1), x·(1/y); softmax by hand on a clamp written as clamp_min then
+    clamp_max; einsum with other letters."""
     fq, fk = torch.sigmoid(q), torch.sigmoid(k)
     inv_in = torch.reciprocal(torch.einsum("bhnd,bhd->bhn", fq + eps, fk.sum(2) + eps))
     inv_out = torch.einsum("bhmd,bhd->bhm", fk + eps, fq.sum(2) + eps).pow(-1)
     c_in = torch.einsum("bhnd,bhd->bhn", fq + eps, torch.einsum("bhmd,bhm->bhd", fk, inv_out) + eps)
     c_out = torch.einsum("bhmd,bhd->bhm", fk + eps, torch.einsum("bhnd,bhn->bhd", fq, inv_in) + eps)
-    ex = torch.exp(c_out)
+    ex = torch.exp(c_out.clamp_min(-1.0).clamp_max(1.0))
     comp = ex * (1.0 / ex.sum(-1, keepdim=True)) * k.shape[2]
     alloc = torch.sigmoid(c_in * (1.0 / k.shape[2]) * q.shape[2])
     kv = torch.einsum("bhmd,bhmf->bhdf", fk, v * comp.unsqueeze(-1))
@@ -91,7 +92,7 @@ SPELLINGS = [  # (name, fn, layout, causal, clamp, N, M)
     ("official causal", official_flow_causal(1e-6, False), "bhnd", True, False, 29, 29),
     ("paper equations", paper_flow, "bhnd", False, True, 31, 45),
     ("[B, N, H, D] with matmul", bnhd_flow, "bnhd", False, True, 27, 19),
-    ("reciprocals as products", reciprocal_flow, "bhnd", False, False, 33, 21),
+    ("reciprocals as products", reciprocal_flow, "bhnd", False, True, 33, 21),
     ("causal, own cumsum and arange", causal_flow, "bhnd", True, True, 35, 35),
 ]
 
@@ -189,7 +190,25 @@ def _masked_competition(q, k, v, eps=1e-6):
     return out * torch.sigmoid(c_in * q.shape[2] / k.shape[2])[..., None]
 
 
+def _written_out(clamped: bool, cancel_v: bool = False):
+    """exp/Σexp by hand for the competition (clamped or not); optionally out·v/v (v may be 0)."""
+    def flow(q, k, v, eps=1e-6):
+        fq, fk = torch.sigmoid(q), torch.sigmoid(k)
+        inc = torch.einsum("bhnd,bhd->bhn", fq + eps, fk.sum(2) + eps)
+        outg = torch.einsum("bhmd,bhd->bhm", fk + eps, fq.sum(2) + eps)
+        c_in = torch.einsum("bhnd,bhd->bhn", fq + eps, (fk / outg[..., None]).sum(2) + eps)
+        c_out = torch.einsum("bhmd,bhd->bhm", fk + eps, (fq / inc[..., None]).sum(2) + eps)
+        ex = torch.exp(c_out.clamp(-1.0, 1.0) if clamped else c_out)
+        vh = v * (ex / ex.sum(-1, keepdim=True) * k.shape[2])[..., None]
+        vh = vh * v / v if cancel_v else vh
+        out = torch.einsum("bhnd,bhdf->bhnf", fq / inc[..., None], torch.einsum("bhmd,bhmf->bhdf", fk, vh))
+        return out * torch.sigmoid(c_in * (q.shape[2] / k.shape[2]))[..., None]
+    return flow
+
+
 MORE_NEAR_MISSES = [  # (name, fn, N, M, reason fragment)
+    ("exp/Σexp on an unclamped Ô", _written_out(False), 25, 35, "eager overflows to inf/NaN there"),
+    ("v·v⁻¹ (v may be 0)", _written_out(True, cancel_v=True), 25, 35, "may be 0 or ∞ cancels against its reciprocal"),
     ("causal: p + 2 for p + 1", _causal_variant(offset=2.0), 27, 27,
      "the conserved incoming flow Î (Σ over sources of σK/O): a constant is 2 where Flow-Attention has 1"),
     ("causal: Î not divided by p + 1", _causal_variant(divide_sink=False), 27, 27, "the conserved incoming flow Î"),
@@ -210,12 +229,15 @@ def test_more_near_misses_refused_with_reason(name, fn, n, m, why):
     close(rewrite.compile(fn)(q, k, v), fn(q.double(), k.double(), v.double()), torch.float32, name)
 
 
-def test_the_unchanged_variant_is_flow():
-    """The near-misses' base spelling, unchanged, is rewritten: each refusal is due to its one change."""
-    q, k, v = _inputs("bhnd", 25, 35, seed=1)
+@pytest.mark.parametrize("fn", [_variant(), _causal_variant(), _written_out(True)], ids=["base", "causal", "clamped"])
+def test_the_unchanged_variants_are_flow(fn):
+    """The near-misses' base spellings, unchanged, are rewritten: each refusal is due to its one change."""
+    q, k, v = _inputs("bhnd", 27, 27, seed=1)
     torch._dynamo.reset()
-    flow = _flow_sites(rewrite.inspect(_variant(), q, k, v))
+    flow = _flow_sites(rewrite.inspect(fn, q, k, v))
     assert len(flow) == 1 and flow[0].rewritten, flow
+    torch._dynamo.reset()
+    close(rewrite.compile(fn)(q, k, v), fn(q.double(), k.double(), v.double()), torch.float32, "base")
 
 
 class FlowLayer(nn.Module):
