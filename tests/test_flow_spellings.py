@@ -6,6 +6,7 @@ float64 eager; near-misses are refused with their reason and claimed by nothing 
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ import rewrite
 from rewrite.patterns.flow_attention import official_flow, official_flow_causal
 
 close = close_relative
+TRITON_OK = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ---- spellings, each written from the equations in its own style ---------------------------------------
@@ -303,3 +305,15 @@ def test_size_one_features_refused_with_reason(d, f):
     torch._dynamo.reset()
     flow = _flow_sites(rewrite.inspect(paper_flow, q, k, v))
     assert len(flow) == 1 and not flow[0].rewritten and "axes of the two sigmoid inputs" in flow[0].reason, flow
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("fn,layout,n,m", [(bnhd_flow, "bnhd", 27, 19), (causal_flow, "bhnd", 35, 35)],
+                         ids=["bnhd", "causal"])
+def test_triton_backend_runs_other_spellings(fn, layout, n, m):
+    q, k, v = _inputs(layout, n, m)
+    torch._dynamo.reset()
+    report = rewrite.inspect(fn, q, k, v, backend="triton")
+    assert [s.kernel for s in report.sites] == ["rewrite::flow_attention[triton]"], report
+    torch._dynamo.reset()
+    close(rewrite.compile(fn, backend="triton")(q, k, v), fn(q.double(), k.double(), v.double()), torch.float32)
