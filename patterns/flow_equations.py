@@ -58,6 +58,8 @@ def looks_like_flow_nodes(nodes: list[Node]) -> bool:
 
 
 def _describe(lifted: Lifted, node: Node) -> str:
+    if node in lifted.opaque:
+        return f"{node.name} ({node.target} on values of the flow, an op the lifter does not model)"
     key = lifted.exprs[node].key
     maps = sorted({x.args[0] for x in _nodes_with(lifted, "fn") if x.args[1].key == key})
     return f"{node.name} ({'through ' + ', '.join(maps) if maps else 'as it is'})"

@@ -6,14 +6,15 @@ algebra (patterns/axes.py), and every elementwise broadcast or contraction unifi
 Then each node's Expr is built over the final atoms, so a sum's atoms are known before anything is
 pulled out of it. Every einsum, matmul, bmm and mul+sum is one contraction here (``as_contraction``).
 
-What is lifted: the nodes that depend on a sigmoid (Flow-Attention's feature maps) and the constant
-expressions (``arange`` and arithmetic on it). Everything else met on the way is a leaf: the inputs
-of the feature maps and the values. An op the lifter does not model makes the lift fail (NoMatch).
+What is lifted: the modelled ops that depend on a feature map (Flow-Attention's sigmoids) and the
+constant expressions (``arange`` and arithmetic on it). Everything else met on the way is a leaf: the
+inputs of the feature maps, the values, and any op the lifter does not model (a projection, a
+``where``): an opaque value, which the proof then needs to be q, k or v.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.fx import Graph, Node
@@ -34,6 +35,7 @@ ELEMENTWISE = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tenso
                aten.reciprocal.default, aten.pow.Tensor_Scalar, aten.clamp.default, aten.clamp_min.default,
                aten.clamp_max.default, aten.cumsum.default, aten.softmax.int, aten._softmax.default, *UNARY}
 SUMS = {aten.sum.dim_IntList, aten.sum.default}
+CONTRACTIONS = {aten.einsum.default, aten.matmul.default, aten.bmm.default, aten.mm.default}
 MAX_NODES = 400  # Flow-Attention is ~40-60 ATen ops; a larger region is a model, not one site
 
 
@@ -69,6 +71,7 @@ class Lifted:
     leaves: list  # the tensor leaves, in graph order
     sizes: dict  # atom → size
     nodes: list  # the lifted call_function nodes, in graph order
+    opaque: list = field(default_factory=list)  # leaves that depend on a feature map: ops the lifter does not model
 
 
 Expr = fx_.Expr
@@ -132,6 +135,13 @@ def _tensor_args(node: Node) -> list[Node]:
     return [a for a in node.args if isinstance(a, Node)]
 
 
+def modelled(node: Node) -> bool:
+    """An op the lifter reads; any other is a leaf (an opaque value: the proof then needs it to be q, k or v)."""
+    t = node.target
+    return (t in ELEMENTWISE or t in SUMS or t in ARANGE or t in CONTRACTIONS or t in LAYOUT_IDENTITY
+            or t == aten.expand.default or is_layout_op(node))
+
+
 def collect(out: Node, ctx: GraphContext) -> tuple[list[Node], list[Node]]:
     """(the nodes to lift, the leaves), in graph order; NoMatch past MAX_NODES (not one attention site)."""
     lifted, leaves, seen, stack = set(), set(), set(), [out]
@@ -140,7 +150,7 @@ def collect(out: Node, ctx: GraphContext) -> tuple[list[Node], list[Node]]:
         if n in seen:
             continue
         seen.add(n)
-        if n.op == "call_function" and (n in ctx.sig_desc or n in ctx.const_like):
+        if n.op == "call_function" and (n in ctx.sig_desc or n in ctx.const_like) and modelled(n):
             lifted.add(n)
             if len(lifted) > MAX_NODES:
                 raise NoMatch(f"more than {MAX_NODES} ops depend on a sigmoid here")
@@ -156,8 +166,7 @@ def _axes_of(node: Node, at: _Atoms, axes: dict) -> Axes:
     t, shape = node.target, shape_of(node)
     if t in ARANGE:
         return (at.fresh(shape[0]),) if shape else ()
-    con = as_contraction(node) if t in (aten.einsum.default, aten.matmul.default, aten.bmm.default,
-                                        aten.mm.default) else None
+    con = as_contraction(node) if t in CONTRACTIONS else None
     if con is not None:
         lab: dict[str, tuple] = {}
         for operand, labels in ((con.a, con.a_labels), (con.b, con.b_labels)):
@@ -219,8 +228,7 @@ def _expr_of(node: Node, ex: dict, axes: dict, sizes: dict) -> Expr:
         nums = [_scalar(a) for a in args]
         start, step = (0.0, 1.0) if len(args) == 1 else (nums[0], nums[2] if len(args) > 2 else 1.0)
         return fx_.const(start) if not axes[node] else fx_.add(start, fx_.mul(step, fx_.pos(axes[node][0][0])))
-    con = as_contraction(node) if t in (aten.einsum.default, aten.matmul.default, aten.bmm.default,
-                                        aten.mm.default) else None
+    con = as_contraction(node) if t in CONTRACTIONS else None
     if con is not None:
         out_atoms = {a for ax in axes[node] for a in ax}
         inner = {a for op in (con.a, con.b) for ax in axes[op] for a in ax} - out_atoms
@@ -291,4 +299,4 @@ def lift(out: Node, ctx: GraphContext) -> Lifted:
     ex: dict = {n: fx_.leaf(n.name, tuple(x for ax in axes[n] for x in ax)) for n in leaves}
     for n in lifted:
         ex[n] = _expr_of(n, ex, axes, sizes)
-    return Lifted(ex[out], axes, ex, leaves, sizes, lifted)
+    return Lifted(ex[out], axes, ex, leaves, sizes, lifted, [n for n in leaves if n in ctx.sig_desc])
