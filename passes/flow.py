@@ -14,7 +14,6 @@ from rewrite.ir.mask import MaskSpec
 from rewrite.ir.plan import Plan
 from rewrite.report import SiteReport
 
-from .apply import canonical_operand
 from .kernels import choose_kernel
 
 log = logging.getLogger("rewrite")
@@ -27,9 +26,19 @@ def fused_passes(cascade: Cascade) -> str:
     return "\n".join(f"{e}   [pass {levels[e.name] or '-'}]" for e in cascade.einsums)
 
 
+def _operand(graph: Graph, plan) -> Node:
+    """[*batch, rows, cols]: the value viewed with one dim per atom, then permuted (patterns' OperandPlan)."""
+    node = plan.node
+    if list(node.meta["val"].shape) != plan.atom_shape:
+        node = graph.call_function(aten.reshape.default, (node, plan.atom_shape))
+    if plan.perm != list(range(len(plan.perm))):
+        node = graph.call_function(aten.permute.default, (node, plan.perm))
+    return node
+
+
 def _flow_call(graph: Graph, site, kernel: str) -> Node:
     """rewrite::flow_attention on the canonical [*batch, N, D] operands, the output in the site's layout."""
-    q, k, v = (canonical_operand(graph, tp) for tp in (site.qp, site.kp, site.vp))
+    q, k, v = (_operand(graph, plan) for plan in (site.qp, site.kp, site.vp))
     out = graph.call_function(torch.ops.rewrite.flow_attention.default, (
         q, k, v, bool(site.causal), bool(site.clamp), float(site.eps), kernel, site.out_dtype))
     out = graph.call_function(aten.reshape.default, (out, [*site.batch_sizes, site.n, site.f]))

@@ -20,9 +20,8 @@ import torch
 from torch.fx import Graph, Node
 
 from rewrite.ir.cascade import Cascade
-from rewrite.ir.site import TensorPlan
 
-from .axes import AtomSizes, NoMatch, canonical_plan, dtype_of, shape_of
+from .axes import NoMatch, dtype_of, shape_of
 from .flow_equations import FlowRoles, looks_like_flow, looks_like_flow_nodes, prove_flow
 from .flow_normal import GraphContext, Lifted, collect, lift
 from .softmax_attention import location_of
@@ -80,6 +79,16 @@ def official_flow_causal(eps: float, clamp: bool):
 
 
 @dataclass
+class OperandPlan:
+    """A canonical operand [*batch atoms, rows, cols] from a graph value: view it with one dim per atom
+    (this splits [B, L, H·D] when the sigmoid came before the head split), then permute."""
+
+    node: Node
+    atom_shape: list[int]
+    perm: list[int]
+
+
+@dataclass
 class FlowSite:
     location: str
     spelling: str
@@ -103,9 +112,9 @@ class FlowSite:
     notes: list[str] = field(default_factory=list)
     proof: str = ""
     # canonical operands [*batch, N, E] / [*batch, M, E] / [*batch, M, F] and how to give the output its layout
-    qp: TensorPlan | None = None
-    kp: TensorPlan | None = None
-    vp: TensorPlan | None = None
+    qp: OperandPlan | None = None
+    kp: OperandPlan | None = None
+    vp: OperandPlan | None = None
     out_perm: list[int] = field(default_factory=list)  # canonical [*batch, p, f] → the output's atom order
     out_shape: list[int] = field(default_factory=list)
 
@@ -125,11 +134,15 @@ class FlowSite:
         return val.device if isinstance(val, torch.Tensor) else None
 
 
+def _operand(lifted: Lifted, node: Node, order: list[str]) -> OperandPlan:
+    atoms = [a for ax in lifted.axes[node] for a in ax]
+    return OperandPlan(node, [lifted.sizes[a] for a in atoms], [atoms.index(a) for a in order])
+
+
 def _plans(site: FlowSite, lifted: Lifted, r: FlowRoles) -> None:
-    sizes = AtomSizes(dict(lifted.sizes))
-    for name, node, rows, cols in (("qp", r.q, r.p, r.e), ("kp", r.k, r.m, r.e), ("vp", r.v, r.m, r.f)):
-        perm, shape = canonical_plan(lifted.axes[node], (r.batch, [rows], [cols]), sizes, name[0])
-        setattr(site, name, TensorPlan(node, perm, shape))
+    site.qp = _operand(lifted, r.q, [*r.batch, r.p, r.e])
+    site.kp = _operand(lifted, r.k, [*r.batch, r.m, r.e])
+    site.vp = _operand(lifted, r.v, [*r.batch, r.m, r.f])
     canon = [*r.batch, r.p, r.f]
     out_atoms = [a for ax in lifted.axes[site.out_node] for a in ax]
     site.out_perm = [canon.index(a) for a in out_atoms]

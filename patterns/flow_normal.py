@@ -77,10 +77,25 @@ class Lifted:
 Expr = fx_.Expr
 
 
+class _SplitSizes(AtomSizes):
+    """Atom sizes where a reshape may split an atom ([B, L, H·D] viewed as [B, L, H, D]: a sigmoid taken
+    before the head split); each part is a new atom of the union-find."""
+
+    def __init__(self, atoms: _Atoms):
+        super().__init__({}, splittable=True)
+        self.atoms = atoms
+
+    def split(self, atom: str, outer: int) -> tuple[str, str]:
+        names = super().split(atom, outer)
+        for name in names:
+            self.atoms.parent[name] = name
+        return names
+
+
 class _Atoms:
     def __init__(self):
         self.parent: dict[str, str] = {}
-        self.sizes = AtomSizes({})
+        self.sizes = _SplitSizes(self)
 
     def fresh(self, size: int) -> tuple[str, ...]:
         if size == 1:
@@ -96,22 +111,37 @@ class _Atoms:
             a = self.parent[a]
         return a
 
+    def expand(self, a: str) -> tuple[str, ...]:
+        """``a``'s class, as the atoms it has been split into (itself when never split)."""
+        r = self.find(a)
+        parts = self.sizes.parts.get(r)
+        return (r,) if parts is None else tuple(x for p in parts for x in self.expand(p))
+
     def canon(self, axes: Axes) -> Axes:
-        return tuple(tuple(self.find(a) for a in ax) for ax in axes)
+        return tuple(tuple(x for a in ax for x in self.expand(a)) for ax in axes)
 
     def unify(self, x: tuple, y: tuple) -> tuple:
+        """Align two axes atom by atom, splitting an atom where the other axis holds it in parts."""
         if not x:
             return y
         if not y:
             return x
-        if len(x) != len(y):
-            raise NoMatch("two tensors align axes that merge different atoms")
-        for a, b in zip(x, y):
-            ra, rb = self.find(a), self.find(b)
+        xs, ys = [b for a in x for b in self.expand(a)], [b for a in y for b in self.expand(a)]
+        i = 0
+        while i < len(xs) and i < len(ys):
+            sa, sb = self.sizes.sizes[xs[i]], self.sizes.sizes[ys[i]]
+            if sa != sb:
+                longer, short = (xs, sb) if sa > sb else (ys, sa)
+                if self.sizes.sizes[longer[i]] % short:
+                    raise NoMatch("two tensors align axes that merge different atoms")
+                longer[i:i + 1] = self.sizes.split(longer[i], short)
+                continue
+            ra, rb = self.find(xs[i]), self.find(ys[i])
             if ra != rb:
-                if self.sizes.sizes[ra] != self.sizes.sizes[rb]:
-                    raise NoMatch("aligned axes of different sizes")
                 self.parent[rb] = ra
+            i += 1
+        if len(xs) != len(ys):
+            raise NoMatch("two tensors align axes that merge different atoms")
         return x
 
     def broadcast(self, all_axes: list[Axes]) -> Axes:

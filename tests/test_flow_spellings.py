@@ -82,9 +82,26 @@ def causal_flow(q, k, v, eps=1e-6):
     return (fq.unsqueeze(-1) / inc.unsqueeze(-1) * kv).sum(-2) * torch.sigmoid(c_in)
 
 
+def merged_heads_flow(q, k, v, eps=1e-6, heads=3):
+    """q, k, v [B, L, H·D]: the sigmoid before the head split, the output merged back to [B, L, H·F]."""
+    b, n, _ = q.shape
+    m = k.shape[1]
+    fq = torch.sigmoid(q).view(b, n, heads, -1).transpose(1, 2)
+    fk = torch.sigmoid(k).view(b, m, heads, -1).transpose(1, 2)
+    vv = v.view(b, m, heads, -1).transpose(1, 2)
+    inc = torch.einsum("bhnd,bhd->bhn", fq + eps, fk.sum(2) + eps)
+    outg = torch.einsum("bhmd,bhd->bhm", fk + eps, fq.sum(2) + eps)
+    c_in = torch.einsum("bhnd,bhd->bhn", fq + eps, (fk / outg[..., None]).sum(2) + eps)
+    c_out = torch.einsum("bhmd,bhd->bhm", fk + eps, (fq / inc[..., None]).sum(2) + eps).clamp(-1, 1)
+    kv = torch.einsum("bhmd,bhmf->bhdf", fk, vv * (torch.softmax(c_out, -1) * m)[..., None])
+    out = torch.einsum("bhnd,bhdf->bhnf", fq / inc[..., None], kv) * torch.sigmoid(c_in * n / m)[..., None]
+    return out.transpose(1, 2).reshape(b, n, -1)
+
+
 def _inputs(layout: str, n: int, m: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    shape = (lambda L, d: (2, L, 3, d)) if layout == "bnhd" else (lambda L, d: (2, 3, L, d))
+    shape = {"bnhd": lambda L, d: (2, L, 3, d), "merged": lambda L, d: (2, L, 3 * d)}.get(
+        layout, lambda L, d: (2, 3, L, d))
     return (torch.randn(shape(n, 16), generator=g) * 2, torch.randn(shape(m, 16), generator=g) * 2,
             torch.randn(shape(m, 12), generator=g))
 
@@ -96,6 +113,7 @@ SPELLINGS = [  # (name, fn, layout, causal, clamp, N, M)
     ("[B, N, H, D] with matmul", bnhd_flow, "bnhd", False, True, 27, 19),
     ("reciprocals as products", reciprocal_flow, "bhnd", False, True, 33, 21),
     ("causal, own cumsum and arange", causal_flow, "bhnd", True, True, 35, 35),
+    ("sigmoid before the head split", merged_heads_flow, "merged", False, True, 29, 17),
 ]
 
 
@@ -325,7 +343,7 @@ def test_size_one_features_refused_with_reason(d, f):
 @pytest.mark.parametrize("fn,layout,n,m", [(bnhd_flow, "bnhd", 27, 19), (causal_flow, "bhnd", 35, 35)],
                          ids=["bnhd", "causal"])
 def test_triton_backend_runs_other_spellings(fn, layout, n, m):
-    q, k, v = _inputs(layout, n, m)
+    q, k, v = (t.to("cuda" if torch.cuda.is_available() else "cpu") for t in _inputs(layout, n, m))
     torch._dynamo.reset()
     report = rewrite.inspect(fn, q, k, v, backend="triton")
     assert [s.kernel for s in report.sites] == ["rewrite::flow_attention[triton]"], report
