@@ -12,12 +12,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch.fx import Node
 
 from . import flow_expr as E
 from .axes import NoMatch
 from .flow_normal import Lifted
 
+aten = torch.ops.aten
 CLOSE = 1e-12  # constants are compared up to float64 rounding of how the spelling computed them
 
 
@@ -43,18 +45,37 @@ def _nodes_with(lifted: Lifted, head: str, name: str | None = None) -> list[E.Ex
 
 
 def looks_like_flow(lifted: Lifted) -> bool:
-    """Worth a reason when refused: two sigmoids or more, an exp (competition) and four sums or more."""
+    """Worth a reason when refused: an allocation (a sigmoid of a value built by sums), another sigmoid,
+    an exp or softmax (the competition) and four sums or more. A sigmoid gate on softmax attention has no
+    allocation: it stays the softmax recogniser's."""
     sums = _nodes_with(lifted, "sum") + _nodes_with(lifted, "cumsum")
     competition = _nodes_with(lifted, "fn", "exp") + _nodes_with(lifted, "softmax")
-    return len(_nodes_with(lifted, "fn", "sigmoid")) >= 2 and bool(competition) and len(sums) >= 4
+    sigmoids = _nodes_with(lifted, "fn", "sigmoid")
+    allocation = [x for x in sigmoids if any(y.head in ("sum", "cumsum") for y in x.args[1].walk())]
+    return len(sigmoids) >= 2 and bool(allocation) and bool(competition) and len(sums) >= 4
 
 
 def looks_like_flow_nodes(nodes: list[Node]) -> bool:
     """The same test on fx nodes, for a candidate the lifter could not model."""
+    inside = set(nodes)
+    reduces = ("aten.sum", "aten.cumsum", "aten.einsum", "aten.matmul", "aten.bmm")
+
+    def built_by_sums(node: Node) -> bool:
+        stack, seen = [node], set()
+        while stack:
+            n = stack.pop()
+            if n in seen or n not in inside:
+                continue
+            seen.add(n)
+            if str(n.target).startswith(reduces):
+                return True
+            stack.extend(n.all_input_nodes)
+        return False
+
     names = [str(n.target) for n in nodes]
-    return (sum(t == "aten.sigmoid.default" for t in names) >= 2 and any("exp" in t or "softmax" in t for t in names)
-            and sum(t.startswith(("aten.sum", "aten.cumsum", "aten.einsum", "aten.matmul", "aten.bmm"))
-                    for t in names) >= 4)
+    sigmoids = [n for n in nodes if n.target == aten.sigmoid.default]
+    return (len(sigmoids) >= 2 and any(built_by_sums(a) for s in sigmoids for a in s.all_input_nodes)
+            and any("exp" in t or "softmax" in t for t in names) and sum(t.startswith(reduces) for t in names) >= 4)
 
 
 def _describe(lifted: Lifted, node: Node) -> str:

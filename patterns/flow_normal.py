@@ -14,12 +14,13 @@ inputs of the feature maps, the values, and any op the lifter does not model (a 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch.fx import Graph, Node
 
-from . import flow_expr as fx_
+from . import flow_expr as E
 from .axes import LAYOUT_IDENTITY, AtomSizes, Axes, NoMatch, is_layout_op, propagate, shape_of
 from .contraction import as_contraction
 
@@ -34,7 +35,7 @@ ELEMENTWISE = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tenso
                aten.add.Scalar, aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar, aten.neg.default,
                aten.reciprocal.default, aten.pow.Tensor_Scalar, aten.clamp.default, aten.clamp_min.default,
                aten.clamp_max.default, aten.cumsum.default, aten.softmax.int, aten._softmax.default, *UNARY}
-SUMS = {aten.sum.dim_IntList, aten.sum.default}
+SUMS = {aten.sum.dim_IntList, aten.sum.default, aten.mean.dim}
 CONTRACTIONS = {aten.einsum.default, aten.matmul.default, aten.bmm.default, aten.mm.default}
 MAX_NODES = 400  # Flow-Attention is ~40-60 ATen ops; a larger region is a model, not one site
 
@@ -74,7 +75,7 @@ class Lifted:
     opaque: list = field(default_factory=list)  # leaves that depend on a feature map: ops the lifter does not model
 
 
-Expr = fx_.Expr
+Expr = E.Expr
 
 
 class _SplitSizes(AtomSizes):
@@ -213,7 +214,7 @@ def _axes_of(node: Node, at: _Atoms, axes: dict) -> Axes:
         return propagate(node, at.canon(axes[src]), at.sizes)
     if t in SUMS:
         src_axes = axes[src]
-        dims = range(len(src_axes)) if t == aten.sum.default else [_dim(d, len(src_axes)) for d in node.args[1]]
+        dims = _reduced_dims(node, len(src_axes))
         keep = len(node.args) > 2 and node.args[2] or node.kwargs.get("keepdim", False)
         return tuple(() if i in dims else ax for i, ax in enumerate(src_axes) if keep or i not in dims)
     if t in ELEMENTWISE:
@@ -221,6 +222,13 @@ def _axes_of(node: Node, at: _Atoms, axes: dict) -> Axes:
     if t in LAYOUT_IDENTITY:
         return axes[src]
     raise NoMatch(f"{t} is not modelled by the flow lifter")
+
+
+def _reduced_dims(node: Node, rank: int) -> list[int]:
+    dims = node.args[1] if len(node.args) > 1 and node.target != aten.sum.default else None
+    if dims is None:
+        return list(range(rank))
+    return [_dim(d, rank) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
 
 
 def _one_atom(axes: Axes, d: int, what: str) -> str:
@@ -252,57 +260,61 @@ def _expr_of(node: Node, ex: dict, axes: dict, sizes: dict) -> Expr:
         c = _scalar(a)
         if c is None:
             raise NoMatch(f"{t}: an argument that is neither a tensor nor a number")
-        return fx_.const(c)
+        return E.const(c)
 
     if t in ARANGE:
         nums = [_scalar(a) for a in args]
         start, step = (0.0, 1.0) if len(args) == 1 else (nums[0], nums[2] if len(args) > 2 else 1.0)
-        return fx_.const(start) if not axes[node] else fx_.add(start, fx_.mul(step, fx_.pos(axes[node][0][0])))
+        return E.const(start) if not axes[node] else E.add(start, E.mul(step, E.pos(axes[node][0][0])))
     con = as_contraction(node) if t in CONTRACTIONS else None
     if con is not None:
         out_atoms = {a for ax in axes[node] for a in ax}
         inner = {a for op in (con.a, con.b) for ax in axes[op] for a in ax} - out_atoms
-        return fx_.reduce_sum(inner, fx_.mul(ex[con.a], ex[con.b]), sizes)
+        return E.reduce_sum(inner, E.mul(ex[con.a], ex[con.b]), sizes)
     if is_layout_op(node) or t in LAYOUT_IDENTITY:
         _refuse_narrowing(node)
         return ex[args[0]]
     if t in UNARY:
         if t == aten.elu.default and len(args) > 1:
             raise NoMatch("elu with parameters")
-        return fx_.fn(UNARY[t], ex[args[0]])
+        return E.fn(UNARY[t], ex[args[0]])
     if t in (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar):
         alpha = float(node.kwargs.get("alpha", 1.0)) * (-1.0 if t in (aten.sub.Tensor, aten.sub.Scalar) else 1.0)
-        return fx_.add(val(args[0]), fx_.mul(alpha, val(args[1])))
+        return E.add(val(args[0]), E.mul(alpha, val(args[1])))
     if t == aten.rsub.Scalar:
-        return fx_.add(val(args[1]), fx_.mul(-float(node.kwargs.get("alpha", 1.0)), val(args[0])))
+        return E.add(val(args[1]), E.mul(-float(node.kwargs.get("alpha", 1.0)), val(args[0])))
     if t in (aten.mul.Tensor, aten.mul.Scalar):
-        return fx_.mul(val(args[0]), val(args[1]))
+        return E.mul(val(args[0]), val(args[1]))
     if t in (aten.div.Tensor, aten.div.Scalar):
         if node.kwargs.get("rounding_mode") is not None:
             raise NoMatch("a rounding division")
-        return fx_.mul(val(args[0]), fx_.power(val(args[1]), -1))
+        return E.mul(val(args[0]), E.power(val(args[1]), -1))
     if t == aten.neg.default:
-        return fx_.mul(-1.0, ex[args[0]])
+        return E.mul(-1.0, ex[args[0]])
     if t == aten.reciprocal.default:
-        return fx_.power(ex[args[0]], -1)
+        return E.power(ex[args[0]], -1)
     if t == aten.pow.Tensor_Scalar:
         n = _scalar(args[1])
         if n is None or n != int(n):
             raise NoMatch("a power that is not an integer")
-        return fx_.power(ex[args[0]], int(n))
+        return E.power(ex[args[0]], int(n))
     if t in (aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default):
         lo = _scalar(args[1]) if len(args) > 1 and t != aten.clamp_max.default else None
         hi = _scalar(args[2]) if len(args) > 2 else (_scalar(args[1]) if t == aten.clamp_max.default else None)
         lo, hi = node.kwargs.get("min", lo), node.kwargs.get("max", hi)
-        return fx_.clamp(ex[args[0]], lo, hi)
+        return E.clamp(ex[args[0]], lo, hi)
     if t in SUMS:
         src = axes[args[0]]
-        dims = range(len(src)) if t == aten.sum.default else [_dim(d, len(src)) for d in args[1]]
-        return fx_.reduce_sum({a for d in dims for a in src[d]}, ex[args[0]], sizes)
+        dims = _reduced_dims(node, len(src))
+        total = E.reduce_sum({a for d in dims for a in src[d]}, ex[args[0]], sizes)
+        if t != aten.mean.dim:
+            return total
+        shape = shape_of(args[0])
+        return E.mul(1.0 / float(math.prod(shape[d] for d in dims)), total)
     if t == aten.cumsum.default:
-        return fx_.prefix_sum(_one_atom(axes[args[0]], args[1], "a prefix sum"), ex[args[0]])
+        return E.prefix_sum(_one_atom(axes[args[0]], args[1], "a prefix sum"), ex[args[0]])
     if t in (aten.softmax.int, aten._softmax.default):
-        return fx_.softmax(_one_atom(axes[args[0]], args[1], "a softmax"), ex[args[0]], sizes)
+        return E.softmax(_one_atom(axes[args[0]], args[1], "a softmax"), ex[args[0]], sizes)
     raise NoMatch(f"{t} is not modelled by the flow lifter")
 
 
@@ -326,7 +338,7 @@ def lift(out: Node, ctx: GraphContext) -> Lifted:
         flat = [x for ax in a for x in ax]
         if len(set(flat)) != len(flat):
             raise NoMatch(f"{n.name} holds one axis twice (a diagonal)")
-    ex: dict = {n: fx_.leaf(n.name, tuple(x for ax in axes[n] for x in ax)) for n in leaves}
+    ex: dict = {n: E.leaf(n.name, tuple(x for ax in axes[n] for x in ax)) for n in leaves}
     for n in lifted:
         ex[n] = _expr_of(n, ex, axes, sizes)
     return Lifted(ex[out], axes, ex, leaves, sizes, lifted, [n for n in leaves if n in ctx.sig_desc])

@@ -98,6 +98,18 @@ def merged_heads_flow(q, k, v, eps=1e-6, heads=3):
     return out.transpose(1, 2).reshape(b, n, -1)
 
 
+def mean_flow(q, k, v, eps=1e-6):
+    """The incoming flow as a mean over features times D; every other sum a sum."""
+    fq, fk = torch.sigmoid(q), torch.sigmoid(k)
+    n, m, d = q.shape[2], k.shape[2], q.shape[3]
+    inc = ((fq + eps) * (fk.sum(2, keepdim=True) + eps)).mean(-1) * d
+    outg = ((fk + eps) * (fq.sum(2, keepdim=True) + eps)).sum(-1)
+    c_in = ((fq + eps) * ((fk / outg[..., None]).sum(2, keepdim=True) + eps)).sum(-1)
+    c_out = ((fk + eps) * ((fq / inc[..., None]).sum(2, keepdim=True) + eps)).sum(-1)
+    out = (fq / inc[..., None]) @ (fk.transpose(-1, -2) @ (v * (torch.softmax(c_out, -1) * m)[..., None]))
+    return out * torch.sigmoid(c_in * n / m)[..., None]
+
+
 def _inputs(layout: str, n: int, m: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     shape = {"bnhd": lambda L, d: (2, L, 3, d), "merged": lambda L, d: (2, L, 3 * d)}.get(
@@ -114,6 +126,7 @@ SPELLINGS = [  # (name, fn, layout, causal, clamp, N, M)
     ("reciprocals as products", reciprocal_flow, "bhnd", False, True, 33, 21),
     ("causal, own cumsum and arange", causal_flow, "bhnd", True, True, 35, 35),
     ("sigmoid before the head split", merged_heads_flow, "merged", False, True, 29, 17),
+    ("a mean times D", mean_flow, "bhnd", False, False, 21, 13),
 ]
 
 
