@@ -362,3 +362,17 @@ def test_triton_backend_runs_other_spellings(fn, layout, n, m):
     assert [s.kernel for s in report.sites] == ["rewrite::flow_attention[triton]"], report
     torch._dynamo.reset()
     close(rewrite.compile(fn, backend="triton")(q, k, v), fn(q.double(), k.double(), v.double()), torch.float32)
+
+
+def test_sigmoid_gated_softmax_attention_stays_softmax():
+    """Sigmoid feature maps and a sigmoid gate around softmax attention: no allocation of a flow, so the
+    softmax recogniser keeps it (rewritten as dense attention), and no flow site is reported."""
+    def gated(q, k, v, g):
+        s = torch.sigmoid(q) @ torch.sigmoid(k).transpose(-1, -2) / 4
+        a = torch.softmax(s, -1) @ v
+        return a * torch.sigmoid((g * a).sum(-1, keepdim=True) + g.sum(-2, keepdim=True).mean())
+
+    q, k, v, g = (torch.randn(2, 3, 33, 16) for _ in range(4))
+    torch._dynamo.reset()
+    report = rewrite.inspect(gated, q, k, v, g)
+    assert [(s.variant, s.rewritten) for s in report.sites] == [("dense", True)], report
