@@ -9,8 +9,8 @@ spellings that are equal by the rules below build the same ``key``:
 - sums of terms are flat: a constant plus sorted terms;
 - a sum (or prefix sum) over atoms keeps only the factors that depend on those atoms, the others and the
   coefficient move out (Σ_m a·x_m = a·Σ_m x_m); nested sums merge;
-- softmax over an atom is its own head; exp(x)·(Σ exp(x))⁻¹ written out is the same only when x is
-  clamped (unclamped, eager's written-out form overflows where softmax does not);
+- softmax over an atom is its own head; exp(y)·(Σ exp(y))⁻¹ written out is the same when y = x − max x
+  (the stable form) or y is clamped (otherwise eager's written-out form overflows where softmax does not);
 - x·x⁻¹ cancels only for values in (0, ∞) (sigmoids + eps, p + 1, …): for a value that may be 0 or ∞
   eager computes NaN there, so the lift refuses.
 
@@ -68,7 +68,7 @@ def _children(x: Expr) -> list[Expr]:
         return [a[1]]
     if h == "clamp":
         return [a[0]]
-    if h in ("sum", "cumsum", "softmax"):
+    if h in ("sum", "cumsum", "softmax", "max"):
         return [a[1]]
     if h == "prod":
         return [b for b, _ in a[1]]
@@ -116,6 +116,8 @@ def _key(head: str, args: tuple, blank: bool) -> str:
         return f"clamp({k(args[0])},{lo},{hi})"
     if head == "softmax":
         return f"softmax_{args[0]}({k(args[1])})"
+    if head == "max":
+        return f"max_{{{','.join(args[0])}}}({k(args[1])})"
     if head in ("sum", "cumsum"):
         atoms = args[0] if head == "sum" else (args[0],)
         return f"{'Σ' if head == 'sum' else 'cumΣ'}_{{{','.join(atoms)}}}({k(args[1])})"
@@ -195,18 +197,40 @@ def safe_divisor(x: Expr) -> bool:
     return False
 
 
+def _stable_argument(y: Expr, atom: str) -> Expr | None:
+    """x when y is x − max_atom(x) (the written-out stable softmax subtracts the max), else None."""
+    if y.head != "add":
+        return None
+    for t in y.args[1]:
+        if t.head == "prod" and t.args[0] == -1.0 and len(t.args[1]) == 1 and t.args[1][0][1] == 1:
+            mx = t.args[1][0][0]
+            if mx.head == "max" and mx.args[0] == (atom,):
+                rest = add(y.args[0], *(u for u in y.args[1] if u is not t))
+                if rest == mx.args[1]:
+                    return rest
+    return None
+
+
 def _softmax_written_out(acc: dict[str, list]) -> None:
-    """exp(x)·(Σ_a exp(x))⁻¹ is softmax over a when x is clamped to finite bounds (it cannot overflow
-    there); unclamped, eager's written-out form overflows where softmax does not, so it stays as it is."""
+    """exp(y)·(Σ_a exp(y))⁻¹ is softmax over a when y = x − max_a x (the stable form), or when y is clamped
+    to finite bounds (it cannot overflow there); otherwise eager's written-out form overflows where softmax
+    does not, so it stays as it is."""
     for key, (b, e) in list(acc.items()):
         if b.head != "sum" or e != -1 or len(b.args[0]) != 1 or b.args[1].head != "fn" or b.args[1].args[0] != "exp":
             continue
-        ex = b.args[1]
-        x = ex.args[1]
-        if ex.key in acc and acc[ex.key][1] == 1 and x.head == "clamp" and None not in x.args[1:]:
+        ex, atom = b.args[1], b.args[0][0]
+        y = ex.args[1]
+        x = y if y.head == "clamp" and None not in y.args[1:] else _stable_argument(y, atom)
+        if x is not None and ex.key in acc and acc[ex.key][1] == 1:
             del acc[key], acc[ex.key]
-            sm = softmax(b.args[0][0], x, {})
+            sm = softmax(atom, x, {})
             acc[sm.key] = [sm, 1]
+
+
+def reduce_max(atoms, x: Expr) -> Expr:
+    """The max over ``atoms`` (torch.amax); over atoms x does not depend on, x itself."""
+    atoms = set(atoms) & x.free
+    return x if not atoms else Expr("max", (tuple(sorted(atoms)), x), x.free - atoms)
 
 
 def _build_prod(coeff: float, items: list[tuple[Expr, int]]) -> Expr:

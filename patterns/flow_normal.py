@@ -15,6 +15,7 @@ inputs of the feature maps, the values, and any op the lifter does not model (a 
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -35,7 +36,7 @@ ELEMENTWISE = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tenso
                aten.add.Scalar, aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar, aten.neg.default,
                aten.reciprocal.default, aten.pow.Tensor_Scalar, aten.clamp.default, aten.clamp_min.default,
                aten.clamp_max.default, aten.cumsum.default, aten.softmax.int, aten._softmax.default, *UNARY}
-SUMS = {aten.sum.dim_IntList, aten.sum.default, aten.mean.dim}
+SUMS = {aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.amax.default}
 CONTRACTIONS = {aten.einsum.default, aten.matmul.default, aten.bmm.default, aten.mm.default}
 MAX_NODES = 400  # Flow-Attention is ~40-60 ATen ops; a larger region is a model, not one site
 
@@ -166,11 +167,25 @@ def _tensor_args(node: Node) -> list[Node]:
     return [a for a in node.args if isinstance(a, Node)]
 
 
+def max_values_of(node: Node) -> Node | None:
+    """The ``aten.max.dim`` node when ``node`` is ``torch.max(x, d)[0]`` (its values), else None."""
+    if node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0:
+        src = node.args[0]
+        if isinstance(src, Node) and src.op == "call_function" and src.target == aten.max.dim:
+            return src
+    return None
+
+
+def _inputs(node: Node) -> list[Node]:
+    mx = max_values_of(node)
+    return [mx.args[0]] if mx is not None else list(node.all_input_nodes)
+
+
 def modelled(node: Node) -> bool:
     """An op the lifter reads; any other is a leaf (an opaque value: the proof then needs it to be q, k or v)."""
     t = node.target
-    return (t in ELEMENTWISE or t in SUMS or t in ARANGE or t in CONTRACTIONS or t in LAYOUT_IDENTITY
-            or t == aten.expand.default or is_layout_op(node))
+    return (max_values_of(node) is not None or t in ELEMENTWISE or t in SUMS or t in ARANGE or t in CONTRACTIONS
+            or t in LAYOUT_IDENTITY or t == aten.expand.default or is_layout_op(node))
 
 
 def collect(out: Node, ctx: GraphContext) -> tuple[list[Node], list[Node]]:
@@ -185,7 +200,7 @@ def collect(out: Node, ctx: GraphContext) -> tuple[list[Node], list[Node]]:
             lifted.add(n)
             if len(lifted) > MAX_NODES:
                 raise NoMatch(f"more than {MAX_NODES} ops depend on a sigmoid here")
-            stack.extend(n.all_input_nodes)
+            stack.extend(_inputs(n))
         else:
             leaves.add(n)
     by = ctx.order.get
@@ -197,6 +212,11 @@ def _axes_of(node: Node, at: _Atoms, axes: dict) -> Axes:
     t, shape = node.target, shape_of(node)
     if t in ARANGE:
         return (at.fresh(shape[0]),) if shape else ()
+    mx = max_values_of(node)
+    if mx is not None:
+        src_axes, d = axes[mx.args[0]], _dim(mx.args[1], len(axes[mx.args[0]]))
+        keep = len(mx.args) > 2 and mx.args[2]
+        return tuple(() if i == d else ax for i, ax in enumerate(src_axes) if keep or i != d)
     con = as_contraction(node) if t in CONTRACTIONS else None
     if con is not None:
         lab: dict[str, tuple] = {}
@@ -226,6 +246,8 @@ def _axes_of(node: Node, at: _Atoms, axes: dict) -> Axes:
 
 def _reduced_dims(node: Node, rank: int) -> list[int]:
     dims = node.args[1] if len(node.args) > 1 and node.target != aten.sum.default else None
+    if node.target == aten.amax.default and len(node.args) > 1 and not dims:
+        dims = None  # amax over [] is over every dim
     if dims is None:
         return list(range(rank))
     return [_dim(d, rank) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
@@ -266,6 +288,10 @@ def _expr_of(node: Node, ex: dict, axes: dict, sizes: dict) -> Expr:
         nums = [_scalar(a) for a in args]
         start, step = (0.0, 1.0) if len(args) == 1 else (nums[0], nums[2] if len(args) > 2 else 1.0)
         return E.const(start) if not axes[node] else E.add(start, E.mul(step, E.pos(axes[node][0][0])))
+    mx = max_values_of(node)
+    if mx is not None:
+        src = axes[mx.args[0]]
+        return E.reduce_max(set(src[_dim(mx.args[1], len(src))]), ex[mx.args[0]])
     con = as_contraction(node) if t in CONTRACTIONS else None
     if con is not None:
         out_atoms = {a for ax in axes[node] for a in ax}
@@ -306,6 +332,8 @@ def _expr_of(node: Node, ex: dict, axes: dict, sizes: dict) -> Expr:
     if t in SUMS:
         src = axes[args[0]]
         dims = _reduced_dims(node, len(src))
+        if t == aten.amax.default:
+            return E.reduce_max({a for d in dims for a in src[d]}, ex[args[0]])
         total = E.reduce_sum({a for d in dims for a in src[d]}, ex[args[0]], sizes)
         if t != aten.mean.dim:
             return total

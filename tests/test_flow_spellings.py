@@ -110,6 +110,22 @@ def mean_flow(q, k, v, eps=1e-6):
     return out * torch.sigmoid(c_in * n / m)[..., None]
 
 
+def stable_softmax_flow(use_amax: bool):
+    """The competition as the stable softmax written out, exp(Ô − max Ô)/Σ exp(Ô − max Ô), no clamp."""
+    def flow(q, k, v, eps=1e-6):
+        fq, fk = torch.sigmoid(q), torch.sigmoid(k)
+        n, m = q.shape[2], k.shape[2]
+        inc = ((fq + eps) * (fk.sum(2, keepdim=True) + eps)).sum(-1)
+        outg = ((fk + eps) * (fq.sum(2, keepdim=True) + eps)).sum(-1)
+        c_in = ((fq + eps) * ((fk / outg[..., None]).sum(2, keepdim=True) + eps)).sum(-1)
+        c_out = ((fk + eps) * ((fq / inc[..., None]).sum(2, keepdim=True) + eps)).sum(-1)
+        top = c_out.amax(-1, keepdim=True) if use_amax else c_out.max(dim=-1, keepdim=True)[0]
+        ex = torch.exp(c_out - top)
+        out = (fq / inc[..., None]) @ (fk.transpose(-1, -2) @ (v * (ex / ex.sum(-1, keepdim=True) * m)[..., None]))
+        return out * torch.sigmoid(c_in * n / m)[..., None]
+    return flow
+
+
 def _inputs(layout: str, n: int, m: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     shape = {"bnhd": lambda L, d: (2, L, 3, d), "merged": lambda L, d: (2, L, 3 * d)}.get(
@@ -127,6 +143,8 @@ SPELLINGS = [  # (name, fn, layout, causal, clamp, N, M)
     ("causal, own cumsum and arange", causal_flow, "bhnd", True, True, 35, 35),
     ("sigmoid before the head split", merged_heads_flow, "merged", False, True, 29, 17),
     ("a mean times D", mean_flow, "bhnd", False, False, 21, 13),
+    ("stable softmax by amax", stable_softmax_flow(True), "bhnd", False, False, 23, 15),
+    ("stable softmax by max(...)[0]", stable_softmax_flow(False), "bhnd", False, False, 15, 23),
 ]
 
 
