@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
-from torch.fx import Graph
+from torch.fx import Graph, Node
 
 import rewrite.codegen.linear_ops  # noqa: F401  (registers torch.ops.rewrite.flow_attention)
 from rewrite.ir.cascade import Cascade
@@ -16,6 +17,7 @@ from rewrite.report import SiteReport
 from .kernels import choose_kernel
 
 log = logging.getLogger("rewrite")
+aten = torch.ops.aten
 
 
 def fused_passes(cascade: Cascade) -> str:
@@ -24,11 +26,32 @@ def fused_passes(cascade: Cascade) -> str:
     return "\n".join(f"{e}   [pass {levels[e.name] or '-'}]" for e in cascade.einsums)
 
 
+def _operand(graph: Graph, plan) -> Node:
+    """[*batch, rows, cols]: the value viewed with one dim per atom, then permuted (patterns' OperandPlan)."""
+    node = plan.node
+    if list(node.meta["val"].shape) != plan.atom_shape:
+        node = graph.call_function(aten.reshape.default, (node, plan.atom_shape))
+    if plan.perm != list(range(len(plan.perm))):
+        node = graph.call_function(aten.permute.default, (node, plan.perm))
+    return node
+
+
+def _flow_call(graph: Graph, site, kernel: str) -> Node:
+    """rewrite::flow_attention on the canonical [*batch, N, D] operands, the output in the site's layout."""
+    q, k, v = (_operand(graph, plan) for plan in (site.qp, site.kp, site.vp))
+    out = graph.call_function(torch.ops.rewrite.flow_attention.default, (
+        q, k, v, bool(site.causal), bool(site.clamp), float(site.eps), kernel, site.out_dtype))
+    out = graph.call_function(aten.reshape.default, (out, [*site.batch_sizes, site.n, site.f]))
+    if site.out_perm != list(range(len(site.out_perm))):
+        out = graph.call_function(aten.permute.default, (out, site.out_perm))
+    return graph.call_function(aten.reshape.default, (out, list(site.out_shape)))
+
+
 def rewrite_flow_site(graph: Graph, site, backend: str) -> SiteReport:
     cascade = site.cascade or Cascade.flow_attention()
     eager = site.eager_passes
     rep = SiteReport(variant="flow", location=site.location, spelling=site.spelling, rewritten=False,
-                     cascade=str(cascade), shapes={"batch": site.batch_sizes[0] * site.batch_sizes[1],
+                     cascade=str(cascade), shapes={"batch": math.prod(site.batch_sizes),
                                                    "batch_dims": list(site.batch_sizes), "n": site.n, "m": site.m,
                                                    "e": site.e, "f": site.f},
                      pass_count={"original": eager}, notes=list(site.notes), cascade_ir=cascade)
@@ -38,10 +61,9 @@ def rewrite_flow_site(graph: Graph, site, backend: str) -> SiteReport:
     kernel, why = choose_kernel("flow", backend, site.device is not None and site.device.type == "cuda")
     plan = Plan(site, "flow", kernel, MaskSpec("causal") if site.causal else MaskSpec("dense"), causal=site.causal,
                 notes=[f"kernel {kernel}: {why}"])
-    rep.notes += plan.notes
+    rep.notes += [f"proof: {site.proof}", *plan.notes]
     with graph.inserting_before(site.out_node):
-        out = graph.call_function(torch.ops.rewrite.flow_attention.default, (
-            site.q, site.k, site.v, bool(site.causal), bool(site.clamp), float(site.eps), kernel, site.out_dtype))
+        out = _flow_call(graph, site, kernel)
     out.meta["rewrite_site"] = site.location
     site.out_node.replace_all_uses_with(out)
     rep.rewritten = True

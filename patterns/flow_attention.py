@@ -1,32 +1,33 @@
-"""Recognise Flow-Attention (Flowformer, thuml/Flowformer's ``Flow_Attention`` and
-``Flow_Attention_Causal``) in an ATen graph.
+"""Recognise Flow-Attention (Flowformer) in an ATen graph by what it computes.
 
-Flow-Attention has no single contraction chain to key on: it is ~40 ATen ops of sums,
-reciprocals and einsums around two sigmoids. The recogniser therefore matches the
-official forward as a whole: the official code (with and without its clamp of the conserved
-outgoing flow, causal and not) is traced to ATen at the candidate's own shapes, and the
-candidate sub-graph must be the same graph op for op, argument for argument (fx's
-SubgraphMatcher, then a strict literal comparison), with eps free (it must be the same
-positive number everywhere). An identical ATen graph computes the identical function: that
-is the proof. Spellings that lower to a different ATen graph (dims written negative, the
-sums reordered) are not recognised.
+Flow-Attention has no single contraction chain to key on: it is ~40 ATen ops of sums, reciprocals and
+contractions around two sigmoids. Each candidate output (a product reachable from a sigmoid) is lifted
+into a canonical expression over named axes (patterns/flow_normal.py: layout gone, contractions of any
+spelling one form, products and sums flat and sorted), and that form must equal Flow-Attention's
+equations built in the same algebra at the candidate's roles, eps and sizes
+(patterns/flow_equations.py): equal canonical forms are the proof. The official thuml/Flowformer
+forward (`official_flow`, `official_flow_causal`, kept here as the reference spelling and used by
+the tests) is one spelling among many. A candidate that looks like Flow-Attention (two sigmoids, an
+exp, four sums) but is not is reported with the first step of the cascade it does not compute.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
-from torch.fx import Graph, GraphModule, Node
+from torch.fx import Graph, Node
 
 from rewrite.ir.cascade import Cascade
 
-from .axes import dtype_of, shape_of
+from .axes import NoMatch, dtype_of, shape_of
+from .flow_equations import FlowRoles, looks_like_flow, looks_like_flow_nodes, prove_flow
+from .flow_normal import GraphContext, Lifted, collect, lift
 from .softmax_attention import location_of
 
 aten = torch.ops.aten
-SENTINEL_EPS = 1.2345678e-6
-
+CANDIDATE_OPS = {aten.mul.Tensor, aten.div.Tensor, aten.einsum.default, aten.matmul.default, aten.bmm.default}
 
 def official_flow(eps: float, clamp: bool):
     """thuml/Flowformer Flow_Attention.forward after the projections (layout n, h, l, d)."""
@@ -78,16 +79,26 @@ def official_flow_causal(eps: float, clamp: bool):
 
 
 @dataclass
+class OperandPlan:
+    """A canonical operand [*batch atoms, rows, cols] from a graph value: view it with one dim per atom
+    (this splits [B, L, H·D] when the sigmoid came before the head split), then permute."""
+
+    node: Node
+    atom_shape: list[int]
+    perm: list[int]
+
+
+@dataclass
 class FlowSite:
     location: str
     spelling: str
-    q: Node
-    k: Node
-    v: Node
+    q: Node | None
+    k: Node | None
+    v: Node | None
     out_node: Node
-    causal: bool
-    clamp: bool
-    eps: float
+    causal: bool = False
+    clamp: bool = False
+    eps: float = 0.0
     nodes: list[Node] = field(default_factory=list)
     out_dtype: torch.dtype = torch.float32
     n: int = 0
@@ -99,6 +110,13 @@ class FlowSite:
     rejected: str | None = None
     cascade: Cascade | None = None
     notes: list[str] = field(default_factory=list)
+    proof: str = ""
+    # canonical operands [*batch, N, E] / [*batch, M, E] / [*batch, M, F] and how to give the output its layout
+    qp: OperandPlan | None = None
+    kp: OperandPlan | None = None
+    vp: OperandPlan | None = None
+    out_perm: list[int] = field(default_factory=list)  # canonical [*batch, p, f] → the output's atom order
+    out_shape: list[int] = field(default_factory=list)
 
     @property
     def eager_passes(self) -> int:
@@ -116,100 +134,86 @@ class FlowSite:
         return val.device if isinstance(val, torch.Tensor) else None
 
 
-def _trace(fn, shapes, device="cpu", dtype=torch.float32) -> GraphModule:
-    """The template's ATen graph on fake tensors of the candidate's shapes, device and dtype."""
-    from rewrite.capture import to_aten  # the template is captured exactly as user graphs are
-
-    args = [torch.randn(s, dtype=dtype) for s in shapes]
-    return to_aten(fn, args)
+def _operand(lifted: Lifted, node: Node, order: list[str]) -> OperandPlan:
+    atoms = [a for ax in lifted.axes[node] for a in ax]
+    return OperandPlan(node, [lifted.sizes[a] for a in atoms], [atoms.index(a) for a in order])
 
 
-def _same_literals(pa, ta, nodes_map, eps_seen: list) -> bool:
-    if isinstance(pa, Node):
-        return isinstance(ta, Node) and nodes_map.get(pa) is ta
-    if isinstance(pa, (list, tuple)):
-        return (isinstance(ta, (list, tuple)) and len(pa) == len(ta)
-                and all(_same_literals(x, y, nodes_map, eps_seen) for x, y in zip(pa, ta)))
-    if isinstance(pa, float) and pa == SENTINEL_EPS:
-        if not isinstance(ta, (int, float)) or isinstance(ta, bool):
-            return False
-        eps_seen.append(float(ta))
-        return True
-    return type(pa) is type(ta) and pa == ta
+def _plans(site: FlowSite, lifted: Lifted, r: FlowRoles) -> None:
+    site.qp = _operand(lifted, r.q, [*r.batch, r.p, r.e])
+    site.kp = _operand(lifted, r.k, [*r.batch, r.m, r.e])
+    site.vp = _operand(lifted, r.v, [*r.batch, r.m, r.f])
+    canon = [*r.batch, r.p, r.f]
+    out_atoms = [a for ax in lifted.axes[site.out_node] for a in ax]
+    site.out_perm = [canon.index(a) for a in out_atoms]
+    site.out_shape = list(shape_of(site.out_node))
 
 
-def _strict(pattern: GraphModule, match, target_q: Node) -> float | None:
-    """Every pattern node's literal arguments equal the target's (eps free): the eps, or None."""
-    eps_seen: list[float] = []
-    for pn in pattern.graph.nodes:
-        if pn.op != "call_function":
-            continue
-        tn = match.nodes_map.get(pn)
-        if tn is None or tn.target != pn.target:
-            return None
-        pk, tk = dict(pn.kwargs), dict(tn.kwargs)
-        if not _same_literals(list(pn.args), list(tn.args), match.nodes_map, eps_seen):
-            return None
-        if set(pk) != set(tk) or not all(_same_literals(pk[k], tk[k], match.nodes_map, eps_seen) for k in pk):
-            return None
-    if not eps_seen or len(set(eps_seen)) != 1 or not eps_seen[0] > 0:
-        return None
-    return eps_seen[0]
+def _site(out: Node, lifted: Lifted, proven) -> FlowSite:
+    r, eps, clamp, proof = proven
+    kind = "Flow_Attention_Causal" if r.causal else "Flow_Attention"
+    site = FlowSite(location=location_of(out), spelling=(
+        f"Flowformer {kind} (from its equations{', clamped' if clamp else ', no clamp'}, eps={eps:g})"),
+        q=r.q, k=r.k, v=r.v, out_node=out, causal=r.causal, clamp=clamp, eps=eps, nodes=list(lifted.nodes),
+        out_dtype=dtype_of(out) or torch.float32, proof=proof)
+    sz = lifted.sizes
+    site.batch_sizes = [sz[a] for a in r.batch]
+    site.n, site.m, site.e, site.f = sz[r.p], sz[r.m], sz[r.e], sz[r.f]
+    site.cascade = Cascade.flow_attention()
+    _plans(site, lifted, r)
+    return site
+
+
+def _rejected(out: Node, lifted: Lifted, why: str) -> FlowSite:
+    shape = shape_of(out) or ()
+    site = FlowSite(location=location_of(out), spelling="Flow-Attention-like (two sigmoids, an exp, sums)",
+                    q=None, k=None, v=None, out_node=out, nodes=list(lifted.nodes), rejected=why,
+                    out_dtype=dtype_of(out) or torch.float32, cascade=Cascade.flow_attention())
+    site.batch_sizes = list(shape[:-2])
+    site.n, site.f = (shape[-2], shape[-1]) if len(shape) >= 2 else (0, 0)
+    site.m = site.n
+    return site
 
 
 def find_flow_sites(graph: Graph) -> list[FlowSite]:
-    from torch.fx.passes.utils.matcher_utils import SubgraphMatcher
-
-    sig = [n for n in graph.nodes if n.op == "call_function" and n.target == aten.sigmoid.default
-           and shape_of(n) is not None and len(shape_of(n)) == 4]
-    if len(sig) < 2:
+    """Every Flow-Attention site (proven), and every flow-like candidate refused, with its reason."""
+    if sum(1 for n in graph.nodes if n.op == "call_function" and n.target == aten.sigmoid.default) < 2:
         return []
+    ctx = GraphContext.of(graph)
+    candidates = sorted((n for n in ctx.sig_desc if n.target in CANDIDATE_OPS), key=ctx.order.get, reverse=True)
     sites: list[FlowSite] = []
     taken: set[Node] = set()
-    for causal in (False, True):
-        for clamp in (True, False):
-            make = official_flow_causal if causal else official_flow
-            loose = _trace(make(SENTINEL_EPS, clamp), [(1, 2, 8, 4)] * 3)
-            matcher = SubgraphMatcher(loose.graph, match_output=False, match_placeholder=False,
-                                      remove_overlapping_matches=True, ignore_literals=True)
+    refused: list[tuple[Node, Lifted, str]] = []
+    for out in candidates:  # latest first: the whole site before any part of it
+        if out in taken:
+            continue
+        try:
+            lifted = lift(out, ctx)
+        except NoMatch as exc:
             try:
-                matches = matcher.match(graph)
-            except Exception:  # the matcher is best-effort on odd graphs: no flow site there
+                nodes = collect(out, ctx)[0]
+            except NoMatch:
                 continue
-            for mt in matches:
-                q, k, v = mt.placeholder_nodes[:3]
-                shapes = [shape_of(x) for x in (q, k, v)]
-                if any(s is None or len(s) != 4 for s in shapes) or any(n in taken for n in mt.nodes_map.values()):
-                    continue
-                val = q.meta.get("val")
-                try:
-                    pattern = _trace(make(SENTINEL_EPS, clamp), shapes, val.device, val.dtype)
-                except Exception:
-                    continue
-                strict = SubgraphMatcher(pattern.graph, match_output=False, match_placeholder=False,
-                                         remove_overlapping_matches=True, ignore_literals=True)
-                try:
-                    found = [x for x in strict.match(graph) if x.placeholder_nodes[:3] == [q, k, v]]
-                except Exception:  # best-effort matcher: no flow site here
-                    continue
-                if not found:
-                    continue
-                eps = _strict(pattern, found[0], q)
-                if eps is None:
-                    continue
-                out = found[0].returning_nodes[0]
-                nodes = [n for p, n in found[0].nodes_map.items() if p.op == "call_function"]
-                taken.update(nodes)
-                site = FlowSite(location=location_of(out), spelling=(
-                    f"Flowformer Flow_Attention{'_Causal' if causal else ''} (official code"
-                    f"{', clamped' if clamp else ', no clamp'}, eps={eps:g})"),
-                    q=q, k=k, v=v, out_node=out, causal=causal, clamp=clamp, eps=eps, nodes=nodes,
-                    out_dtype=dtype_of(out) or torch.float32)
-                site.batch_sizes = list(shapes[0][:2])
-                site.n, site.e = shapes[0][2:]
-                site.m, site.f = shapes[2][2:]
-                site.cascade = Cascade.flow_attention()
-                if causal and site.n != site.m:
-                    site.rejected = "causal flow with different query and key lengths"
-                sites.append(site)
+            if looks_like_flow_nodes(nodes):
+                refused.append((out, Lifted(None, {}, {}, [], {}, nodes), f"not proven Flow-Attention: {exc}"))
+            continue
+        if not looks_like_flow(lifted):
+            continue
+        try:
+            proven = prove_flow(lifted, out)
+        except NoMatch as exc:
+            refused.append((out, lifted, str(exc)))
+            continue
+        sites.append(_site(out, lifted, proven))
+        taken.update(lifted.nodes)
+    # A refused candidate is reported once, the widest first; its parts are not reported again.
+    for out, lifted, why in sorted(refused, key=lambda t: -len(t[1].nodes)):
+        if out in taken or taken.intersection(lifted.nodes):
+            continue
+        sites.append(_rejected(out, lifted, why))
+        taken.update(lifted.nodes)
     return sites
+
+
+def batch_count(site: FlowSite) -> int:
+    return math.prod(site.batch_sizes)
