@@ -253,6 +253,16 @@ def plan_site(site: Site, backend: str, device: torch.device | None) -> Plan:
                              "mask (the block-sparse kernel is chosen at most 50% kept)")
     elif spec.kind in ("dense", "arbitrary") and biases and not keeps and not site.causal:
         notes += _bias_density_note(biases)
+    elif spec.kind == "causal" and spec.runtime and keeps and not site.causal and not site.kept_as_is:
+        band = _causal_band_buffer(keeps, spec)
+        if band is not None:
+            # GPT-Neo's local layers: a causal window buffer beside a causal 4-D mask. The tiles come
+            # from the window; both tensors are applied inside them; each new buffer is re-checked.
+            variant, spec, recheck, implied = "neighborhood", band, True, True
+            notes.append(f"run-time mask was a causal window inside the proven causal structure on the first call "
+                         f"({band.describe()}, {band.density:.1%} kept): analytic tiles, the tensors applied inside "
+                         f"them; each new tensor re-checked, one outside the window runs block-sparse; "
+                         f"{RUNTIME_MASK_CONTRACT}")
     if sdpa_mask:
         # SDPA adds its mask as −inf, so a NaN/inf key the mask removes reaches the row (is_causal would
         # hide it): the op keeps the mask and re-checks it (mask_causal_hint), running the causal kernels
@@ -328,6 +338,22 @@ def _bias_density_note(biases: list[MaskTerm]) -> list[str]:
     return [f"run-time bias removes {removed:.1%} of the scores (−inf) on the first call, keeping "
             f"{1 - removed:.1%}: dense kernel with the bias (the block-sparse kernels skip tiles of a bool mask or "
             "a block table, not of an additive bias; pass the layout as a bool mask to have them skipped)"]
+
+
+def _causal_band_buffer(keeps: list[MaskTerm], causal: MaskSpec) -> MaskSpec | None:
+    """The causal window (m ≤ p, p − m ≤ w) that the run-time bool masks hold on the first call, where it is
+    narrower than the proven causal structure (offset 0) and keeps at most half of the pairs."""
+    if causal.offset != 0:
+        return None
+    val = _first_call_keep(keeps)
+    if val is None or val.dim() < 2 or val.shape[-2] < 2 or val.shape[-2] != val.shape[-1]:
+        return None
+    from .mask_classes import band_of_tensor
+
+    band = band_of_tensor(val)
+    if band is None or band.causal != (True,) or band.offset != 0 or band.density > 0.5:
+        return None
+    return band
 
 
 def _first_call_keep(keeps: list[MaskTerm]) -> torch.Tensor | None:

@@ -156,3 +156,40 @@ def test_near_misses_are_left_alone_with_their_reason():
     assert "score modifier" in _reason(capped, *args)
     for fn in (both_sides, fill_after_the_bias, capped):  # left alone: eager's own result
         torch.testing.assert_close(rewrite.compile(fn)(*args), fn(*args))
+
+
+def neo_buffer(q, k, v, band, pad):
+    """GPT-Neo's local layer as it runs: the window is a buffer (an input here), the 4-D mask an additive
+    finfo.min bias built beside it from positions (causal) and the key padding, as Hugging Face builds it."""
+    s = torch.matmul(q, k.transpose(-1, -2))
+    lowest = torch.finfo(s.dtype).min
+    s = torch.where(band, s, torch.tensor(lowest, dtype=s.dtype))
+    i = torch.arange(s.shape[-1])
+    allowed = (i[None, :] <= i[:, None])[None, None] & pad[:, None, None, :]
+    mask = torch.zeros(allowed.shape, dtype=s.dtype).masked_fill(~allowed, lowest)
+    return torch.matmul(torch.softmax(s + mask, dim=-1), v)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_window_buffer_beside_a_causal_mask_runs_on_the_window_tiles(backend):
+    """The buffer is read as a causal window on the first call (tiles from the window, both tensors applied
+    inside them); a later, wider buffer is outside that window and is re-checked, not assumed."""
+    gen = torch.Generator().manual_seed(11)
+    n, d = 41, 16
+    q, k, v = inputs(gen, 2, 2, 2, n, n, d, torch.float32)
+    i = torch.arange(n)
+    band = ((i[:, None] - i[None, :] >= 0) & (i[:, None] - i[None, :] < 6))[None, None]
+    pad = torch.ones(2, n, dtype=torch.bool)
+    pad[0, :7] = False  # left padding: rows 0..6 of sequence 0 keep no key
+    pad[1, n - 5:] = False
+    run, report = compiled(neo_buffer, backend)
+    out = run(q, k, v, band, pad)
+    site = rewritten_site(report, ("neighborhood",), backend)
+    assert any("causal window inside the proven causal structure" in note for note in site.notes), site.notes
+    same_as_eager(out, neo_buffer(*double((q, k, v)), band, pad), torch.float32, f"window buffer {backend}",
+                  lowp=neo_buffer(q, k, v, band, pad))
+    wider = ((i[:, None] - i[None, :] >= 0) & (i[:, None] - i[None, :] < 20))[None, None]
+    out = run(q, k, v, wider, pad)
+    assert any(path.startswith("new mask outside the first call's band") for path in site.ran), site.ran
+    same_as_eager(out, neo_buffer(*double((q, k, v)), wider, pad), torch.float32, f"wider buffer {backend}",
+                  lowp=neo_buffer(q, k, v, wider, pad))

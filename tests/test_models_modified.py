@@ -117,6 +117,7 @@ def test_gpt_neo_global_and_local_layers_with_padding():
     _same(model, input_ids=ids, attention_mask=mask)
     sites = _all_rewritten(rewrite.inspect(model, input_ids=ids, attention_mask=mask), 2)
     assert all(any("fill + bias" in n for n in s.notes) for s in sites), [s.notes for s in sites]
+    assert [s.variant for s in sites] == ["causal", "neighborhood"], [s.variant for s in sites]  # the local window
 
 
 def test_swin_v2_cosine_attention_with_shifted_windows():
