@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from rewrite.ir.mask import MaskSpec
 from rewrite.ir.score_mod import ScoreMod
 
 from . import counters
@@ -42,10 +43,10 @@ def _rows_of(t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
     return t[..., r0:r1, :] if t.shape[-2] > 1 else t
 
 
-def _torch_path(q, k, v, leaves, bias, mask, scale, causal, causal_offset, sem, mod: ScoreMod):
+def _torch_path(q, k, v, leaves, bias, mask, scale, causal, causal_offset, sem, mod: ScoreMod, structure=None):
     (q4, k4, v4, b4, m4), batch = as_bhnd(q, k, v, bias, mask)
     leaves4 = [_four(q, k, v, t) for t in leaves]
-    removed = Removed(q.shape[-2], k.shape[-2], m4, causal_offset if causal else None)
+    removed = Removed(q.shape[-2], k.shape[-2], m4, causal_offset if causal else None, structure)
     if k.shape[-2] == 0:
         out = q4.new_zeros(*q4.shape[:3], v4.shape[-1])
     else:
@@ -97,26 +98,34 @@ def fill_cannot_show(mod: ScoreMod, leaves4, bias, mask, causal: bool, causal_of
     return gap + 4 * torch.finfo(torch.float32).eps * abs(sem.fill) < underflow(dtype)
 
 
-def _triton_path(q, k, v, leaves, bias, mask, scale, causal, causal_offset, sem, mod: ScoreMod):
+def _triton_path(q, k, v, leaves, bias, mask, scale, causal, causal_offset, sem, mod: ScoreMod, structure=None):
     """The fused kernel with the generated modifier (masks as −inf), its rows then settled to eager's
     spelling as the plain op's are (codegen/eager.py ``settle``): with a finite fill, rows whose kept
     modified scores come near the fill are recomputed by the torch path. The removed score's excess
-    over an added fill is bounded by interval arithmetic over the modifier (``modified_bound``)."""
+    over an added fill is bounded by interval arithmetic over the modifier (``modified_bound``).
+    ``structure``: a neighborhood ``MaskSpec`` whose tiles alone are visited (the neighborhood kernel)."""
     from .score_mod_gen import modified_bound, triton_function
     from .triton_attention import triton_attention
 
-    counters.ran("triton (generated score modifier)")
+    counters.ran("triton (generated score modifier)" if structure is None else
+                 "triton neighborhood tiles (generated score modifier)")
     (q4, k4, v4, b4, m4), batch = as_bhnd(q, k, v, bias, mask)
     dt = torch.promote_types(torch.promote_types(q4.dtype, k4.dtype), v4.dtype)
     q4, k4, v4 = q4.to(dt), k4.to(dt), v4.to(dt)
     leaves4 = [_four(q, k, v, t) for t in leaves]
     n, m = q4.shape[2], k4.shape[2]
-    removed = Removed(n, m, m4, causal_offset if causal else None)
+    removed = Removed(n, m, m4, causal_offset if causal else None, structure)
     coarse = None if b4 is None else coarse_rows(q4, k4, b4, removed.rows(0, n, q4.device), sem)
-    want = coarse is not None or (sem.finite and not fill_cannot_show(mod, leaves4, b4, m4, causal, causal_offset,
-                                                                        scale, sem, dt))
-    res = triton_attention(q4, k4, v4, scale=scale, bias=b4, mask=m4, causal=causal, causal_offset=causal_offset,
-                           score_mod=triton_function(mod), mod_leaves=tuple(leaves4), return_lse=want)
+    want = coarse is not None or (sem.finite and (structure is not None or not fill_cannot_show(
+        mod, leaves4, b4, m4, causal, causal_offset, scale, sem, dt)))
+    if structure is None:
+        res = triton_attention(q4, k4, v4, scale=scale, bias=b4, mask=m4, causal=causal, causal_offset=causal_offset,
+                               score_mod=triton_function(mod), mod_leaves=tuple(leaves4), return_lse=want)
+    else:
+        from .triton_neighborhood import neighborhood_attention
+
+        res = neighborhood_attention(q4, k4, v4, structure, scale=scale, bias=b4, mask=m4, return_lse=want,
+                                     score_mod=triton_function(mod), mod_leaves=tuple(leaves4))
     if want:
         excess = None
         if sem.additive and sem.finite:
@@ -133,53 +142,66 @@ def _triton_path(q, k, v, leaves, bias, mask, scale, causal, causal_offset, sem,
 def modded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, leaves: list[torch.Tensor],
                      bias: torch.Tensor | None, mask: torch.Tensor | None, scale: float, causal: bool,
                      causal_offset: int, masked_row: str, kernel: str, out_dtype: torch.dtype, program: str,
-                     fill: float | None = None, additive: bool = False, site: str = "") -> torch.Tensor:
+                     fill: float | None = None, additive: bool = False, site: str = "",
+                     structure: str = "") -> torch.Tensor:
     if kernel not in KERNELS:
         raise ValueError(f"rewrite::modded_attention: unknown kernel {kernel!r}; choose from {KERNELS}")
     mod = ScoreMod.from_json(program)
     sem = spelling_of(q, k, masked_row, fill, additive)
+    spec = _structure(structure)
     with counters.running(site):
         if kernel == "triton" and _triton_ok(q, k, v, leaves, scale, sem):
-            out = _triton_path(q, k, v, leaves, bias, mask, scale, causal, causal_offset, sem, mod)
+            out = _triton_path(q, k, v, leaves, bias, mask, scale, causal, causal_offset, sem, mod, spec)
         else:
             counters.ran("torch (eager math by row blocks, score modifier)" if kernel == "torch" else
                          "torch (score modifier; the Triton tiles do not take these inputs)")
-            out = _torch_path(q, k, v, leaves, bias, mask, scale, causal, causal_offset, sem, mod)
+            out = _torch_path(q, k, v, leaves, bias, mask, scale, causal, causal_offset, sem, mod, spec)
     return out.to(out_dtype).contiguous()
+
+
+def _structure(text: str) -> MaskSpec | None:
+    """The op's ``structure`` argument: "" (none) or a neighborhood ``MaskSpec`` as JSON, the keys it
+    removes besides the mask tensor (its tiles are the only ones the Triton path visits)."""
+    if not text:
+        return None
+    spec = MaskSpec.from_json(text)
+    if spec.kind not in ("neighborhood", "blocked"):
+        raise ValueError(f"rewrite::modded_attention: structure must be a neighborhood spec, not {spec.kind!r}")
+    return spec
 
 
 @modded_attention.register_fake
 def _fake(q, k, v, leaves, bias, mask, scale, causal, causal_offset, masked_row, kernel, out_dtype, program,
-          fill=None, additive=False, site=""):
+          fill=None, additive=False, site="", structure=""):
     return q.new_empty(out_shape(q, k, v, bias, mask), dtype=out_dtype)
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, leaves, bias, mask, scale, causal, causal_offset, masked_row, _kernel, _dt, program, fill, additive,
-     site) = inputs
+     site, structure) = inputs
     ctx.save_for_backward(q, k, v, bias, mask, *leaves)
     ctx.leaf_count = len(leaves)
     ctx.leaf_grad = [t.requires_grad and t.is_floating_point() for t in leaves]
     ctx.args = (scale, causal, causal_offset, spelling_of(q, k, masked_row, fill, additive),
-                ScoreMod.from_json(program), site)
+                ScoreMod.from_json(program), site, _structure(structure))
 
 
 def _backward(ctx, grad):
     q, k, v, bias, mask, *leaves = ctx.saved_tensors
-    scale, causal, causal_offset, sem, mod, site = ctx.args
+    scale, causal, causal_offset, sem, mod, site, spec = ctx.args
     needs = ctx.needs_input_grad
     want = [bool(needs[0]), bool(needs[1]), bool(needs[2]), *ctx.leaf_grad, bool(needs[4]) and bias is not None]
     nl = len(leaves)
 
     def forward(q, k, v, *rest):
-        return _torch_path(q, k, v, rest[:nl], rest[nl], mask, scale, causal, causal_offset, sem, mod)
+        return _torch_path(q, k, v, rest[:nl], rest[nl], mask, scale, causal, causal_offset, sem, mod, spec)
 
     with counters.running(site):
         counters.ran("backward: torch recompute (score modifier)")
         grads = recompute_grads(forward, (q, k, v, *leaves, bias), want, grad)
     gq, gk, gv = grads[:3]
     gleaves = grads[3:3 + nl]
-    return gq, gk, gv, gleaves, grads[-1], *([None] * 11)
+    return gq, gk, gv, gleaves, grads[-1], *([None] * 12)
 
 
 modded_attention.register_autograd(_backward, setup_context=_setup_context)

@@ -60,7 +60,8 @@ from rewrite.codegen.neighborhood_tiles import (
     patches_per_class,
     plan_tiles,
 )
-from rewrite.codegen.triton_attention import allocate_rows, check_operands, prepare_bias_mask
+from rewrite.codegen.score_mod_gen import leaf_args
+from rewrite.codegen.triton_attention import allocate_rows, broadcast_4d, check_operands, prepare_bias_mask
 from rewrite.ir.mask import MaskSpec
 
 __all__ = ["NeighborhoodConfig", "neighborhood_attention"]  # the planner: codegen/neighborhood_tiles.py
@@ -80,7 +81,7 @@ def _nbhd_fwd_kernel(
     stride_bb, stride_bh, stride_bn, stride_bm,
     stride_mb, stride_mh, stride_mn, stride_mm,
     stride_ob, stride_oh, stride_on, stride_od,
-    HQ, GROUP, N, M, D, DV, qk_scale, OFF,
+    HQ, GROUP, N, M, D, DV, qk_scale, OFF, mod_args,
     QG0, QG1, QG2, KG0, KG1, KG2, G0, G1, G2, D0, D1, D2,
     PA0, PA1, PA2, PB0, PB1, PB2, NT0, NT1, NT2, T1, T2,
     KIND0: tl.constexpr, KIND1: tl.constexpr, KIND2: tl.constexpr, NDIM: tl.constexpr,
@@ -90,6 +91,7 @@ def _nbhd_fwd_kernel(
     EVEN_Q: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, FOLD_SCALE: tl.constexpr,
+    SCORE_MOD: tl.constexpr = None,
 ):
     # grid: (query patches of all residue classes, B · Hq); patches of one (b, h) are adjacent
     # (they share K/V in L2), axis 2 fastest. Axis 2 is the innermost (contiguous) grid axis; a
@@ -190,6 +192,7 @@ def _nbhd_fwd_kernel(
             stride_kn, stride_kd, stride_vn, stride_vd, stride_bn, stride_bm, stride_mn, stride_mm,
             HAS_BIAS, HAS_MASK, False, False, not EVEN_Q, PAD_D, PAD_DV, DOT_PRECISION, UPCAST_DOT,
             FOLD_SCALE, b32, h32, False, BLOCK_N, BLOCK_D, BLOCK_DV,
+            SCORE_MOD=SCORE_MOD, mod_args=mod_args, mod_b=b32, mod_h=h32,
         )
 
     # PARTIAL tiles: the shell of the tile box around the full box (all of it when none is full).
@@ -241,14 +244,14 @@ def _nbhd_fwd_kernel(
             stride_kn, stride_kd, stride_vn, stride_vd, stride_bn, stride_bm, stride_mn, stride_mm,
             HAS_BIAS, HAS_MASK, False, True, not EVEN_Q, PAD_D, PAD_DV, DOT_PRECISION, UPCAST_DOT,
             FOLD_SCALE, b32, h32, False, BLOCK_N, BLOCK_D, BLOCK_DV,
-            keep_pred=keep, HAS_PRED=True,
+            keep_pred=keep, HAS_PRED=True, SCORE_MOD=SCORE_MOD, mod_args=mod_args, mod_b=b32, mod_h=h32,
         )
 
     # AV = RNV ÷ RD: 0 ÷ 0 = NaN for rows that never saw a finite score, as in eager.
     out = (acc / rd[:, None]).to(out_dtype)
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od
     store_rows(out, rm, rd, o_ptrs, Lse + bh.to(tl.int64) * N + offs_m, offs_m, offs_dv, N, DV,
-                True, HAS_BIAS, RETURN_LSE, EVEN_Q, PAD_DV)
+                True, HAS_BIAS or SCORE_MOD is not None, RETURN_LSE, EVEN_Q, PAD_DV)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,6 +270,8 @@ def neighborhood_attention(
     mask: torch.Tensor | None = None,
     return_lse: bool = False,
     config: NeighborhoodConfig | None = None,
+    score_mod=None,
+    mod_leaves: tuple[torch.Tensor, ...] = (),
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """softmax(scale · q kᵀ + bias, −inf outside ``spec`` and ``mask``) @ v, fused and sparse.
 
@@ -276,7 +281,9 @@ def neighborhood_attention(
     bias: float, broadcastable to [B, Hq, N, M]. mask: bool, broadcastable, True = keep.
     Returns out [B, Hq, N, Dv] in q.dtype (NaN rows where no key is kept), and with
     ``return_lse`` the float32 row log-sum-exp [B, Hq, N] (−inf for such rows).
-    ``config`` overrides the table (and, with patches given, the planner)."""
+    ``config`` overrides the table (and, with patches given, the planner). ``score_mod`` (optional):
+    a generated Triton score modifier over ``mod_leaves`` (codegen/score_mod_gen.py), applied to the raw
+    products inside the kept tiles, as in triton_attention."""
     B, HQ, N, D, HKV, M, DV = check_operands(q, k, v, "neighborhood_attention", _nbhd_fwd_kernel)
     axes = kernel_axes(spec, N, M)
 
@@ -309,14 +316,16 @@ def neighborhood_attention(
     mask_arg = mask if has_mask else q
     bs = bias.stride() if has_bias else (0, 0, 0, 0)
     ms = mask.stride() if has_mask else (0, 0, 0, 0)
-    qk_scale = float(scale) if has_bias else float(scale) * LOG2E
+    natural = has_bias or score_mod is not None  # scores in natural units, not log2 (attention_tiles.py)
+    qk_scale = float(scale) if natural else float(scale) * LOG2E
+    mod_args = leaf_args([broadcast_4d(t, shape4, "score modifier tensor") for t in mod_leaves])
     grid = (math.prod(tiles), B * HQ)
     a0, a1, a2 = axes
     with torch.cuda.device(q.device) if q.device.type == "cuda" else nullcontext():
         _nbhd_fwd_kernel[grid](
             q, k, v, bias_arg, mask_arg, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *bs, *ms, *out.stride(),
-            HQ, HQ // HKV, N, M, D, DV, qk_scale, a2.off,
+            HQ, HQ // HKV, N, M, D, DV, qk_scale, a2.off, mod_args,
             a0.qg, a1.qg, a2.qg, a0.kg, a1.kg, a2.kg, a0.g, a1.g, a2.g, a0.d, a1.d, a2.d,
             a0.pa, a1.pa, a2.pa, a0.pb, a1.pb, a2.pb, nt[0], nt[1], nt[2], tiles[1], tiles[2],
             KIND0=a0.kind, KIND1=a1.kind, KIND2=a2.kind, NDIM=max(ndim, 1),
@@ -328,7 +337,7 @@ def neighborhood_attention(
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             # the interpreter multiplies bf16 dot operands as raw bits (triton_attention.py)
             UPCAST_DOT=q.device.type == "cpu" and q.dtype == torch.bfloat16,
-            FOLD_SCALE=not has_bias and scale > 0,
+            FOLD_SCALE=not natural and scale > 0, SCORE_MOD=score_mod,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return (out, lse) if return_lse else out

@@ -50,13 +50,19 @@ MODIFIED: tuple[Rule, ...] = (
          "(SDPA takes no modifier)"),
     Rule(SOFTMAX, ("auto", "torch"), None, None, "torch", "score modifier: eager's math by row blocks (no GPU, "
          "or backend='torch'; SDPA takes no modifier)"),
+    Rule(("neighborhood",), ("triton",), None, None, "triton", "backend='triton' asked for: the modifier "
+         "generated into the neighborhood kernel's tiles"),
+    Rule(("neighborhood",), ("auto",), True, None, "triton", "score modifier: generated into the neighborhood "
+         "kernel's tiles"),
+    Rule(("neighborhood",), ("auto", "torch"), None, None, "torch", "score modifier: eager's math by row blocks "
+         "with the window (no GPU, or backend='torch')"),
 )
 
 
 def choose_kernel(variant: str, backend: str, on_gpu: bool, bottom_right: bool = False,
                   dtype: torch.dtype | None = None, modified: bool = False) -> tuple[str, str]:
     """(kernel, reason) for a site; every (variant, backend) has a rule. ``modified``: the site has a
-    score modifier (dense and causal only: the plan refuses a modifier with a sparse structure)."""
+    score modifier (dense, causal, and neighborhood structures that replaced their mask tensors)."""
     if modified:
         if dtype is not None and dtype not in TRITON_DTYPES:
             return "torch", f"score modifier in {str(dtype).removeprefix('torch.')}: eager's math by row blocks"

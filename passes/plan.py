@@ -271,7 +271,11 @@ def plan_site(site: Site, backend: str, device: torch.device | None) -> Plan:
         if biases:
             hint = None
     modified = site.score_mod is not None
-    if modified and variant not in ("dense", "causal"):
+    if (modified and variant == "neighborhood" and spec.kind in ("neighborhood", "blocked") and not implied
+            and not recheck and table is None and mask_blocks is None):
+        notes.append("score modifier with the window: the neighborhood kernel's tiles (only the window's tiles run; "
+                     "the modifier generated into them)")
+    elif modified and variant not in ("dense", "causal"):
         if constant is None and not implied and not (variant == "block_sparse" and keeps):
             constant = _structure_as_constant(spec, site.n, site.m)
             if constant is None:

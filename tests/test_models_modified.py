@@ -58,8 +58,9 @@ def test_gemma2_softcapped_sliding_and_global_layers():
     ids = _ids()
     _same(model, input_ids=ids)
     sites = _all_rewritten(rewrite.inspect(model, input_ids=ids), 2, modifier="tanh")
-    # the sliding layer's band runs as a mask on the dense kernel (the sparse tiles take no modifier)
-    assert any("the dense kernel applies the mask" in n for s in sites for n in s.notes), [s.notes for s in sites]
+    # the sliding layer's window runs on the neighborhood kernel's tiles, the modifier generated into them
+    assert [s.variant for s in sites] == ["neighborhood", "causal"], [s.variant for s in sites]
+    assert any("neighborhood kernel's tiles" in n for n in sites[0].notes), sites[0].notes
 
 
 def test_bloom_alibi_through_baddbmm_and_a_split_view():

@@ -189,33 +189,6 @@ def squared_scores(q, k, v):
     return torch.softmax(s * s, -1) @ v
 
 
-def banded_softcap(q, k, v):
-    n = q.shape[-2]
-    i = torch.arange(n)
-    s = torch.tanh((q @ k.mT) / 8) * 8
-    s = s.masked_fill((i[:, None] - i[None, :]).abs() > 3, NEG_INF)
-    return s.softmax(-1) @ v
-
-
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_a_band_with_a_modifier_runs_dense_with_the_band_as_its_mask(backend, monkeypatch):
-    q, k, v = inputs(torch.Generator().manual_seed(9), 1, 2, 2, 45, 45, 16, torch.float32)
-    fn, report = compiled(banded_softcap, backend)
-    out = fn(q, k, v)
-    site = modified_site(report, backend)
-    ran_kernel(site, backend)
-    assert any("the dense kernel applies the mask" in n for n in site.notes), site.notes
-    same_as_eager(out, banded_softcap(*double((q, k, v))), torch.float32, "banded softcap")
-
-    import rewrite.passes.plan as plan  # above the limit the band is not built: left alone, with the reason
-    monkeypatch.setattr(plan, "MODDED_MASK_LIMIT", 45 * 45 - 1)
-    fn, report = compiled(banded_softcap, backend)
-    out = fn(q, k, v)
-    assert not report.sites[0].rewritten
-    assert "its dense mask would exceed" in report.sites[0].reason, report.sites[0].reason
-    same_as_eager(out, banded_softcap(*double((q, k, v))), torch.float32, "banded softcap, left alone")
-
-
 @pytest.mark.parametrize("fn, args, why", [
     (mask_then_tanh, "keep", "mask applied before a score modifier"),
     (squared_scores, "", "which operand of mul holds the scores"),
