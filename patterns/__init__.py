@@ -11,6 +11,7 @@ from .mask_terms import read_terms
 from .sdpa import SDPA_OPS, match_sdpa
 from .softmax_attention import location_of, match_softmax_attention
 from .softmax_chain import find_softmax_candidates
+from .unfollowed import unfollowed_product
 
 __all__ = ["NoMatch", "Site", "TensorPlan", "find_sites"]
 
@@ -41,6 +42,9 @@ def find_sites(graph: Graph, inputs: dict | None = None) -> list[tuple[Site | No
         except NoMatch as exc:
             if _looks_like_attention(sm):
                 out.append((None, (location_of(sm), "softmax between two products", str(exc))))
+                taken.add(sm)
+            elif (why := unfollowed_product(sm)) is not None:
+                out.append((None, (location_of(sm), "softmax after a product it cannot follow", why)))
                 taken.add(sm)
     # The linear-time families (sites with kind "linear" or "flow", planned by passes/linear_apply.py).
     # A chain that holds a softmax belongs to the softmax family, matched or not.

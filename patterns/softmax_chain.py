@@ -183,18 +183,24 @@ TALKING_HEADS = ("talking-heads attention: a linear layer mixes the scores acros
 
 
 def mixes_products(node: Node) -> bool:
-    """A linear layer (``aten.linear``) applied to a product of two tensors, through layout ops only:
-    scores mixed across heads (talking heads), not scores of one head."""
+    """A square linear layer (``aten.linear``, H → H) applied to a 4-D product of two tensors whose
+    axes a permute moved (the head axis last), through layout ops only: scores mixed across heads
+    (talking heads), not scores of one head, and not a projection of an attention's output."""
     if not (isinstance(node, Node) and node.op == "call_function" and node.target == aten.linear.default):
         return False
-    cur = node.args[0]
+    w = shape_of(node.args[1]) if isinstance(node.args[1], Node) else None
+    if w is None or len(w) != 2 or w[0] != w[1]:
+        return False
+    cur, permuted = node.args[0], False
     for _ in range(8):
         if not isinstance(cur, Node) or cur.op != "call_function":
             return False
         if as_contraction(cur) is not None:
-            return True
+            out = shape_of(cur)
+            return permuted and out is not None and len(out) >= 4
         if not is_layout_op(cur):
             return False
+        permuted |= cur.target in (aten.permute.default, aten.transpose.int)
         cur = cur.args[0]
     return False
 

@@ -150,6 +150,37 @@ def test_cait_class_attention_rewritten_and_talking_heads_reported():
     assert len(talking) == 2 and all(not s.rewritten and "talking-heads" in s.reason for s in talking), str(report)
 
 
+def test_longformer_sliding_chunks_are_reported_with_the_ops_that_stopped_them():
+    """Longformer's banded attention, built from chunked as_strided views and diagonal padding, is not
+    recognised; each layer is now a site left alone that names the ops, not silence."""
+    from transformers import LongformerConfig, LongformerModel
+
+    config = LongformerConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                              vocab_size=VOCAB, attention_window=[8, 8], pad_token_id=1)
+    torch.manual_seed(0)
+    model = LongformerModel(config).eval()
+    ids = torch.randint(2, VOCAB, (2, 32), generator=torch.Generator().manual_seed(9))
+    report = rewrite.inspect(model, input_ids=ids)
+    assert len(report.sites) == 2 and not any(s.rewritten for s in report.sites), str(report)
+    assert all("cannot follow" in s.reason and "slice_scatter" in s.reason for s in report.sites), str(report)
+
+
+def router(h, w, experts):
+    """Self-attention, then a mixture-of-experts router over its output: a softmax over a linear layer
+    (fed, further back, by the attention's products) mixing expert outputs."""
+    x = torch.softmax(h @ h.transpose(-1, -2) / 4.0, dim=-1) @ h
+    gates = torch.softmax(torch.nn.functional.linear(x, w), dim=-1)
+    return torch.einsum("bne,bnef->bnf", gates, experts)
+
+
+def test_a_router_softmax_is_not_reported_as_attention():
+    gen = torch.Generator().manual_seed(2)
+    h, w = torch.randn(2, 9, 16, generator=gen), torch.randn(4, 16, generator=gen)
+    experts = torch.randn(2, 9, 4, 8, generator=gen)
+    report = rewrite.inspect(router, h, w, experts)
+    assert len(report.sites) == 1 and report.sites[0].rewritten, str(report)  # the attention, not the router
+
+
 # ---- the split view, written by hand --------------------------------------------------------------
 def merged_heads_with_padding(q, k, v, pad):
     """[B·H, N, D] operands (Bloom's layout), the scores viewed as [B, H, N, M] for a padding mask."""
