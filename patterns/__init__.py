@@ -45,8 +45,8 @@ def find_sites(graph: Graph, inputs: dict | None = None) -> list[tuple[Site | No
     # The linear-time families (sites with kind "linear" or "flow", planned by passes/linear_apply.py).
     # A chain that holds a softmax belongs to the softmax family, matched or not.
     # The chunked causal form first: its intra-chunk part alone is a (small) quadratic site too.
-    from .linear_attention import find_linear_sites
     from .linear_chunked import find_chunked_sites
+    from .linear_find import find_linear_sites
     from .linear_loop import find_loop_sites
 
     # A Python loop over chunks, unrolled: its per-chunk bodies are chunked-form and quadratic sites too.

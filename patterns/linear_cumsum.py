@@ -17,9 +17,8 @@ from torch.fx import Node
 from .axes import AtomSizes, NoMatch, shape_of
 from .contraction import Contraction, as_contraction
 from .linear_readers import cumsum_of
-from .linear_site import LinearSite, broadcasts_as, finish_linear_site, plan_operand
+from .linear_site import LinearSite, broadcasts_as, finish_linear_site, peel_den, plan_operand
 from .softmax_attention import location_of
-from .softmax_chain import scalar_value
 
 aten = torch.ops.aten
 
@@ -105,25 +104,30 @@ def _match(c2, c1, cs_dim, q_node, q_labels, kv_labels) -> LinearSite:
 
 def _den(node, q_node, k_node, k_axes, q_map, q_labels):
     """(den axes, eps) for den = Σ_e φQ · cumsum_n(φK) [+ eps] [unsqueezed], else None."""
-    eps = 0.0
-    if isinstance(node, Node) and node.target == aten.add.Tensor and scalar_value(node.args[1]) is not None:
-        node, eps = node.args[0], scalar_value(node.args[1])
-    unsq = None
-    if isinstance(node, Node) and node.target == aten.unsqueeze.default:
-        node, unsq = node.args[0], node.args[1]
+    node, eps, unsq = peel_den(node)
     c = as_contraction(node) if isinstance(node, Node) else None
-    if c is None or c.a is not q_node:
+    if c is None or c.added is not None:
         return None
-    cs = cumsum_of(c.b)
-    if cs is None or cs[0] is not k_node or k_axes[cs[1]] != ("m",):
+    (qo, ql), (co, cl) = ((c.a, c.a_labels), (c.b, c.b_labels)) if c.a is q_node else ((c.b, c.b_labels),
+                                                                                      (c.a, c.a_labels))
+    cs = cumsum_of(co)
+    if qo is not q_node or cs is None or cs[0] is not k_node or k_axes[cs[1]] != ("m",):
         return None
-    if list(c.a_labels) != list(q_labels) or len(c.contracted) != 1:
+    # The denominator's letters are its own: name them by the query dims they label (the same node).
+    if len(ql) != len(q_labels) or len(set(ql)) != len(ql):
         return None
-    if q_map.get(c.contracted[0]) != "e":
+    mine = {a: q_map.get(b) for a, b in zip(ql, q_labels) if a}
+    if len(c.contracted) != 1 or mine.get(c.contracted[0]) != "e":
         return None
-    ax = [(q_map[lab],) if q_map.get(lab) else () for lab in c.out_labels]
-    if unsq is not None:
-        d = unsq + len(ax) + 1 if unsq < 0 else unsq
+    # The cumulated keys pair with the queries position by position: the same atom on each shared label.
+    k_of = {lab: k_axes[i][0] if k_axes[i] else None for i, lab in enumerate(cl)}
+    if any(mine.get(lab) not in (k_of[lab], "p" if k_of[lab] == "m" else k_of[lab]) for lab in cl if lab in mine):
+        return None
+    if any(lab not in mine for lab in c.out_labels if lab):
+        return None
+    ax = [(mine[lab],) if mine.get(lab) else () for lab in c.out_labels]
+    for u in unsq:
+        d = u + len(ax) + 1 if u < 0 else u
         ax.insert(d, ())
     return tuple(ax), float(eps)
 

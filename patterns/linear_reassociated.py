@@ -13,9 +13,8 @@ from torch.fx import Node
 
 from .axes import AtomSizes, NoMatch, is_layout_op, propagate, shape_of
 from .contraction import Contraction, as_contraction
-from .linear_site import LinearSite, broadcasts_as, finish_linear_site, plan_operand
+from .linear_site import LinearSite, broadcasts_as, finish_linear_site, peel_den, plan_operand
 from .softmax_attention import location_of
-from .softmax_chain import scalar_value
 
 aten = torch.ops.aten
 
@@ -131,11 +130,7 @@ def _match_reassoc(c2, c1, layout, q_node, q_labels, kv_labels) -> LinearSite:
 
 def _reassoc_den(node, q_node, k_node, sizes, q_axes, k_axes):
     """den = (φQ · Σ_m φK) [+ eps] as a contraction or mul+sum; returns (den axes, eps)."""
-    eps = 0.0
-    if isinstance(node, Node) and node.target == aten.add.Tensor and scalar_value(node.args[1]) is not None:
-        node, eps = node.args[0], scalar_value(node.args[1])
-    while isinstance(node, Node) and is_layout_op(node) and node.target in (aten.unsqueeze.default,):
-        node = node.args[0]
+    node, eps, _ = peel_den(node)
     c = as_contraction(node) if isinstance(node, Node) else None
     if c is None:
         return None

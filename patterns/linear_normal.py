@@ -1,0 +1,448 @@
+"""The normal form the linear-attention recognisers read: small exact rules over a copy of the graph.
+
+Every product of tensors is read as one labelled sum of products (a `Product`, what an einsum says) and written
+back as the binary einsums the recognisers key on; every multiplication by a reciprocal becomes a division:
+
+- ``x · (1/d)``, ``x · d.reciprocal()``, ``x · d**-1``  →  ``x ÷ d``  (equal at 0, ±inf and NaN too);
+- a broadcast product read by a (cum)sum, ``k[..., :, None] · v[..., None, :]``, and a product then a sum,
+  ``(q · z).sum(-1)``  →  einsum;
+- a row-vector product ``(q.unsqueeze(-2) @ S).squeeze(-2)``  →  einsum;
+- an einsum of any number of operands: operands that are reciprocals over output axes only (``bhn`` in
+  ``"bhnd,bhde,bhn->bhne"``) become divisions of the result, and the rest a chain of binary einsums in one
+  association order (`NaryEinsum`: the finder tries the others when the first is not attention).
+
+The rules run on a copy (`NormalForm`), so a spelling read one way and then refused leaves the user's graph as it
+was. `NormalForm.to_original` maps a site found on the copy back: a copied node to its original, a node a rule
+built to the original node it stands for (same value, same shape). A site that would replace only part of an
+original node (one binary product inside a three-operand einsum) is refused with the reason: the rewrite must
+replace the whole node.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+from torch._guards import detect_fake_mode
+from torch.fx import Graph, Node
+from torch.utils._pytree import tree_flatten, tree_map
+
+from .axes import shape_of
+from .contraction import as_contraction, einsum_labels
+
+aten = torch.ops.aten
+RULE = "linear_normal"  # meta key of a node a rule built: {"stands_for": original | None, "part_of": …, "rule": …}
+LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+MAX_OPERANDS = 5
+
+
+@dataclass
+class Product:
+    """Σ over the labels not in ``out`` of the product of the operands (each with one label per dim)."""
+
+    operands: list[tuple[Node, tuple[str, ...]]]
+    out: tuple[str, ...]
+
+
+def _is(node, *targets) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
+
+
+def _scalar(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def reciprocal_of(node) -> Node | None:
+    """d when ``node`` is 1/d: ``reciprocal(d)`` (· 1), ``d ** -1``."""
+    if _is(node, aten.mul.Tensor, aten.mul.Scalar):
+        a, b = node.args[:2]
+        if _scalar(b) == 1.0:
+            node = a
+        elif _scalar(a) == 1.0:
+            node = b
+    if _is(node, aten.reciprocal.default) and isinstance(node.args[0], Node):
+        return node.args[0]
+    if _is(node, aten.pow.Tensor_Scalar) and _scalar(node.args[1]) == -1.0 and isinstance(node.args[0], Node):
+        return node.args[0]
+    return None
+
+
+def _fresh(used: set[str]) -> str:
+    c = next(x for x in LETTERS if x not in used)
+    used.add(c)
+    return c
+
+
+def _peel_unsqueeze(node: Node, labels: tuple[str, ...]) -> tuple[Node, tuple[str, ...]]:
+    """An unsqueezed operand reads its source: the inserted size-1 dim's label is dropped (broadcast)."""
+    labels = list(labels)
+    while _is(node, aten.unsqueeze.default) and isinstance(node.args[0], Node):
+        d = node.args[1]
+        d = d + len(labels) if d < 0 else d
+        labels.pop(d)
+        node = node.args[0]
+    return node, tuple(labels)
+
+
+def product_of_mul(node: Node, used: set[str]) -> Product | None:
+    """``a · b`` (broadcasting, both tensors) as a Product with nothing summed."""
+    if not _is(node, aten.mul.Tensor) or not all(isinstance(a, Node) for a in node.args[:2]):
+        return None
+    out_shape = shape_of(node)
+    if out_shape is None:
+        return None
+    out = tuple(_fresh(used) for _ in out_shape)
+    operands = []
+    for x in node.args[:2]:
+        sx = shape_of(x)
+        if sx is None or len(sx) > len(out_shape):
+            return None
+        off = len(out_shape) - len(sx)
+        labels = []
+        for j, s in enumerate(sx):
+            if s == out_shape[off + j]:
+                labels.append(out[off + j])
+            elif s == 1:
+                labels.append(_fresh(used))  # broadcast: a size-1 dim summed away
+            else:
+                return None
+        operands.append(_peel_unsqueeze(x, tuple(labels)))
+    return Product(operands, out)
+
+
+def product_of_matmul(node: Node, used: set[str]) -> Product | None:
+    """A matmul/bmm as a Product (its batch broadcasting as size-1 labels)."""
+    if not _is(node, aten.matmul.default, aten.bmm.default):
+        return None
+    c = as_contraction(node)
+    if c is None:
+        return None
+    names: dict[str, str] = {}
+
+    def letters(labels):
+        return tuple(_fresh(used) if not lab else names.setdefault(lab, _fresh(used)) for lab in labels)
+
+    a, b = letters(c.a_labels), letters(c.b_labels)
+    return Product([_peel_unsqueeze(c.a, a), _peel_unsqueeze(c.b, b)], letters(c.out_labels))
+
+
+def product_of_einsum(node: Node) -> Product | None:
+    if not _is(node, aten.einsum.default):
+        return None
+    eq, operands = node.args[:2]
+    if "->" not in eq or not 2 <= len(operands) <= MAX_OPERANDS or not all(isinstance(o, Node) for o in operands):
+        return None
+    shapes = [shape_of(o) for o in operands]
+    if any(s is None for s in shapes):
+        return None
+    labels = einsum_labels(eq.replace(" ", ""), shapes)
+    if labels is None:
+        return None
+    ins, out = labels
+    if any(len(set(lab)) != len(lab) for lab in (*ins, out)):
+        return None  # a diagonal
+    return Product(list(zip(operands, ins)), tuple(out))
+
+
+def _equation(labels: list[tuple[str, ...]], out: tuple[str, ...]) -> str:
+    return ",".join("".join(lab) for lab in labels) + "->" + "".join(out)
+
+
+# ---- the copy and its rules ------------------------------------------------------------------------
+@dataclass
+class NaryEinsum:
+    """An einsum of more than two operands (or one with a reciprocal operand), written as binary ones."""
+
+    original: Node  # in the user's graph
+    spelling: str
+    factors: list[tuple[Node, tuple[str, ...]]]  # the operands multiplied in
+    dens: list[tuple[Node, tuple[str, ...]]]  # d of each reciprocal operand 1/d (divides the result)
+    out: tuple[str, ...]
+    trees: list = field(default_factory=list)
+    tree: int = 0
+    chain: list[Node] = field(default_factory=list)  # the nodes of the current tree, the result last
+
+
+class NormalForm:
+    """A copy of ``graph`` with the rules applied; `to_original` maps sites back."""
+
+    def __init__(self, graph: Graph):
+        self.graph = Graph(owning_module=graph.owning_module)
+        val_map: dict[Node, Node] = {}
+        out = self.graph.graph_copy(graph, val_map)
+        if out is not None:
+            self.graph.output(out)
+        self.origin = {new: old for old, new in val_map.items()}
+        self.nary: list[NaryEinsum] = []
+        for node in list(self.graph.nodes):
+            if node.graph is self.graph and node.op == "call_function":
+                self._apply(node)
+        self.graph.eliminate_dead_code()
+
+    # -- building -------------------------------------------------------------------------------
+    def _node(self, before: Node, target, args, rule: str, stands_for: Node | None, part_of: Node | None) -> Node:
+        with self.graph.inserting_before(before):
+            n = self.graph.call_function(target, args)
+        n.meta.update({k: v for k, v in before.meta.items() if k in ("stack_trace", "nn_module_stack")})
+        vals = tree_map(lambda a: a.meta.get("val") if isinstance(a, Node) else a, args)
+        mode = detect_fake_mode(tree_flatten(vals)[0])
+        with torch.no_grad():
+            if mode is not None:
+                with mode:
+                    n.meta["val"] = target(*vals)
+            else:
+                n.meta["val"] = target(*tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t,
+                                                 vals))
+        n.meta[RULE] = {"rule": rule, "stands_for": stands_for, "part_of": part_of}
+        return n
+
+    def _replace(self, old: Node, new: Node) -> None:
+        if shape_of(new) != shape_of(old) or new.meta["val"].dtype != old.meta["val"].dtype:
+            raise AssertionError(f"normal form: {new} does not compute {old}'s value")  # a rule's own bug
+        old.replace_all_uses_with(new)
+        self.graph.erase_node(old)
+
+    def _orig(self, node: Node) -> Node | None:
+        info = node.meta.get(RULE)
+        return info["stands_for"] if info else self.origin.get(node)
+
+    def _einsum(self, before, product: Product, rule, stands_for, part_of) -> Node:
+        eq = _equation([lab for _, lab in product.operands], product.out)
+        return self._node(before, aten.einsum.default, (eq, [o for o, _ in product.operands]), rule, stands_for,
+                          part_of)
+
+    def _apply(self, node: Node) -> None:
+        t = node.target
+        if t == aten.mul.Tensor:
+            for x, r in (node.args[:2], reversed(node.args[:2])):
+                d = reciprocal_of(r)
+                if isinstance(x, Node) and d is not None and shape_of(x) == shape_of(node):
+                    self._replace(node, self._node(node, aten.div.Tensor, (x, d), "× 1/d read as ÷ d",
+                                                   self._orig(node), None))
+                    return
+            users = list(node.users)
+            used: set[str] = set()
+            prod = product_of_mul(node, used)
+            if prod is not None and users and all(_is(u, aten.cumsum.default) for u in users) and \
+                    any(len(lab) < len(prod.out) for _, lab in prod.operands):
+                self._replace(node, self._einsum(node, prod, "broadcast outer product read as einsum",
+                                                 self._orig(node), None))
+            return
+        if t == aten.sum.dim_IntList:
+            self._sum_of_product(node)
+            return
+        if t in (aten.squeeze.dim, aten.squeeze.dims):
+            self._squeezed_matmul(node)
+            return
+        if t == aten.einsum.default:
+            self._einsum_rule(node)
+
+    def _sum_of_product(self, node: Node) -> None:
+        """``(a · b).sum(dims[, keepdim])`` → einsum (+ unsqueeze), when the product has no other reader."""
+        src = node.args[0]
+        if not isinstance(src, Node) or len(src.users) != 1 or len(node.args) < 2 or node.kwargs.get("dtype"):
+            return
+        used: set[str] = set()
+        prod = product_of_mul(src, used)
+        if prod is None:
+            return
+        rank = len(prod.out)
+        dims = sorted({d + rank if d < 0 else d for d in node.args[1]})
+        keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        summed = Product(prod.operands, tuple(lab for i, lab in enumerate(prod.out) if i not in dims))
+        whole = self._orig(node)
+        rule = "product then sum read as einsum"
+        new = self._einsum(node, summed, rule, None if keep else whole, whole)
+        if keep:
+            for d in dims:
+                new = self._node(node, aten.unsqueeze.default, (new, d), rule, None, whole)
+            new.meta[RULE]["stands_for"] = whole
+        self._replace(node, new)
+
+    def _squeezed_matmul(self, node: Node) -> None:
+        """``(q.unsqueeze(-2) @ S).squeeze(-2)`` → einsum without the size-1 dim."""
+        src = node.args[0]
+        if not isinstance(src, Node) or len(src.users) != 1 or not _is(src, aten.matmul.default, aten.bmm.default):
+            return
+        shape = shape_of(src)
+        used: set[str] = set()
+        prod = product_of_matmul(src, used)
+        if prod is None or shape is None:
+            return
+        dims = node.args[1] if node.target == aten.squeeze.dims else [node.args[1]]
+        dims = {d + len(shape) if d < 0 else d for d in dims}
+        if any(shape[d] != 1 for d in dims):
+            return
+        squeezed = Product(prod.operands, tuple(lab for i, lab in enumerate(prod.out) if i not in dims))
+        self._replace(node, self._einsum(node, squeezed, "row-vector matmul read as einsum", self._orig(node), None))
+
+    # -- einsums of several operands ----------------------------------------------------------------
+    def _einsum_rule(self, node: Node) -> None:
+        prod = product_of_einsum(node)
+        if prod is None:
+            return
+        factors, dens = [], []
+        for o, lab in prod.operands:
+            d = reciprocal_of(o)
+            if d is not None and set(lab) <= set(prod.out) and shape_of(d) == shape_of(o):
+                dens.append((d, lab))
+            else:
+                factors.append((o, lab))
+        if len(prod.operands) == 2 and not dens:
+            return  # a binary product: the recognisers read it as it is
+        if not factors or (len(factors) == 1 and tuple(factors[0][1]) != prod.out):
+            return
+        nary = NaryEinsum(self._orig(node), f"einsum('{node.args[0]}')", factors, dens, prod.out)
+        nary.trees = _trees(list(range(len(factors))), [lab for _, lab in factors], prod.out)
+        nary.chain = self._build(node, nary, nary.trees[0])
+        self._replace(node, nary.chain[-1])
+        self.nary.append(nary)
+
+    def _build(self, before: Node, nary: NaryEinsum, tree) -> list[Node]:
+        """The nodes of ``tree`` (binary products of the factors) then the divisions: the result last."""
+        chain: list[Node] = []
+        rule = f"{nary.spelling} read as binary products" + (", × 1/d as ÷ d" if nary.dens else "")
+        whole = nary.original
+
+        def emit(t, top: bool):
+            if isinstance(t, int):
+                return nary.factors[t]
+            (na, la), (nb, lb) = emit(t[0], False), emit(t[1], False)
+            keep = _needed(t, nary)
+            out = nary.out if top else tuple(dict.fromkeys(x for x in (*la, *lb) if x in keep))
+            stands = whole if top and not nary.dens else None
+            n = self._node(before, aten.einsum.default, (_equation([la, lb], out), [na, nb]), rule, stands, whole)
+            chain.append(n)
+            return n, out
+
+        if isinstance(tree, int):
+            cur = nary.factors[tree][0]
+        else:
+            cur = emit(tree, True)[0]
+        for i, (d, lab) in enumerate(nary.dens):
+            b = d
+            order = [x for x in nary.out if x in lab]
+            if list(lab) != order:
+                b = self._node(before, aten.permute.default, (b, [lab.index(x) for x in order]), rule, None, whole)
+                chain.append(b)
+            for j, x in enumerate(nary.out):
+                if x not in lab:
+                    b = self._node(before, aten.unsqueeze.default, (b, j), rule, None, whole)
+                    chain.append(b)
+            last = i == len(nary.dens) - 1
+            cur = self._node(before, aten.div.Tensor, (cur, b), rule, whole if last else None, whole)
+            chain.append(cur)
+        return chain
+
+    def resplit(self, nary: NaryEinsum, index: int) -> None:
+        """Write ``nary`` in its ``index``-th association order instead of the current one."""
+        old = nary.chain
+        nary.chain = self._build(old[-1], nary, nary.trees[index])
+        nary.tree = index
+        old[-1].replace_all_uses_with(nary.chain[-1])
+        for n in reversed(old):
+            if not n.users:
+                self.graph.erase_node(n)
+
+    # -- back to the user's graph -----------------------------------------------------------------
+    def to_original(self, site):
+        """The site with every node of the copy mapped to the user's graph (refused when it would replace
+        part of a node)."""
+        rules: list[str] = []
+
+        def back(node, parts: list | None = None):
+            if not isinstance(node, Node):
+                return node
+            info = node.meta.get(RULE)
+            if info is None:
+                return self.origin.get(node)
+            if info["rule"] not in rules:
+                rules.append(info["rule"])
+            if info["stands_for"] is None:
+                if parts is not None:
+                    parts.append(info["part_of"])
+                return info["part_of"]
+            return info["stands_for"]
+
+        out_parts: list[Node] = []
+        out = back(site.out_node, out_parts)
+        if out is None:
+            return None
+        for plan in (site.fq, site.fk, site.v, getattr(site.decay, "g", None)):
+            if plan is not None:
+                parts: list[Node] = []
+                plan.node = back(plan.node, parts)
+                if parts and not site.rejected:
+                    site.rejected = (f"an operand is built from other operands of {_spelling(parts[0])}: only part "
+                                     "of it is linear attention, so the rewrite cannot replace the whole einsum")
+        site.nodes = list(dict.fromkeys(n for n in map(back, site.nodes) if n is not None))
+        if out_parts and not site.rejected:
+            site.rejected = _part_reason(out_parts[0], site)
+        site.out_node = out
+        site.bindings = {}
+        if rules:
+            site.spelling += " (normal form: " + "; ".join(rules) + ")"
+            site.notes.append("normal form: " + "; ".join(rules))
+        return site
+
+
+def _spelling(node: Node) -> str:
+    if _is(node, aten.einsum.default):
+        return f"einsum('{node.args[0]}')"
+    return node.name
+
+
+def _part_reason(whole: Node, site) -> str:
+    what = _spelling(whole)
+    return (f"only part of {what} is linear attention: its other operands are no normaliser (a reciprocal "
+            f"1/(φQ·ΣφK) over the output's axes{' of these queries and keys' if site.normalize else ''}), so the "
+            "rewrite cannot replace the whole einsum")
+
+
+def _leaves(t) -> list[int]:
+    return [t] if isinstance(t, int) else [*_leaves(t[0]), *_leaves(t[1])]
+
+
+def _needed(t, nary: NaryEinsum) -> set[str]:
+    inside = set(_leaves(t))
+    keep = set(nary.out)
+    for i, (_, lab) in enumerate(nary.factors):
+        if i not in inside:
+            keep |= set(lab)
+    return keep
+
+
+def _all_trees(ids: list[int]):
+    if len(ids) == 1:
+        yield ids[0]
+        return
+    first, rest = ids[0], ids[1:]
+    for r in range(len(rest) + 1):
+        for left_rest in itertools.combinations(rest, r):
+            left = [first, *left_rest]
+            right = [i for i in rest if i not in left_rest]
+            if not right:
+                continue
+            for a in _all_trees(left):
+                for b in _all_trees(right):
+                    yield (a, b)
+
+
+def _trees(ids: list[int], labels, out) -> list:
+    """Every association order, the cheapest first intermediate (fewest output labels) first."""
+    trees = list(_all_trees(ids))
+
+    def cost(t):
+        if isinstance(t, int):
+            return 0
+        inner = [s for s in (t[0], t[1]) if not isinstance(s, int)]
+        keep = set(out)
+        leaves = set(_leaves(t))
+        for i, lab in enumerate(labels):
+            if i not in leaves:
+                keep |= set(lab)
+        here = len({x for i in leaves for x in labels[i] if x in keep})
+        return max([here, *(cost(s) for s in inner)])
+
+    return sorted(trees, key=cost)
