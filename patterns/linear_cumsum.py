@@ -12,12 +12,12 @@ Written without layout ops between the outer product, the cumsum and the query p
 from __future__ import annotations
 
 import torch
-from torch.fx import Node
 
 from .axes import AtomSizes, NoMatch, shape_of
 from .contraction import Contraction, as_contraction
+from .linear_den import key_sum_den
 from .linear_readers import cumsum_of
-from .linear_site import LinearSite, broadcasts_as, finish_linear_site, peel_den, plan_operand
+from .linear_site import LinearSite, broadcasts_as, finish_linear_site, plan_operand, rejected_site
 from .softmax_attention import location_of
 
 aten = torch.ops.aten
@@ -32,8 +32,22 @@ def match_cumsum(c2: Contraction) -> LinearSite:
         c1 = as_contraction(cs[0])
         if c1 is None or c1.contracted or c1.added is not None:
             continue
-        return _match(c2, c1, cs[1], q_node, q_labels, kv_labels)
+        try:
+            return _match(c2, c1, cs[1], q_node, q_labels, kv_labels)
+        except NoMatch as exc:
+            if not _outer(c1):
+                raise
+            return rejected_site(c2.node, f"{c1.spelling} → cumsum → {c2.spelling}", "cumsum",
+                                 f"a query product with a cumsum of outer products, but {exc}")
     raise NoMatch("not a query product with a cumsum of outer products")
+
+
+def _outer(c1) -> bool:
+    """An outer product of two tensors per position: each has a (non-trivial) axis the other lacks."""
+    so = dict(zip(c1.out_labels, shape_of(c1.node) or ()))
+    own_a = [lab for lab in c1.a_labels if lab and lab not in c1.b_labels and so.get(lab, 1) != 1]
+    own_b = [lab for lab in c1.b_labels if lab and lab not in c1.a_labels and so.get(lab, 1) != 1]
+    return len(own_a) == 1 and len(own_b) == 1
 
 
 def _match(c2, c1, cs_dim, q_node, q_labels, kv_labels) -> LinearSite:
@@ -93,43 +107,10 @@ def _match(c2, c1, cs_dim, q_node, q_labels, kv_labels) -> LinearSite:
     while len(cur.users) == 1:
         u = next(iter(cur.users))
         if u.op == "call_function" and u.target == aten.div.Tensor and u.args[0] is cur:
-            den = _den(u.args[1], q_node, k_node, k_axes, q_map, q_labels)
+            den = key_sum_den(u.args[1], q_node, q_axes, k_node, k_axes, sizes, causal=True)
             if den is not None and broadcasts_as(den[0], out_ax):
                 site.normalize, site.eps, out, out_axes = True, den[1], u, out_ax
                 site.spelling += " ÷ φQ·cumsum(φK)"
         break
     replaced = [c1.node, c2.b if c2.a is q_node else c2.a, c2.node]
     return finish_linear_site(site, out, out_axes, replaced, q_node, k_node, True, "causal, cumsum of outer products")
-
-
-def _den(node, q_node, k_node, k_axes, q_map, q_labels):
-    """(den axes, eps) for den = Σ_e φQ · cumsum_n(φK) [+ eps] [unsqueezed], else None."""
-    node, eps, unsq = peel_den(node)
-    c = as_contraction(node) if isinstance(node, Node) else None
-    if c is None or c.added is not None:
-        return None
-    (qo, ql), (co, cl) = ((c.a, c.a_labels), (c.b, c.b_labels)) if c.a is q_node else ((c.b, c.b_labels),
-                                                                                      (c.a, c.a_labels))
-    cs = cumsum_of(co)
-    if qo is not q_node or cs is None or cs[0] is not k_node or k_axes[cs[1]] != ("m",):
-        return None
-    # The denominator's letters are its own: name them by the query dims they label (the same node).
-    if len(ql) != len(q_labels) or len(set(ql)) != len(ql):
-        return None
-    mine = {a: q_map.get(b) for a, b in zip(ql, q_labels) if a}
-    if len(c.contracted) != 1 or mine.get(c.contracted[0]) != "e":
-        return None
-    # The cumulated keys pair with the queries position by position: the same atom on each shared label.
-    k_of = {lab: k_axes[i][0] if k_axes[i] else None for i, lab in enumerate(cl)}
-    if any(mine.get(lab) not in (k_of[lab], "p" if k_of[lab] == "m" else k_of[lab]) for lab in cl if lab in mine):
-        return None
-    if any(lab not in mine for lab in c.out_labels if lab):
-        return None
-    ax = [(mine[lab],) if mine.get(lab) else () for lab in c.out_labels]
-    for u in unsq:
-        d = u + len(ax) + 1 if u < 0 else u
-        ax.insert(d, ())
-    return tuple(ax), float(eps)
-
-
-

@@ -9,6 +9,7 @@ alone, with its reason.
 
 from __future__ import annotations
 
+import torch
 from torch.fx import Graph, Node
 
 from .axes import NoMatch
@@ -16,8 +17,11 @@ from .contraction import as_contraction
 from .linear_attention import match_quadratic
 from .linear_cumsum import match_cumsum
 from .linear_normal import NormalForm
+from .linear_readers import is_call
 from .linear_reassociated import match_reassociated
 from .linear_site import LinearSite, NotOurs
+
+aten = torch.ops.aten
 
 
 def match_linear_at(node: Node) -> LinearSite | None:
@@ -39,6 +43,11 @@ def _scan(nodes, claimed: set[Node]) -> list[LinearSite]:
         if node in claimed:
             continue
         site = match_linear_at(node)
+        if site is not None and not site.normalize and not site.rejected and len(site.out_node.users) == 1:
+            u = next(iter(site.out_node.users))
+            if is_call(u, aten.div.Tensor) and u.args[0] is site.out_node:
+                site.notes.append("the ÷ after the product is not its normaliser (φQ·ΣφK, causal: φQ·cumsum φK, of "
+                                  "these queries and keys, + eps): it stays in the graph")
         if site is not None:
             sites.append(site)
             claimed.add(node)
@@ -49,7 +58,10 @@ def find_linear_sites(graph: Graph) -> list[LinearSite]:
     """Every linear-attention site (matched, or attention-like and left alone with a reason)."""
     nf = NormalForm(graph)
     claimed: set[Node] = set()
-    found = [(nf.to_original(s), set(s.nodes) | {s.out_node}) for s in _scan(list(nf.graph.nodes), claimed)]
+    found = []
+    for s in _scan(list(nf.graph.nodes), claimed):
+        copied = {*s.nodes, s.out_node}  # before the site is mapped back in place
+        found.append((nf.to_original(s), copied))
     for nary in nf.nary:
         chain = set(nary.chain)
         mine = [f for f in found if f[1] & chain]

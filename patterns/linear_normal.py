@@ -28,7 +28,7 @@ from torch._guards import detect_fake_mode
 from torch.fx import Graph, Node
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .axes import shape_of
+from .axes import NoMatch, shape_of
 from .contraction import as_contraction, einsum_labels
 
 aten = torch.ops.aten
@@ -175,31 +175,44 @@ class NormalForm:
             self.graph.output(out)
         self.origin = {new: old for old, new in val_map.items()}
         self.nary: list[NaryEinsum] = []
+        self.built: list[Node] = []
         for node in list(self.graph.nodes):
-            if node.graph is self.graph and node.op == "call_function":
+            if node.op != "call_function":
+                continue
+            start = len(self.built)
+            try:
                 self._apply(node)
+            except NoMatch:  # a rule stopped half-way: drop what it built, the node stays as written
+                for n in reversed(self.built[start:]):
+                    if not n.users:
+                        self.graph.erase_node(n)
+                del self.built[start:]
         self.graph.eliminate_dead_code()
 
     # -- building -------------------------------------------------------------------------------
     def _node(self, before: Node, target, args, rule: str, stands_for: Node | None, part_of: Node | None) -> Node:
+        vals = tree_map(lambda a: a.meta.get("val") if isinstance(a, Node) else a, args)
+        mode = detect_fake_mode(tree_flatten(vals)[0])
+        try:  # the value's shape and dtype, from fake (or meta) tensors: nothing is computed
+            with torch.no_grad():
+                if mode is not None:
+                    with mode:
+                        val = target(*vals)
+                else:
+                    val = target(*tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, vals))
+        except Exception as exc:  # noqa: BLE001 - a rule that does not apply here: the node stays as written
+            raise NoMatch(f"normal form: {rule}: {exc}") from exc
         with self.graph.inserting_before(before):
             n = self.graph.call_function(target, args)
         n.meta.update({k: v for k, v in before.meta.items() if k in ("stack_trace", "nn_module_stack")})
-        vals = tree_map(lambda a: a.meta.get("val") if isinstance(a, Node) else a, args)
-        mode = detect_fake_mode(tree_flatten(vals)[0])
-        with torch.no_grad():
-            if mode is not None:
-                with mode:
-                    n.meta["val"] = target(*vals)
-            else:
-                n.meta["val"] = target(*tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t,
-                                                 vals))
+        n.meta["val"] = val
         n.meta[RULE] = {"rule": rule, "stands_for": stands_for, "part_of": part_of}
+        self.built.append(n)
         return n
 
     def _replace(self, old: Node, new: Node) -> None:
         if shape_of(new) != shape_of(old) or new.meta["val"].dtype != old.meta["val"].dtype:
-            raise AssertionError(f"normal form: {new} does not compute {old}'s value")  # a rule's own bug
+            raise NoMatch(f"normal form: {new} does not have {old}'s shape and dtype")  # never replaced then
         old.replace_all_uses_with(new)
         self.graph.erase_node(old)
 
@@ -208,9 +221,17 @@ class NormalForm:
         return info["stands_for"] if info else self.origin.get(node)
 
     def _einsum(self, before, product: Product, rule, stands_for, part_of) -> Node:
-        eq = _equation([lab for _, lab in product.operands], product.out)
-        return self._node(before, aten.einsum.default, (eq, [o for o, _ in product.operands]), rule, stands_for,
-                          part_of)
+        """The einsum of ``product``; output labels no operand has (size 1: a peeled unsqueeze) are unsqueezed."""
+        have = {x for _, lab in product.operands for x in lab}
+        missing = [i for i, x in enumerate(product.out) if x not in have]
+        eq = _equation([lab for _, lab in product.operands], tuple(x for x in product.out if x in have))
+        n = self._node(before, aten.einsum.default, (eq, [o for o, _ in product.operands]), rule,
+                       None if missing else stands_for, part_of)
+        for i in missing:
+            n = self._node(before, aten.unsqueeze.default, (n, i), rule, None, part_of)
+        if missing:
+            n.meta[RULE]["stands_for"] = stands_for
+        return n
 
     def _apply(self, node: Node) -> None:
         t = node.target
@@ -227,7 +248,7 @@ class NormalForm:
             if prod is not None and users and all(_is(u, aten.cumsum.default) for u in users) and \
                     any(len(lab) < len(prod.out) for _, lab in prod.operands):
                 self._replace(node, self._einsum(node, prod, "broadcast outer product read as einsum",
-                                                 self._orig(node), None))
+                                                 self._orig(node), self._orig(node)))
             return
         if t == aten.sum.dim_IntList:
             self._sum_of_product(node)
@@ -275,7 +296,8 @@ class NormalForm:
         if any(shape[d] != 1 for d in dims):
             return
         squeezed = Product(prod.operands, tuple(lab for i, lab in enumerate(prod.out) if i not in dims))
-        self._replace(node, self._einsum(node, squeezed, "row-vector matmul read as einsum", self._orig(node), None))
+        self._replace(node, self._einsum(node, squeezed, "row-vector matmul read as einsum", self._orig(node),
+                                         self._orig(node)))
 
     # -- einsums of several operands ----------------------------------------------------------------
     def _einsum_rule(self, node: Node) -> None:

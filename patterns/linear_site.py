@@ -154,6 +154,16 @@ def phi_name(node: Node) -> str:
     return feature_map(node)[0]
 
 
+def rejected_site(node: Node, spelling: str, form: str, reason: str) -> LinearSite:
+    """An attention-like chain left alone with ``reason`` (the report's row; nothing is rewritten)."""
+    from .softmax_attention import location_of
+
+    site = LinearSite(spelling=spelling, location=location_of(node), form=form, fq=None, fk=None, v=None,
+                      out_node=node, rejected=reason)
+    site.nodes = [node]
+    return site
+
+
 def finish_linear_site(site: LinearSite, out: Node, out_axes, nodes: list[Node], q_node: Node, k_node: Node,
                        causal: bool, form: str) -> LinearSite:
     """The part every linear recogniser ends with: the output binding, the nodes the site

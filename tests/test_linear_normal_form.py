@@ -1,0 +1,260 @@
+"""Linear attention in spellings the recognisers reach only through the normal form (patterns/linear_normal.py):
+einsums of three or four operands, a multiplication by the reciprocal of the normaliser (as an operator, a method,
+a power, an einsum operand), the causal prefix sum of outer products contracted with the queries by einsum or by a
+row-vector matmul, the normaliser written as an einsum, a product-then-sum or a matmul. Each is asserted rewritten
+(the report's kernel and mask) and equal to eager float64 on random inputs with odd N; the near-misses are left
+alone with their reason. The spellings are written the way model code writes them, letters and layouts varied."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import close_relative
+
+import rewrite
+
+B, H, D, E = 2, 3, 8, 6
+
+
+def phi(x):
+    return F.elu(x) + 1
+
+
+def qkv(n, layout="bhnd", seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    shape = (B, H, n) if layout == "bhnd" else (B, n, H)
+    return (torch.randn(*shape, D, generator=g).to(dtype), torch.randn(*shape, D, generator=g).to(dtype),
+            torch.randn(*shape, E, generator=g).to(dtype))
+
+
+# ---- non-causal, reassociated, normalised by a reciprocal --------------------------------------------------
+def three_operand_recip(q, k, v):  # the issue's spelling
+    q, k = phi(q), phi(k)
+    kv = torch.einsum("bhnd,bhne->bhde", k, v)
+    z = 1 / torch.einsum("bhnd,bhd->bhn", q, k.sum(2))
+    return torch.einsum("bhnd,bhde,bhn->bhne", q, kv, z)
+
+
+def three_operand_bnhd_reordered(q, k, v):  # [B, N, H, D], other letters, z first, eps inside the reciprocal
+    q, k = F.relu(q) + 1e-3, F.relu(k) + 1e-3
+    state = torch.einsum("bshi,bshj->bhij", k, v)
+    z = 1.0 / (torch.einsum("bthi,bhi->bth", q, k.sum(dim=1)) + 1e-6)
+    return torch.einsum("bth,bhij,bthi->bthj", z, state, q)
+
+
+def four_operand_pow(q, k, v):  # q, k, v and the normaliser as ** -1 in one einsum
+    q, k = torch.exp(q * 0.3), torch.exp(k * 0.3)
+    den = torch.einsum("xynd,xyd->xyn", q, k.sum(-2)) ** -1
+    return torch.einsum("xynd,xymd,xyme,xyn->xyne", q, k, v, den)
+
+
+def three_operand_plain(q, k, v):  # no normaliser: q, k, v in one einsum, φ = identity, scaled
+    return torch.einsum("bhid,bhjd,bhje->bhie", q * D ** -0.5, k, v)
+
+
+def reassoc_times_reciprocal(q, k, v):  # out * (1/den) after the product
+    q, k = phi(q), phi(k)
+    kv = k.transpose(-2, -1) @ v
+    den = q @ k.sum(-2, keepdim=True).transpose(-2, -1)
+    return (q @ kv) * (1.0 / (den + 1e-6))
+
+
+def reassoc_reciprocal_method_inplace(q, k, v):  # out.mul_(den.reciprocal()), den by product-then-sum
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    kv = torch.einsum("bnhd,bnhe->bhde", k, v)
+    out = torch.einsum("bnhd,bhde->bnhe", q, kv)
+    den = (q * k.sum(1, keepdim=True)).sum(-1, keepdim=True)
+    out.mul_(den.reciprocal())
+    return out
+
+
+def quadratic_times_reciprocal(q, k, v):  # weights normalised by a multiplication with 1/Σ
+    s = F.relu(q) @ F.relu(k).transpose(-1, -2)
+    return (s * (1 / (s.sum(-1, keepdim=True) + 1e-6))) @ v
+
+
+# ---- causal: prefix sums of outer products -------------------------------------------------------------------
+def cumsum_broadcast_einsum(q, k, v):  # the issue's spelling, no normaliser
+    q, k = phi(q), phi(k)
+    s = torch.cumsum(k[..., None] * v[..., None, :], dim=2)
+    return torch.einsum("bhnd,bhnde->bhne", q, s)
+
+
+def cumsum_rowvector_matmul(q, k, v):  # (q.unsqueeze(-2) @ S).squeeze(-2), normaliser a row-vector matmul too
+    q, k = phi(q), phi(k)
+    s = (k.unsqueeze(-1) * v.unsqueeze(-2)).cumsum(-3)
+    num = (q.unsqueeze(-2) @ s).squeeze(-2)
+    den = (q.unsqueeze(-2) @ k.cumsum(-2).unsqueeze(-1)).squeeze(-1)
+    return num / (den + 1e-6)
+
+
+def cumsum_bnhd_letters(q, k, v):  # [B, N, H, D], own letters for the normaliser, in-place /=, no eps
+    q, k = F.relu(q) + 0.01, F.relu(k) + 0.01
+    state = torch.cumsum(torch.einsum("blhi,blhj->blhij", k, v), 1)
+    out = torch.einsum("blhi,blhij->blhj", q, state)
+    den = torch.einsum("xyzw,xyzw->xyz", q, torch.cumsum(k, 1))
+    out /= den[..., None]
+    return out
+
+
+def cumsum_times_reciprocal(q, k, v):  # × 1/(den + eps), den as product-then-sum
+    q, k = torch.sigmoid(q), torch.sigmoid(k)
+    s = torch.cumsum(k[:, :, :, :, None] * v[:, :, :, None, :], dim=-3)
+    num = torch.einsum("bhtd,bhtde->bhte", q, s)
+    den = (q * k.cumsum(dim=2)).sum(dim=-1)
+    return num * (1.0 / (den.unsqueeze(-1) + 1e-5))
+
+
+def cumsum_recip_operand(q, k, v):  # the normaliser as an einsum operand of the causal product
+    q, k = phi(q), phi(k)
+    s = torch.cumsum(k.unsqueeze(4) * v.unsqueeze(3), dim=2)
+    z = torch.einsum("bhnd,bhnd->bhn", q, k.cumsum(2)).reciprocal()
+    return torch.einsum("bhnd,bhnde,bhn->bhne", q, s, z)
+
+
+SPELLINGS = {  # name: (fn, layout, causal, normalised)
+    "three_operand_recip": (three_operand_recip, "bhnd", False, True),
+    "three_operand_bnhd_reordered": (three_operand_bnhd_reordered, "bnhd", False, True),
+    "four_operand_pow": (four_operand_pow, "bhnd", False, True),
+    "three_operand_plain": (three_operand_plain, "bhnd", False, False),
+    "reassoc_times_reciprocal": (reassoc_times_reciprocal, "bhnd", False, True),
+    "reassoc_reciprocal_method_inplace": (reassoc_reciprocal_method_inplace, "bnhd", False, True),
+    "quadratic_times_reciprocal": (quadratic_times_reciprocal, "bhnd", False, True),
+    "cumsum_broadcast_einsum": (cumsum_broadcast_einsum, "bhnd", True, False),
+    "cumsum_rowvector_matmul": (cumsum_rowvector_matmul, "bhnd", True, True),
+    "cumsum_bnhd_letters": (cumsum_bnhd_letters, "bnhd", True, True),
+    "cumsum_times_reciprocal": (cumsum_times_reciprocal, "bhnd", True, True),
+    "cumsum_recip_operand": (cumsum_recip_operand, "bhnd", True, True),
+}
+
+
+def linear_sites(fn, *args):
+    torch._dynamo.reset()
+    report = rewrite.inspect(fn, *args, backend="torch")
+    return report, [s for s in report.sites if s.variant == "linear"]
+
+
+@pytest.mark.parametrize("name", sorted(SPELLINGS))
+def test_spelling_is_rewritten_and_matches_float64(name):
+    fn, layout, causal, normalised = SPELLINGS[name]
+    for n, seed in ((13, 0), (31, 1)):
+        q, k, v = qkv(n, layout, seed)
+        report, lin = linear_sites(fn, q, k, v)
+        assert len(lin) == 1 and lin[0].rewritten, report
+        assert lin[0].kernel == "rewrite::linear_attention[torch]", lin[0].kernel
+        assert lin[0].mask == ("causal m <= p" if causal else "none"), lin[0].mask
+        assert any(note.startswith("normalised (eps") for note in lin[0].notes) == normalised, lin[0].notes
+        torch._dynamo.reset()
+        got = rewrite.compile(fn, backend="torch")(q, k, v)
+        want = fn(q.double(), k.double(), v.double())
+        close_relative(got, want, torch.float32, name)
+
+
+def test_the_rewritten_graph_calls_the_op_and_replaces_the_whole_einsum():
+    q, k, v = qkv(17)
+    report, (site,) = linear_sites(three_operand_recip, q, k, v)
+    assert "read as binary products" in site.spelling and "÷ φQ·ΣφK" in site.spelling, site.spelling
+    from rewrite.capture import to_aten
+    from rewrite.passes.pipeline import rewrite_graph
+
+    gm, reports = rewrite_graph(to_aten(three_operand_recip, (q, k, v)), "torch")
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert reports[0].rewritten and torch.ops.rewrite.linear_attention.default in targets, gm.graph
+    assert torch.ops.aten.einsum.default not in targets and torch.ops.aten.reciprocal.default not in targets, gm.graph
+    close_relative(gm(q, k, v), three_operand_recip(q.double(), k.double(), v.double()), torch.float32, "graph")
+
+
+@pytest.mark.parametrize("name", ["three_operand_recip", "cumsum_rowvector_matmul", "cumsum_bnhd_letters"])
+def test_gradients_through_compile_match_float64(name):
+    fn, layout, _, _ = SPELLINGS[name]
+    q, k, v = (t.double().requires_grad_() for t in qkv(15, layout, 3))
+    torch._dynamo.reset()
+    out = rewrite.compile(fn, backend="torch")(q, k, v)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(fn(q, k, v), (q, k, v), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+# ---- near-misses: left alone with the reason ---------------------------------------------------------------
+def third_operand_weight(q, k, v):  # a per-query weight that is not 1/(φQ·ΣφK)
+    q, k = phi(q), phi(k)
+    kv = torch.einsum("bhnd,bhne->bhde", k, v)
+    w = torch.sigmoid(q.sum(-1))
+    return torch.einsum("bhnd,bhde,bhn->bhne", q, kv, w)
+
+
+def reciprocal_of_something_else(q, k, v):  # 1/(φQ·ΣφQ): the queries' sum, not the keys'
+    q, k = phi(q), phi(k)
+    kv = torch.einsum("bhnd,bhne->bhde", k, v)
+    z = 1 / torch.einsum("bhnd,bhd->bhn", q, q.sum(2))
+    return torch.einsum("bhnd,bhde,bhn->bhne", q, kv, z)
+
+
+def normaliser_over_half_the_keys(q, k, v):
+    q, k = phi(q), phi(k)
+    kv = torch.einsum("bhnd,bhne->bhde", k, v)
+    z = 1 / torch.einsum("bhnd,bhd->bhn", q, k[:, :, : k.shape[2] // 2].sum(2))
+    return torch.einsum("bhnd,bhde,bhn->bhne", q, kv, z)
+
+
+def eps_inside_the_key_sum(q, k, v):  # φQ·(ΣφK + eps) = φQ·ΣφK + eps·ΣφQ: another normaliser
+    q, k = phi(q), phi(k)
+    kv = torch.einsum("bhnd,bhne->bhde", k, v)
+    z = 1 / torch.einsum("bhnd,bhd->bhn", q, k.sum(2) + 0.5)
+    return torch.einsum("bhnd,bhde,bhn->bhne", q, kv, z)
+
+
+def eps_after_the_reciprocal(q, k, v):  # 1/den + eps is no reciprocal of a normaliser
+    q, k = phi(q), phi(k)
+    kv = torch.einsum("bhnd,bhne->bhde", k, v)
+    z = 1 / torch.einsum("bhnd,bhd->bhn", q, k.sum(2)) + 0.5
+    return torch.einsum("bhnd,bhde,bhn->bhne", q, kv, z)
+
+
+def causal_normaliser_not_cumulated(q, k, v):  # causal numerator, Σ over every key in the normaliser
+    q, k = phi(q), phi(k)
+    s = torch.cumsum(k[..., None] * v[..., None, :], dim=2)
+    z = 1 / torch.einsum("bhnd,bhd->bhn", q, k.sum(2))
+    return torch.einsum("bhnd,bhnde,bhn->bhne", q, s, z)
+
+
+def cumsum_over_a_feature_axis(q, k, v):
+    q, k = phi(q), phi(k)
+    s = torch.cumsum(k[..., None] * v[..., None, :], dim=3)
+    return torch.einsum("bhnd,bhnde->bhne", q, s)
+
+
+@pytest.mark.parametrize("fn,reason", [
+    (third_operand_weight, "only part of einsum('bhnd,bhde,bhn->bhne') is linear attention"),
+    (reciprocal_of_something_else, "no normaliser"),
+    (normaliser_over_half_the_keys, "no normaliser"),
+    (eps_inside_the_key_sum, "no normaliser"),
+    (eps_after_the_reciprocal, "no normaliser"),
+    (causal_normaliser_not_cumulated, "no normaliser"),
+    (cumsum_over_a_feature_axis, "the cumsum does not run along the shared sequence axis")])
+def test_near_misses_are_left_alone_with_the_reason(fn, reason):
+    q, k, v = qkv(13, seed=4)
+    report, lin = linear_sites(fn, q, k, v)
+    assert len(lin) == 1 and not lin[0].rewritten and reason in lin[0].reason, report
+    torch._dynamo.reset()
+    close_relative(rewrite.compile(fn, backend="torch")(q, k, v), fn(q.double(), k.double(), v.double()),
+                   torch.float32, fn.__name__)
+
+
+def divided_by_something_else(q, k, v):  # ÷ a per-query value that is not the normaliser: stays in the graph
+    q, k = phi(q), phi(k)
+    kv = torch.einsum("bhnd,bhne->bhde", k, v)
+    return torch.einsum("bhnd,bhde->bhne", q, kv) * (1 / (q.sum(-1, keepdim=True) + 1))
+
+
+def test_a_division_that_is_not_the_normaliser_stays_in_the_graph():
+    q, k, v = qkv(13, seed=5)
+    report, (site,) = linear_sites(divided_by_something_else, q, k, v)
+    assert site.rewritten and not any(n.startswith("normalised (eps") for n in site.notes), report
+    assert any("not its normaliser" in n for n in site.notes), site.notes
+    torch._dynamo.reset()
+    close_relative(rewrite.compile(divided_by_something_else, backend="torch")(q, k, v),
+                   divided_by_something_else(q.double(), k.double(), v.double()), torch.float32, "÷ other")
