@@ -15,7 +15,9 @@ from torch.fx import Graph, Node
 from .axes import NoMatch
 from .contraction import as_contraction
 from .linear_attention import match_quadratic
+from .linear_chunked import find_chunked_sites
 from .linear_cumsum import match_cumsum
+from .linear_loop import find_loop_sites
 from .linear_normal import NormalForm
 from .linear_readers import is_call
 from .linear_reassociated import match_reassociated
@@ -55,21 +57,35 @@ def _scan(nodes, claimed: set[Node]) -> list[LinearSite]:
 
 
 def find_linear_sites(graph: Graph) -> list[LinearSite]:
-    """Every linear-attention site (matched, or attention-like and left alone with a reason)."""
+    """Every linear-attention site (matched, or attention-like and left alone with a reason), on the normal form,
+    mapped back to ``graph``. A Python loop over chunks first (unrolled, its per-chunk bodies are chunked-form and
+    quadratic sites too), then the chunked form (its intra-chunk part alone is a small quadratic site), then the
+    products one by one."""
     nf = NormalForm(graph)
-    claimed: set[Node] = set()
-    found = []
-    for s in _scan(list(nf.graph.nodes), claimed):
+    taken: set[Node] = set()
+    found: list[tuple[LinearSite | None, set[Node]]] = []
+    for s in [*find_loop_sites(nf.graph), *find_chunked_sites(nf.graph)]:
+        if s.out_node not in taken and not taken.intersection(s.nodes):
+            taken.update(s.nodes)
+            found.append((nf.to_original(s), set()))
+    for s in _scan(list(nf.graph.nodes), set()):
+        if s.out_node in taken or taken.intersection(s.nodes):
+            continue
         copied = {*s.nodes, s.out_node}  # before the site is mapped back in place
         found.append((nf.to_original(s), copied))
     for nary in nf.nary:
         chain = set(nary.chain)
+        if chain & taken:
+            continue
         mine = [f for f in found if f[1] & chain]
         if any(s is not None and not s.rejected for s, _ in mine):
             continue
         best = next((s for s, _ in mine if s is not None), None)
         for i in range(1, len(nary.trees)):
-            nf.resplit(nary, i)
+            try:
+                nf.resplit(nary, i)
+            except NoMatch:
+                continue
             tried = [nf.to_original(s) for s in _scan(nary.chain, set())]
             ok = next((s for s in tried if s is not None and not s.rejected), None)
             if ok is not None:

@@ -269,6 +269,8 @@ class NormalForm:
         if prod is None:
             return
         rank = len(prod.out)
+        if not node.args[1]:
+            return  # sum over every dim (dim=None or [])
         dims = sorted({d + rank if d < 0 else d for d in node.args[1]})
         keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
         summed = Product(prod.operands, tuple(lab for i, lab in enumerate(prod.out) if i not in dims))
@@ -360,7 +362,15 @@ class NormalForm:
     def resplit(self, nary: NaryEinsum, index: int) -> None:
         """Write ``nary`` in its ``index``-th association order instead of the current one."""
         old = nary.chain
-        nary.chain = self._build(old[-1], nary, nary.trees[index])
+        start = len(self.built)
+        try:
+            nary.chain = self._build(old[-1], nary, nary.trees[index])
+        except NoMatch:
+            for n in reversed(self.built[start:]):
+                if not n.users:
+                    self.graph.erase_node(n)
+            del self.built[start:]
+            raise
         nary.tree = index
         old[-1].replace_all_uses_with(nary.chain[-1])
         for n in reversed(old):
