@@ -9,7 +9,11 @@ back as the binary einsums the recognisers key on; every multiplication by a rec
 - a row-vector product ``(q.unsqueeze(-2) @ S).squeeze(-2)``  →  einsum;
 - an einsum of any number of operands: operands that are reciprocals over output axes only (``bhn`` in
   ``"bhnd,bhde,bhn->bhne"``) become divisions of the result, and the rest a chain of binary einsums in one
-  association order (`NaryEinsum`: the finder tries the others when the first is not attention).
+  association order (`NaryEinsum`: the finder tries the others when the first is not attention); a pair with
+  nothing summed whose one operand's axes lie inside the other's (a mask ``nm`` on the weights ``bhnm``) is the
+  multiplication the recognisers read between two products.
+
+The readers of products in their spellings are in linear_products.py.
 
 The rules run on a copy (`NormalForm`), so a spelling read one way and then refused leaves the user's graph as it
 was. `NormalForm.to_original` maps a site found on the copy back: a copied node to its original, a node a rule
@@ -20,7 +24,6 @@ replace the whole node.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -29,124 +32,20 @@ from torch.fx import Graph, Node
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .axes import NoMatch, shape_of
-from .contraction import as_contraction, einsum_labels
+from .linear_products import (
+    Product,
+    association_orders,
+    equation,
+    is_call,
+    kept_labels,
+    product_of_einsum,
+    product_of_matmul,
+    product_of_mul,
+    reciprocal_of,
+)
 
 aten = torch.ops.aten
 RULE = "linear_normal"  # meta key of a node a rule built: {"stands_for": original | None, "part_of": …, "rule": …}
-LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-MAX_OPERANDS = 5
-
-
-@dataclass
-class Product:
-    """Σ over the labels not in ``out`` of the product of the operands (each with one label per dim)."""
-
-    operands: list[tuple[Node, tuple[str, ...]]]
-    out: tuple[str, ...]
-
-
-def _is(node, *targets) -> bool:
-    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
-
-
-def _scalar(x) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
-
-
-def reciprocal_of(node) -> Node | None:
-    """d when ``node`` is 1/d: ``reciprocal(d)`` (· 1), ``d ** -1``."""
-    if _is(node, aten.mul.Tensor, aten.mul.Scalar):
-        a, b = node.args[:2]
-        if _scalar(b) == 1.0:
-            node = a
-        elif _scalar(a) == 1.0:
-            node = b
-    if _is(node, aten.reciprocal.default) and isinstance(node.args[0], Node):
-        return node.args[0]
-    if _is(node, aten.pow.Tensor_Scalar) and _scalar(node.args[1]) == -1.0 and isinstance(node.args[0], Node):
-        return node.args[0]
-    return None
-
-
-def _fresh(used: set[str]) -> str:
-    c = next(x for x in LETTERS if x not in used)
-    used.add(c)
-    return c
-
-
-def _peel_unsqueeze(node: Node, labels: tuple[str, ...]) -> tuple[Node, tuple[str, ...]]:
-    """An unsqueezed operand reads its source: the inserted size-1 dim's label is dropped (broadcast)."""
-    labels = list(labels)
-    while _is(node, aten.unsqueeze.default) and isinstance(node.args[0], Node):
-        d = node.args[1]
-        d = d + len(labels) if d < 0 else d
-        labels.pop(d)
-        node = node.args[0]
-    return node, tuple(labels)
-
-
-def product_of_mul(node: Node, used: set[str]) -> Product | None:
-    """``a · b`` (broadcasting, both tensors) as a Product with nothing summed."""
-    if not _is(node, aten.mul.Tensor) or not all(isinstance(a, Node) for a in node.args[:2]):
-        return None
-    out_shape = shape_of(node)
-    if out_shape is None:
-        return None
-    out = tuple(_fresh(used) for _ in out_shape)
-    operands = []
-    for x in node.args[:2]:
-        sx = shape_of(x)
-        if sx is None or len(sx) > len(out_shape):
-            return None
-        off = len(out_shape) - len(sx)
-        labels = []
-        for j, s in enumerate(sx):
-            if s == out_shape[off + j]:
-                labels.append(out[off + j])
-            elif s == 1:
-                labels.append(_fresh(used))  # broadcast: a size-1 dim summed away
-            else:
-                return None
-        operands.append(_peel_unsqueeze(x, tuple(labels)))
-    return Product(operands, out)
-
-
-def product_of_matmul(node: Node, used: set[str]) -> Product | None:
-    """A matmul/bmm as a Product (its batch broadcasting as size-1 labels)."""
-    if not _is(node, aten.matmul.default, aten.bmm.default):
-        return None
-    c = as_contraction(node)
-    if c is None:
-        return None
-    names: dict[str, str] = {}
-
-    def letters(labels):
-        return tuple(_fresh(used) if not lab else names.setdefault(lab, _fresh(used)) for lab in labels)
-
-    a, b = letters(c.a_labels), letters(c.b_labels)
-    return Product([_peel_unsqueeze(c.a, a), _peel_unsqueeze(c.b, b)], letters(c.out_labels))
-
-
-def product_of_einsum(node: Node) -> Product | None:
-    if not _is(node, aten.einsum.default):
-        return None
-    eq, operands = node.args[:2]
-    if "->" not in eq or not 2 <= len(operands) <= MAX_OPERANDS or not all(isinstance(o, Node) for o in operands):
-        return None
-    shapes = [shape_of(o) for o in operands]
-    if any(s is None for s in shapes):
-        return None
-    labels = einsum_labels(eq.replace(" ", ""), shapes)
-    if labels is None:
-        return None
-    ins, out = labels
-    if any(len(set(lab)) != len(lab) for lab in (*ins, out)):
-        return None  # a diagonal
-    return Product(list(zip(operands, ins)), tuple(out))
-
-
-def _equation(labels: list[tuple[str, ...]], out: tuple[str, ...]) -> str:
-    return ",".join("".join(lab) for lab in labels) + "->" + "".join(out)
 
 
 # ---- the copy and its rules ------------------------------------------------------------------------
@@ -176,6 +75,7 @@ class NormalForm:
         self.origin = {new: old for old, new in val_map.items()}
         self.nary: list[NaryEinsum] = []
         self.built: list[Node] = []
+        self._merge_duplicates()
         for node in list(self.graph.nodes):
             if node.op != "call_function":
                 continue
@@ -188,6 +88,23 @@ class NormalForm:
                         self.graph.erase_node(n)
                 del self.built[start:]
         self.graph.eliminate_dead_code()
+
+    def _merge_duplicates(self) -> None:
+        """A value computed twice by the same pure op on the same inputs (``k.sum(3)`` in the state and again in
+        the normaliser) is one node: the second reads the first."""
+        seen: dict = {}
+        for node in list(self.graph.nodes):
+            if node.op != "call_function" or not _pure(node.target):
+                continue
+            try:
+                key = (node.target, _hashable(node.args), _hashable(sorted(node.kwargs.items())))
+                first = seen.setdefault(key, node)
+            except TypeError:
+                continue
+            if first is not node and shape_of(first) == shape_of(node) and \
+                    first.meta["val"].dtype == node.meta["val"].dtype:
+                node.replace_all_uses_with(first)
+                self.graph.erase_node(node)
 
     # -- building -------------------------------------------------------------------------------
     def _node(self, before: Node, target, args, rule: str, stands_for: Node | None, part_of: Node | None) -> Node:
@@ -224,7 +141,7 @@ class NormalForm:
         """The einsum of ``product``; output labels no operand has (size 1: a peeled unsqueeze) are unsqueezed."""
         have = {x for _, lab in product.operands for x in lab}
         missing = [i for i, x in enumerate(product.out) if x not in have]
-        eq = _equation([lab for _, lab in product.operands], tuple(x for x in product.out if x in have))
+        eq = equation([lab for _, lab in product.operands], tuple(x for x in product.out if x in have))
         n = self._node(before, aten.einsum.default, (eq, [o for o, _ in product.operands]), rule,
                        None if missing else stands_for, part_of)
         for i in missing:
@@ -245,7 +162,7 @@ class NormalForm:
             users = list(node.users)
             used: set[str] = set()
             prod = product_of_mul(node, used)
-            if prod is not None and users and all(_is(u, aten.cumsum.default) for u in users) and \
+            if prod is not None and users and all(is_call(u, aten.cumsum.default) for u in users) and \
                     any(len(lab) < len(prod.out) for _, lab in prod.operands):
                 self._replace(node, self._einsum(node, prod, "broadcast outer product read as einsum",
                                                  self._orig(node), self._orig(node)))
@@ -286,7 +203,7 @@ class NormalForm:
     def _squeezed_matmul(self, node: Node) -> None:
         """``(q.unsqueeze(-2) @ S).squeeze(-2)`` → einsum without the size-1 dim."""
         src = node.args[0]
-        if not isinstance(src, Node) or len(src.users) != 1 or not _is(src, aten.matmul.default, aten.bmm.default):
+        if not isinstance(src, Node) or len(src.users) != 1 or not is_call(src, aten.matmul.default, aten.bmm.default):
             return
         shape = shape_of(src)
         used: set[str] = set()
@@ -318,7 +235,7 @@ class NormalForm:
         if not factors or (len(factors) == 1 and tuple(factors[0][1]) != prod.out):
             return
         nary = NaryEinsum(self._orig(node), f"einsum('{node.args[0]}')", factors, dens, prod.out)
-        nary.trees = _trees(list(range(len(factors))), [lab for _, lab in factors], prod.out)
+        nary.trees = association_orders([lab for _, lab in factors], prod.out)
         nary.chain = self._build(node, nary, nary.trees[0])
         self._replace(node, nary.chain[-1])
         self.nary.append(nary)
@@ -333,10 +250,18 @@ class NormalForm:
             if isinstance(t, int):
                 return nary.factors[t]
             (na, la), (nb, lb) = emit(t[0], False), emit(t[1], False)
-            keep = _needed(t, nary)
+            keep = kept_labels(t, [lab for _, lab in nary.factors], nary.out)
             out = nary.out if top else tuple(dict.fromkeys(x for x in (*la, *lb) if x in keep))
             stands = whole if top and not nary.dens else None
-            n = self._node(before, aten.einsum.default, (_equation([la, lb], out), [na, nb]), rule, stands, whole)
+            (nbig, lbig), (nsmall, lsmall) = ((na, la), (nb, lb)) if len(la) >= len(lb) else ((nb, lb), (na, la))
+            if set(lsmall) <= set(lbig) and set(out) == set(lbig) and (not top or lbig == out):
+                # Nothing summed and one operand's axes inside the other's: an elementwise product (a mask or a
+                # scale), written as the multiplication the recognisers read between two products.
+                n = self._node(before, aten.mul.Tensor, (nbig, self._broadcast(before, nsmall, lsmall, lbig, rule,
+                                                                                whole, chain)), rule, stands, whole)
+                chain.append(n)
+                return n, lbig
+            n = self._node(before, aten.einsum.default, (equation([la, lb], out), [na, nb]), rule, stands, whole)
             chain.append(n)
             return n, out
 
@@ -345,19 +270,24 @@ class NormalForm:
         else:
             cur = emit(tree, True)[0]
         for i, (d, lab) in enumerate(nary.dens):
-            b = d
-            order = [x for x in nary.out if x in lab]
-            if list(lab) != order:
-                b = self._node(before, aten.permute.default, (b, [lab.index(x) for x in order]), rule, None, whole)
-                chain.append(b)
-            for j, x in enumerate(nary.out):
-                if x not in lab:
-                    b = self._node(before, aten.unsqueeze.default, (b, j), rule, None, whole)
-                    chain.append(b)
+            b = self._broadcast(before, d, lab, nary.out, rule, whole, chain)
             last = i == len(nary.dens) - 1
             cur = self._node(before, aten.div.Tensor, (cur, b), rule, whole if last else None, whole)
             chain.append(cur)
         return chain
+
+    def _broadcast(self, before, node: Node, labels, out, rule, whole, chain: list[Node]) -> Node:
+        """``node`` (with ``labels``) permuted and unsqueezed to broadcast against a tensor labelled ``out``."""
+        order = [x for x in out if x in labels]
+        if list(labels) != order:
+            node = self._node(before, aten.permute.default, (node, [labels.index(x) for x in order]), rule, None,
+                              whole)
+            chain.append(node)
+        for j, x in enumerate(out):
+            if x not in labels:
+                node = self._node(before, aten.unsqueeze.default, (node, j), rule, None, whole)
+                chain.append(node)
+        return node
 
     def resplit(self, nary: NaryEinsum, index: int) -> None:
         """Write ``nary`` in its ``index``-th association order instead of the current one."""
@@ -419,8 +349,24 @@ class NormalForm:
         return site
 
 
+def _pure(target) -> bool:
+    """A deterministic op that writes nothing and allocates no uninitialised memory."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    name = target.name()
+    return (torch.Tag.nondeterministic_seeded not in target.tags and not target._schema.is_mutable
+            and "empty" not in name and "rand" not in name and "dropout" not in name)
+
+
+def _hashable(x):
+    if isinstance(x, (list, tuple)):
+        return tuple(_hashable(a) for a in x)
+    hash(x)
+    return x
+
+
 def _spelling(node: Node) -> str:
-    if _is(node, aten.einsum.default):
+    if is_call(node, aten.einsum.default):
         return f"einsum('{node.args[0]}')"
     return node.name
 
@@ -430,51 +376,3 @@ def _part_reason(whole: Node, site) -> str:
     return (f"only part of {what} is linear attention: its other operands are no normaliser (a reciprocal "
             f"1/(φQ·ΣφK) over the output's axes{' of these queries and keys' if site.normalize else ''}), so the "
             "rewrite cannot replace the whole einsum")
-
-
-def _leaves(t) -> list[int]:
-    return [t] if isinstance(t, int) else [*_leaves(t[0]), *_leaves(t[1])]
-
-
-def _needed(t, nary: NaryEinsum) -> set[str]:
-    inside = set(_leaves(t))
-    keep = set(nary.out)
-    for i, (_, lab) in enumerate(nary.factors):
-        if i not in inside:
-            keep |= set(lab)
-    return keep
-
-
-def _all_trees(ids: list[int]):
-    if len(ids) == 1:
-        yield ids[0]
-        return
-    first, rest = ids[0], ids[1:]
-    for r in range(len(rest) + 1):
-        for left_rest in itertools.combinations(rest, r):
-            left = [first, *left_rest]
-            right = [i for i in rest if i not in left_rest]
-            if not right:
-                continue
-            for a in _all_trees(left):
-                for b in _all_trees(right):
-                    yield (a, b)
-
-
-def _trees(ids: list[int], labels, out) -> list:
-    """Every association order, the cheapest first intermediate (fewest output labels) first."""
-    trees = list(_all_trees(ids))
-
-    def cost(t):
-        if isinstance(t, int):
-            return 0
-        inner = [s for s in (t[0], t[1]) if not isinstance(s, int)]
-        keep = set(out)
-        leaves = set(_leaves(t))
-        for i, lab in enumerate(labels):
-            if i not in leaves:
-                keep |= set(lab)
-        here = len({x for i in leaves for x in labels[i] if x in keep})
-        return max([here, *(cost(s) for s in inner)])
-
-    return sorted(trees, key=cost)
