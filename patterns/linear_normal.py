@@ -24,6 +24,7 @@ replace the whole node.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +45,7 @@ from .linear_products import (
     reciprocal_of,
 )
 
+log = logging.getLogger("rewrite")
 aten = torch.ops.aten
 RULE = "linear_normal"  # meta key of a node a rule built: {"stands_for": original | None, "part_of": …, "rule": …}
 
@@ -82,7 +84,10 @@ class NormalForm:
             start = len(self.built)
             try:
                 self._apply(node)
-            except NoMatch:  # a rule stopped half-way: drop what it built, the node stays as written
+            except Exception as exc:  # noqa: BLE001 - a rule stopped half-way: the node stays as written
+                if not isinstance(exc, NoMatch):
+                    log.warning("linear normal form: a rule failed on %s (%s): the node is read as written",
+                                node.format_node(), exc)
                 for n in reversed(self.built[start:]):
                     if not n.users:
                         self.graph.erase_node(n)
@@ -101,8 +106,9 @@ class NormalForm:
                 first = seen.setdefault(key, node)
             except TypeError:
                 continue
-            if first is not node and shape_of(first) == shape_of(node) and \
-                    first.meta["val"].dtype == node.meta["val"].dtype:
+            a, b = first.meta.get("val"), node.meta.get("val")
+            if first is not node and isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and \
+                    a.shape == b.shape and a.dtype == b.dtype:
                 node.replace_all_uses_with(first)
                 self.graph.erase_node(node)
 

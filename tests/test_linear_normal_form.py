@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from reference import close_relative
 
 import rewrite
@@ -272,6 +274,24 @@ def test_near_misses_are_left_alone_with_the_reason(fn, reason):
                    torch.float32, fn.__name__)
 
 
+def normaliser_pairs_batch_with_heads(q, k, v):  # with B == H this runs, and pairs query heads with key batches
+    q, k = phi(q), phi(k)
+    kv = torch.einsum("bhnd,bhne->bhde", k, v)
+    z = 1 / torch.einsum("bhnd,hbd->bhn", q, k.sum(2))
+    return torch.einsum("bhnd,bhde,bhn->bhne", q, kv, z)
+
+
+def test_a_normaliser_read_along_the_wrong_axes_is_refused():
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(3, 3, 13, D, generator=g) for _ in range(3))
+    report, lin = linear_sites(normaliser_pairs_batch_with_heads, q, k, v)
+    assert len(lin) == 1 and not lin[0].rewritten and "no normaliser" in lin[0].reason, report
+    torch._dynamo.reset()
+    fn = normaliser_pairs_batch_with_heads
+    close_relative(rewrite.compile(fn, backend="torch")(q, k, v), fn(q.double(), k.double(), v.double()),
+                   torch.float32, "swapped")
+
+
 def divided_by_something_else(q, k, v):  # ÷ a per-query value that is not the normaliser: stays in the graph
     q, k = phi(q), phi(k)
     kv = torch.einsum("bhnd,bhne->bhde", k, v)
@@ -286,3 +306,62 @@ def test_a_division_that_is_not_the_normaliser_stays_in_the_graph():
     torch._dynamo.reset()
     close_relative(rewrite.compile(divided_by_something_else, backend="torch")(q, k, v),
                    divided_by_something_else(q.double(), k.double(), v.double()), torch.float32, "÷ other")
+
+
+# ---- drawn spellings: letters, operand orders, layouts, state layouts, reciprocal spellings, eps --------------
+RECIPROCALS = {"1/x": lambda x: 1 / x, "reciprocal": torch.reciprocal, "pow": lambda x: x ** -1}
+
+
+def drawn_spelling(draw, causal: bool):
+    b, h, n, m, d, e = draw(st.permutations(list("abhijnmpdefxyz")))[:6]
+    layout = draw(st.sampled_from(["bhnd", "bnhd"]))
+
+    def sub(seq, feat):
+        return "".join({"b": b, "h": h, "n": seq, "d": feat}[c] for c in layout)
+
+    def rows(seq):
+        return "".join({"b": b, "h": h, "n": seq}[c] for c in layout.replace("d", ""))
+
+    seq_dim = layout.index("n")
+    recip = draw(st.sampled_from(sorted(RECIPROCALS)))
+    eps = draw(st.sampled_from([0.0, 1e-6]))
+    order = draw(st.permutations([0, 1, 2]))
+    if causal:
+        state = "".join(draw(st.permutations([b, h, n, d, e])))
+        state_eq = f"{sub(n, d)},{sub(n, e)}->{state}"
+        den_eq = f"{sub(n, d)},{sub(n, d)}->{rows(n)}"
+    else:
+        state = "".join(draw(st.permutations([b, h, d, e])))
+        state_eq = f"{sub(m, d)},{sub(m, e)}->{state}"
+        den_eq = f"{sub(n, d)},{''.join(c for c in (b, h, d) if c in sub(n, d))}->{rows(n)}"
+    subs = [sub(n, d), state, rows(n)]
+    out_eq = ",".join(subs[i] for i in order) + "->" + sub(n, e)
+
+    def fn(q, k, v):
+        q, k = F.elu(q) + 1, F.elu(k) + 1
+        s = torch.einsum(state_eq, k, v)
+        if causal:
+            s = s.cumsum(state.index(n))
+            ks = k.cumsum(seq_dim)
+        else:
+            ks = k.sum(seq_dim)
+        z = RECIPROCALS[recip](torch.einsum(den_eq, q, ks) + eps)
+        ops = [q, s, z]
+        return torch.einsum(out_eq, *(ops[i] for i in order))
+
+    return fn, layout, f"{state_eq} | {den_eq} | {out_eq} | {recip} eps={eps}"
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+          phases=(Phase.explicit, Phase.reuse, Phase.generate))
+@given(data=st.data(), causal=st.booleans(), n=st.integers(2, 12).map(lambda x: 2 * x + 1),
+       seed=st.integers(0, 2**16))
+def test_drawn_three_operand_einsums_are_rewritten(data, causal, n, seed):
+    fn, layout, what = drawn_spelling(data.draw, causal)
+    q, k, v = qkv(n, layout, seed)
+    report, lin = linear_sites(fn, q, k, v)
+    assert len(lin) == 1 and lin[0].rewritten, (what, report)
+    assert lin[0].mask == ("causal m <= p" if causal else "none"), what
+    torch._dynamo.reset()
+    close_relative(rewrite.compile(fn, backend="torch")(q, k, v), fn(q.double(), k.double(), v.double()),
+                   torch.float32, what)
