@@ -365,3 +365,26 @@ def test_drawn_three_operand_einsums_are_rewritten(data, causal, n, seed):
     torch._dynamo.reset()
     close_relative(rewrite.compile(fn, backend="torch")(q, k, v), fn(q.double(), k.double(), v.double()),
                    torch.float32, what)
+
+
+# ---- one canonical cascade: every form reduces to it, and the site's facts must agree ------------------------
+@pytest.mark.parametrize("name,masked", [("quadratic_times_reciprocal", False), ("three_operand_recip", False),
+                                         ("four_operand_causal_mask", True), ("cumsum_rowvector_matmul", True),
+                                         ("chunked_reciprocal", True)])
+def test_every_form_reduces_to_the_canonical_cascade_and_the_site_must_agree(name, masked):
+    from rewrite.capture import to_aten
+    from rewrite.ir.cascade import Cascade
+    from rewrite.passes.linearize import NotLinearizable, plan_linear, reduce_to_normal_form
+    from rewrite.patterns.linear_find import find_linear_sites
+
+    fn, layout, causal, normalised = SPELLINGS[name]
+    q, k, v = qkv(12, layout, 2)
+    (site,) = find_linear_sites(to_aten(fn, (q, k, v)).graph)
+    form = reduce_to_normal_form(site.cascade)
+    assert (form.normalised, form.masked, form.decayed) == (normalised, masked, False), form
+    plan = plan_linear(site, "torch", None)
+    assert plan.causal == causal
+    assert str(form.cascade(plan.causal)) == str(Cascade.linear_attention(causal=causal, normalize=normalised))
+    site.normalize = not site.normalize  # a recogniser that got the normaliser wrong is caught by the proof
+    with pytest.raises(NotLinearizable, match="disagree"):
+        plan_linear(site, "torch", None)
