@@ -33,10 +33,12 @@ from torch.fx import Graph, Node
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .axes import NoMatch, shape_of
+from .linear_cse import merge_duplicates
 from .linear_products import (
     Product,
     association_orders,
     equation,
+    from_product,
     is_call,
     kept_labels,
     product_of_einsum,
@@ -77,7 +79,7 @@ class NormalForm:
         self.origin = {new: old for old, new in val_map.items()}
         self.nary: list[NaryEinsum] = []
         self.built: list[Node] = []
-        self._merge_duplicates()
+        merge_duplicates(self.graph)
         for node in list(self.graph.nodes):
             if node.op != "call_function":
                 continue
@@ -94,39 +96,24 @@ class NormalForm:
                 del self.built[start:]
         self.graph.eliminate_dead_code()
 
-    def _merge_duplicates(self) -> None:
-        """A value computed twice by the same pure op on the same inputs (``k.sum(3)`` in the state and again in
-        the normaliser) is one node: the second reads the first."""
-        seen: dict = {}
-        for node in list(self.graph.nodes):
-            if node.op != "call_function" or not _pure(node.target):
-                continue
-            try:
-                key = (node.target, _hashable(node.args), _hashable(sorted(node.kwargs.items())))
-                first = seen.setdefault(key, node)
-            except TypeError:
-                continue
-            a, b = first.meta.get("val"), node.meta.get("val")
-            if first is not node and isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and \
-                    a.shape == b.shape and a.dtype == b.dtype:
-                node.replace_all_uses_with(first)
-                self.graph.erase_node(node)
-
     # -- building -------------------------------------------------------------------------------
-    def _node(self, before: Node, target, args, rule: str, stands_for: Node | None, part_of: Node | None) -> Node:
+    def _node(self, before: Node, target, args, rule: str, stands_for: Node | None, part_of: Node | None,
+              kwargs: dict | None = None) -> Node:
+        kwargs = kwargs or {}
         vals = tree_map(lambda a: a.meta.get("val") if isinstance(a, Node) else a, args)
-        mode = detect_fake_mode(tree_flatten(vals)[0])
+        mode = detect_fake_mode(tree_flatten(vals)[0]) or detect_fake_mode([before.meta.get("val")])
         try:  # the value's shape and dtype, from fake (or meta) tensors: nothing is computed
             with torch.no_grad():
                 if mode is not None:
                     with mode:
-                        val = target(*vals)
+                        val = target(*vals, **kwargs)
                 else:
-                    val = target(*tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, vals))
+                    val = target(*tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, vals),
+                                 **{**kwargs, **({"device": "meta"} if "device" in kwargs else {})})
         except Exception as exc:  # noqa: BLE001 - a rule that does not apply here: the node stays as written
             raise NoMatch(f"normal form: {rule}: {exc}") from exc
         with self.graph.inserting_before(before):
-            n = self.graph.call_function(target, args)
+            n = self.graph.call_function(target, args, kwargs)
         n.meta.update({k: v for k, v in before.meta.items() if k in ("stack_trace", "nn_module_stack")})
         n.meta["val"] = val
         n.meta[RULE] = {"rule": rule, "stands_for": stands_for, "part_of": part_of}
@@ -181,6 +168,22 @@ class NormalForm:
             return
         if t == aten.einsum.default:
             self._einsum_rule(node)
+        if t in (aten.tril.default, aten.triu.default):
+            self._triangle_of_scores(node)
+
+    def _triangle_of_scores(self, node: Node) -> None:
+        """``scores.tril(k)`` → ``where(tril(ones, k), scores, 0)``: the 0/1 mask the recognisers read (exact:
+        NaN and inf above the diagonal become 0 either way)."""
+        x = node.args[0]
+        shape = shape_of(x)
+        if not isinstance(x, Node) or shape is None or len(shape) < 2 or not from_product(x):
+            return
+        diagonal = node.args[1] if len(node.args) > 1 else node.kwargs.get("diagonal", 0)
+        whole, rule = self._orig(node), f"scores.{node.target.__name__.split('.')[0]}() read as a 0/1 mask"
+        ones = self._node(node, aten.ones.default, (list(shape[-2:]),), rule, None, whole,
+                          {"dtype": torch.bool, "device": x.meta["val"].device})
+        keep = self._node(node, node.target, (ones, diagonal), rule, None, whole)
+        self._replace(node, self._node(node, aten.where.ScalarOther, (keep, x, 0.0), rule, whole, whole))
 
     def _sum_of_product(self, node: Node) -> None:
         """``(a · b).sum(dims[, keepdim])`` → einsum (+ unsqueeze), when the product has no other reader."""
@@ -353,22 +356,6 @@ class NormalForm:
             site.spelling += " (normal form: " + "; ".join(rules) + ")"
             site.notes.append("normal form: " + "; ".join(rules))
         return site
-
-
-def _pure(target) -> bool:
-    """A deterministic op that writes nothing and allocates no uninitialised memory."""
-    if not isinstance(target, torch._ops.OpOverload):
-        return False
-    name = target.name()
-    return (torch.Tag.nondeterministic_seeded not in target.tags and not target._schema.is_mutable
-            and "empty" not in name and "rand" not in name and "dropout" not in name)
-
-
-def _hashable(x):
-    if isinstance(x, (list, tuple)):
-        return tuple(_hashable(a) for a in x)
-    hash(x)
-    return x
 
 
 def _spelling(node: Node) -> str:

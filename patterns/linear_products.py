@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Node
 
-from .axes import shape_of
+from .axes import is_layout_op, shape_of
 from .contraction import as_contraction, einsum_labels
 
 aten = torch.ops.aten
@@ -129,6 +129,23 @@ def product_of_einsum(node: Node) -> Product | None:
 
 def equation(labels: list[tuple[str, ...]], out: tuple[str, ...]) -> str:
     return ",".join("".join(lab) for lab in labels) + "->" + "".join(out)
+
+
+def from_product(x) -> bool:
+    """``x`` is a contraction's output, through layout ops and scalings (scores, not a mask being built)."""
+    for _ in range(8):
+        if not (isinstance(x, Node) and x.op == "call_function"):
+            return False
+        if as_contraction(x) is not None:
+            return True
+        if x.target in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar) and \
+                not isinstance(x.args[1], Node):
+            x = x.args[0]
+        elif is_layout_op(x):
+            x = x.args[0]
+        else:
+            return False
+    return False
 
 
 # ---- association orders of an n-operand product ----------------------------------------------------

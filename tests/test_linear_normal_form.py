@@ -140,7 +140,28 @@ def recomputed_feature_maps(q, k, v):  # φ written out again at each use: the s
     return torch.einsum("bhnd,bhde->bhne", F.elu(q) + 1, kv) / den[..., None]
 
 
+def tril_of_the_scores(q, k, v):  # causal by .tril() on the scores themselves
+    s = (F.relu(q) @ F.relu(k).transpose(-1, -2)).tril()
+    return s @ v / (s.sum(-1, keepdim=True) + 1e-6)
+
+
+def ellipsis_cumsum(q, k, v):  # einsums with ellipses, the normaliser unsqueezed after its einsum
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    s = torch.einsum("...nd,...ne->...nde", k, v).cumsum(-3)
+    den = torch.einsum("...nd,...nd->...n", q, k.cumsum(-2))
+    return torch.einsum("...nd,...nde->...ne", q, s) / den.unsqueeze(-1)
+
+
+def query_product_as_mul_sum(q, k, v):  # the query product as a broadcast multiply and a sum
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    s = (k[..., :, None] * v[..., None, :]).cumsum(2)
+    return (q[..., :, None] * s).sum(-2)
+
+
 SPELLINGS = {  # name: (fn, layout, causal, normalised)
+    "tril_of_the_scores": (tril_of_the_scores, "bhnd", True, True),
+    "ellipsis_cumsum": (ellipsis_cumsum, "bhnd", True, True),
+    "query_product_as_mul_sum": (query_product_as_mul_sum, "bhnd", True, False),
     "recomputed_feature_maps": (recomputed_feature_maps, "bhnd", False, True),
     "four_operand_causal_mask": (four_operand_causal_mask, "bhnd", True, False),
     "three_operand_recip": (three_operand_recip, "bhnd", False, True),
@@ -257,7 +278,16 @@ def cumsum_over_a_feature_axis(q, k, v):
     return torch.einsum("bhnd,bhnde->bhne", q, s)
 
 
+def triu_of_the_scores(q, k, v):  # anti-causal
+    return (F.relu(q) @ F.relu(k).transpose(-1, -2)).triu() @ v
+
+
+def strictly_lower_scores(q, k, v):  # m < p: the diagonal dropped
+    return (F.relu(q) @ F.relu(k).transpose(-1, -2)).tril(-1) @ v
+
+
 @pytest.mark.parametrize("fn,reason", [
+    (triu_of_the_scores, "not causal or dense"), (strictly_lower_scores, "not causal or dense"),
     (third_operand_weight, "only part of einsum('bhnd,bhde,bhn->bhne') is linear attention"),
     (reciprocal_of_something_else, "no normaliser"),
     (normaliser_over_half_the_keys, "no normaliser"),
