@@ -3,7 +3,8 @@ einsums of three or four operands, a multiplication by the reciprocal of the nor
 a power, an einsum operand), the causal prefix sum of outer products contracted with the queries by einsum or by a
 row-vector matmul, the normaliser written as an einsum, a product-then-sum or a matmul. Each is asserted rewritten
 (the report's kernel and mask) and equal to eager float64 on random inputs with odd N (the near-misses are in
-test_linear_normal_form_refused.py). The spellings are written the way model code writes them, letters and layouts varied."""
+test_linear_normal_form_refused.py). The spellings are written the way model code writes them, letters and
+layouts varied."""
 
 from __future__ import annotations
 
@@ -309,3 +310,15 @@ def test_every_form_reduces_to_the_canonical_cascade_and_the_site_must_agree(nam
     site.normalize = not site.normalize  # a recogniser that got the normaliser wrong is caught by the proof
     with pytest.raises(NotLinearizable, match="disagree"):
         plan_linear(site, "torch", None)
+
+
+@pytest.mark.parametrize("name", ["three_operand_bnhd_reordered", "cumsum_rowvector_matmul", "tril_of_the_scores"])
+def test_bfloat16_inputs(name):
+    fn, layout, causal, _ = SPELLINGS[name]
+    q, k, v = qkv(19, layout, 7, torch.bfloat16)
+    report, lin = linear_sites(fn, q, k, v)
+    assert len(lin) == 1 and lin[0].rewritten, report
+    torch._dynamo.reset()
+    got = rewrite.compile(fn, backend="torch")(q, k, v)
+    assert got.dtype == torch.bfloat16
+    close_relative(got, fn(q.double(), k.double(), v.double()), torch.bfloat16, name)
