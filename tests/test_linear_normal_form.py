@@ -118,7 +118,7 @@ def cumsum_recip_operand(q, k, v):  # the normaliser as an einsum operand of the
 
 def four_operand_causal_mask(q, k, v):  # q, k, a tril mask and v in one einsum: the quadratic causal form
     n = q.shape[2]
-    keep = torch.tril(torch.ones(n, n, dtype=q.dtype))
+    keep = torch.tril(torch.ones(n, n, dtype=q.dtype, device=q.device))
     return torch.einsum("bhid,bhjd,ij,bhjf->bhif", F.relu(q), F.relu(k), keep, v)
 
 
@@ -129,7 +129,7 @@ def chunked_reciprocal(q, k, v, C=4):  # chunked causal; the states as product-t
     kv = (k[..., :, None] * v[..., None, :]).sum(3)
     kv = kv.cumsum(2) - kv
     z = k.sum(3).cumsum(2) - k.sum(3)  # the key sums computed twice
-    s = (q @ k.transpose(-1, -2)) * torch.tril(torch.ones(C, C, dtype=q.dtype))
+    s = (q @ k.transpose(-1, -2)) * torch.tril(torch.ones(C, C, dtype=q.dtype, device=q.device))
     num = q @ kv + s @ v
     den = torch.einsum("bhncd,bhnd->bhnc", q, z).unsqueeze(-1) + s.sum(-1, keepdim=True)
     return (num * (1.0 / (den + 1e-6))).reshape(B_, H_, N, -1)
@@ -322,3 +322,23 @@ def test_bfloat16_inputs(name):
     got = rewrite.compile(fn, backend="torch")(q, k, v)
     assert got.dtype == torch.bfloat16
     close_relative(got, fn(q.double(), k.double(), v.double()), torch.bfloat16, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_every_spelling_runs_the_triton_kernel(dtype):
+    for name, (fn, layout, causal, _) in sorted(SPELLINGS.items()):
+        q, k, v = (t.cuda() for t in qkv(1028 if name == "chunked_reciprocal" else 1027, layout, 8, dtype))
+        report, lin = linear_sites_on(fn, "triton", q, k, v)
+        assert len(lin) == 1 and lin[0].rewritten, (name, report)
+        assert lin[0].kernel == "rewrite::linear_attention[triton]", (name, lin[0].kernel)
+        assert lin[0].mask == ("causal m <= p" if causal else "none"), (name, lin[0].mask)
+        torch._dynamo.reset()
+        got = rewrite.compile(fn, backend="triton")(q, k, v)
+        close_relative(got, fn(q.double(), k.double(), v.double()), dtype, f"{name} {dtype}")
+
+
+def linear_sites_on(fn, backend, *args):
+    torch._dynamo.reset()
+    report = rewrite.inspect(fn, *args, backend=backend)
+    return report, [s for s in report.sites if s.variant == "linear"]
