@@ -15,6 +15,8 @@ else under its own name), and passes/linearize.py proves on that cascade whether
 reassociation is exact. The recogniser only refuses shapes that are not attention at all
 (silently) and bindings it cannot express (with the reason, for the report). The site type and
 the helpers every linear recogniser shares are in linear_site.py; masks are read in linear_masks.py.
+Every recogniser reads the graph's normal form (linear_normal.py: reciprocals as divisions, products as binary
+einsums); the entry point over a graph is linear_find.py.
 """
 
 from __future__ import annotations
