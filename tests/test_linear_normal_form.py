@@ -324,6 +324,30 @@ def test_bfloat16_inputs(name):
     close_relative(got, fn(q.double(), k.double(), v.double()), torch.bfloat16, name)
 
 
+def retention_einsum(q, k, v, transposed=False):  # RetNet retention as one einsum of q, k, the decay matrix and v
+    h, n = q.shape[1], q.shape[2]
+    gamma = 1 - 2.0 ** (-5 - torch.arange(h, dtype=torch.float32))
+    i = torch.arange(n)
+    dist = (i[:, None] - i[None, :]).float()
+    decay = (gamma.view(-1, 1, 1) ** dist.clamp(min=0)).masked_fill(dist < 0, 0.0)
+    return torch.einsum("bhnd,bhmd,hmn,bhme->bhne" if transposed else "bhnd,bhmd,hnm,bhme->bhne", q, k, decay, v)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_retention_as_one_four_operand_einsum(transposed):
+    q, k, v = qkv(15, seed=9)
+    fn = (lambda q, k, v: retention_einsum(q, k, v, transposed))
+    report, lin = linear_sites(fn, q, k, v)
+    assert len(lin) == 1, report
+    if transposed:  # the decay read as γ^(m − p) above the diagonal: anti-causal
+        assert not lin[0].rewritten and "keeps pairs m > p" in lin[0].reason, report
+    else:
+        assert lin[0].rewritten and lin[0].kernel == "rewrite::decay_linear_attention[torch]", report
+    torch._dynamo.reset()
+    close_relative(rewrite.compile(fn, backend="torch")(q, k, v), fn(q.double(), k.double(), v.double()),
+                   torch.float32, "retention")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_every_spelling_runs_the_triton_kernel(dtype):
