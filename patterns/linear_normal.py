@@ -163,7 +163,7 @@ class NormalForm:
         if t == aten.sum.dim_IntList:
             self._sum_of_product(node)
             return
-        if t in (aten.squeeze.dim, aten.squeeze.dims):
+        if t in (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.select.int):
             self._squeezed_matmul(node)
             return
         if t == aten.einsum.default:
@@ -210,7 +210,8 @@ class NormalForm:
         self._replace(node, new)
 
     def _squeezed_matmul(self, node: Node) -> None:
-        """``(q.unsqueeze(-2) @ S).squeeze(-2)`` → einsum without the size-1 dim."""
+        """``(q.unsqueeze(-2) @ S).squeeze(-2)`` (or ``[..., 0, :]``, ``.squeeze()``) → einsum without the size-1
+        dim."""
         src = node.args[0]
         if not isinstance(src, Node) or len(src.users) != 1 or not is_call(src, aten.matmul.default, aten.bmm.default):
             return
@@ -219,9 +220,16 @@ class NormalForm:
         prod = product_of_matmul(src, used)
         if prod is None or shape is None:
             return
-        dims = node.args[1] if node.target == aten.squeeze.dims else [node.args[1]]
+        if node.target == aten.squeeze.default:
+            dims = [d for d, size in enumerate(shape) if size == 1]
+        elif node.target == aten.select.int:  # x[..., 0, :] of a size-1 dim
+            if node.args[2] not in (0, -1):
+                return
+            dims = [node.args[1]]
+        else:
+            dims = node.args[1] if node.target == aten.squeeze.dims else [node.args[1]]
         dims = {d + len(shape) if d < 0 else d for d in dims}
-        if any(shape[d] != 1 for d in dims):
+        if not dims or any(shape[d] != 1 for d in dims):
             return
         squeezed = Product(prod.operands, tuple(lab for i, lab in enumerate(prod.out) if i not in dims))
         self._replace(node, self._einsum(node, squeezed, "row-vector matmul read as einsum", self._orig(node),

@@ -92,6 +92,14 @@ def cumsum_rowvector_matmul(q, k, v):  # (q.unsqueeze(-2) @ S).squeeze(-2), norm
     return num / (den + 1e-6)
 
 
+def cumsum_rowvector_select(q, k, v):  # the row-vector product read back with [..., 0, :], eps outside
+    q, k = phi(q), phi(k)
+    s = torch.cumsum(k.unsqueeze(-1) * v.unsqueeze(-2), dim=2)
+    num = torch.matmul(q.unsqueeze(3), s)[:, :, :, 0, :]
+    den = torch.matmul(q.unsqueeze(3), k.cumsum(2).unsqueeze(4)).squeeze()
+    return num / den.unsqueeze(-1)
+
+
 def cumsum_bnhd_letters(q, k, v):  # [B, N, H, D], own letters for the normaliser, in-place /=, no eps
     q, k = F.relu(q) + 0.01, F.relu(k) + 0.01
     state = torch.cumsum(torch.einsum("blhi,blhj->blhij", k, v), 1)
@@ -175,6 +183,7 @@ SPELLINGS = {  # name: (fn, layout, causal, normalised)
     "cumsum_broadcast_einsum": (cumsum_broadcast_einsum, "bhnd", True, False),
     "cumsum_rowvector_matmul": (cumsum_rowvector_matmul, "bhnd", True, True),
     "cumsum_bnhd_letters": (cumsum_bnhd_letters, "bnhd", True, True),
+    "cumsum_rowvector_select": (cumsum_rowvector_select, "bhnd", True, True),
     "cumsum_times_reciprocal": (cumsum_times_reciprocal, "bhnd", True, True),
     "cumsum_recip_operand": (cumsum_recip_operand, "bhnd", True, True),
     "chunked_reciprocal": (chunked_reciprocal, "bhnd", True, True),
