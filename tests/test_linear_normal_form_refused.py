@@ -122,3 +122,16 @@ def test_a_division_that_is_not_the_normaliser_stays_in_the_graph():
     torch._dynamo.reset()
     close_relative(rewrite.compile(divided_by_something_else, backend="torch")(q, k, v),
                    divided_by_something_else(q.double(), k.double(), v.double()), torch.float32, "÷ other")
+
+
+def test_the_users_graph_is_untouched_by_the_normal_form():
+    """The rules run on a copy: finding sites (rewritten or refused) leaves the captured graph as it was."""
+    from rewrite.capture import to_aten
+    from rewrite.patterns import find_sites
+
+    for fn in (third_operand_weight, normaliser_over_half_the_keys, divided_by_something_else):
+        gm = to_aten(fn, qkv(11))
+        before = str(gm.graph)
+        sites = [s for s, _ in find_sites(gm.graph)]
+        assert sites and str(gm.graph) == before
+        assert all(n.graph is gm.graph for s in sites for n in s.nodes), fn.__name__
