@@ -248,7 +248,8 @@ class NormalForm:
             else:
                 factors.append((o, lab))
         if len(prod.operands) == 2 and not dens:
-            return  # a binary product: the recognisers read it as it is
+            self._sum_first(node, prod)  # otherwise a binary product: the recognisers read it as it is
+            return
         if not factors or (len(factors) == 1 and tuple(factors[0][1]) != prod.out):
             return
         nary = NaryEinsum(self._orig(node), f"einsum('{node.args[0]}')", factors, dens, prod.out)
@@ -256,6 +257,22 @@ class NormalForm:
         nary.chain = self._build(node, nary, nary.trees[0])
         self._replace(node, nary.chain[-1])
         self.nary.append(nary)
+
+    def _sum_first(self, node: Node, prod: Product) -> None:
+        """A label only one operand has and the output lacks is summed in that operand first:
+        ``einsum("bhnd,bhmd->bhn", q, k)`` = ``einsum("bhnd,bhd->bhn", q, k.sum(2))`` (φQ · Σ_m φK)."""
+        (a, la), (b, lb) = prod.operands
+        operands = []
+        for x, lab, other in ((a, la, lb), (b, lb, la)):
+            private = [i for i, c in enumerate(lab) if c not in other and c not in prod.out]
+            if private and any(c in other for c in lab):  # an operand summed whole is left as written
+                x = self._node(node, aten.sum.dim_IntList, (x, private), "a sum over one operand's own axis taken "
+                               "first", None, self._orig(node))
+                lab = tuple(c for i, c in enumerate(lab) if i not in private)
+            operands.append((x, lab))
+        if operands != list(prod.operands):
+            self._replace(node, self._einsum(node, Product(operands, prod.out), "a sum over one operand's own "
+                                             "axis taken first", self._orig(node), self._orig(node)))
 
     def _build(self, before: Node, nary: NaryEinsum, tree) -> list[Node]:
         """The nodes of ``tree`` (binary products of the factors) then the divisions: the result last."""

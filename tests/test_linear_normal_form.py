@@ -52,6 +52,11 @@ def four_operand_pow(q, k, v):  # q, k, v and the normaliser as ** -1 in one ein
     return torch.einsum("xynd,xymd,xyme,xyn->xyne", q, k, v, den)
 
 
+def three_operand_normalised_by_key_einsum(q, k, v):  # ÷ Σ_m φq·φk written as one einsum over m and d
+    q, k = phi(q), phi(k)
+    return torch.einsum("bhnd,bhmd,bhme->bhne", q, k, v) / torch.einsum("bhnd,bhmd->bhn", q, k)[..., None]
+
+
 def three_operand_plain(q, k, v):  # no normaliser: q, k, v in one einsum, φ = identity, scaled
     return torch.einsum("bhid,bhjd,bhje->bhie", q * D ** -0.5, k, v)
 
@@ -177,6 +182,7 @@ SPELLINGS = {  # name: (fn, layout, causal, normalised)
     "three_operand_bnhd_reordered": (three_operand_bnhd_reordered, "bnhd", False, True),
     "four_operand_pow": (four_operand_pow, "bhnd", False, True),
     "three_operand_plain": (three_operand_plain, "bhnd", False, False),
+    "three_operand_normalised_by_key_einsum": (three_operand_normalised_by_key_einsum, "bhnd", False, True),
     "reassoc_times_reciprocal": (reassoc_times_reciprocal, "bhnd", False, True),
     "reassoc_reciprocal_method_inplace": (reassoc_reciprocal_method_inplace, "bnhd", False, True),
     "quadratic_times_reciprocal": (quadratic_times_reciprocal, "bhnd", False, True),
