@@ -14,7 +14,7 @@ from rewrite.ir.plan import Plan
 from rewrite.report import SiteReport
 
 from .apply import canonical_operand, constant_buffer
-from .linearize import NotLinearizable, plan_linear
+from .linearize import NotLinearizable, normal_form_cascade, plan_linear
 
 log = logging.getLogger("rewrite")
 aten = torch.ops.aten
@@ -93,7 +93,7 @@ def rewrite_linear_site(graph: Graph, site, backend: str) -> SiteReport:
         log.info("linear site at %s left alone: %s", site.location, exc)
         rep.reason = str(exc)
         return rep
-    rewritten = Cascade.linear_attention(causal=plan.causal, normalize=site.normalize, decay=site.decay is not None)
+    rewritten = normal_form_cascade(site, plan)
     rep.rewritten = True
     op = "decay_linear_attention" if site.decay is not None else "linear_attention"
     rep.kernel = f"rewrite::{op}[{plan.kernel}]"

@@ -9,6 +9,12 @@ nodes): every Einsum on the path from the Q·K product to the product with V mus
 a constant or a mask, ``÷`` by a value that does not vary along m, or a layout/cast. Anything
 else (exp, a feature map on the scores, max, a subtraction) is a nonlinearity: left alone.
 
+Every form reduces to one canonical cascade (`reduce_to_normal_form`: φQ, φK, a reduction or a causal
+scan over m, an optional normaliser, an optional decay): the quadratic one rule by rule as above, the
+reassociated, cumsum, chunked and loop forms as written (their recognisers proved that structure). The
+site's own facts (normalised, decayed, causal) must be the ones the cascade reduces to, and the rewritten
+cascade in the report is that canonical one.
+
 Two more facts decide whether the rewrite may run:
 - the mask (a sympy predicate over p, m, from passes/masks.py) must be dense or causal m ≤ p
   with as many queries as keys; anything else is left alone;
@@ -19,6 +25,8 @@ Two more facts decide whether the rewrite may run:
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -35,16 +43,42 @@ class NotLinearizable(Exception):
     """The reason a site is left alone."""
 
 
-def prove_reassociation(cascade: Cascade) -> list[str]:
-    """The steps of the proof, or NotLinearizable naming the Einsum that breaks it."""
+@dataclass(frozen=True)
+class LinearNormalForm:
+    """What an as-written cascade reduces to: the one canonical linear cascade
+    (`Cascade.linear_attention`: φQ, φK, a reduction or a causal scan over m, an optional normaliser, an
+    optional decay of the state), read off the cascade, never off the site's flags."""
+
+    normalised: bool  # ÷ by the row sums Σ_m W (DEN = φQ · Σ_m φK)
+    masked: bool  # a 0/1 mask (or a scan over m): the reduction is a scan when it is m ≤ p
+    decayed: bool  # × exp(G_p − G_m): the scan carries a decayed state
+    steps: tuple[str, ...]
+
+    def cascade(self, causal: bool) -> Cascade:
+        return Cascade.linear_attention(causal=causal, normalize=self.normalised, decay=self.decayed)
+
+
+def reduce_to_normal_form(cascade: Cascade) -> LinearNormalForm:
+    """Rewrite the as-written cascade, rule by rule, to the canonical one; NotLinearizable naming the Einsum
+    that no rule takes.
+
+    The quadratic form's rules, step by step between QK and AV: × a constant goes into φQ; × a 0/1 mask becomes
+    the reduction's predicate; × exp(G_p − G_m) the decay of the scanned state; ÷ a row sum Σ_m (constant along
+    m) the normaliser; the bilinear QK·V is then reassociated. The other forms are already written as a
+    reduction or a scan over the keys (their recognisers proved that structure): their normaliser is DEN."""
     es = list(cascade.einsums)
     names = [e.name for e in es]
     if "QK" not in names:
-        return ["already reassociated: φQ (φKᵀ V), a product over the keys then one over the features"]
+        scanned = any(e.scan == "m" for e in es)
+        decayed = any(i.name == "DG" for e in es for i in e.inputs)
+        done = "already reassociated: φQ (φKᵀ V), a product over the keys then one over the features"
+        return LinearNormalForm("DEN" in names, scanned, decayed, (done,))
     start = names.index("QK")
     end = names.index("AV")
     steps = ["QK[m,p] = Σ_e FQ·FK is bilinear in (FQ, FK)"]
     producers = {e.name: e for e in es}
+    masked = es[start].mask is not None
+    normalised = decayed = False
     for e in es[start + 1:end]:
         if e.reduce_op is not None and e.reduced_ranks:
             if e.reduce_op != "+" or e.map_op != "id" or e.output.ranks[-1:] != ("p",):
@@ -61,9 +95,30 @@ def prove_reassociation(cascade: Cascade) -> list[str]:
                 raise NotLinearizable(f"{e.name} divides by {o.name}, which varies along m")
             if e.map_op == "÷" and o.name in producers and producers[o.name].reduce_op != "+":
                 raise NotLinearizable(f"{e.name} divides by {o.name}, not a row sum")
+            normalised |= e.map_op == "÷"
+            masked |= o.name == "MASK"
+            decayed |= o.name == "DECAY"
         steps.append(f"{e.name} = {e.map_op} by {', '.join(o.name for o in others) or 'nothing'}: linear in the scores")
+    normalised |= any(e.map_op == "÷" for e in es[end + 1:])
     steps.append("AV = Σ_m W·V: so AV = FQ·(Σ_m FK·V) (× mask prefix sums when causal) ÷ the row sums")
-    return steps
+    return LinearNormalForm(normalised, masked, decayed, tuple(steps))
+
+
+def prove_reassociation(cascade: Cascade) -> list[str]:
+    """The steps of the proof, or NotLinearizable naming the Einsum that breaks it."""
+    return list(reduce_to_normal_form(cascade).steps)
+
+
+def _agree(site, form: LinearNormalForm, causal: bool) -> None:
+    """The recogniser's facts (what the op is called with) must be the ones the cascade reduces to."""
+    if form.normalised != bool(site.normalize):
+        raise NotLinearizable(f"the cascade {'has' if form.normalised else 'has no'} normaliser but the site "
+                              f"{'has' if site.normalize else 'has none'}: the recogniser and the proof disagree")
+    if form.decayed != (site.decay is not None):
+        raise NotLinearizable("the cascade and the site disagree on the decay: the recogniser and the proof disagree")
+    if causal and not (form.masked or form.decayed):  # a constant decay holds its own zeros above the diagonal
+        raise NotLinearizable("the site is causal but its cascade has no mask or scan over m: the recogniser and "
+                              "the proof disagree")
 
 
 def mask_spec(site) -> MaskSpec:
@@ -101,7 +156,8 @@ def plan_linear(site, backend: str, device: torch.device | None) -> Plan:
     """Prove, classify the mask, pick the kernel; NotLinearizable with the reason otherwise."""
     if site.rejected:
         raise NotLinearizable(site.rejected)
-    proof = prove_reassociation(site.cascade)
+    form = reduce_to_normal_form(site.cascade)
+    proof = list(form.steps)
     spec = mask_spec(site)
     causal = False
     if spec.kind == "causal":
@@ -113,6 +169,7 @@ def plan_linear(site, backend: str, device: torch.device | None) -> Plan:
         causal = True
     elif spec.kind != "dense" or spec.runtime:
         raise NotLinearizable(f"the mask is not causal or dense ({spec.describe()}): it has no O(N) form here")
+    _agree(site, form, causal)
     notes = []
     if site.decay is not None:
         if not causal:
@@ -132,6 +189,11 @@ def plan_linear(site, backend: str, device: torch.device | None) -> Plan:
     kernel, why = choose_kernel("linear", backend, device is not None and device.type == "cuda")
     notes.append(f"kernel {kernel}: {why}")
     return Plan(site, "linear", kernel, spec, causal=causal, notes=notes, proof=proof)
+
+
+def normal_form_cascade(site, plan: Plan) -> Cascade:
+    """The canonical cascade the site runs as: the one its as-written cascade reduced to in `plan_linear`."""
+    return reduce_to_normal_form(site.cascade).cascade(plan.causal)
 
 
 

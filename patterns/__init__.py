@@ -46,18 +46,10 @@ def find_sites(graph: Graph, inputs: dict | None = None) -> list[tuple[Site | No
             elif (why := unfollowed_product(sm)) is not None:
                 out.append((None, (location_of(sm), "softmax after a product it cannot follow", why)))
                 taken.add(sm)
-    # The linear-time families (sites with kind "linear" or "flow", planned by passes/linear_apply.py).
-    # A chain that holds a softmax belongs to the softmax family, matched or not.
-    # The chunked causal form first: its intra-chunk part alone is a (small) quadratic site too.
-    from .linear_attention import find_linear_sites
-    from .linear_chunked import find_chunked_sites
-    from .linear_loop import find_loop_sites
+    # The linear-time families (sites with kind "linear" or "flow", planned by passes/linear_apply.py), read on
+    # their normal form (linear_find.py). A chain that holds a softmax belongs to the softmax family.
+    from .linear_find import find_linear_sites
 
-    # A Python loop over chunks, unrolled: its per-chunk bodies are chunked-form and quadratic sites too.
-    for s in [*find_loop_sites(graph), *find_chunked_sites(graph)]:
-        if s.out_node not in taken and not taken.intersection(s.nodes):
-            out.append((s, None))
-            taken.update(s.nodes)
     out.extend((s, None) for s in find_linear_sites(graph)
                if s.out_node not in taken and not taken.intersection(s.nodes))
     return out

@@ -83,7 +83,7 @@ def as_contraction(node: Node) -> Contraction | None:
             shapes = [shape_of(o) for o in operands]
             if any(sh is None for sh in shapes):
                 return None
-            labels = _einsum_labels(eq.replace(" ", ""), shapes)
+            labels = einsum_labels(eq.replace(" ", ""), shapes)
             if labels is None:
                 return None
             (ia, ib), out = labels
@@ -95,7 +95,7 @@ def as_contraction(node: Node) -> Contraction | None:
     return None
 
 
-def _einsum_labels(eq: str, shapes) -> tuple[tuple[tuple[str, ...], ...], tuple[str, ...]] | None:
+def einsum_labels(eq: str, shapes) -> tuple[tuple[tuple[str, ...], ...], tuple[str, ...]] | None:
     """Split an einsum equation into one label per axis; ``...`` becomes fresh labels,
     right-aligned across operands as numpy broadcasting aligns them."""
     lhs, out = eq.split("->")

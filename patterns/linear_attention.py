@@ -15,6 +15,8 @@ else under its own name), and passes/linearize.py proves on that cascade whether
 reassociation is exact. The recogniser only refuses shapes that are not attention at all
 (silently) and bindings it cannot express (with the reason, for the report). The site type and
 the helpers every linear recogniser shares are in linear_site.py; masks are read in linear_masks.py.
+Every recogniser reads the graph's normal form (linear_normal.py: reciprocals as divisions, products as binary
+einsums); the entry point over a graph is linear_find.py.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.fx import Graph, Node
+from torch.fx import Node
 
 from rewrite.ir.cascade import Cascade, Einsum, T
 
@@ -388,38 +390,3 @@ def _peeled(decays, sizes: AtomSizes) -> list:
             rows, cols = align(shape_of(cond), (("p",), ("m",)), sizes)
             out.append((cond, invert, rows, cols))
     return out
-
-
-# ---- entry point ---------------------------------------------------------------------------------
-def find_linear_sites(graph: Graph) -> list[LinearSite]:
-    """Every linear-attention site (matched, or attention-like and left alone with a reason)."""
-    sites: list[LinearSite] = []
-    claimed: set[Node] = set()
-    for node in list(graph.nodes):
-        c2 = as_contraction(node)
-        if c2 is None or node in claimed:
-            continue
-        site = None
-        try:
-            site = match_quadratic(c2)
-        except (NoMatch, NotOurs):
-            site = None
-        if site is None:
-            from .linear_reassociated import match_reassociated
-
-            try:
-                site = match_reassociated(c2)
-            except NoMatch:
-                site = None
-        if site is None:
-            from .linear_cumsum import match_cumsum
-
-            try:
-                site = match_cumsum(c2)
-            except NoMatch:
-                site = None
-        if site is None:
-            continue
-        sites.append(site)
-        claimed.add(node)
-    return sites

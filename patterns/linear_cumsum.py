@@ -12,14 +12,13 @@ Written without layout ops between the outer product, the cumsum and the query p
 from __future__ import annotations
 
 import torch
-from torch.fx import Node
 
 from .axes import AtomSizes, NoMatch, shape_of
 from .contraction import Contraction, as_contraction
+from .linear_den import key_sum_den
 from .linear_readers import cumsum_of
-from .linear_site import LinearSite, broadcasts_as, finish_linear_site, plan_operand
+from .linear_site import LinearSite, broadcasts_as, finish_linear_site, plan_operand, rejected_site
 from .softmax_attention import location_of
-from .softmax_chain import scalar_value
 
 aten = torch.ops.aten
 
@@ -33,8 +32,22 @@ def match_cumsum(c2: Contraction) -> LinearSite:
         c1 = as_contraction(cs[0])
         if c1 is None or c1.contracted or c1.added is not None:
             continue
-        return _match(c2, c1, cs[1], q_node, q_labels, kv_labels)
+        try:
+            return _match(c2, c1, cs[1], q_node, q_labels, kv_labels)
+        except NoMatch as exc:
+            if not _outer(c1):
+                raise
+            return rejected_site(c2.node, f"{c1.spelling} → cumsum → {c2.spelling}", "cumsum",
+                                 f"a query product with a cumsum of outer products, but {exc}")
     raise NoMatch("not a query product with a cumsum of outer products")
+
+
+def _outer(c1) -> bool:
+    """An outer product of two tensors per position: each has a (non-trivial) axis the other lacks."""
+    so = dict(zip(c1.out_labels, shape_of(c1.node) or ()))
+    own_a = [lab for lab in c1.a_labels if lab and lab not in c1.b_labels and so.get(lab, 1) != 1]
+    own_b = [lab for lab in c1.b_labels if lab and lab not in c1.a_labels and so.get(lab, 1) != 1]
+    return len(own_a) == 1 and len(own_b) == 1
 
 
 def _match(c2, c1, cs_dim, q_node, q_labels, kv_labels) -> LinearSite:
@@ -94,38 +107,10 @@ def _match(c2, c1, cs_dim, q_node, q_labels, kv_labels) -> LinearSite:
     while len(cur.users) == 1:
         u = next(iter(cur.users))
         if u.op == "call_function" and u.target == aten.div.Tensor and u.args[0] is cur:
-            den = _den(u.args[1], q_node, k_node, k_axes, q_map, q_labels)
+            den = key_sum_den(u.args[1], q_node, q_axes, k_node, k_axes, sizes, causal=True)
             if den is not None and broadcasts_as(den[0], out_ax):
                 site.normalize, site.eps, out, out_axes = True, den[1], u, out_ax
                 site.spelling += " ÷ φQ·cumsum(φK)"
         break
     replaced = [c1.node, c2.b if c2.a is q_node else c2.a, c2.node]
     return finish_linear_site(site, out, out_axes, replaced, q_node, k_node, True, "causal, cumsum of outer products")
-
-
-def _den(node, q_node, k_node, k_axes, q_map, q_labels):
-    """(den axes, eps) for den = Σ_e φQ · cumsum_n(φK) [+ eps] [unsqueezed], else None."""
-    eps = 0.0
-    if isinstance(node, Node) and node.target == aten.add.Tensor and scalar_value(node.args[1]) is not None:
-        node, eps = node.args[0], scalar_value(node.args[1])
-    unsq = None
-    if isinstance(node, Node) and node.target == aten.unsqueeze.default:
-        node, unsq = node.args[0], node.args[1]
-    c = as_contraction(node) if isinstance(node, Node) else None
-    if c is None or c.a is not q_node:
-        return None
-    cs = cumsum_of(c.b)
-    if cs is None or cs[0] is not k_node or k_axes[cs[1]] != ("m",):
-        return None
-    if list(c.a_labels) != list(q_labels) or len(c.contracted) != 1:
-        return None
-    if q_map.get(c.contracted[0]) != "e":
-        return None
-    ax = [(q_map[lab],) if q_map.get(lab) else () for lab in c.out_labels]
-    if unsq is not None:
-        d = unsq + len(ax) + 1 if unsq < 0 else unsq
-        ax.insert(d, ())
-    return tuple(ax), float(eps)
-
-
-

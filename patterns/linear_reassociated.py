@@ -13,9 +13,9 @@ from torch.fx import Node
 
 from .axes import AtomSizes, NoMatch, is_layout_op, propagate, shape_of
 from .contraction import Contraction, as_contraction
+from .linear_den import key_sum_den
 from .linear_site import LinearSite, broadcasts_as, finish_linear_site, plan_operand
 from .softmax_attention import location_of
-from .softmax_chain import scalar_value
 
 aten = torch.ops.aten
 
@@ -120,38 +120,10 @@ def _match_reassoc(c2, c1, layout, q_node, q_labels, kv_labels) -> LinearSite:
             cur = u
             continue
         if u.op == "call_function" and u.target == aten.div.Tensor and u.args[0] is cur:
-            den = _reassoc_den(u.args[1], q_node, k_node, sizes, q_axes, k_axes)
+            den = key_sum_den(u.args[1], q_node, tuple(q_axes), k_node, k_axes, sizes, causal=False)
             if den is not None and broadcasts_as(den[0], out_ax):
                 site.normalize, site.eps, out, out_axes = True, den[1], u, out_ax
                 site.spelling += " → ÷ φQ·ΣφK"
         break
     return finish_linear_site(site, out, out_axes, [c1.node, *layout, c2.node], q_node, k_node, False,
                               "reassociated")
-
-
-def _reassoc_den(node, q_node, k_node, sizes, q_axes, k_axes):
-    """den = (φQ · Σ_m φK) [+ eps] as a contraction or mul+sum; returns (den axes, eps)."""
-    eps = 0.0
-    if isinstance(node, Node) and node.target == aten.add.Tensor and scalar_value(node.args[1]) is not None:
-        node, eps = node.args[0], scalar_value(node.args[1])
-    while isinstance(node, Node) and is_layout_op(node) and node.target in (aten.unsqueeze.default,):
-        node = node.args[0]
-    c = as_contraction(node) if isinstance(node, Node) else None
-    if c is None:
-        return None
-    ks = c.b if c.a is q_node else c.a if c.b is q_node else None
-    if ks is None:
-        return None
-    while isinstance(ks, Node) and is_layout_op(ks):
-        ks = ks.args[0]
-    if not (isinstance(ks, Node) and ks.target == aten.sum.dim_IntList and ks.args[0] is k_node):
-        return None
-    d = ks.args[1][0] if len(ks.args[1]) == 1 else None
-    if d is None or k_axes[d % len(k_axes)] != ("m",):
-        return None
-    # The denominator has one value per (batch, p): as many atoms as the output without f.
-    den_shape = shape_of(node if node.target != aten.unsqueeze.default else node)
-    den_axes = tuple(ax if ax != ("e",) else () for ax in q_axes)
-    if den_shape is None or len(den_shape) > len(q_axes):
-        return None
-    return den_axes, float(eps)

@@ -95,6 +95,25 @@ def row_sum(node, of: Node | None = None) -> tuple[Node, int, float] | None:
     return x, d, float(eps)
 
 
+def peel_den(node) -> tuple[Node, float, list[int]]:
+    """A denominator ``d [+ eps]`` through unsqueezes, either side of the eps: (d, eps, the unsqueezed dims,
+    outermost last)."""
+    eps, unsq = 0.0, []
+    for _ in range(8):
+        if not (isinstance(node, Node) and node.op == "call_function"):
+            break
+        if node.target == aten.unsqueeze.default:
+            unsq.append(node.args[1])
+            node = node.args[0]
+        elif node.target == aten.add.Tensor and not eps and len(node.args) == 2 and \
+                (scalar_value(node.args[1]) is not None or scalar_value(node.args[0]) is not None):
+            a, b = node.args
+            node, eps = (a, scalar_value(b)) if scalar_value(b) is not None else (b, scalar_value(a))
+        else:
+            break
+    return node, float(eps), list(reversed(unsq))
+
+
 def same_weights(a: Node, w: Node) -> bool:
     """a is w up to layout ops (the normaliser sums the very weights that multiply V)."""
     for _ in range(8):
@@ -133,6 +152,16 @@ def plan_operand(node: Node, axes: Axes, groups, sizes: AtomSizes, what: str) ->
 
 def phi_name(node: Node) -> str:
     return feature_map(node)[0]
+
+
+def rejected_site(node: Node, spelling: str, form: str, reason: str) -> LinearSite:
+    """An attention-like chain left alone with ``reason`` (the report's row; nothing is rewritten)."""
+    from .softmax_attention import location_of
+
+    site = LinearSite(spelling=spelling, location=location_of(node), form=form, fq=None, fk=None, v=None,
+                      out_node=node, rejected=reason)
+    site.nodes = [node]
+    return site
 
 
 def finish_linear_site(site: LinearSite, out: Node, out_axes, nodes: list[Node], q_node: Node, k_node: Node,
