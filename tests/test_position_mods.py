@@ -1,0 +1,234 @@
+"""Biases computed from positions (ALiBi and relatives) lifted into the score modifier: the tile
+computes them from its row and column indices, no N×M bias tensor is built or read. Each spelling
+(written as models write ALiBi, not as the recogniser reads it) is asserted rewritten WITH a
+positional modifier (its text names p / m) whose op receives no N×M operand, and compared with the
+same function run eagerly in float64. Near-misses stay a tensor bias (exact, as the graph computes
+it) with the reason in the site's notes. Triton runs under the interpreter on the CPU."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from eager_cases import compiled, double, inputs, same_as_eager
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
+from torch.fx.passes.shape_prop import ShapeProp
+
+from rewrite.capture import to_aten
+from rewrite.passes.pipeline import rewrite_graph
+
+MODDED = torch.ops.rewrite.modded_attention.default
+
+
+def alibi_slopes(h: int) -> torch.Tensor:
+    return 2.0 ** (-8.0 * torch.arange(1, h + 1) / h)
+
+
+# ---- spellings ------------------------------------------------------------------------------------
+def alibi_bottom_right(q, k, v):
+    """[B, H, N, M] scores; query positions end-aligned with the keys (a decode step's N < M)."""
+    h, n, m = q.shape[1], q.shape[2], k.shape[2]
+    qpos = torch.arange(m - n, m)
+    kpos = torch.arange(m)
+    alibi = alibi_slopes(h)[:, None, None] * (kpos[None, :] - qpos[:, None])
+    s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + alibi.to(q.dtype)
+    return s.softmax(-1) @ v
+
+
+def symmetric_alibi_einsum_causal(q, k, v):
+    """−slope·|i − j| (top-left), einsum letters of its own, an additive causal mask after it."""
+    h, n, m = q.shape[1], q.shape[2], k.shape[2]
+    dist = (torch.arange(n).view(n, 1) - torch.arange(m).view(1, m)).abs()
+    bias = -alibi_slopes(h).view(1, h, 1, 1) * dist
+    w = torch.einsum("zhqc,zhkc->zhqk", q, k) / math.sqrt(q.shape[-1])
+    w = w + bias.to(w.dtype)
+    causal = torch.full((n, m), float("-inf"), dtype=w.dtype).triu(1)
+    return F.softmax(w + causal, dim=-1) @ v
+
+
+def alibi_merged_baddbmm(q, k, v):
+    """[B·H, N, M] through baddbmm (Bloom's layout), relative positions, slopes repeated over batch."""
+    b, h, n, d = q.shape
+    m = k.shape[2]
+    rel = torch.arange(m)[None, :] - torch.arange(n)[:, None]
+    alibi = alibi_slopes(h).repeat(b)[:, None, None] * rel
+    s = torch.baddbmm(alibi.to(q.dtype), q.reshape(b * h, n, d), k.reshape(b * h, m, d).transpose(1, 2), beta=1.0,
+                      alpha=d ** -0.5)
+    return torch.softmax(s, -1).bmm(v.reshape(b * h, m, -1)).view(b, h, n, -1)
+
+
+def bloom_style_arange(q, k, v):
+    """Bloom's per-row-constant form slope·m (no padding mask), [H, 1, M], added after the scale."""
+    h, m = q.shape[1], k.shape[2]
+    alibi = alibi_slopes(h)[:, None] * torch.arange(m)[None, :]
+    s = torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5
+    return torch.softmax(s + alibi[:, None, :].to(s.dtype), dim=-1) @ v
+
+
+def gqa_alibi_repeat_kv(q, k, v):
+    """GQA: key heads repeated for their query groups (HF's repeat_kv), ALiBi per query head."""
+    hq, hkv, n, m = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    k = k[:, :, None].expand(-1, -1, hq // hkv, -1, -1).reshape(k.shape[0], hq, m, -1)
+    v = v[:, :, None].expand(-1, -1, hq // hkv, -1, -1).reshape(v.shape[0], hq, m, -1)
+    pos = torch.arange(m)
+    alibi = alibi_slopes(hq).reshape(1, hq, 1, 1) * (pos[None, :] - pos[m - n:, None]).float()
+    s = q @ k.mT * q.shape[-1] ** -0.5
+    return (s + alibi.to(s.dtype)).softmax(-1) @ v
+
+
+def alibi_in_model_dtype(q, k, v):
+    """The bias built in the model's dtype (slopes and positions cast to it before the product)."""
+    h, n, m = q.shape[1], q.shape[2], k.shape[2]
+    rel = (torch.arange(m)[None, :] - torch.arange(n)[:, None]).to(q.dtype)
+    alibi = alibi_slopes(h).to(q.dtype)[:, None, None] * rel
+    return torch.softmax(q @ k.mT / q.shape[-1] ** 0.5 + alibi, -1) @ v
+
+
+def learned_slopes(q, k, v, slopes):
+    h, n, m = q.shape[1], q.shape[2], k.shape[2]
+    rel = torch.arange(m)[None, :] - torch.arange(n)[:, None]
+    return torch.softmax(q @ k.mT * 0.25 - slopes.view(h, 1, 1) * rel.abs(), -1) @ v
+
+
+SPELLINGS = [alibi_bottom_right, symmetric_alibi_einsum_causal, alibi_merged_baddbmm, bloom_style_arange,
+             gqa_alibi_repeat_kv, alibi_in_model_dtype]
+
+
+# ---- the rewrite: a positional modifier, no N×M operand -------------------------------------------
+def positional_site(report, backend):
+    assert len(report.sites) == 1, str(report)
+    site = report.sites[0]
+    assert site.rewritten, site.reason
+    assert site.kernel == ("triton" if backend == "triton" else "torch"), site.kernel
+    assert "p" in site.score_mod or "m" in site.score_mod, site.score_mod
+    assert "position bias computed in the tile" in site.spelling, site.spelling
+    return site
+
+
+def op_operands(fn, args):
+    """The rewritten graph's modded_attention call: its bias argument and its leaf tensors' shapes."""
+    gm, reports = rewrite_graph(to_aten(fn, args), "torch", args)
+    ShapeProp(gm).propagate(*args)
+    assert [r.rewritten for r in reports] == [True], [r.reason for r in reports]
+    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == MODDED]
+    assert len(calls) == 1, gm.graph
+    leaves, bias = calls[0].args[3], calls[0].args[4]
+    return bias, [tuple(x.meta["tensor_meta"].shape) for x in leaves], gm
+
+
+def no_nm_operand(fn, args, n, m):
+    bias, leaf_shapes, gm = op_operands(fn, args)
+    assert bias is None, bias
+    for shape in leaf_shapes:
+        assert math.prod(shape) < n * m or (n * m <= 16), f"an N×M-sized leaf {shape}"
+    built = [x for x in gm.graph.nodes if x.op == "call_function" and x.target != MODDED
+             and hasattr(x.meta.get("tensor_meta"), "shape") and tuple(x.meta["tensor_meta"].shape[-2:]) == (n, m)]
+    assert not built, f"an [N, M] tensor is still built: {built}"
+
+
+@settings(max_examples=16, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate))
+@given(spelling=st.sampled_from(SPELLINGS), n=st.integers(2, 41), extra=st.integers(0, 9),
+       d=st.sampled_from([16, 24, 64, 128]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       backend=st.sampled_from(["torch", "triton"]), seed=st.integers(0, 2**16))
+def test_alibi_spellings_computed_in_the_tile(spelling, n, extra, d, dtype, backend, seed):
+    hkv = 1 if spelling is gqa_alibi_repeat_kv else 3
+    hq = 3
+    m = n + extra if spelling is not symmetric_alibi_einsum_causal else n
+    q, k, v = inputs(torch.Generator().manual_seed(seed), 2, hq, hkv, n, m, d, dtype)
+    fn, report = compiled(spelling, backend)
+    out = fn(q, k, v)
+    site = positional_site(report, backend)
+    same_as_eager(out, spelling(*double((q, k, v))), dtype, spelling.__name__, lowp=spelling(q, k, v))
+    no_nm_operand(spelling, (q, k, v), n, m)
+    if spelling is symmetric_alibi_einsum_causal and n > 1:
+        assert site.variant == "causal", site.variant  # the mask stays a mask
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_offsets_and_rounding_at_large_positions(backend):
+    """Positions past bfloat16's exact integers (256): eager rounds the positions and the products
+    to bfloat16, the tile must round where eager does; the offset M − N must be exact."""
+    q, k, v = inputs(torch.Generator().manual_seed(1), 1, 2, 2, 70, 333, 16, torch.bfloat16)
+    fn, report = compiled(alibi_in_model_dtype, backend)
+    out = fn(q, k, v)
+    site = positional_site(report, backend)
+    assert "bf16" in site.score_mod, site.score_mod
+    same_as_eager(out, alibi_in_model_dtype(q.float(), k.float(), v.float()).to(torch.bfloat16).float(),
+                  torch.bfloat16, "bf16 alibi", lowp=alibi_in_model_dtype(q, k, v))
+    fn, report = compiled(alibi_bottom_right, backend)
+    q32, k32, v32 = (t.float() for t in (q, k, v))
+    out = fn(q32, k32, v32)
+    assert "m - p - 263" in positional_site(report, backend).score_mod
+    same_as_eager(out, alibi_bottom_right(*double((q32, k32, v32))), torch.float32, "offset 263")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gradients_reach_q_k_v_and_learned_slopes(backend):
+    q, k, v = inputs(torch.Generator().manual_seed(2), 1, 3, 3, 19, 23, 16, torch.float32)
+    slopes = torch.tensor([0.5, 0.3, 0.07])
+    args = [t.clone().requires_grad_() for t in (q, k, v, slopes)]
+    fn, report = compiled(learned_slopes, backend)
+    out = fn(*args)
+    site = positional_site(report, backend)
+    assert "L0" in site.score_mod, site.score_mod  # the slopes are a leaf, read as the graph holds them
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, args, g)
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v, slopes)]
+    want = torch.autograd.grad(learned_slopes(*ref), ref, g.double())
+    for name, a, b in zip("qkvs", got, want):
+        torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"grad {name}: {m}")
+
+
+# ---- near-misses: a tensor bias, with the reason ----------------------------------------------------
+def alibi_times_runtime(q, k, v, gate):
+    rel = torch.arange(k.shape[2])[None, :] - torch.arange(q.shape[2])[:, None]
+    return torch.softmax(q @ k.mT + 0.5 * rel * gate, -1) @ v  # gate: a run-time [N, M] tensor
+
+
+def slopes_along_queries(q, k, v, row_slopes):
+    rel = torch.arange(k.shape[2])[None, :] - torch.arange(q.shape[2])[:, None]
+    return torch.softmax(q @ k.mT + row_slopes * rel, -1) @ v  # row_slopes: [N, 1], varies with p
+
+
+def edited_positions(q, k, v):
+    pos = torch.arange(q.shape[2])
+    pos[0] = 7  # an in-place edit after the arange
+    return torch.softmax(q @ k.mT - 0.25 * (pos[:, None] - torch.arange(k.shape[2])[None, :]).abs(), -1) @ v
+
+
+def alibi_in_float64(q, k, v):
+    rel = (torch.arange(k.shape[2])[None, :] - torch.arange(q.shape[2])[:, None]).double()
+    return torch.softmax(q @ k.mT + (rel * 0.1).float(), -1) @ v  # rounded once in float64, then to float32
+
+
+def alibi_divided(q, k, v):
+    rel = (torch.arange(k.shape[2])[None, :] - torch.arange(q.shape[2])[:, None]).float()
+    return torch.softmax(q @ k.mT + rel / 3.0, -1) @ v
+
+
+NEAR_MISSES = [
+    (alibi_times_runtime, lambda n, m: (torch.rand(n, m) + 0.5,), "stays a tensor"),
+    (slopes_along_queries, lambda n, m: (torch.rand(n, 1),), "stays a tensor"),
+    (edited_positions, lambda n, m: (), "has cases"),
+    (alibi_in_float64, lambda n, m: (), "float64"),
+    (alibi_divided, lambda n, m: (), "division"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(NEAR_MISSES)))
+def test_near_misses_stay_a_tensor_bias_with_the_reason(case):
+    spelling, extra, reason = NEAR_MISSES[case]
+    q, k, v = inputs(torch.Generator().manual_seed(case), 1, 2, 2, 11, 13, 16, torch.float32)
+    args = (q, k, v, *extra(11, 13))
+    fn, report = compiled(spelling, "torch")
+    out = fn(*args)
+    assert len(report.sites) == 1, str(report)
+    site = report.sites[0]
+    assert site.rewritten, site.reason  # as a tensor bias: exact, as the graph computes it
+    assert not site.score_mod, site.score_mod
+    notes = " | ".join(site.notes)
+    assert "stays a tensor" in notes and reason in notes, notes
+    same_as_eager(out, spelling(*double(args)), torch.float32, spelling.__name__)
