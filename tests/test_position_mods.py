@@ -232,3 +232,51 @@ def test_near_misses_stay_a_tensor_bias_with_the_reason(case):
     notes = " | ".join(site.notes)
     assert "stays a tensor" in notes and reason in notes, notes
     same_as_eager(out, spelling(*double(args)), torch.float32, spelling.__name__)
+
+
+# ---- the IR and its generators --------------------------------------------------------------------
+def test_position_operands_in_the_ir_and_both_generators():
+    from rewrite.codegen.score_mod_gen import apply_torch, modified_bound, position_grid, triton_source
+    from rewrite.ir.score_mod import ModStep, ScoreMod
+
+    mod = ScoreMod((ModStep("sub", ("m", "p")), ModStep("sub", ("r0", 300.0)), ModStep("round_bf16", ("r1",)),
+                    ModStep("mul", ("L0", "r2")), ModStep("add", ("s", "r3"))), leaves=1)
+    assert mod.positional and str(mod) == "L0*bf16(m - p - 300) + s", str(mod)
+    assert ScoreMod.from_json(mod.to_json()) == mod
+    src = triton_source(mod)
+    assert "p = rows[:, None].to(tl.float32)" in src and ".to(tl.bfloat16).to(tl.float32)" in src, src
+    with pytest.raises(ValueError, match="not defined before"):
+        ScoreMod((ModStep("add", ("s", "q")),))
+    # rows 5:9 of a 9×700 score: eager's bf16 rounding of m − p − 300 (past 256: not every integer is exact)
+    s = torch.randn(1, 1, 4, 700, dtype=torch.float64)
+    slope = torch.tensor(0.37).view(1, 1, 1, 1)
+    got = apply_torch(mod, s, [slope], position_grid(5, 9, 700, s.device))
+    rel = (torch.arange(700)[None, :] - torch.arange(5, 9)[:, None] - 300).to(torch.bfloat16).float()
+    assert torch.equal(got, s + slope * rel)  # the product rounded in float32, as eager computes the bias
+    bound = modified_bound(mod, torch.full((1, 1, 9), 1.0, dtype=torch.float64), [slope], (9, 700))
+    assert float(bound.max()) >= float(got.abs().max()) and math.isfinite(float(bound.max()))
+    with pytest.raises(ValueError, match="without the score positions"):
+        apply_torch(mod, s, [slope])
+
+
+def folded_gqa_alibi(q, k, v):
+    """GQA by broadcasting ([B, Hkv, R, N, D] against [B, Hkv, 1, M, D]): the query groups fold into
+    the rows, where a position along the queries is not one axis."""
+    b, hq, n, d = q.shape
+    hkv, m = k.shape[1], k.shape[2]
+    q5 = q.view(b, hkv, hq // hkv, n, d)
+    rel = torch.arange(m)[None, :] - torch.arange(n)[:, None]
+    s = q5 @ k[:, :, None].transpose(-1, -2) * 0.25 - 0.125 * rel.abs()
+    return (s.softmax(-1) @ v[:, :, None]).reshape(b, hq, n, -1)
+
+
+def test_a_position_off_the_sites_axes_stays_a_tensor_with_the_reason():
+    q, k, v = inputs(torch.Generator().manual_seed(9), 1, 4, 2, 9, 12, 16, torch.float32)
+    fn, report = compiled(folded_gqa_alibi, "torch")
+    out = fn(q, k, v)
+    site = report.sites[0]
+    assert site.rewritten, site.reason
+    notes = " | ".join(site.notes)
+    assert not site.score_mod, site.score_mod  # the tile's rows are group·N + p here: not modelled yet
+    assert "a bias built from positions stays a tensor: the bias varies along" in notes, notes
+    same_as_eager(out, folded_gqa_alibi(*double((q, k, v))), torch.float32, "folded GQA")
