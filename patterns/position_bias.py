@@ -84,6 +84,15 @@ def reads_positions(node: Node) -> bool:
     return any(n.op == "call_function" and n.target in ARANGES for n in ancestors(node))
 
 
+def opaque_sources(expr, x: Node) -> str:
+    """The graph values a lifted expression reads as run-time tensors (``R_<node>``), with their ops."""
+    names = {str(f.func)[2:] for f in expr.atoms(sympy.core.function.AppliedUndef)}
+    names |= {s.name[2:] for s in expr.free_symbols if s.name.startswith("R_")}
+    nodes = {n.name: n for n in x.graph.nodes}
+    return ", ".join(sorted(f"{n} ({nodes[n].target if nodes[n].op == 'call_function' else nodes[n].op})"
+                            for n in names if n in nodes)) or "a run-time tensor"
+
+
 def runtime_inputs(node: Node) -> str:
     names = sorted(n.name for n in ancestors(node) if n.op == "placeholder")
     return f" (it reads the run-time tensor(s) {', '.join(names)})" if names else ""
@@ -99,16 +108,26 @@ def suffix(a, ax: Axes) -> Axes | None:
     return tuple(() if s == 1 else axis for s, axis in zip(shape, ax[len(ax) - len(shape):]))
 
 
-def view_axes(src_shape, out_shape, ax: Axes, x: Node) -> Axes:
-    """The atoms of a view's input: the same elements when the dims other than size 1 are the same
-    (an unsqueeze, a view adding or removing 1s), or when it is an expand (a broadcast)."""
+def view_axes(src_shape, out_shape, ax: Axes, x: Node, sizes: AtomSizes) -> Axes:
+    """The atoms of a view's input: an expand is a broadcast; otherwise the view keeps the elements'
+    order, so the input's dims take the output's atoms in order (a merge or split of dims along atom
+    boundaries; one that cuts an atom regroups the elements and is refused)."""
     if x.target == aten.expand.default:
         return tuple(() if s == 1 else axis for s, axis in zip(src_shape, ax[len(ax) - len(src_shape):]))
-    kept = [axis for s, axis in zip(out_shape, ax) if s != 1]
-    if [s for s in src_shape if s != 1] != [s for s in out_shape if s != 1]:
+    atoms = [a for s, axis in zip(out_shape, ax) if s != 1 for a in axis if sizes.sizes.get(a, 1) != 1]
+    out, i = [], 0
+    for s in src_shape:
+        take, prod = [], 1
+        while s != 1 and prod < s and i < len(atoms):
+            take.append(atoms[i])
+            prod *= sizes.sizes[atoms[i]]
+            i += 1
+        if prod != s:
+            raise NotPositional(f"{x.name}: a view that regroups the bias's elements ({x.target})")
+        out.append(tuple(take))
+    if i != len(atoms):
         raise NotPositional(f"{x.name}: a view that regroups the bias's elements ({x.target})")
-    it = iter(kept)
-    return tuple(() if s == 1 else next(it) for s in src_shape)
+    return tuple(out)
 
 
 class PositionProgram:
@@ -176,6 +195,8 @@ class PositionProgram:
         except Opaque:
             return None
         e = v.expr
+        if has_runtime(e) and not dtype_of(x).is_floating_point:
+            raise NotPositional(f"{x.name}: its integer values read {opaque_sources(e, x)}, not positions alone")
         if has_runtime(e) or not isinstance(e, sympy.Expr):
             return None
         if e.has(sympy.Piecewise):
@@ -234,7 +255,7 @@ class PositionProgram:
             raise NotPositional(f"{x.name} ({t}) computes the bias {why}")
         if t in SAME_ELEMENTS:
             src = x.args[0]
-            operand, src_dt = self.term(src, view_axes(shape_of(src), shape_of(x), ax, x))
+            operand, src_dt = self.term(src, view_axes(shape_of(src), shape_of(x), ax, x, self.sizes))
             return self.convert(operand, src_dt, dt, x)
         if t in CAST_OPS:
             operand, src_dt = self.term(x.args[0], ax)
