@@ -64,8 +64,14 @@ def position_biases(qk: Contraction, chain: list[Node], axes: Axes, sizes: AtomS
     for node in chain:
         if node.target in (aten.add.Tensor, aten.sub.Tensor) and not is_layout_op(node):
             candidates += [a for a in node.args[:2] if isinstance(a, Node) and a is not score_of(node, chain)]
+    first_mask = next((i for i, n in enumerate(chain) if n.target in MASKS), len(chain))
+    late = {a for n in chain[first_mask:] for a in n.args[:2] if isinstance(a, Node)}
     for bias in candidates:
         if shape_of(bias) is None or not reads_positions(bias):
+            continue
+        if bias in late:  # masks first decide which tiles run: a modifier after a mask is not one
+            notes.append(f"the bias {bias.name} is built from positions but stays a tensor: it is added after "
+                         "a mask (the tiles apply a score modifier before the masks)")
             continue
         try:
             found[bias] = PositionProgram(bias, axes, sizes, own_atoms)

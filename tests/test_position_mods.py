@@ -280,3 +280,35 @@ def test_a_position_off_the_sites_axes_stays_a_tensor_with_the_reason():
     assert not site.score_mod, site.score_mod  # the tile's rows are group·N + p here: not modelled yet
     assert "a bias built from positions stays a tensor: the bias varies along" in notes, notes
     same_as_eager(out, folded_gqa_alibi(*double((q, k, v))), torch.float32, "folded GQA")
+
+
+def alibi_after_the_mask(q, k, v):
+    n, m = q.shape[2], k.shape[2]
+    rel = torch.arange(m)[None, :] - torch.arange(n)[:, None]
+    s = (q @ k.mT).masked_fill(torch.ones(n, m, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(s - 0.25 * rel.abs(), -1) @ v
+
+
+def alibi_hf_finite_fill(q, k, v):
+    """ALiBi, then HF's causal mask as masked_fill(finfo.min): a finite fill the rows are settled to."""
+    n, m = q.shape[2], k.shape[2]
+    rel = torch.arange(m)[None, :] - torch.arange(m - n, m)[:, None]
+    s = q @ k.mT / 4 + alibi_slopes(q.shape[1]).view(-1, 1, 1) * rel
+    s = s.masked_fill(rel > 0, torch.finfo(s.dtype).min)
+    return torch.softmax(s, -1) @ v
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_masks_around_a_position_bias(backend):
+    q, k, v = inputs(torch.Generator().manual_seed(6), 1, 2, 2, 13, 17, 16, torch.float32)
+    fn, report = compiled(alibi_hf_finite_fill, backend)
+    out = fn(q, k, v)
+    site = positional_site(report, backend)
+    assert site.variant == "causal", site.variant
+    same_as_eager(out, alibi_hf_finite_fill(*double((q, k, v))), torch.float32, "alibi + finite causal fill")
+    fn, report = compiled(alibi_after_the_mask, backend)  # added after the mask: a tensor bias, as before
+    out = fn(q, k, v)
+    site = report.sites[0]
+    assert site.rewritten and not site.score_mod, (site.reason, site.score_mod)
+    assert any("added after a mask" in n for n in site.notes), site.notes
+    same_as_eager(out, alibi_after_the_mask(*double((q, k, v))), torch.float32, "alibi after the mask")
