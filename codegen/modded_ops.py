@@ -118,7 +118,8 @@ def _triton_path(q, k, v, leaves, bias, mask, scale, causal, causal_offset, sem,
     want = coarse is not None or (sem.finite and not fill_cannot_show(mod, leaves4, b4, m4, causal, causal_offset,
                                                                         scale, sem, dt, (n, m)))
     res = triton_attention(q4, k4, v4, scale=scale, bias=b4, mask=m4, causal=causal, causal_offset=causal_offset,
-                           score_mod=triton_function(mod), mod_leaves=tuple(leaves4), return_lse=want)
+                           score_mod=triton_function(mod), mod_leaves=tuple(leaves4), mod_tables=mod.tables,
+                           return_lse=want)
     if want:
         excess = None
         if sem.additive and sem.finite:

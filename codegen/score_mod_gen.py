@@ -56,6 +56,11 @@ def apply_torch(mod: ScoreMod, s: torch.Tensor, leaves: list[torch.Tensor],
     out = s
     for i, st in enumerate(mod.steps):
         args = [env[a] if isinstance(a, str) else a for a in st.args]
+        if st.op == "gather":  # table [*, 1, T] at an integer index [rows, M]: [*, rows, M]
+            table, idx = args
+            out = table[..., 0, :][..., idx.long()]
+            env[f"r{i}"] = out
+            continue
         if st.op in ("max", "min"):
             a, b = args
             a, b = (a, b) if isinstance(a, torch.Tensor) else (b, a)
@@ -126,6 +131,8 @@ def modified_bound(mod: ScoreMod, s_bound: torch.Tensor, leaves: list[torch.Tens
             r = (f(a[0], b[0]), f(a[1], b[1]))
         elif st.op == "neg":
             r = (-a[1], -a[0])
+        elif st.op == "gather":  # a value of the table
+            r = a
         elif st.op.startswith("round_"):  # round to nearest is monotone
             dt = torch.bfloat16 if st.op == "round_bf16" else torch.float16
             r = (a[0].to(dt).double(), a[1].to(dt).double())
@@ -175,6 +182,8 @@ def triton_source(mod: ScoreMod) -> str:
         lines.append("    inside = (rows[:, None] < N) & (cols[None, :] < M)")
     for i in range(mod.leaves):
         j = 5 * i
+        if i in mod.tables:
+            continue  # read by its gather
         lines.append(f"    L{i} = tl.load(args[{j}] + b * args[{j + 1}] + h * args[{j + 2}]"
                      f" + rows[:, None] * args[{j + 3}] + cols[None, :] * args[{j + 4}],"
                      " mask=inside, other=0.0).to(tl.float32)")
@@ -184,6 +193,11 @@ def triton_source(mod: ScoreMod) -> str:
 
     for i, st in enumerate(mod.steps):
         args = [val(a) for a in st.args]
+        if st.op == "gather":
+            j = 5 * int(st.args[0][1:])
+            lines.append(f"    r{i} = tl.load(args[{j}] + b * args[{j + 1}] + h * args[{j + 2}]"
+                         f" + {args[1]}.to(tl.int32) * args[{j + 4}], mask=inside, other=0.0).to(tl.float32)")
+            continue
         if len(args) == 2:
             code = _TRITON_BINARY[st.op].format(a=args[0], b=args[1])
         else:

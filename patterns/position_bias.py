@@ -43,6 +43,7 @@ BINARY = {aten.add.Tensor: "add", aten.sub.Tensor: "sub", aten.mul.Tensor: "mul"
 UNARY = {aten.neg.default: "neg", aten.abs.default: "abs"}
 DIVS = {aten.div.Tensor, aten.div.Scalar}
 CLAMPS = {aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default}
+GATHERS = {aten.index.Tensor, aten.embedding.default}
 SAME_ELEMENTS = {aten.unsqueeze.default, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
                  aten.expand.default, aten.alias.default, aten.clone.default, aten.contiguous.default,
                  aten.detach.default, aten.lift_fresh_copy.default}
@@ -114,6 +115,9 @@ def view_axes(src_shape, out_shape, ax: Axes, x: Node, sizes: AtomSizes) -> Axes
     boundaries; one that cuts an atom regroups the elements and is refused)."""
     if x.target == aten.expand.default:
         return tuple(() if s == 1 else axis for s, axis in zip(src_shape, ax[len(ax) - len(src_shape):]))
+    if x.target == aten.permute.default:  # out dim j is input dim perm[j]
+        perm = [d % len(src_shape) for d in x.args[1]]
+        return tuple(ax[perm.index(d)] for d in range(len(src_shape)))
     atoms = [a for s, axis in zip(out_shape, ax) if s != 1 for a in axis if sizes.sizes.get(a, 1) != 1]
     out, i = [], 0
     for s in src_shape:
@@ -131,14 +135,16 @@ def view_axes(src_shape, out_shape, ax: Axes, x: Node, sizes: AtomSizes) -> Axes
 
 
 class PositionProgram:
-    """Translate one bias node into steps; ``emit(op, *args) -> operand`` and ``leaf(node, axes) -> operand``
-    append to the caller's modifier (the steps are emitted only when the whole bias translates:
-    `translate` first records them, `replay` then emits them)."""
+    """One bias node translated into steps, recorded first (nothing is emitted unless the whole bias
+    translates); `replay` then emits them into the caller's modifier through ``emit(op, *args)`` and
+    ``leaf(node, axes, table_atom)``, each returning the operand's name."""
 
     def __init__(self, bias: Node, axes: Axes, sizes: AtomSizes, own_atoms: set[str]):
         self.axes, self.sizes, self.own = axes, sizes, own_atoms
         self.steps: list[tuple[str, tuple]] = []
-        self.leaves: list[tuple[Node, Axes]] = []  # each with its atoms against the scores
+        # each with its atoms against the scores, and a table's own atom (None for a broadcast leaf)
+        self.leaves: list[tuple[Node, Axes, str | None]] = []
+        self.last_bounds = None
         self.out, _ = self.term(bias)
         if not any(isinstance(a, str) and a.startswith("@") for _, args in self.steps for a in args):
             raise NotPositional("the bias does not vary with the positions")
@@ -181,7 +187,7 @@ class PositionProgram:
         if not {a for axis in ax for a in axis} & self.own:
             if not dt.is_floating_point:
                 raise NotPositional(f"{x.name}: an integer tensor along the batch or heads (not a position)")
-            self.leaves.append((x, ax))
+            self.leaves.append((x, ax, None))
             return f"leaf{len(self.leaves) - 1}", dt
         whole = self.lifted(x, ax)
         if whole is not None:
@@ -211,6 +217,7 @@ class PositionProgram:
                     raise NotPositional(f"{x.name}: a position expression along {axis or 'a broadcast dim'} "
                                         "(not one query or key axis)")
                 names[sym] = "@" + axis[0]
+        self.last_bounds = bounds(e, ranges(v))
         return self._expr(e, names, ranges(v), x)
 
     def _expr(self, e, names, rng, x):
@@ -234,6 +241,29 @@ class PositionProgram:
                 return out
         raise NotPositional(f"{x.name}: {type(e).__name__} in the position expression {e}")
 
+    def gather(self, x: Node, ax: Axes):
+        """A table read at an index computed from positions (a relative-position table per head,
+        ``table[h, clamp(m − p + K, 0, 2K)]``): the table is a leaf [*batch, 1, T], the index the
+        exact position expression, proven within [0, T) (a negative index would wrap)."""
+        table, index, dim = gather_parts(x)
+        tshape, ishape = shape_of(table), shape_of(index)
+        if shape_of(x) != (*tshape[:dim], *ishape, *tshape[dim + 1:]):
+            raise NotPositional(f"{x.name}: the gather's shape is not table[:dim] + index + table[dim+1:]")
+        lead, trail = ax[:dim], ax[dim + len(ishape):]
+        if {a for axis in (*lead, *trail) for a in axis} & self.own:
+            raise NotPositional(f"{x.name}: the table varies along the query or key axis itself")
+        idx = self.lifted(index, ax[dim:dim + len(ishape)])
+        if idx is None or dtype_of(index).is_floating_point:
+            raise NotPositional(f"{x.name}: its index {index.name} is not an exact integer position expression")
+        lo, hi = self.last_bounds
+        if lo < 0 or hi >= tshape[dim]:
+            raise NotPositional(f"{x.name}: the index is not proven within [0, {tshape[dim]}) (its range is "
+                                f"[{lo}, {hi}])")
+        atom = f"{table.name}@table"
+        self.sizes.sizes[atom] = tshape[dim]
+        self.leaves.append((table, (*lead, (atom,), *trail), atom))
+        return self.emit("gather", f"leaf{len(self.leaves) - 1}", idx)
+
     def convert(self, operand, src: torch.dtype | None, dst: torch.dtype, x: Node):
         """An operand as eager converts it to ``dst`` (the op's dtype) before the op."""
         if src is None:  # a Python scalar: exact in dst, or refused (its rounding is backend-dependent)
@@ -253,7 +283,9 @@ class PositionProgram:
             why = "in float64 (the tile computes float32: its rounding would differ)" if dt.is_floating_point \
                 else f"in {dt}, not as an exact position expression"
             raise NotPositional(f"{x.name} ({t}) computes the bias {why}")
-        if t in SAME_ELEMENTS:
+        if t in GATHERS:
+            return self.gather(x, ax)
+        if t in SAME_ELEMENTS or t == aten.permute.default:
             src = x.args[0]
             operand, src_dt = self.term(src, view_axes(shape_of(src), shape_of(x), ax, x, self.sizes))
             return self.convert(operand, src_dt, dt, x)
@@ -289,6 +321,18 @@ class PositionProgram:
             raise NotPositional(f"{x.name}: {t} on a bias that varies with the positions (not modelled "
                                 f"exactly){runtime_inputs(x)}")
         return self.emit(HALF[dt], out) if dt in HALF else out
+
+
+def gather_parts(x: Node):
+    """(table, index, dim): ``x`` reads ``table`` along ``dim`` at the integer tensor ``index`` —
+    ``table[:, …, :, index]`` (leading full slices) or ``embedding(index)`` (dim 0)."""
+    if x.target == aten.embedding.default:
+        return x.args[0], x.args[1], 0
+    table, indices = x.args[0], list(x.args[1])
+    given = [i for i, a in enumerate(indices) if a is not None]
+    if len(given) != 1 or given[0] != len(indices) - 1:
+        raise NotPositional(f"{x.name}: an index by several tensors, or after one (only table[:, …, idx] is read)")
+    return table, indices[-1], given[0]
 
 
 def resolve_positions(steps, rows: list[str], cols: list[str]):

@@ -47,6 +47,13 @@ class LiftedMod:
     rest: list[Node]  # the chain after it, read as scale / bias / mask
     axes: Axes  # the score axes after the modifier's part
     spelling: list[str] = field(default_factory=list)
+    tables: dict[int, str] = field(default_factory=dict)  # leaf index → its table atom
+
+    def leaf_groups(self, rows: list[str], cols: list[str]):
+        """(node, axes, rows, cols) per leaf for its canonical plan: [*batch, N, M] broadcast, or a
+        table [*batch, 1, T]."""
+        return [(node, ax, *(([], [self.tables[i]]) if i in self.tables else (rows, cols)))
+                for i, (node, ax) in enumerate(self.leaves)]
 
     def resolve(self, rows: list[str], cols: list[str]) -> ScoreMod:
         """The modifier with its positions named p (the query axis ``rows``) and m (the key axis
@@ -114,14 +121,17 @@ def lift_modifier(qk: Contraction, chain: list[Node], axes: Axes, sizes: AtomSiz
     part, rest = chain[:end], chain[end:]
     steps: list[ModStep] = []
     leaves: list[tuple[Node, Axes]] = []
+    tables: dict[int, str] = {}  # leaf index → the table's own atom (gathered, not broadcast)
     cur: str = "s"
 
     def step(op, *args) -> str:
         steps.append(ModStep(op, tuple(float(a) if not isinstance(a, str) else a for a in args)))
         return f"r{len(steps) - 1}"
 
-    def leaf(x, leaf_axes=None) -> str:
+    def leaf(x, leaf_axes=None, table_atom=None) -> str:
         leaves.append((x, align_broadcast(shape_of(x), axes, sizes) if leaf_axes is None else leaf_axes))
+        if table_atom is not None:
+            tables[len(leaves) - 1] = table_atom
         return f"L{len(leaves) - 1}"
 
     def operand(x) -> str | float:
@@ -181,4 +191,4 @@ def lift_modifier(qk: Contraction, chain: list[Node], axes: Axes, sizes: AtomSiz
             raise NoMatch(f"unsupported op {t} in a score modifier")
     what = ("score modifier with a position bias computed in the tile" if positional
             else f"score modifier {ScoreMod(tuple(steps), len(leaves))}")
-    return LiftedMod(steps, leaves, part, rest, axes, [what])
+    return LiftedMod(steps, leaves, part, rest, axes, [what], tables)

@@ -387,7 +387,7 @@ def match_softmax_attention(sm: Node, positions: bool = True) -> Site:
         site.keeps.append(plan(node, node_axes, n_atoms, m_atoms, "a mask", invert=invert))
     if lifted is not None:
         site.score_mod = lifted.resolve(n_atoms, m_atoms)
-        site.mod_leaves = [plan(node, node_axes, n_atoms, m_atoms, "a bias") for node, node_axes in lifted.leaves]
+        site.mod_leaves = [plan(n, ax, r, c, "a bias") for n, ax, r, c in lifted.leaf_groups(n_atoms, m_atoms)]
     # From canonical [*batch, N, F] back to the graph's layout of the output.
     canon_atoms = [*batch, *n_atoms, *f_atoms]
     order = [canon_atoms.index(a) for ax in out_axes for a in ax]

@@ -312,3 +312,60 @@ def test_masks_around_a_position_bias(backend):
     assert site.rewritten and not site.score_mod, (site.reason, site.score_mod)
     assert any("added after a mask" in n for n in site.notes), site.notes
     same_as_eager(out, alibi_after_the_mask(*double((q, k, v))), torch.float32, "alibi after the mask")
+
+
+# ---- relative-position tables gathered at a function of p − m ------------------------------------
+K_REL = 4
+
+
+def relative_table_index(q, k, v, table):
+    """A per-head table [H, 2K+1] read at the clipped relative position (Shaw-style)."""
+    n, m = q.shape[2], k.shape[2]
+    rel = torch.arange(m)[None, :] - torch.arange(n)[:, None]
+    return torch.softmax(q @ k.mT * 0.25 + table[:, torch.clamp(rel + K_REL, 0, 2 * K_REL)], -1) @ v
+
+
+def relative_table_embedding(q, k, v, table):
+    """The same through an embedding [2K+1, H] and a permute to heads first (T5's layout)."""
+    n, m = q.shape[2], k.shape[2]
+    rel = torch.arange(m)[None, :] - torch.arange(n)[:, None]
+    vals = F.embedding(rel.clamp(-K_REL, K_REL) + K_REL, table.t().contiguous())  # [N, M, H]
+    return torch.softmax(q @ k.mT * 0.25 + vals.permute(2, 0, 1).unsqueeze(0), -1) @ v
+
+
+def relative_table_wrapping(q, k, v, table):
+    """Negative indices wrap around in torch: not the clipped table the tile would read."""
+    n, m = q.shape[2], k.shape[2]
+    rel = torch.arange(m)[None, :] - torch.arange(n)[:, None]
+    return torch.softmax(q @ k.mT * 0.25 + table[:, rel], -1) @ v
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("spelling", [relative_table_index, relative_table_embedding])
+def test_relative_position_tables_gathered_in_the_tile(spelling, backend):
+    q, k, v = inputs(torch.Generator().manual_seed(7), 2, 3, 3, 13, 21, 16, torch.float32)
+    table = torch.randn(3, 2 * K_REL + 1, generator=torch.Generator().manual_seed(8))
+    args = [t.clone().requires_grad_() for t in (q, k, v, table)]
+    fn, report = compiled(spelling, backend)
+    out = fn(*args)
+    site = positional_site(report, backend)
+    assert "L0(" in site.score_mod, site.score_mod  # the table, as a function of its index
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v, table)]
+    want = spelling(*ref)
+    same_as_eager(out, want, torch.float32, spelling.__name__)
+    no_nm_operand(spelling, (q, k, v, table), 13, 21)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, args, g)
+    for name, a, b in zip("qkvt", got, torch.autograd.grad(want, ref, g.double())):
+        torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"grad {name}: {m}")
+
+
+def test_a_table_index_that_wraps_stays_a_tensor_with_the_reason():
+    q, k, v = inputs(torch.Generator().manual_seed(10), 1, 2, 2, 9, 12, 16, torch.float32)
+    table = torch.randn(2, 40)
+    fn, report = compiled(relative_table_wrapping, "torch")
+    out = fn(q, k, v, table)
+    site = report.sites[0]
+    assert site.rewritten and not site.score_mod, (site.reason, site.score_mod)
+    assert any("not proven within [0, 40)" in n for n in site.notes), site.notes
+    same_as_eager(out, relative_table_wrapping(*double((q, k, v, table))), torch.float32, "wrapping index")

@@ -9,7 +9,10 @@ non-linear map) is lifted into one `ScoreMod`: straight-line steps over the raw 
 score's own positions ``p`` (the query row) and ``m`` (the key column), so that a bias computed from
 positions (ALiBi's ``slope[h]·(m − p)``) is evaluated in the tile instead of read from an N×M tensor.
 Positions are integers held in float32 (exact below 2²⁴); ``round_bf16`` / ``round_f16`` round a
-float32 value to the nearest bfloat16 / float16, where eager computes a step in that dtype. The site's
+float32 value to the nearest bfloat16 / float16, where eager computes a step in that dtype;
+``gather(L<i>, idx)`` reads a *table* leaf (canonical [*batch, 1, T]: a relative-position table per
+head) at an integer-valued index computed from positions (proven within [0, T) by the recogniser).
+The site's
 semantics become
 
     S = scale · mod(s, L…) + Σ bias,   then the masks,   then softmax(S) @ v
@@ -30,7 +33,8 @@ import sympy
 
 # step op → arity. Binary ops take the running value or a leaf or a constant on either side.
 STEP_OPS: dict[str, int] = {"add": 2, "sub": 2, "mul": 2, "div": 2, "max": 2, "min": 2,
-                            "neg": 1, "tanh": 1, "sigmoid": 1, "abs": 1, "round_bf16": 1, "round_f16": 1}
+                            "neg": 1, "tanh": 1, "sigmoid": 1, "abs": 1, "round_bf16": 1, "round_f16": 1,
+                            "gather": 2}
 POSITIONS = ("p", "m")  # the query row and the key column of the score
 
 Operand = str | float  # "s" (the raw product), "p"/"m", "r<i>" (step i's result), "L<i>" (leaf i), a constant
@@ -59,6 +63,13 @@ class ScoreMod:
                 if isinstance(a, str) and not (a in ("s", *POSITIONS) or a[0] == "r" and int(a[1:]) < i
                                                or a[0] == "L" and int(a[1:]) < self.leaves):
                     raise ValueError(f"ScoreMod step {i}: operand {a!r} is not defined before it")
+            if st.op == "gather" and not (isinstance(st.args[0], str) and st.args[0][0] == "L"):
+                raise ValueError(f"ScoreMod step {i}: gather reads a leaf table, not {st.args[0]!r}")
+
+    @property
+    def tables(self) -> frozenset[int]:
+        """The leaves read by ``gather`` (tables [*batch, 1, T]), not broadcast over the scores."""
+        return frozenset(int(st.args[0][1:]) for st in self.steps if st.op == "gather")
 
     # ---- serialisation (the op's string argument) ----------------------------------------------
     def to_json(self) -> str:
@@ -96,6 +107,10 @@ class ScoreMod:
                "round_bf16": sympy.Function("bf16"), "round_f16": sympy.Function("f16")}
         out = s
         for i, st in enumerate(self.steps):
+            if st.op == "gather":  # the table as a function of its index
+                out = sympy.Function(st.args[0])(val(st.args[1]))
+                env[f"r{i}"] = out
+                continue
             out = fns[st.op](*(val(a) for a in st.args))
             env[f"r{i}"] = out
         return out
