@@ -30,7 +30,7 @@ from . import counters
 from .backward import recompute_grads
 from .eager import Removed, checks_inputs, coarse_rows, eager_attention, lse_floor, score_bound, settle, tame, underflow
 from .ops import as_bhnd, out_shape, spelling_of
-from .score_mod_gen import apply_torch
+from .score_mod_gen import apply_torch, position_grid
 
 KERNELS = ("torch", "triton")
 
@@ -50,13 +50,14 @@ def _torch_path(q, k, v, leaves, bias, mask, scale, causal, causal_offset, sem, 
     if k.shape[-2] == 0:
         out = q4.new_zeros(*q4.shape[:3], v4.shape[-1])
     else:
-        out = eager_attention(q4, k4, v4, b4, removed, scale, sem, score_mod=_modify(mod, leaves4))
+        out = eager_attention(q4, k4, v4, b4, removed, scale, sem, score_mod=_modify(mod, leaves4, k.shape[-2]))
     return out.reshape(*batch, *out.shape[-2:])
 
 
-def _modify(mod: ScoreMod, leaves4: list[torch.Tensor]):
+def _modify(mod: ScoreMod, leaves4: list[torch.Tensor], m: int):
     def modify(s, r0, r1):
-        return apply_torch(mod, s, [_rows_of(t, r0, r1) for t in leaves4])
+        positions = position_grid(r0, r1, m, s.device) if mod.positional else None
+        return apply_torch(mod, s, [_rows_of(t, r0, r1) for t in leaves4], positions)
     return modify
 
 
@@ -70,16 +71,16 @@ def _triton_ok(q, k, v, leaves, scale, sem) -> bool:
 
 
 @functools.lru_cache(maxsize=256)
-def _bound_over_all_scores(mod: ScoreMod) -> float:
-    """max |mod(s)| over every real s, for a modifier without leaves (a property of the program:
-    computed once, not per call)."""
+def _bound_over_all_scores(mod: ScoreMod, extent: tuple[int, int] | None) -> float:
+    """max |mod(s)| over every real s, for a modifier without leaves (a property of the program and
+    the positions' ranges: computed once, not per call)."""
     from .score_mod_gen import modified_bound
 
-    return float(modified_bound(mod, torch.tensor(float("inf"), dtype=torch.float64), []))
+    return float(modified_bound(mod, torch.tensor(float("inf"), dtype=torch.float64), [], extent))
 
 
 def fill_cannot_show(mod: ScoreMod, leaves4, bias, mask, causal: bool, causal_offset: int, scale: float,
-                      sem, dtype) -> bool:
+                      sem, dtype, extent: tuple[int, int] | None = None) -> bool:
     """True when no row's result can depend on a finite fill, proven before the launch (no LSE, no
     row check, no host sync where the modifier has no leaves): every row keeps a key (no mask tensor,
     no bias, causal offset ≥ 0) and the modifier is bounded, |scale·mod(s)| ≤ B for every s
@@ -90,8 +91,9 @@ def fill_cannot_show(mod: ScoreMod, leaves4, bias, mask, causal: bool, causal_of
 
     if mask is not None or bias is not None or (causal and causal_offset < 0):
         return False
-    bound = abs(scale) * (_bound_over_all_scores(mod) if not leaves4 else
-                          float(modified_bound(mod, torch.tensor(float("inf"), dtype=torch.float64), leaves4)))
+    top = torch.tensor(float("inf"), dtype=torch.float64)
+    bound = abs(scale) * (_bound_over_all_scores(mod, extent) if not leaves4 else
+                          float(modified_bound(mod, top, leaves4, extent)))
     if not math.isfinite(bound):
         return False
     gap = sem.fill + (2 * bound if sem.additive else bound)
@@ -117,22 +119,24 @@ def _triton_path(q, k, v, leaves, bias, mask, scale, causal, causal_offset, sem,
     removed = Removed(n, m, m4, causal_offset if causal else None, structure)
     coarse = None if b4 is None else coarse_rows(q4, k4, b4, removed.rows(0, n, q4.device), sem)
     want = coarse is not None or (sem.finite and (structure is not None or not fill_cannot_show(
-        mod, leaves4, b4, m4, causal, causal_offset, scale, sem, dt)))
+        mod, leaves4, b4, m4, causal, causal_offset, scale, sem, dt, (n, m))))
     if structure is None:
         res = triton_attention(q4, k4, v4, scale=scale, bias=b4, mask=m4, causal=causal, causal_offset=causal_offset,
-                               score_mod=triton_function(mod), mod_leaves=tuple(leaves4), return_lse=want)
+                               score_mod=triton_function(mod), mod_leaves=tuple(leaves4), mod_tables=mod.tables,
+                               return_lse=want)
     else:
         from .triton_neighborhood import neighborhood_attention
 
         res = neighborhood_attention(q4, k4, v4, structure, scale=scale, bias=b4, mask=m4, return_lse=want,
-                                     score_mod=triton_function(mod), mod_leaves=tuple(leaves4))
+                                     score_mod=triton_function(mod), mod_leaves=tuple(leaves4),
+                                     mod_tables=mod.tables)
     if want:
         excess = None
         if sem.additive and sem.finite:
-            excess = modified_bound(mod, score_bound(q4, k4, 1.0), leaves4) * abs(scale)
+            excess = modified_bound(mod, score_bound(q4, k4, 1.0), leaves4, (n, m)) * abs(scale)
 
         def recompute(out, rows):
-            return eager_attention(q4, k4, v4, b4, removed, scale, sem, rows, out, score_mod=_modify(mod, leaves4))
+            return eager_attention(q4, k4, v4, b4, removed, scale, sem, rows, out, score_mod=_modify(mod, leaves4, m))
 
         res = settle(res[0], lse_floor(res[1], m), sem, dt, recompute, excess, coarse)
     return res.reshape(*batch, *res.shape[-2:])

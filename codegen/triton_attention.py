@@ -202,6 +202,13 @@ def choose_config(d: int, dv: int, dtype: torch.dtype, device: torch.device,
 # --------------------------------------------------------------------------------------------------
 
 
+def modifier_args(leaves, tables: frozenset[int], shape4: tuple[int, int, int, int]) -> tuple:
+    """The generated modifier's ``args``: each leaf viewed as [B, Hq, N, M] (a table leaf as [B, Hq, 1, T])."""
+    b, hq = shape4[:2]
+    return leaf_args([broadcast_4d(t, (b, hq, 1, t.shape[-1]) if i in tables else shape4, "score modifier tensor")
+                      for i, t in enumerate(leaves)])
+
+
 def broadcast_4d(t: torch.Tensor, shape: tuple[int, int, int, int], what: str) -> torch.Tensor:
     try:
         torch.broadcast_shapes(tuple(t.shape), shape)
@@ -284,11 +291,13 @@ def triton_attention(
     config: AttentionConfig | None = None,
     score_mod=None,
     mod_leaves: tuple[torch.Tensor, ...] = (),
+    mod_tables: frozenset[int] = frozenset(),
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """softmax(scale · q kᵀ + bias, masked −inf) @ v, fused; see the module docstring.
 
     ``score_mod`` (optional): a generated Triton score modifier (codegen/score_mod_gen.py) applied
-    to q kᵀ before the scale, with its leaf tensors ``mod_leaves`` (broadcastable to [B, Hq, N, M]).
+    to q kᵀ before the scale, with its leaf tensors ``mod_leaves`` (broadcastable to [B, Hq, N, M];
+    those in ``mod_tables`` are tables [B | 1, Hq | 1, 1, T] the modifier gathers from).
 
     q [B, Hq, N, D], k [B, Hkv, M, D], v [B, Hkv, M, Dv], Hq % Hkv == 0, any strides.
     bias: float, broadcastable to [B, Hq, N, M]. mask: bool, broadcastable, True = keep.
@@ -319,7 +328,7 @@ def triton_attention(
     ms = mask.stride() if has_mask else (0, 0, 0, 0)
     natural = has_bias or score_mod is not None  # scores in natural units, not log2 (attention_tiles.py)
     qk_scale = float(scale) if natural else float(scale) * LOG2E
-    mod_args = leaf_args([broadcast_4d(t, shape4, "score modifier tensor") for t in mod_leaves])
+    mod_args = modifier_args(mod_leaves, mod_tables, shape4)
 
     with torch.cuda.device(q.device) if q.device.type == "cuda" else nullcontext():
         if use_tma:

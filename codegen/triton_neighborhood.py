@@ -60,8 +60,7 @@ from rewrite.codegen.neighborhood_tiles import (
     patches_per_class,
     plan_tiles,
 )
-from rewrite.codegen.score_mod_gen import leaf_args
-from rewrite.codegen.triton_attention import allocate_rows, broadcast_4d, check_operands, prepare_bias_mask
+from rewrite.codegen.triton_attention import allocate_rows, check_operands, modifier_args, prepare_bias_mask
 from rewrite.ir.mask import MaskSpec
 
 __all__ = ["NeighborhoodConfig", "neighborhood_attention"]  # the planner: codegen/neighborhood_tiles.py
@@ -272,6 +271,7 @@ def neighborhood_attention(
     config: NeighborhoodConfig | None = None,
     score_mod=None,
     mod_leaves: tuple[torch.Tensor, ...] = (),
+    mod_tables: frozenset[int] = frozenset(),
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """softmax(scale · q kᵀ + bias, −inf outside ``spec`` and ``mask``) @ v, fused and sparse.
 
@@ -282,8 +282,9 @@ def neighborhood_attention(
     Returns out [B, Hq, N, Dv] in q.dtype (NaN rows where no key is kept), and with
     ``return_lse`` the float32 row log-sum-exp [B, Hq, N] (−inf for such rows).
     ``config`` overrides the table (and, with patches given, the planner). ``score_mod`` (optional):
-    a generated Triton score modifier over ``mod_leaves`` (codegen/score_mod_gen.py), applied to the raw
-    products inside the kept tiles, as in triton_attention."""
+    a generated Triton score modifier over ``mod_leaves`` (codegen/score_mod_gen.py; those in ``mod_tables``
+    are tables [B | 1, Hq | 1, 1, T] it gathers from), applied to the raw products inside the kept tiles, as
+    in triton_attention."""
     B, HQ, N, D, HKV, M, DV = check_operands(q, k, v, "neighborhood_attention", _nbhd_fwd_kernel)
     axes = kernel_axes(spec, N, M)
 
@@ -318,7 +319,7 @@ def neighborhood_attention(
     ms = mask.stride() if has_mask else (0, 0, 0, 0)
     natural = has_bias or score_mod is not None  # scores in natural units, not log2 (attention_tiles.py)
     qk_scale = float(scale) if natural else float(scale) * LOG2E
-    mod_args = leaf_args([broadcast_4d(t, shape4, "score modifier tensor") for t in mod_leaves])
+    mod_args = modifier_args(mod_leaves, mod_tables, shape4)
     grid = (math.prod(tiles), B * HQ)
     a0, a1, a2 = axes
     with torch.cuda.device(q.device) if q.device.type == "cuda" else nullcontext():

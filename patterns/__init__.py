@@ -8,6 +8,7 @@ from rewrite.ir.site import Site, TensorPlan
 
 from .axes import NoMatch
 from .mask_terms import read_terms
+from .position_bias import PositionsUnaligned
 from .sdpa import SDPA_OPS, match_sdpa
 from .softmax_attention import location_of, match_softmax_attention
 from .softmax_chain import find_softmax_candidates
@@ -36,7 +37,7 @@ def find_sites(graph: Graph, inputs: dict | None = None) -> list[tuple[Site | No
         if sm in taken:
             continue
         try:
-            site = read_terms(match_softmax_attention(sm), inputs)
+            site = read_terms(_match_softmax(sm), inputs)
             out.append((site, None))
             taken.update(site.nodes)
         except NoMatch as exc:
@@ -53,6 +54,15 @@ def find_sites(graph: Graph, inputs: dict | None = None) -> list[tuple[Site | No
     out.extend((s, None) for s in find_linear_sites(graph)
                if s.out_node not in taken and not taken.intersection(s.nodes))
     return out
+
+
+def _match_softmax(sm) -> Site:
+    try:
+        return match_softmax_attention(sm)
+    except PositionsUnaligned as e:  # the bias is then read as a tensor, as the graph computes it
+        site = match_softmax_attention(sm, positions=False)
+        site.notes.append(f"a bias built from positions stays a tensor: {e}")
+        return site
 
 
 def _looks_like_attention(sm) -> bool:

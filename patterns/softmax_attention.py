@@ -107,8 +107,9 @@ def _atoms_for(c: Contraction, sizes: AtomSizes) -> tuple[Axes, Axes, Axes]:
     return axes(c.a_labels, sa), axes(c.b_labels, sb), axes(c.out_labels, so)
 
 
-def match_softmax_attention(sm: Node) -> Site:
-    """Match the attention around softmax node ``sm`` (or a written-out softmax's div)."""
+def match_softmax_attention(sm: Node, positions: bool = True) -> Site:
+    """Match the attention around softmax node ``sm`` (or a written-out softmax's div); ``positions``:
+    lift biases computed from positions into the score modifier (patterns/position_bias.py)."""
     found = softmax_of(sm)
     late_sum = None
     if found is None:
@@ -133,7 +134,9 @@ def match_softmax_attention(sm: Node) -> Site:
     finite_fill_seen = fill_biased = False
     spelling = [qk.spelling]
     links = chain  # every link of the score chain (the modifier's part included)
-    lifted = lift_modifier(qk, chain, axes, sizes, score_of)
+    own = {a for ax in a_axes for a in ax} ^ {a for ax in b_axes for a in ax} if positions else set()
+    position_notes: list[str] = []
+    lifted = lift_modifier(qk, chain, axes, sizes, score_of, own, position_notes)
     if lifted is not None:  # the modifier takes the product's own scale and added input
         for node in lifted.nodes:
             only_user(node) if node is not links[-1] else None
@@ -383,14 +386,14 @@ def match_softmax_attention(sm: Node) -> Site:
     for node, node_axes, invert in keeps:
         site.keeps.append(plan(node, node_axes, n_atoms, m_atoms, "a mask", invert=invert))
     if lifted is not None:
-        site.score_mod = lifted.mod
-        site.mod_leaves = [plan(node, node_axes, n_atoms, m_atoms, "a bias") for node, node_axes in lifted.leaves]
+        site.score_mod = lifted.resolve(n_atoms, m_atoms)
+        site.mod_leaves = [plan(n, ax, r, c, "a bias") for n, ax, r, c in lifted.leaf_groups(n_atoms, m_atoms)]
     # From canonical [*batch, N, F] back to the graph's layout of the output.
     canon_atoms = [*batch, *n_atoms, *f_atoms]
     order = [canon_atoms.index(a) for ax in out_axes for a in ax]
     site.out_perm = order + [i for i in range(len(canon_atoms)) if i not in order]
     site.out_atoms_sizes = [sizes.sizes[a] for a in canon_atoms]
-    site.notes += deviation_notes(sm_spelling, dtype_of(qk.node), dtype_of(x))
+    site.notes += deviation_notes(sm_spelling, dtype_of(qk.node), dtype_of(x)) + position_notes
     if fill_biased and lifted is not None:
         raise NoMatch("a bias added over a finite masked_fill in a site with a score modifier")
     if fill_biased:

@@ -72,6 +72,10 @@ def test_bloom_alibi_through_baddbmm_and_a_split_view():
     _same(model, input_ids=ids)
     sites = _all_rewritten(rewrite.inspect(model, input_ids=ids), 2)
     assert all("baddbmm" in s.spelling for s in sites), [s.spelling for s in sites]
+    # Bloom's ALiBi counts positions through the attention mask (cumsum): not positions alone, so it
+    # stays a (small, [B·H, 1, M]) tensor bias, and the site says why
+    assert all(any("built from positions but stays a tensor" in n for n in s.notes) for s in sites), \
+        [s.notes for s in sites]
 
 
 def test_falcon_with_alibi():
@@ -83,7 +87,10 @@ def test_falcon_with_alibi():
     model = FalconModel(config).eval()
     ids = _ids(2)
     _same(model, input_ids=ids)
-    _all_rewritten(rewrite.inspect(model, input_ids=ids), 2)
+    sites = _all_rewritten(rewrite.inspect(model, input_ids=ids), 2)
+    # as Bloom's: positions counted through the attention mask, a tensor bias with the reason
+    assert all(any("built from positions but stays a tensor" in n and "not positions alone" in n for n in s.notes)
+               for s in sites), [s.notes for s in sites]
 
 
 def test_falcon_multi_query_without_alibi():

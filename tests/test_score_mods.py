@@ -229,7 +229,8 @@ def test_a_finite_fill_settles_the_rows_it_changes(backend):
 
 
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 2**16), ops=st.lists(st.sampled_from(sorted(STEP_OPS)), min_size=1, max_size=5))
+@given(seed=st.integers(0, 2**16),  # gather reads a table leaf: its bound is the table's, tested with tables
+       ops=st.lists(st.sampled_from(sorted(set(STEP_OPS) - {"gather"})), min_size=1, max_size=5))
 def test_the_interval_bound_of_a_modifier_holds(seed, ops):
     """modified_bound is sound: random straight-line modifiers over s and one leaf, evaluated on
     random scores within the bound given, never exceed the bound returned."""
