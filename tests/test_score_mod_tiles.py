@@ -105,6 +105,29 @@ def test_a_2d_window_with_a_learned_scale_on_the_tiles_with_gradients(backend):
         torch.testing.assert_close(g.double(), w_, atol=2e-4, rtol=2e-4)
 
 
+def alibi_window(q, k, v, slopes):
+    """ALiBi over a causal window of 7 keys, both built from positions: the bias is computed in the tiles
+    from the row and column indices, and only the window's tiles run."""
+    i = torch.arange(q.shape[-2])
+    rel = (i[None, :] - i[:, None]).float()
+    s = q @ k.mT * q.shape[-1] ** -0.5 + slopes[:, None, None] * rel
+    keep = (rel <= 0) & (rel > -7)
+    return s.masked_fill(~keep, NEG_INF).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_position_bias_on_the_window_tiles(backend):
+    gen = torch.Generator().manual_seed(13)
+    q, k, v = inputs(gen, 2, 4, 4, 53, 53, 32, torch.float32)
+    slopes = 2.0 ** (-8.0 * torch.arange(1, 5) / 4)
+    fn, report = compiled(alibi_window, backend)
+    out = fn(q, k, v, slopes)
+    site = modified_site(report, backend)
+    assert site.variant == "neighborhood", site.variant
+    assert "(m - p)" in site.score_mod, site.score_mod  # computed from the tile's indices, no N×M bias
+    same_as_eager(out, alibi_window(*double((q, k, v, slopes))), torch.float32, "ALiBi on the window tiles")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
