@@ -31,6 +31,7 @@ from .backward import recompute_grads
 from .eager import Removed, checks_inputs, coarse_rows, eager_attention, lse_floor, score_bound, settle, tame, underflow
 from .ops import as_bhnd, out_shape, spelling_of
 from .score_mod_gen import apply_torch, position_grid
+from .sparse_ops import parse_spec
 
 KERNELS = ("torch", "triton")
 
@@ -46,7 +47,7 @@ def _rows_of(t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
 def _torch_path(q, k, v, leaves, bias, mask, scale, causal, causal_offset, sem, mod: ScoreMod, structure=None):
     (q4, k4, v4, b4, m4), batch = as_bhnd(q, k, v, bias, mask)
     leaves4 = [_four(q, k, v, t) for t in leaves]
-    removed = Removed(q.shape[-2], k.shape[-2], m4, causal_offset if causal else None, structure)
+    removed = Removed(q.shape[-2], k.shape[-2], m4, causal_offset if causal else None, _removes(structure))
     if k.shape[-2] == 0:
         out = q4.new_zeros(*q4.shape[:3], v4.shape[-1])
     else:
@@ -105,7 +106,8 @@ def _triton_path(q, k, v, leaves, bias, mask, scale, causal, causal_offset, sem,
     spelling as the plain op's are (codegen/eager.py ``settle``): with a finite fill, rows whose kept
     modified scores come near the fill are recomputed by the torch path. The removed score's excess
     over an added fill is bounded by interval arithmetic over the modifier (``modified_bound``).
-    ``structure``: a neighborhood ``MaskSpec`` whose tiles alone are visited (the neighborhood kernel)."""
+    ``structure``: (a neighborhood ``MaskSpec`` whose tiles alone are visited by the neighborhood kernel,
+    whether the remaining mask/bias tensors already imply it) or None."""
     from .score_mod_gen import modified_bound, triton_function
     from .triton_attention import triton_attention
 
@@ -116,7 +118,7 @@ def _triton_path(q, k, v, leaves, bias, mask, scale, causal, causal_offset, sem,
     q4, k4, v4 = q4.to(dt), k4.to(dt), v4.to(dt)
     leaves4 = [_four(q, k, v, t) for t in leaves]
     n, m = q4.shape[2], k4.shape[2]
-    removed = Removed(n, m, m4, causal_offset if causal else None, structure)
+    removed = Removed(n, m, m4, causal_offset if causal else None, _removes(structure))
     coarse = None if b4 is None else coarse_rows(q4, k4, b4, removed.rows(0, n, q4.device), sem)
     want = coarse is not None or (sem.finite and (structure is not None or not fill_cannot_show(
         mod, leaves4, b4, m4, causal, causal_offset, scale, sem, dt, (n, m))))
@@ -127,7 +129,7 @@ def _triton_path(q, k, v, leaves, bias, mask, scale, causal, causal_offset, sem,
     else:
         from .triton_neighborhood import neighborhood_attention
 
-        res = neighborhood_attention(q4, k4, v4, structure, scale=scale, bias=b4, mask=m4, return_lse=want,
+        res = neighborhood_attention(q4, k4, v4, structure[0], scale=scale, bias=b4, mask=m4, return_lse=want,
                                      score_mod=triton_function(mod), mod_leaves=tuple(leaves4),
                                      mod_tables=mod.tables)
     if want:
@@ -163,15 +165,21 @@ def modded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, leaves: 
     return out.to(out_dtype).contiguous()
 
 
-def _structure(text: str) -> MaskSpec | None:
-    """The op's ``structure`` argument: "" (none) or a neighborhood ``MaskSpec`` as JSON, the keys it
-    removes besides the mask tensor (its tiles are the only ones the Triton path visits)."""
+def _structure(text: str) -> tuple[MaskSpec, bool] | None:
+    """The op's ``structure`` argument: "" (none) or a neighborhood spec as sparse_ops.op_spec writes it:
+    its tiles are the only ones the Triton path visits; unless the remaining mask/bias tensors imply it
+    (``implied``: a Hugging Face 4-D mask), it also removes the keys outside it."""
     if not text:
         return None
-    spec = MaskSpec.from_json(text)
-    if spec.kind not in ("neighborhood", "blocked"):
-        raise ValueError(f"rewrite::modded_attention: structure must be a neighborhood spec, not {spec.kind!r}")
-    return spec
+    spec, implied, blocks, recheck = parse_spec(text)
+    if spec.kind not in ("neighborhood", "blocked") or blocks is not None or recheck:
+        raise ValueError(f"rewrite::modded_attention: structure must be an analytic neighborhood spec, not {text!r}")
+    return spec, implied
+
+
+def _removes(structure: tuple[MaskSpec, bool] | None) -> MaskSpec | None:
+    """The structure as keys the op removes (None when the tensors already remove them)."""
+    return None if structure is None or structure[1] else structure[0]
 
 
 @modded_attention.register_fake

@@ -84,7 +84,7 @@ def apply_plan(graph: Graph, plan: Plan, site_id: str = "") -> Node:
             out = graph.call_function(torch.ops.rewrite.modded_attention.default, (
                 q, k, v, leaves, bias, keep, float(site.scale), bool(plan.causal), int(plan.causal_offset),
                 plan.masked_row, plan.kernel, site.out_dtype, site.score_mod.to_json(), *_fill_args(plan), site_id,
-                plan.mask.to_json() if plan.variant == "neighborhood" else ""))
+                op_spec(plan.mask, plan.implied) if plan.variant == "neighborhood" else ""))
         elif plan.sparse:
             out = graph.call_function(torch.ops.rewrite.sparse_attention.default, (
                 q, k, v, bias, keep, float(site.scale),

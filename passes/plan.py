@@ -271,7 +271,7 @@ def plan_site(site: Site, backend: str, device: torch.device | None) -> Plan:
         if biases:
             hint = None
     modified = site.score_mod is not None
-    if (modified and variant == "neighborhood" and spec.kind in ("neighborhood", "blocked") and not implied
+    if (modified and variant == "neighborhood" and spec.kind in ("neighborhood", "blocked")
             and not recheck and table is None and mask_blocks is None):
         notes.append("score modifier with the window: the neighborhood kernel's tiles (only the window's tiles run; "
                      "the modifier generated into them)")

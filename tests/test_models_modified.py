@@ -63,6 +63,29 @@ def test_gemma2_softcapped_sliding_and_global_layers():
     assert any("neighborhood kernel's tiles" in n for n in sites[0].notes), sites[0].notes
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gemma2_sliding_layer_with_padding_runs_on_the_window_tiles(backend):
+    """With an attention mask the sliding window lives in Hugging Face's 4-D mask (implied by its
+    position-only part): the tiles come from the window, the mask is applied inside them."""
+    from transformers import Gemma2Config, Gemma2Model
+
+    config = Gemma2Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=16, intermediate_size=128, vocab_size=VOCAB, attn_implementation="eager",
+                          sliding_window=6, attn_logit_softcapping=50.0, query_pre_attn_scalar=16)
+    torch.manual_seed(0)
+    model = Gemma2Model(config).eval()
+    ids = torch.randint(0, VOCAB, (2, 29), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(2, 29, dtype=torch.long)
+    mask[1, 20:] = 0
+    eager = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    out = rewrite.compile(model, backend=backend)(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(out, eager, **FP32)
+    sites = _all_rewritten(rewrite.inspect(model, input_ids=ids, attention_mask=mask, backend=backend), 2, "tanh")
+    assert [s.variant for s in sites] == ["neighborhood", "causal"], [s.variant for s in sites]
+    if backend == "triton":
+        assert any("triton neighborhood tiles" in r for r in sites[0].ran), sites[0].ran
+
+
 def test_bloom_alibi_through_baddbmm_and_a_split_view():
     from transformers import BloomConfig, BloomModel
 
