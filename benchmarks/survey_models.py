@@ -194,6 +194,11 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             lines.append(f"- {r['model']}: {why}")
         for why in r.get("skipped_graphs", []):
             lines.append(f"- {r['model']} (graph skipped): {why}")
+    missing = [r for r in rows if "sites" in r and r["sites"] < r["attention_modules"]]
+    if missing:
+        lines += ["", "## Attention modules with no site and no reason", ""]
+        lines += [f"- {r['model']}: {r['attention_modules'] - r['sites']} of {r['attention_modules']} "
+                  f"({r['graphs']} graphs: graph breaks can split an attention across graphs)" for r in missing]
     return "\n".join(lines) + "\n"
 
 
