@@ -155,6 +155,7 @@ def survey_one(name: str, build) -> dict:
         return row
     row["graphs"] = report.graphs
     row["skipped_graphs"] = list(report.skipped_graphs)
+    row["graph_breaks"] = list(report.graph_breaks)
     row["sites"] = len(report.sites)
     row["rewritten"] = sum(s.rewritten for s in report.sites)
     row["variants"] = sorted({s.variant for s in report.sites if s.rewritten})
@@ -217,7 +218,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     if missing:
         lines += ["", "## Attention modules with no site and no reason", ""]
         lines += [f"- {r['model']}: {r['attention_modules'] - r['sites']} of {r['attention_modules']} "
-                  f"({r['graphs']} graphs: graph breaks can split an attention across graphs)" for r in missing]
+                  f"({r['graphs']} graphs; graph breaks: {'; '.join(r.get('graph_breaks', [])) or 'none recorded'})"
+                  for r in missing]
     return "\n".join(lines) + "\n"
 
 

@@ -6,6 +6,7 @@ import functools
 import inspect as _pyinspect
 
 import torch
+from torch._dynamo.utils import counters as dynamo_counters
 
 from .backend import make_backend
 from .options import Options
@@ -62,9 +63,12 @@ def inspect(model_or_fn, *args, backend: str = "auto", **kwargs) -> Report:
                         f"instance, got {type(model_or_fn).__name__}")
     report = Report()
     torch._dynamo.reset()  # a fresh capture, so every graph reaches the backend again
+    breaks = dynamo_counters["graph_break"]
+    breaks.clear()
     compiled = _wrap(model_or_fn, options, report)
     with torch.no_grad():
         compiled(*args, **kwargs)
+    report.graph_breaks = [f"{why.splitlines()[0][:200]} (×{n})" for why, n in breaks.items()]
     torch._dynamo.reset()
     return report
 

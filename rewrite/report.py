@@ -57,6 +57,7 @@ class Report:
     sites: list[SiteReport] = field(default_factory=list)
     graphs: int = 0
     skipped_graphs: list[str] = field(default_factory=list)
+    graph_breaks: list[str] = field(default_factory=list)  # Dynamo's reasons ("×n"), from rewrite.inspect
 
     @property
     def rewritten(self) -> list[SiteReport]:
@@ -64,7 +65,7 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         return {"graphs": self.graphs, "skipped_graphs": list(self.skipped_graphs),
-                "sites": [s.to_dict() for s in self.sites]}
+                "graph_breaks": list(self.graph_breaks), "sites": [s.to_dict() for s in self.sites]}
 
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), **kw)
@@ -116,6 +117,8 @@ class Report:
                 console.print(f"  ran (calls so far): {ran}", markup=False)
         for g in self.skipped_graphs:
             console.print(f"graph left alone: {g}", markup=False)
+        for g in self.graph_breaks:
+            console.print(f"graph break (an attention split across graphs is not seen whole): {g}", markup=False)
         return console.export_text()
 
     def __repr__(self) -> str:

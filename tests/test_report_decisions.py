@@ -1,11 +1,13 @@
 """The report says why a site found with a mask or bias that removes keys runs dense: the density it
 measured and the decision (issue 11: a BigBird-style layout expanded into a −inf bias ran dense with
-no word about why)."""
+no word about why), and a graph break that splits an attention is named."""
 
 from __future__ import annotations
 
 import torch
 from eager_cases import compiled, double, inputs, same_as_eager
+
+import rewrite
 
 
 def layout_as_bias(q, k, v, layout):
@@ -52,3 +54,20 @@ def test_a_dense_runtime_mask_reports_why_it_is_not_block_sparse():
     fn, report = compiled(runtime_mask, "torch")
     fn(q, k, v, sparse)
     assert report.sites[0].variant == "block_sparse", report.sites[0].variant  # below half: the sparse kernel
+
+
+def attention_with_a_graph_break(q, k, v):
+    s = q @ k.transpose(-1, -2)
+    shift = int(s.amax().item() > 0)  # .item() breaks the graph between the product and the softmax
+    return torch.softmax(s + shift, -1) @ v
+
+
+def test_a_graph_break_inside_attention_is_in_the_report():
+    """Split across two graphs, the attention is in no graph whole: no site, but the report says why."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 8, generator=gen) for _ in range(3))
+    report = rewrite.inspect(attention_with_a_graph_break, q, k, v)
+    assert report.sites == [] and any("item()" in b for b in report.graph_breaks), report.graph_breaks
+    assert "graph break" in str(report)
+    whole = rewrite.inspect(lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2), -1) @ v, q, k, v)
+    assert whole.graph_breaks == [] and len(whole.sites) == 1
