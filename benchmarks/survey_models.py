@@ -216,7 +216,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             lines.append(f"- {r['model']} (graph skipped): {why}")
     missing = [r for r in rows if "sites" in r and r["sites"] < r["attention_modules"]]
     if missing:
-        lines += ["", "## Attention modules with no site and no reason", ""]
+        lines += ["", "## Attention modules with no site (the graph breaks the report names)", ""]
         lines += [f"- {r['model']}: {r['attention_modules'] - r['sites']} of {r['attention_modules']} "
                   f"({r['graphs']} graphs; graph breaks: {'; '.join(r.get('graph_breaks', [])) or 'none recorded'})"
                   for r in missing]
