@@ -12,7 +12,7 @@ from .position_bias import PositionsUnaligned
 from .sdpa import SDPA_OPS, match_sdpa
 from .softmax_attention import location_of, match_softmax_attention
 from .softmax_chain import find_softmax_candidates
-from .unfollowed import unfollowed_product
+from .unfollowed import reaches_product, unfollowed_product
 
 __all__ = ["NoMatch", "Site", "TensorPlan", "find_sites"]
 
@@ -68,7 +68,6 @@ def _match_softmax(sm) -> Site:
 def _looks_like_attention(sm) -> bool:
     """A softmax whose input comes from a product and whose output reaches another one."""
     from .axes import is_layout_op
-    from .contraction import as_contraction
     from .softmax_chain import mixes_products, reaches_contraction, softmax_of
 
     found = softmax_of(sm)
@@ -77,15 +76,4 @@ def _looks_like_attention(sm) -> bool:
     cur = found[0]
     while is_layout_op(cur):
         cur = cur.args[0]
-    if not (reaches_contraction(found[0], {}) or mixes_products(cur)):
-        return False
-    frontier, seen = list(sm.users), set()
-    while frontier:
-        n = frontier.pop()
-        if n in seen or len(seen) > 16:
-            continue
-        seen.add(n)
-        if as_contraction(n) is not None:
-            return True
-        frontier.extend(n.users)
-    return False
+    return (reaches_contraction(found[0], {}) or mixes_products(cur)) and reaches_product(sm)

@@ -31,7 +31,7 @@ def unfollowed_product(sm: Node) -> str | None:
         return None
     start = found[0]
     path = _path_to_product(start)
-    if path is None or not _reaches_product(sm):
+    if path is None or not reaches_product(sm):
         return None
     odd = [n for n in path if n.op == "call_function" and not is_layout_op(n)]
     names = list(dict.fromkeys(_op_name(n) for n in odd))[:4]
@@ -74,7 +74,8 @@ def _batched(x) -> bool:
     return shape is not None and len(shape) >= 3
 
 
-def _reaches_product(sm: Node) -> bool:
+def reaches_product(sm: Node) -> bool:
+    """Does the softmax's output reach a product within FORWARD_DEPTH ops (through any op)?"""
     frontier, seen = list(sm.users), set()
     while frontier:
         n = frontier.pop()

@@ -40,6 +40,29 @@ def rewritten_site(report: Report, variants: tuple[str, ...], backend: str):
     return site
 
 
+def modified_site(report: Report, backend: str):
+    """The one site, rewritten with a score modifier (the cascade shows QKM = mod(QK)), on the backend's
+    modifier kernel (the generated Triton tiles, or eager's math by row blocks)."""
+    assert len(report.sites) == 1, str(report)
+    site = report.sites[0]
+    assert site.rewritten, site.reason
+    assert site.score_mod, "no score modifier on the site"
+    assert site.kernel == ("triton" if backend == "triton" else "torch"), site.kernel
+    assert "QKM" in site.cascade and "mod(" in site.cascade, site.cascade
+    return site
+
+
+def grads_as_float64(fn, leaves, out, atol=2e-5, rtol=1e-4) -> None:
+    """The gradients of ``out`` (the rewritten ``fn`` on ``leaves``) against autograd through eager ``fn``
+    on float64 copies, for one random output gradient."""
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, g)
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    want = torch.autograd.grad(fn(*ref), ref, g.double())
+    for i, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a.double(), b, atol=atol, rtol=rtol, msg=lambda m, i=i: f"grad of input {i}: {m}")
+
+
 def double(args):
     return tuple(a.detach().double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 

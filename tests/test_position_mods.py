@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from eager_cases import compiled, double, inputs, same_as_eager
+from eager_cases import compiled, double, grads_as_float64, inputs, same_as_eager
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from torch.fx.passes.shape_prop import ShapeProp
@@ -174,12 +174,7 @@ def test_gradients_reach_q_k_v_and_learned_slopes(backend):
     out = fn(*args)
     site = positional_site(report, backend)
     assert "L0" in site.score_mod, site.score_mod  # the slopes are a leaf, read as the graph holds them
-    g = torch.randn_like(out)
-    got = torch.autograd.grad(out, args, g)
-    ref = [t.detach().double().requires_grad_() for t in (q, k, v, slopes)]
-    want = torch.autograd.grad(learned_slopes(*ref), ref, g.double())
-    for name, a, b in zip("qkvs", got, want):
-        torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"grad {name}: {m}")
+    grads_as_float64(learned_slopes, args, out)
 
 
 # ---- near-misses: a tensor bias, with the reason ----------------------------------------------------
@@ -350,14 +345,9 @@ def test_relative_position_tables_gathered_in_the_tile(spelling, backend):
     out = fn(*args)
     site = positional_site(report, backend)
     assert "L0(" in site.score_mod, site.score_mod  # the table, as a function of its index
-    ref = [t.detach().double().requires_grad_() for t in (q, k, v, table)]
-    want = spelling(*ref)
-    same_as_eager(out, want, torch.float32, spelling.__name__)
+    same_as_eager(out, spelling(*double((q, k, v, table))), torch.float32, spelling.__name__)
     no_nm_operand(spelling, (q, k, v, table), 13, 21)
-    g = torch.randn_like(out)
-    got = torch.autograd.grad(out, args, g)
-    for name, a, b in zip("qkvt", got, torch.autograd.grad(want, ref, g.double())):
-        torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"grad {name}: {m}")
+    grads_as_float64(spelling, args, out)
 
 
 def test_a_table_index_that_wraps_stays_a_tensor_with_the_reason():

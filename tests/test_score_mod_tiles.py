@@ -9,21 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from eager_cases import compiled, double, inputs, same_as_eager
+from eager_cases import compiled, double, grads_as_float64, inputs, modified_site, same_as_eager
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 NEG_INF = float("-inf")
 DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
-
-
-def modified_site(report, backend):
-    assert len(report.sites) == 1, str(report)
-    site = report.sites[0]
-    assert site.rewritten, site.reason
-    assert site.score_mod, "no score modifier on the site"
-    assert site.kernel == ("triton" if backend == "triton" else "torch"), site.kernel
-    return site
 
 
 def banded_softcap(q, k, v):
@@ -95,14 +86,8 @@ def test_a_2d_window_with_a_learned_scale_on_the_tiles_with_gradients(backend):
     out = fn(q, k, v, head_scale)
     site = modified_site(report, backend)
     assert site.variant == "neighborhood", site.variant
-    args64 = [t.detach().double().requires_grad_() for t in (q, k, v, head_scale)]
-    ref = grid_window_scaled(*args64)
-    same_as_eager(out, ref, torch.float32, "2-D window, learned scale")
-    do = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v, head_scale), do)
-    want = torch.autograd.grad(ref, args64, do.double())
-    for g, w_ in zip(got, want):
-        torch.testing.assert_close(g.double(), w_, atol=2e-4, rtol=2e-4)
+    same_as_eager(out, grid_window_scaled(*double((q, k, v, head_scale))), torch.float32, "2-D window, learned scale")
+    grads_as_float64(grid_window_scaled, [q, k, v, head_scale], out)
 
 
 def alibi_window(q, k, v, slopes):

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from eager_cases import compiled, double, inputs, same_as_eager
+from eager_cases import compiled, double, grads_as_float64, inputs, modified_site, same_as_eager
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -59,16 +59,6 @@ def clamped_scores(q, k, v, keep):
 
 
 # ---- the rewrite happened, with the modifier ------------------------------------------------------
-def modified_site(report, backend):
-    assert len(report.sites) == 1, str(report)
-    site = report.sites[0]
-    assert site.rewritten, site.reason
-    assert site.score_mod, "no score modifier on the site"
-    assert site.kernel == ("triton" if backend == "triton" else "torch"), site.kernel
-    assert "QKM" in site.cascade and "mod(" in site.cascade, site.cascade
-    return site
-
-
 def ran_kernel(site, backend):
     ran = site.ran
     key = ("triton (generated score modifier)" if backend == "triton"
@@ -160,12 +150,7 @@ def test_gradients_reach_q_k_v_and_the_learned_scale(backend):
     fn, report = compiled(cosine_swin_v2, backend)
     out = fn(*leaves)
     modified_site(report, backend)
-    g = torch.randn_like(out)
-    got = torch.autograd.grad(out, leaves, g)
-    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v, scale)]
-    want = torch.autograd.grad(cosine_swin_v2(*ref_in), ref_in, g.double())
-    for name, a, b in zip("qkvs", got, want):
-        torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"grad {name}: {m}")
+    grads_as_float64(cosine_swin_v2, leaves, out)
 
 
 # ---- near-misses: refused, with the reason --------------------------------------------------------
