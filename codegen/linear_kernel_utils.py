@@ -1,6 +1,6 @@
-"""Helpers shared by the linear-time kernels (codegen/triton_linear.py, codegen/triton_flow.py): the
-dot product both kernel families use, host-side integer helpers (plain Python: Triton's constexpr
-functions cost ~10 µs a call on the host), the segment split, and the tuner that times each
+"""Helpers shared by the linear-time kernels (codegen/triton_linear.py, triton_decay.py, triton_flow.py):
+the dot product the kernel families use, the masked row-tile load, host-side integer helpers (plain
+Python: Triton's constexpr functions cost ~10 µs a call on the host), the segment split, and the tuner that times each
 candidate configuration once per shape and caches the fastest."""
 
 from __future__ import annotations
@@ -17,6 +17,14 @@ def dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def load_rows(P, base, rows, stride_n, cols, rmask, width):
+    """The tile P[base + rows · stride_n + cols] of a [bh, N, width] operand, zero outside the valid
+    rows (``rmask``) and past ``width`` columns (a head dim padded to a power of two)."""
+    return tl.load(P + base + rows[:, None] * stride_n + cols[None, :],
+                   mask=rmask[:, None] & (cols[None, :] < width), other=0.0)
 
 
 def upcast_dots(t: torch.Tensor) -> bool:

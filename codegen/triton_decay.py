@@ -34,7 +34,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_kernel_utils import TUNED, dot, dot_precisions, pad_dim, rows3d, segments, tuned, upcast_dots
+from .linear_kernel_utils import (
+    TUNED,
+    dot,
+    dot_precisions,
+    load_rows,
+    pad_dim,
+    rows3d,
+    segments,
+    tuned,
+    upcast_dots,
+)
 
 CHUNK = 64
 
@@ -117,11 +127,10 @@ def _decay_out(Q, K, V, G, H0, Out, N, seg_len, nseg, sqb, sqn, skb, skm, svb, s
     for c0 in range(start, end, C):
         rows = c0 + offs_c
         rmask = rows < end
-        emask = rmask[:, None] & (offs_e[None, :] < E)
         fmask = rmask[:, None] & (offs_f[None, :] < F)
-        q = tl.load(Q + bh * sqb + rows[:, None] * sqn + offs_e[None, :], mask=emask, other=0.0)
-        k = tl.load(K + bh * skb + rows[:, None] * skm + offs_e[None, :], mask=emask, other=0.0)
-        v = tl.load(V + bh * svb + rows[:, None] * svm + offs_f[None, :], mask=fmask, other=0.0)
+        q = load_rows(Q, bh * sqb, rows, sqn, offs_e, rmask, E)
+        k = load_rows(K, bh * skb, rows, skm, offs_e, rmask, E)
+        v = load_rows(V, bh * svb, rows, svm, offs_f, rmask, F)
         g = _g_at(G, gb, rows, 0, end)
         g_last = _g_at(G, gb, c0 + C - 1, 0, end)
         s = dot(q, tl.trans(k), PREC, UPCAST)
@@ -160,10 +169,10 @@ def _decay_dkdv(Q, K, V, DO, G, R0, DK, DV, DQ, DG, N, seg_len, nseg, sqb, sqn, 
         rmask = rows < end
         emask = rmask[:, None] & (offs_e[None, :] < E)
         fmask = rmask[:, None] & (offs_f[None, :] < F)
-        q = tl.load(Q + bh * sqb + rows[:, None] * sqn + offs_e[None, :], mask=emask, other=0.0)
-        k = tl.load(K + bh * skb + rows[:, None] * skn + offs_e[None, :], mask=emask, other=0.0)
-        v = tl.load(V + bh * svb + rows[:, None] * svn + offs_f[None, :], mask=fmask, other=0.0)
-        do = tl.load(DO + bh * sdb + rows[:, None] * sdn + offs_f[None, :], mask=fmask, other=0.0)
+        q = load_rows(Q, bh * sqb, rows, sqn, offs_e, rmask, E)
+        k = load_rows(K, bh * skb, rows, skn, offs_e, rmask, E)
+        v = load_rows(V, bh * svb, rows, svn, offs_f, rmask, F)
+        do = load_rows(DO, bh * sdb, rows, sdn, offs_f, rmask, F)
         g = _g_at(G, gb, rows, 0, end)
         g_prev = _g_at(G, gb, c0 - 1, 0, N)
         decay = tl.exp(tl.where(later, g[None, :] - g[:, None], float("-inf")))  # [m, p]
@@ -178,7 +187,7 @@ def _decay_dkdv(Q, K, V, DO, G, R0, DK, DV, DQ, DG, N, seg_len, nseg, sqb, sqn, 
         tl.store(DV + bh * svb + rows[:, None] * svn + offs_f[None, :], dv.to(DV.dtype.element_ty), mask=fmask)
         tl.store(DK + bh * skb + rows[:, None] * skn + offs_e[None, :], dk.to(DK.dtype.element_ty), mask=emask)
         if WANT_DG:
-            dq = tl.load(DQ + bh * sdqb + rows[:, None] * sdqn + offs_e[None, :], mask=emask, other=0.0)
+            dq = load_rows(DQ, bh * sdqb, rows, sdqn, offs_e, rmask, E)
             dg = tl.sum(q.to(tl.float32) * dq.to(tl.float32), 1) - tl.sum(k.to(tl.float32) * dk, 1)
             tl.store(DG + bh * N + rows, dg, mask=rmask)
         qd = (q.to(tl.float32) * tl.exp(g - g_prev)[:, None]).to(q.dtype)

@@ -30,7 +30,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_kernel_utils import TUNED, dot, dot_precisions, pad_dim, pow2, rows3d, segments, tuned, upcast_dots
+from .linear_kernel_utils import (
+    TUNED,
+    dot,
+    dot_precisions,
+    load_rows,
+    pad_dim,
+    pow2,
+    rows3d,
+    segments,
+    tuned,
+    upcast_dots,
+)
 
 CHUNK = 64
 COMBINE_ELEMENTS = 4096  # segments × state entries per program of ``_combine_states``
@@ -144,11 +155,10 @@ def _causal_out(Q, K, V, S0, Z0, Out, N, seg_len, nseg, eps, sqb, sqn, skb, skm,
     for c0 in range(start, end, C):
         rows = c0 + offs_c
         rmask = rows < end
-        emask = rmask[:, None] & (offs_e[None, :] < E)
         fmask = rmask[:, None] & (offs_f[None, :] < F)
-        q = tl.load(Q + bh * sqb + rows[:, None] * sqn + offs_e[None, :], mask=emask, other=0.0)
-        k = tl.load(K + bh * skb + rows[:, None] * skm + offs_e[None, :], mask=emask, other=0.0)
-        v = tl.load(V + bh * svb + rows[:, None] * svm + offs_f[None, :], mask=fmask, other=0.0)
+        q = load_rows(Q, bh * sqb, rows, sqn, offs_e, rmask, E)
+        k = load_rows(K, bh * skb, rows, skm, offs_e, rmask, E)
+        v = load_rows(V, bh * svb, rows, svm, offs_f, rmask, F)
         s = dot(q, tl.trans(k), PREC, UPCAST)
         s = tl.where(causal, s, 0.0)
         num = dot(q, state.to(q.dtype), PREC, UPCAST)

@@ -193,3 +193,30 @@ def test_a_window_buffer_beside_a_causal_mask_runs_on_the_window_tiles(backend):
     assert any(path.startswith("new mask outside the first call's band") for path in site.ran), site.ran
     same_as_eager(out, neo_buffer(*double((q, k, v)), wider, pad), torch.float32, f"wider buffer {backend}",
                   lowp=neo_buffer(q, k, v, wider, pad))
+
+
+@pytest.mark.parametrize("edit", ["extra key", "missing key", "two-sided", "wide"])
+def test_window_buffers_that_are_not_a_narrow_causal_window_stay_on_the_causal_kernel(edit):
+    """Near-misses of the window read: one kept pair outside the window, one hole inside it, a two-sided
+    band, a window keeping more than half the pairs. Each runs causal with the buffer applied as given."""
+    gen = torch.Generator().manual_seed(12)
+    n = 33
+    q, k, v = inputs(gen, 1, 2, 2, n, n, 16, torch.float32)
+    i = torch.arange(n)
+    lag = i[:, None] - i[None, :]
+    band = (lag >= 0) & (lag < 5)
+    if edit == "extra key":
+        band[20, 3] = True
+    elif edit == "missing key":
+        band[20, 18] = False
+    elif edit == "two-sided":
+        band = lag.abs() < 5
+    else:
+        band = (lag >= 0) & (lag < 30)
+    pad = torch.ones(1, n, dtype=torch.bool)
+    run, report = compiled(neo_buffer, "torch")
+    out = run(q, k, v, band[None, None], pad)
+    site = rewritten_site(report, ("causal",), "torch")
+    assert not any("causal window inside" in note for note in site.notes), site.notes
+    same_as_eager(out, neo_buffer(*double((q, k, v)), band[None, None], pad), torch.float32, edit,
+                  lowp=neo_buffer(q, k, v, band[None, None], pad))
