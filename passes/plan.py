@@ -279,11 +279,12 @@ def plan_site(site: Site, backend: str, device: torch.device | None) -> Plan:
         if constant is None and not implied and not (variant == "block_sparse" and keeps):
             constant = _structure_as_constant(spec, site.n, site.m)
             if constant is None:
-                raise ValueError(f"a score modifier with a {spec.kind} mask of {site.n}×{site.m}: the sparse kernels "
-                                 f"do not apply modifiers yet, and its dense mask would exceed {MODDED_MASK_LIMIT} "
-                                 "entries (the site runs as written)")
-        notes.append(f"score modifier: the {variant} tiles do not take it; the dense kernel applies the mask "
-                     "(no tile is skipped)")
+                raise ValueError(f"a score modifier with a {spec.kind} mask of {site.n}×{site.m}: only analytic "
+                                 f"windows take a modifier in their tiles, and its dense mask would exceed "
+                                 f"{MODDED_MASK_LIMIT} entries (the site runs as written)")
+        notes.append(f"score modifier with a {variant} mask read at run time (a block map, or a window re-checked per "
+                     "tensor): only analytic windows take a modifier in their tiles; the dense kernel applies the "
+                     "mask (no tile is skipped)")
         variant, spec, kept_fraction, table, mask_blocks = "dense", replace(spec, kind="dense"), None, None, None
     on_gpu = device is not None and device.type == "cuda"
     kernel, why = choose_kernel(variant, backend, on_gpu, bottom_right=(causal or sdpa_mask) and offset != 0,

@@ -113,6 +113,27 @@ def test_a_position_bias_on_the_window_tiles(backend):
     same_as_eager(out, alibi_window(*double((q, k, v, slopes))), torch.float32, "ALiBi on the window tiles")
 
 
+def capped_with_a_runtime_mask(q, k, v, keep):
+    s = 10.0 * torch.tanh(q @ k.mT / 10.0)
+    return s.masked_fill(~keep, NEG_INF).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_sparse_runtime_mask_with_a_modifier_runs_dense_and_says_why(backend):
+    """A run-time mask keeping a fifth of the pairs would be block-sparse without the modifier; with it the
+    dense kernel applies the mask, and the note says so."""
+    gen = torch.Generator().manual_seed(14)
+    q, k, v = inputs(gen, 1, 2, 2, 40, 40, 16, torch.float32)
+    keep = torch.rand(1, 1, 40, 40, generator=gen) < 0.2
+    keep[..., torch.arange(40), torch.arange(40)] = True
+    fn, report = compiled(capped_with_a_runtime_mask, backend)
+    out = fn(q, k, v, keep)
+    site = modified_site(report, backend)
+    assert site.variant == "dense", site.variant
+    assert any("only analytic windows take a modifier" in n for n in site.notes), site.notes
+    same_as_eager(out, capped_with_a_runtime_mask(*double((q, k, v, keep))), torch.float32, "capped, run-time mask")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
