@@ -322,7 +322,7 @@ def decay_attention_triton_backward(q, k, v, g, grad, cfg: dict | None = None,
         bh, n, e = q3.shape
         f = v3.shape[-1]
         forward = TUNED.get(("decay", bh, n, e, f, dt), {})
-        key = ("decay_bwd", bh, n, e, f, dt)
+        key = ("decay_bwd", bh, n, e, f, dt, want_dg)  # the dG work changes the timing
         cfg = TUNED.get(key) or tuned(key, backward_configs(e, f, forward) if dt != torch.float32 else [forward],
                                       lambda c: decay_backward(q3, k3, v3, g2, do3, c, want_dg))
     dq, dk, dv, dg = decay_backward(q3, k3, v3, g2, do3, cfg or {}, want_dg)
