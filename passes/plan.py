@@ -69,6 +69,8 @@ def analyse_mask(site: Site) -> MaskFacts:
     droppable: list[MaskTerm] = []  # position-only terms the proven structure may replace
     hints: list = []  # position-only factors of tensors that also read run-time values
     for t in site.terms:
+        if t.lift_failure:
+            notes.append(f"{'bias' if t.is_bias else 'mask'} {t.binding.node.name}: {t.lift_failure}")
         if t.predicate is None:
             (biases if t.is_bias else keeps).append(t)
             continue

@@ -23,6 +23,9 @@ from rewrite.ir.site import MaskTerm, Site, TensorPlan
 
 from . import lift
 from .constants import constant_value
+from .softmax_chain import scalar_value
+
+aten = torch.ops.aten
 
 
 def canonical_value(tp: TensorPlan, inputs: dict[Node, object] | None = None) -> torch.Tensor | None:
@@ -55,6 +58,11 @@ def _bias_term(bp: TensorPlan, inputs) -> MaskTerm:
         res, failure = None, str(exc) or "an op the lifter does not model"
     except (TypeError, ValueError, AttributeError) as exc:  # a lifter bug must not make a proof: not lifted
         res, failure = None, f"lifter error ({type(exc).__name__}: {str(exc).strip()[:80]})"
+    if res is None and (split := _fill_over_values(bp)) is not None:
+        res = split
+        why = failure or "not a where(keep, 0, fill)"
+        failure = (f"a constant fill outside a lifted keep, over values the lifter does not model ({why}): "
+                   "the keep gives the structure, the tensor is applied as given")
     if res is not None:
         pred, fill = res
         fill = (-fill if bp.negate else fill) * bp.factor
@@ -66,6 +74,39 @@ def _bias_term(bp: TensorPlan, inputs) -> MaskTerm:
         return None if val is None else (-val if bp.negate else val)
 
     return MaskTerm(bp, True, pred, fill, failure, constant=lambda: value(None), first_value=lambda: value(inputs))
+
+
+def _fill_over_values(bp: TensorPlan) -> tuple[sympy.Basic, float] | None:
+    """A bias that is a constant fill outside a liftable keep and run-time values inside it
+    (Falcon's ALiBi folded into its mask: ``masked_fill(alibi, mask < -1, finfo.min)``):
+    (keep ∧ R_<bias>(p, m), fill). The opaque factor marks the values: the tensor stays, applied
+    as the graph computes it, and the keep's position-only factors give the tiles."""
+    node = bp.node
+    if node.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+        values, cond, fill, keep_where = node.args[0], node.args[1], scalar_value(node.args[2]), False
+    elif node.target in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar):
+        cond, a, b = node.args[:3]
+        fa, fb = scalar_value(a), scalar_value(b)
+        if (fa is None) == (fb is None):
+            return None
+        values, fill, keep_where = (b, fa, False) if fa is not None else (a, fb, True)
+    else:
+        return None
+    out, c_val = node.meta.get("val"), getattr(cond, "meta", {}).get("val")
+    if fill is None or not isinstance(values, Node) or not isinstance(out, torch.Tensor) \
+            or not isinstance(c_val, torch.Tensor) or c_val.dtype != torch.bool:
+        return None
+    shift = out.dim() - c_val.dim()
+
+    def own(dim):
+        return None if dim is None or dim < shift else dim - shift
+
+    try:
+        keep = lift.keep_predicate(cond, not keep_where, own(bp.rows_dim), own(bp.cols_dim))
+    except (lift.Opaque, TypeError, ValueError, AttributeError):
+        return None
+    fill = float(torch.tensor(fill, dtype=torch.float64).to(out.dtype))  # as the bias holds it
+    return sympy.And(keep, sympy.Ne(sympy.Function(f"R_{node.name}")(P_SYM, M_SYM), 0)), fill
 
 
 def _bool_value(kp: TensorPlan, inputs) -> torch.Tensor | None:
