@@ -1,9 +1,9 @@
 """Inductor around the rewrite (rewrite/inductor.py): the rest of each rewritten graph compiled by
 Inductor, the ``rewrite::`` ops opaque custom ops inside the graph Inductor lowers.
 
-Inductor compiles C++ on a CPU (seconds a graph), so only five tests here compile with it (one graph,
-whose C++ Inductor's code cache then holds); the
-rest check the options, the notes and the nested ``torch.compile`` without compiling.
+Inductor compiles C++ on a CPU (seconds a graph), so only seven tests here compile with it (five of
+them the same graph, whose C++ Inductor's code cache then holds); the rest check the options, the
+notes and the nested ``torch.compile`` without compiling.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def causal_site(report: Report):
     return site
 
 
-# ------------------------------------------------------------------ Inductor compiles (slow: five)
+# ------------------------------------------------------------------ Inductor compiles (slow: seven)
 
 
 def test_inductor_compiles_the_rest_and_the_site_runs_inside():
@@ -138,6 +138,47 @@ def test_rewrite_compile_with_inductor():
     assert len(spy.graphs) == 1 and "rewrite.attention.default" in spy.graphs[0], spy.graphs
 
 
+def test_an_input_written_in_place_under_inductor():
+    def step(q, k, v, cache):
+        cache[:, :, 2:2 + k.shape[2]] = k  # a KV cache written in place, then attended over
+        scores = torch.einsum("bhnd,bhmd->bhnm", q, cache) / q.shape[-1] ** 0.5
+        return torch.relu(scores.softmax(-1) @ v) * 2
+
+    gen = torch.Generator().manual_seed(13)
+    q, k = (torch.randn(1, 2, 7, 16, generator=gen) for _ in range(2))
+    v, cache = (torch.randn(1, 2, 9, 16, generator=gen) for _ in range(2))
+    want_cache = cache.double().clone()
+    want = step(q.double(), k.double(), v.double(), want_cache)
+    fn, report = compiled_with_report(step, inductor=True)
+    out = fn(q, k, v, cache)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(cache.double(), want_cache, atol=0, rtol=0)  # the write reached the input
+    assert len(report.sites) == 1 and report.sites[0].rewritten, str(report)
+    assert report.sites[0].ran == {"sdpa": 1}, report.sites[0].ran
+    assert "Inductor compiled the rest" in report.notes[0], report.notes
+
+
+def test_heads_as_a_view_of_the_projection_under_inductor():
+    """HF's layout: q, k, v are ``view(B, N, H, D).transpose(1, 2)`` of a projection, so SDPA's
+    output is [B, N, H, D] in memory; Inductor reads it with the strides the op's fake declares."""
+    def heads(x, wq, wk):
+        b, n, c = x.shape
+        q = (x @ wq).view(b, n, 3, c // 3).transpose(1, 2)
+        k = (x @ wk).view(b, n, 3, c // 3).transpose(1, 2)
+        v = x.view(b, n, 3, c // 3).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return torch.tanh(out.transpose(1, 2).reshape(b, n, c)) + x
+
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn(2, 11, 3 * WIDTH, generator=gen)
+    wq, wk = (torch.randn(3 * WIDTH, 3 * WIDTH, generator=gen) / 7 for _ in range(2))
+    fn, report = compiled_with_report(heads, inductor=True)
+    out = fn(x, wq, wk)
+    torch.testing.assert_close(out.double(), heads(x.double(), wq.double(), wk.double()), atol=1e-5, rtol=1e-4)
+    assert causal_site(report).ran == {"sdpa": 1}
+    assert "Inductor compiled the rest" in report.notes[0], report.notes
+
+
 def test_reduce_overhead_on_cpu_compiles_without_cuda_graphs():
     spy = GraphSpy()
     fn, report = compiled_with_report(block, mode="reduce-overhead",
@@ -153,6 +194,31 @@ def test_reduce_overhead_on_cpu_compiles_without_cuda_graphs():
 
 
 # ------------------------------------------------------------------ without compiling
+
+
+def _layouts():
+    gen = torch.Generator().manual_seed(15)
+    contiguous = torch.randn(2, 3, 13, WIDTH, generator=gen)
+    hf = torch.randn(2, 13, 3, WIDTH, generator=gen).transpose(1, 2)
+    decode = torch.randn(2, 1, 3, WIDTH, generator=gen).transpose(1, 2)
+    merged = torch.randn(6, 13, WIDTH, generator=gen)
+    return {"contiguous": contiguous, "hf": hf, "decode": decode, "merged": merged}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "hf", "decode", "merged"])
+@pytest.mark.parametrize("kernel, masked", [("sdpa", False), ("sdpa", True), ("reference", False)],
+                         ids=["sdpa", "sdpa_runtime_mask", "reference"])
+def test_the_op_returns_the_strides_its_fake_declares(layout, kernel, masked):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q = _layouts()[layout]
+    n = q.shape[-2]
+    mask = torch.ones(n, n, dtype=torch.bool).tril().flip(-1) if masked else None  # not causal: the general path
+    args = (q, q * 0.5, q + 1, None, mask, 0.25, not masked, 0, "nan", kernel, torch.float32)
+    real = torch.ops.rewrite.attention(*args)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = torch.ops.rewrite.attention(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+    assert real.shape == fake.shape and real.stride() == fake.stride(), (real.stride(), fake.stride())
 
 
 def test_auto_stays_off_on_cpu_and_says_so():
