@@ -221,16 +221,13 @@ def test_the_op_returns_the_strides_its_fake_declares(layout, kernel, masked):
     assert real.shape == fake.shape and real.stride() == fake.stride(), (real.stride(), fake.stride())
 
 
-def test_auto_stays_off_on_cpu_and_says_so():
+def test_auto_and_false_stay_off_on_cpu_and_say_so():
     fn, report = compiled_with_report(block)
     args = block_inputs(5)
     same_as_float64(fn(*args), args, "auto on the CPU")
     assert causal_site(report).ran == {"sdpa": 1}
     assert report.notes == ["graph 0: Inductor off on CPU (auto: a C++ compile costs seconds a graph); pass "
                             "inductor=True to compile the rest with Inductor"], report.notes
-
-
-def test_inductor_off_says_so():
     fn, report = compiled_with_report(block, inductor=False)
     fn(*block_inputs(6))
     assert report.notes == ["graph 0: Inductor off (inductor=False): the rewritten graph runs as an fx graph"]
