@@ -62,6 +62,33 @@ def out_shape(q, k, v, bias, mask) -> list[int]:
     return [*batch, q.shape[-2], v.shape[-1]]
 
 
+def query_order(q: torch.Tensor, rank: int) -> list[int]:
+    """The output's dim order, outermost first: q's (SDPA lays its output out like q: [B, N, H, D] in
+    memory for HF's ``view(B, N, H, D).transpose(1, 2)``), row-major where the ranks differ."""
+    if q.dim() != rank:
+        return list(range(rank))
+    return sorted(range(rank), key=lambda d: (-q.stride(d), d))
+
+
+def output_strides(shape, order: list[int]) -> tuple[int, ...]:
+    """Dense strides of ``shape`` laid out in ``order`` (as ``torch.empty_permuted``; sizes 0 and 1
+    step like 1, as c10 does)."""
+    strides, step = [0] * len(shape), 1
+    for d in reversed(order):
+        strides[d] = step
+        step *= max(int(shape[d]), 1)
+    return tuple(strides)
+
+
+def in_query_layout(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``out`` with the strides the fake kernel declares (Inductor trusts the fake's strides and
+    checks them): a copy only where the path that ran chose another layout."""
+    order = query_order(q, out.dim())
+    if out.stride() == output_strides(out.shape, order):
+        return out
+    return torch.empty_permuted(out.shape, order, dtype=out.dtype, device=out.device).copy_(out)
+
+
 def causal_keep(n: int, m: int, offset: int, device) -> torch.Tensor:
     """[n, m] bool: key j is kept for query i iff j <= i + offset."""
     i = torch.arange(n, device=device)[:, None]
@@ -217,17 +244,18 @@ def _attention(q, k, v, bias, mask, scale, causal, causal_offset, masked_row, ke
         # The common case, without the general path's bookkeeping: nothing removed, or causal with
         # every row keeping a key and removed scores −inf.
         counters.ran("sdpa")
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale).to(out_dtype)
+        return in_query_layout(F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale).to(out_dtype), q)
     (q4, k4, v4, b4, m4), batch = as_bhnd(q, k, v, bias, mask)
     removed = Removed(q.shape[-2], k.shape[-2], m4, causal_offset if causal else None)
     out = dense_forward(q4, k4, v4, b4, removed, scale, sem, kernel)
-    return out.reshape(*batch, *out.shape[-2:]).to(out_dtype).contiguous()
+    return in_query_layout(out.reshape(*batch, *out.shape[-2:]).to(out_dtype), q)
 
 
 @attention.register_fake
 def _attention_fake(q, k, v, bias, mask, scale, causal, causal_offset, masked_row, kernel, out_dtype,
                     mask_causal_hint=None, fill=None, additive=False, site=""):
-    return q.new_empty(out_shape(q, k, v, bias, mask), dtype=out_dtype)
+    shape = out_shape(q, k, v, bias, mask)
+    return torch.empty_permuted(shape, query_order(q, len(shape)), dtype=out_dtype, device=q.device)
 
 
 def _setup_context(ctx, inputs, output):

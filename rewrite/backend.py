@@ -17,6 +17,7 @@ from torch.fx import GraphModule
 
 from .capture import CaptureError, to_aten
 from .errors import RewriteMismatch
+from .inductor import compile_rest
 from .options import Options
 from .report import Report, SiteReport
 
@@ -40,8 +41,10 @@ def _is_dynamic(gm: GraphModule) -> bool:
 class RewrittenGraph:
     """A Dynamo graph, rewritten lazily on its first call (with real inputs in hand)."""
 
-    def __init__(self, gm: GraphModule, backend: str, verify: bool, report: Report | None):
+    def __init__(self, gm: GraphModule, backend: str, verify: bool, report: Report | None,
+                 options: Options | None = None):
         self.gm = gm
+        self.options = options  # Inductor around the rewrite (rewrite/inductor.py); None: plain fx
         self.backend = backend
         self.verify = verify
         self.report = report
@@ -81,7 +84,7 @@ class RewrittenGraph:
             self.report.sites.extend(sites)
         if self.verify and any(s.rewritten for s in sites):
             _verify(original, new_gm, sites, args)
-        return new_gm
+        return compile_rest(new_gm, args, self.options, self.report, self.graph_index)
 
     def _skip(self, why: str) -> None:
         log.info("graph %d left alone: %s", self.graph_index, why)
@@ -115,16 +118,17 @@ def _verify(original: GraphModule, rewritten: GraphModule, sites: list[SiteRepor
 
 def make_backend(options: Options, report: Report | None = None):
     def compiler(gm: GraphModule, example_inputs):
-        return RewrittenGraph(gm, options.backend, options.verify, report)
+        return RewrittenGraph(gm, options.backend, options.verify, report, options)
 
     return compiler
 
 
 def rewrite_backend(gm: GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
     """``torch.compile(model, backend="rewrite", options={...})`` (registered as an entry point).
-    torch.compile hands ``mode`` and ``options`` over as keywords; both are validated here."""
+    torch.compile hands ``mode`` and ``options`` over as keywords; both are validated here: a mode
+    is Inductor's (it compiles the rest of the rewritten graph), options are ours or Inductor's config."""
     where = 'torch.compile(..., backend="rewrite")'
+    options = dict(options or {})
     if mode not in (None, "default"):
-        raise ValueError(f"{where}: mode={mode!r} is not supported; leave mode unset "
-                         "(the rewritten graph runs as an fx graph)")
+        options["mode"] = mode  # torch.compile refuses mode and options together: no clash here
     return make_backend(Options.from_mapping(options, where))(gm, example_inputs)

@@ -58,6 +58,7 @@ class Report:
     graphs: int = 0
     skipped_graphs: list[str] = field(default_factory=list)
     graph_breaks: list[str] = field(default_factory=list)  # Dynamo's reasons ("×n"), from rewrite.inspect
+    notes: list[str] = field(default_factory=list)  # per graph: what compiled the rest of it (rewrite/inductor.py)
 
     @property
     def rewritten(self) -> list[SiteReport]:
@@ -65,7 +66,8 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         return {"graphs": self.graphs, "skipped_graphs": list(self.skipped_graphs),
-                "graph_breaks": list(self.graph_breaks), "sites": [s.to_dict() for s in self.sites]}
+                "graph_breaks": list(self.graph_breaks), "notes": list(self.notes),
+                "sites": [s.to_dict() for s in self.sites]}
 
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), **kw)
@@ -117,6 +119,8 @@ class Report:
                 console.print(f"  ran (calls so far): {ran}", markup=False)
         for g in self.skipped_graphs:
             console.print(f"graph left alone: {g}", markup=False)
+        for n in self.notes:
+            console.print(f"note: {n}", markup=False)
         for g in self.graph_breaks:
             console.print(f"graph break (an attention split across graphs is not seen whole): {g}", markup=False)
         return console.export_text()
