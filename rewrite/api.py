@@ -9,12 +9,17 @@ import torch
 from torch._dynamo.utils import counters as dynamo_counters
 
 from .backend import make_backend
+from .module_wrapper import compile_module
 from .options import Options
 from .report import Report
 
 
 def _compile_callable(fn, options: Options, report: Report | None):
-    return torch.compile(fn, backend=make_backend(options, report), dynamic=False)
+    # Torch's default dynamism: a second length gives one dynamic graph, rewritten per size
+    # (rewrite/specialise.py), not a recompile per length.
+    if isinstance(fn, torch.nn.Module):  # its methods (generate) run the rewritten forward too
+        return compile_module(fn, make_backend(options, report))
+    return torch.compile(fn, backend=make_backend(options, report))
 
 
 def compile(fn=None, *, backend: str = "auto", verify: bool = False):  # noqa: A001 - the product's verb
