@@ -10,13 +10,14 @@ symbolic sizes is rewritten per concrete size signature instead (rewrite/special
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 
 import torch
 from torch.fx import GraphModule
 
-from .capture import CaptureError, to_aten
+from .capture import CaptureError, specialised, to_aten, to_symbolic_aten
 from .errors import RewriteMismatch
 from .options import Options
 from .report import Report, SiteReport
@@ -40,6 +41,8 @@ class RewrittenGraph:
         if report is not None:
             report.graphs += 1
         self.run = None
+        self.skip_reported = False
+        self.lower = functools.partial(to_aten, gm)  # args → the functional ATen graph at their sizes
 
     def __call__(self, *args):
         if self.run is None:
@@ -48,7 +51,13 @@ class RewrittenGraph:
 
     def _first_build(self, args):
         if is_dynamic(self.gm):
-            # Symbolic sizes: rewritten per concrete size signature (rewrite/specialise.py).
+            # Symbolic sizes: rewritten per concrete size signature (rewrite/specialise.py), each
+            # size traced from one symbolic ATen graph where that trace assumed nothing.
+            symbolic = to_symbolic_aten(self.gm)
+            if symbolic is not None:
+                self.lower = functools.partial(specialised, symbolic)
+            log.info("rewrite: graph %d has symbolic sizes: rewritten per size, each %s", self.graph_index,
+                     "traced from its symbolic ATen graph" if symbolic is not None else "lowered on its own")
             return SpecialisedGraph(self.graph_index, self._build, self.report)
         run, sites = self._build(args)
         if self.report is not None:
@@ -60,7 +69,7 @@ class RewrittenGraph:
         from rewrite.passes.pipeline import rewrite_graph
 
         try:
-            aten_gm = to_aten(self.gm, args)
+            aten_gm = self.lower(args)
         except CaptureError as exc:  # a graph that cannot be lowered is left exactly as it was
             self._skip(str(exc))
             return self.gm.forward, []
@@ -80,7 +89,8 @@ class RewrittenGraph:
 
     def _skip(self, why: str) -> None:
         log.info("graph %d left alone: %s", self.graph_index, why)
-        if self.report is not None and why not in self.report.skipped_graphs:
+        if self.report is not None and not self.skip_reported:  # once per graph, not once per size
+            self.skip_reported = True
             self.report.skipped_graphs.append(why)
 
 

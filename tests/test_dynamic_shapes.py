@@ -16,6 +16,8 @@ import torch
 from torch._dynamo.utils import counters as dynamo_counters
 
 import rewrite
+import rewrite.backend
+import rewrite.capture
 import rewrite.specialise
 from rewrite.backend import make_backend
 from rewrite.options import Options
@@ -152,3 +154,35 @@ def test_a_full_cache_drops_the_least_recently_used_and_says_so(monkeypatch, cap
     assert report.sites[0].ran == {"sdpa": 4}, report.sites[0].ran
     note = next(n for n in report.sites[0].notes if n.startswith("dynamic graph"))
     assert "2 cached, 4 built, 2 dropped" in note, note
+
+
+@pytest.mark.parametrize("symbolic", [True, False], ids=["traced-from-symbolic", "lowered-per-size"])
+def test_both_lowerings_of_a_size_rewrite_alike(symbolic, monkeypatch, caplog):
+    """Each size is traced from one symbolic ATen graph, or (where that trace fails or assumes a size)
+    lowered on its own: the same sites, plans and answers either way."""
+    if not symbolic:
+        monkeypatch.setattr(rewrite.backend, "to_symbolic_aten", lambda gm: None)
+    report = Report()
+    compiled = torch.compile(windowed_by_hand, backend=make_backend(Options(), report), dynamic=True)
+    with caplog.at_level(logging.INFO, logger="rewrite"):
+        _run_lengths(windowed_by_hand, compiled, (5, 40, 7, 33))
+    way = "traced from its symbolic ATen graph" if symbolic else "lowered on its own"
+    assert any(way in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert {s.variant: sum(s.ran.values()) for s in report.sites} == {"dense": 2, "neighborhood": 2}, str(report)
+
+
+def test_a_symbolic_capture_that_assumes_a_size_is_refused(monkeypatch):
+    """A guard added while lowering would not be checked by Dynamo: such a symbolic graph is not used."""
+    graphs = []
+    torch.compile(causal_by_hand, backend=lambda gm, _: graphs.append(gm) or gm.forward, dynamic=True)(*_qkv(9, 0))
+    assert rewrite.capture.to_symbolic_aten(graphs[0]) is not None
+    lower = rewrite.capture.to_aten
+
+    def lower_and_assume(gm, args):
+        out = lower(gm, args)
+        fake = next(a for a in args if isinstance(a, torch.Tensor))
+        assert bool(fake.shape[-2] > 3)  # a guard on N
+        return out
+
+    monkeypatch.setattr(rewrite.capture, "to_aten", lower_and_assume)
+    assert rewrite.capture.to_symbolic_aten(graphs[0]) is None
