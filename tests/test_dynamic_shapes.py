@@ -186,3 +186,16 @@ def test_a_symbolic_capture_that_assumes_a_size_is_refused(monkeypatch):
 
     monkeypatch.setattr(rewrite.capture, "to_aten", lower_and_assume)
     assert rewrite.capture.to_symbolic_aten(graphs[0]) is None
+
+
+def test_gradients_through_a_dynamic_graph():
+    report = Report()
+    compiled = torch.compile(causal_by_hand, backend=make_backend(Options(), report))
+    for i, n in enumerate((6, 11, 19)):
+        args = [t.requires_grad_() for t in _qkv(n, seed=i)]
+        grads = torch.autograd.grad(compiled(*args).square().sum(), args)
+        want = torch.autograd.grad(causal_by_hand(*args).square().sum(), args)
+        for g, w in zip(grads, want):
+            torch.testing.assert_close(g, w, **TOL)
+    assert [s.graph for s in report.sites] == [0, 1] and all(s.rewritten for s in report.sites), str(report)
+    assert report.sites[1].ran == {"sdpa": 2, "backward: fused sdpa": 2}, report.sites[1].ran  # two sizes
