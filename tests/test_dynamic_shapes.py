@@ -199,3 +199,16 @@ def test_gradients_through_a_dynamic_graph():
             torch.testing.assert_close(g, w, **TOL)
     assert [s.graph for s in report.sites] == [0, 1] and all(s.rewritten for s in report.sites), str(report)
     assert report.sites[1].ran == {"sdpa": 2, "backward: fused sdpa": 2}, report.sites[1].ran  # two sizes
+
+
+def test_triton_kernels_per_size():
+    """backend="triton" (the interpreter on a CPU): each size runs its own plan's Triton kernel."""
+    report = Report()
+    compiled = torch.compile(windowed_by_hand, backend=make_backend(Options(backend="triton"), report))
+    for i, n in enumerate((5, 19, 33)):
+        args = [t.float() for t in _qkv(n, seed=i)]
+        want = windowed_by_hand(*(t.double() for t in args)).float()
+        torch.testing.assert_close(compiled(*args), want, atol=1e-5, rtol=1e-4)
+    assert [(s.graph, s.variant, s.kernel) for s in report.sites] == [(0, "dense", "triton"),
+                                                                       (1, "neighborhood", "triton")], str(report)
+    assert report.sites[1].ran == {"triton": 2}, report.sites[1].ran
