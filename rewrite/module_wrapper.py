@@ -34,23 +34,34 @@ class RewrittenModule(OptimizedModule):
         return _with_rewritten_forward(self, model, value)
 
     def rewritten_forward(self):
-        """The model's forward compiled with this module's backend (built on first use)."""
-        forward = self.__dict__.get("_rewritten_forward")
-        if forward is None:
-            forward = self.dynamo_ctx(self._orig_mod.forward)
-            self.__dict__["_rewritten_forward"] = forward
-        return forward
+        """The model's forward as it is now (an instance-level one too: a hook's, the user's) compiled
+        with this module's backend; compiled again only when that forward changes."""
+        model = self._modules["_orig_mod"]
+        source = model.__dict__.get("forward") or type(model).forward
+        cached = self.__dict__.get("_rewritten_forward")
+        if cached is None or cached[0] is not source:
+            cached = (source, self.dynamo_ctx(model.forward))
+            self.__dict__["_rewritten_forward"] = cached
+        return cached[1]
+
+
+_ABSENT = object()
 
 
 def _with_rewritten_forward(wrapper: RewrittenModule, model: torch.nn.Module, method):
     @functools.wraps(method)
     def run(*args, **kwargs):
-        if "forward" in model.__dict__:  # already inside such a call (or the user set one): as it is
+        before = model.__dict__.get("forward", _ABSENT)
+        cached = wrapper.__dict__.get("_rewritten_forward")
+        if cached is not None and before is cached[1]:  # already inside such a call
             return method(*args, **kwargs)
         model.__dict__["forward"] = wrapper.rewritten_forward()
         try:
             return method(*args, **kwargs)
         finally:
-            model.__dict__.pop("forward", None)
+            if before is _ABSENT:
+                model.__dict__.pop("forward", None)
+            else:
+                model.__dict__["forward"] = before
 
     return run

@@ -78,9 +78,11 @@ class SpecialisedGraph:
         if len(self.cache) > CACHE_SIZE:
             self.cache.popitem(last=False)
             self.evicted += 1
-            log.warning("rewrite: dynamic graph %d: more than %d size signatures; the least recently used "
-                        "specialisation was dropped (%d so far) and is rewritten again when called",
-                        self.graph_index, CACHE_SIZE, self.evicted)
+            # Warned once per graph (a long generate() would say it at every step); counted in the notes.
+            log.log(logging.WARNING if self.evicted == 1 else logging.DEBUG,
+                    "rewrite: dynamic graph %d: more than %d size signatures; the least recently used "
+                    "specialisation was dropped (%d so far) and is rewritten again when called",
+                    self.graph_index, CACHE_SIZE, self.evicted)
         log.info("rewrite: dynamic graph %d specialised for input sizes %s: %d site(s), %d rewritten "
                  "(%s)", self.graph_index, sizes_text(args), len(sites), sum(s.rewritten for s in sites),
                  self.status())

@@ -82,3 +82,33 @@ def test_rewrite_compile_of_a_module_keeps_the_module_api():
     assert set(compiled.state_dict()) == {f"_orig_mod.{k}" for k in model.state_dict()}
     assert compiled.to(torch.float64) is compiled and model.lm_head.weight.dtype == torch.float64
     assert compiled.get_input_embeddings() is model.get_input_embeddings()  # a model method, wrapped
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 48)
+
+    def forward(self, x):
+        q, k, v = self.proj(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+        return torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, dim=-1) @ v
+
+    def run_twice(self, x):  # a method of the model that calls it, as generate() does
+        return self(x) + self(x)
+
+
+def test_a_model_method_runs_the_rewritten_forward_of_a_hooked_model():
+    """A forward set on the instance (an accelerate-style hook) is the one compiled; it is put back after."""
+    model = _Attention().eval()
+    original_forward = model.forward
+
+    def hooked_forward(x):
+        return 2 * original_forward(x)
+
+    model.forward = hooked_forward
+    report = Report()
+    compiled = compile_module(model, make_backend(Options(), report))
+    x = torch.randn(2, 11, 16)
+    torch.testing.assert_close(compiled.run_twice(x), 4 * original_forward(x), atol=1e-5, rtol=1e-4)  # hook ran
+    assert model.forward is hooked_forward  # put back
+    assert [s.variant for s in report.sites] == ["dense"] and report.sites[0].ran == {"sdpa": 2}, str(report)
