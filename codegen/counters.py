@@ -20,6 +20,7 @@ log = logging.getLogger("rewrite")
 _COUNTS: dict[str, Counter] = {}
 _PLANNED: dict[str, str] = {}
 _LOGGED: set[tuple[str, str]] = set()
+_ALIASES: dict[str, str] = {}  # a site id → the id its calls count under (one site of a dynamic graph, many sizes)
 _STATE = threading.local()
 
 
@@ -39,6 +40,7 @@ def running(site: str):
     if outer is not None or not site:
         yield
         return
+    site = _ALIASES.get(site, site)
     _STATE.paths = []
     try:
         yield
@@ -50,6 +52,12 @@ def running(site: str):
         if planned is not None and path != planned and (site, path) not in _LOGGED:
             _LOGGED.add((site, path))
             log.info("rewrite: site %s planned kernel %s ran %s", site, planned, path)
+
+
+def alias(site: str, counted_as: str) -> None:
+    """Count the calls of ``site`` under ``counted_as`` (the same source site and plan, rewritten again
+    for another size of a dynamic graph: rewrite/specialise.py)."""
+    _ALIASES[site] = _ALIASES.get(counted_as, counted_as)
 
 
 def ran(what: str) -> None:

@@ -11,12 +11,18 @@ from torch._C._dynamo.eval_frame import get_eval_frame_callback
 from torch._dynamo.utils import counters as dynamo_counters
 
 from .backend import make_backend
+from .module_wrapper import compile_module
 from .options import Options
 from .report import Report
 
 
 def _compile_callable(fn, options: Options, report: Report | None):
-    compiled = torch.compile(fn, backend=make_backend(options, report), dynamic=False)
+    # Torch's default dynamism: a second length gives one dynamic graph, rewritten per size
+    # (rewrite/specialise.py), not a recompile per length.
+    if isinstance(fn, torch.nn.Module):  # its methods (generate) run the rewritten forward too
+        compiled = compile_module(fn, make_backend(options, report))
+    else:
+        compiled = torch.compile(fn, backend=make_backend(options, report))
     return reachable_inside_torch_compile(compiled, fn, options)
 
 

@@ -3,39 +3,31 @@
 Dynamo hands over one fx graph per captured region (graph breaks give several). On the
 first call of each we lower it to ATen with ``make_fx`` (pre-dispatch, so it stays
 differentiable and keeps composite ops such as ``scaled_dot_product_attention``),
-recognise attention, plan, rewrite, and from then on run the rewritten graph.
+recognise attention, plan, rewrite, and from then on run the rewritten graph. A graph with
+symbolic sizes is rewritten per concrete size signature instead (rewrite/specialise.py).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 
 import torch
 from torch.fx import GraphModule
 
-from .capture import CaptureError, to_aten
+from .capture import CaptureError, specialised, to_aten, to_symbolic_aten
 from .errors import RewriteMismatch
 from .inductor import compile_rest
 from .options import Options
 from .report import Report, SiteReport
+from .specialise import SpecialisedGraph, is_dynamic
 
 log = logging.getLogger("rewrite")
 if os.environ.get("REWRITE_LOG", "").lower() == "debug":
     logging.basicConfig()
     log.setLevel(logging.DEBUG)
-
-def _is_dynamic(gm: GraphModule) -> bool:
-    for node in gm.graph.nodes:
-        if node.op != "placeholder":
-            continue
-        ev = node.meta.get("example_value")
-        if isinstance(ev, torch.SymInt):
-            return True
-        if isinstance(ev, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in ev.shape):
-            return True
-    return False
 
 
 class RewrittenGraph:
@@ -45,6 +37,7 @@ class RewrittenGraph:
                  options: Options | None = None):
         self.gm = gm
         self.options = options  # Inductor around the rewrite (rewrite/inductor.py); None: plain fx
+        self.per_size = False  # rewritten per size signature (a dynamic graph)
         self.backend = backend
         self.verify = verify
         self.report = report
@@ -52,24 +45,39 @@ class RewrittenGraph:
         if report is not None:
             report.graphs += 1
         self.run = None
+        self.skip_reported = False
+        self.lower = functools.partial(to_aten, gm)  # args → the functional ATen graph at their sizes
 
     def __call__(self, *args):
         if self.run is None:
-            self.run = self._build(args)
+            self.run = self._first_build(args)
         return self.run(*args)
 
+    def _first_build(self, args):
+        if is_dynamic(self.gm):
+            # Symbolic sizes: rewritten per concrete size signature (rewrite/specialise.py), each
+            # size traced from one symbolic ATen graph where that trace assumed nothing.
+            symbolic = to_symbolic_aten(self.gm)
+            if symbolic is not None:
+                self.lower = functools.partial(specialised, symbolic)
+            log.info("rewrite: graph %d has symbolic sizes: rewritten per size, each %s", self.graph_index,
+                     "traced from its symbolic ATen graph" if symbolic is not None else "lowered on its own")
+            self.per_size = True
+            return SpecialisedGraph(self.graph_index, self._build, self.report)
+        run, sites = self._build(args)
+        if self.report is not None:
+            self.report.sites.extend(sites)
+        return run
+
     def _build(self, args):
+        """The rewritten graph for these inputs' sizes, and its site reports."""
         from rewrite.passes.pipeline import rewrite_graph
 
-        if _is_dynamic(self.gm):
-            self._skip("dynamic shapes: left alone (rewrite.compile marks shapes static; "
-                       "pass dynamic=False to torch.compile)")
-            return self.gm.forward
         try:
-            aten_gm = to_aten(self.gm, args)
+            aten_gm = self.lower(args)
         except CaptureError as exc:  # a graph that cannot be lowered is left exactly as it was
             self._skip(str(exc))
-            return self.gm.forward
+            return self.gm.forward, []
         original = GraphModule(aten_gm, copy.deepcopy(aten_gm.graph)) if self.verify else None
         try:
             new_gm, sites = rewrite_graph(aten_gm, self.backend, args)
@@ -77,18 +85,17 @@ class RewrittenGraph:
             log.warning("rewrite: graph %d left alone after an internal error: %r", self.graph_index, exc)
             self._skip(f"internal error while rewriting ({type(exc).__name__}: {str(exc)[:160]}); "
                        "the graph runs unchanged. Please report this model.")
-            return self.gm.forward
+            return self.gm.forward, []
         for s in sites:
             s.graph = self.graph_index
-        if self.report is not None:
-            self.report.sites.extend(sites)
         if self.verify and any(s.rewritten for s in sites):
             _verify(original, new_gm, sites, args)
-        return compile_rest(new_gm, args, self.options, self.report, self.graph_index)
+        return compile_rest(new_gm, args, self.options, self.report, self.graph_index, self.per_size), sites
 
     def _skip(self, why: str) -> None:
         log.info("graph %d left alone: %s", self.graph_index, why)
-        if self.report is not None:
+        if self.report is not None and not self.skip_reported:  # once per graph, not once per size
+            self.skip_reported = True
             self.report.skipped_graphs.append(why)
 
 

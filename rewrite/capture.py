@@ -86,6 +86,11 @@ def _functional(fn: torch.nn.Module, args: Sequence) -> GraphModule:
             # The input's new value is written back after the graph's last read, as eager did.
             graph.call_function(aten.copy_.default, (by_name[name], new_val))
     out_node.args = (tuple(user_outs) if wrapper.returned_tuple else user_outs[0],)
+    return _normalised(gm)
+
+
+def _normalised(gm: GraphModule) -> GraphModule:
+    graph = gm.graph
     for n in list(graph.nodes):
         if n.op == "call_function" and n.target in _METADATA_CHECKS:
             graph.erase_node(n)  # export's checks of `.to()` results: no values, only extra users
@@ -124,6 +129,38 @@ def to_aten(fn, args: Sequence) -> GraphModule:
         raise CaptureError(f"in-place op {writes[0].target} could not be made functional ({first}); "
                            "an edit the recognisers cannot see could change a mask, so the graph is left alone")
     return gm
+
+
+def to_symbolic_aten(gm: GraphModule) -> GraphModule | None:
+    """The functional ATen graph of a Dynamo graph with symbolic sizes, traced once on the fake
+    inputs Dynamo traced it with (its sizes stay symbols). None when that trace fails or had to
+    assume anything about a size: a guard added now would not be checked by Dynamo, so the
+    graph would be wrong at sizes where the assumption fails."""
+    fakes = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+    modes = {t.fake_mode for t in fakes if isinstance(t, torch._subclasses.FakeTensor)}
+    if len(modes) != 1 or None in fakes:
+        return None
+    shape_env = next(iter(modes)).shape_env
+    if shape_env is None:
+        return None
+    before = (len(shape_env.guards), len(shape_env.replacements), len(shape_env.deferred_runtime_asserts))
+    try:
+        aten_gm = to_aten(gm, fakes)
+    except CaptureError as exc:
+        log.info("symbolic capture failed (%s); each size is lowered on its own", exc)
+        return None
+    after = (len(shape_env.guards), len(shape_env.replacements), len(shape_env.deferred_runtime_asserts))
+    if after != before:
+        log.info("symbolic capture assumed something about a size (guards %s → %s); each size is lowered "
+                 "on its own", before, after)
+        return None
+    return aten_gm
+
+
+def specialised(symbolic_gm: GraphModule, args: Sequence) -> GraphModule:
+    """``symbolic_gm`` (from `to_symbolic_aten`) traced again on concrete inputs: the same functional
+    graph as ``to_aten`` of the Dynamo graph at these sizes, without functionalising it again."""
+    return _normalised(_plain(symbolic_gm, args))
 
 
 class _FunctionModule(torch.nn.Module):

@@ -115,13 +115,18 @@ def config_patches(options: Options, gm: GraphModule) -> tuple[dict[str, Any], l
 
 
 def compile_rest(gm: GraphModule, args: Sequence, options: Options | None, report: Report | None,
-                 graph_index: int):
+                 graph_index: int, per_size: bool = False):
     """The callable that runs the rewritten graph ``gm``: Inductor's compilation of it where the
     options want Inductor (its notes in the report), else ``gm`` itself. An Inductor failure
     falls back to ``gm`` with the reason in the report and the log, never an error."""
     if options is None:
         return gm
     use, why = inductor_on(options, args)
+    if use and per_size and options.inductor == "auto":
+        # A graph rewritten per size signature (a dynamic graph: each decode step's cache length) would
+        # pay one Inductor compile per size: auto keeps it an fx graph.
+        use, why = False, ("Inductor off for a graph rewritten per size (auto: each new size would be a new "
+                           "Inductor compile); pass inductor=True to compile each size")
     notes = [why]
     run = gm
     if use:
@@ -139,6 +144,6 @@ def compile_rest(gm: GraphModule, args: Sequence, options: Options | None, repor
                      "the rewritten graph runs as an fx graph"]
             run = gm
     log.info("graph %d: %s", graph_index, "; ".join(notes))
-    if report is not None:
-        report.notes.extend(f"graph {graph_index}: {n}" for n in notes)
+    if report is not None:  # once per graph, not once per size
+        report.notes.extend(n for n in (f"graph {graph_index}: {n}" for n in notes) if n not in report.notes)
     return run

@@ -12,6 +12,9 @@ import torch
 import rewrite
 import rewrite.codegen.ops as ops
 from rewrite.__main__ import main as cli_main
+from rewrite.backend import make_backend
+from rewrite.options import Options
+from rewrite.report import Report
 
 
 def _args(seed=0, dtype=torch.float32, causal=False, with_mask=False):
@@ -112,13 +115,15 @@ def test_torch_compile_options_are_validated(options, match):
         fn(q, q, q)
 
 
-def test_dynamic_shapes_are_left_alone_and_correct():
-    """torch.compile(dynamic=True) hands over symbolic shapes: the graph runs as it was."""
+def test_dynamic_shapes_are_rewritten_per_size_and_correct():
+    """torch.compile(dynamic=True) hands over symbolic shapes: rewritten per size (test_dynamic_shapes.py)."""
     torch._dynamo.reset()
-    fn = torch.compile(_eager_causal, backend="rewrite", dynamic=True)
+    report = Report()
+    fn = torch.compile(_eager_causal, backend=make_backend(Options(), report), dynamic=True)
     for n in (5, 9):
         q, k, v = (torch.randn(1, 2, n, 16) for _ in range(3))
         torch.testing.assert_close(fn(q, k, v), _eager_causal(q, k, v))
+    assert [s.variant for s in report.sites] == ["causal"] and report.sites[0].ran == {"sdpa": 2}, str(report)
 
 
 def test_cli_inspect_json(tmp_path, capsys):
