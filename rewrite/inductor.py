@@ -69,7 +69,7 @@ def check_inductor_config(patches: Mapping[str, Any]) -> dict[str, Any]:
     return checked
 
 
-def inductor_on(options: Options, args: Sequence) -> tuple[bool, str]:
+def inductor_on(options: Options, args: Sequence, per_size: bool = False) -> tuple[bool, str]:
     """Whether this graph goes to Inductor, and the report's note saying why."""
     if options.inductor is False:
         return False, "Inductor off (inductor=False): the rewritten graph runs as an fx graph"
@@ -81,6 +81,11 @@ def inductor_on(options: Options, args: Sequence) -> tuple[bool, str]:
         verb = "asks" if len(asked) == 1 else "ask"
         return True, (f"Inductor compiled the rest of the graph ({' and '.join(asked)} {verb} for it); "
                       "the rewrite:: ops stay opaque custom ops")
+    if per_size:
+        # A graph rewritten per size signature (a dynamic graph: each decode step's cache length) would
+        # pay one Inductor compile per size: auto keeps it an fx graph.
+        return False, ("Inductor off for a graph rewritten per size (auto: each new size would be a new "
+                       "Inductor compile); pass inductor=True to compile each size")
     if any(isinstance(a, torch.Tensor) and a.device.type == "cuda" for a in args):
         return True, ("Inductor compiled the rest of the graph (auto: inputs on a GPU); the rewrite:: ops stay "
                       "opaque custom ops")
@@ -121,12 +126,7 @@ def compile_rest(gm: GraphModule, args: Sequence, options: Options | None, repor
     falls back to ``gm`` with the reason in the report and the log, never an error."""
     if options is None:
         return gm
-    use, why = inductor_on(options, args)
-    if use and per_size and options.inductor == "auto":
-        # A graph rewritten per size signature (a dynamic graph: each decode step's cache length) would
-        # pay one Inductor compile per size: auto keeps it an fx graph.
-        use, why = False, ("Inductor off for a graph rewritten per size (auto: each new size would be a new "
-                           "Inductor compile); pass inductor=True to compile each size")
+    use, why = inductor_on(options, args, per_size)
     notes = [why]
     run = gm
     if use:

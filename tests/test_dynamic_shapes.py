@@ -213,3 +213,15 @@ def test_triton_kernels_per_size():
     assert [(s.graph, s.variant, s.kernel) for s in report.sites] == [(0, "dense", "triton"),
                                                                        (1, "neighborhood", "triton")], str(report)
     assert report.sites[1].ran == {"triton": 2}, report.sites[1].ran
+
+
+def test_inductor_on_a_dynamic_graph_compiles_each_size():
+    """inductor=True on a graph rewritten per size: each size's rewritten graph goes to Inductor
+    (the rewrite op inside it, run on every call); the note is said once per graph."""
+    report = Report()
+    compiled = torch.compile(causal_by_hand, backend=make_backend(Options(inductor=True), report))
+    _run_lengths(causal_by_hand, compiled, lengths=(5, 9, 12))
+    assert _compiles() <= 2, dynamo_counters["stats"]
+    assert _calls(report) == 3 and all(s.rewritten for s in report.sites), str(report)
+    assert report.notes == [f"graph {g}: Inductor compiled the rest of the graph (inductor=True); the rewrite:: ops "
+                            "stay opaque custom ops" for g in (0, 1)], report.notes

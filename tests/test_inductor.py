@@ -242,6 +242,9 @@ def test_when_inductor_is_on():
     assert on and "mode='max-autotune-no-cudagraphs' asks for it" in why, why
     on, why = inductor_on(Options(inductor_config={"max_autotune": True}), cpu)
     assert on and "Inductor config asks for it" in why, why
+    on, why = inductor_on(Options(), cpu, per_size=True)  # a dynamic graph: one compile per size
+    assert not on and "rewritten per size" in why, why
+    assert inductor_on(Options(mode="max-autotune-no-cudagraphs"), cpu, per_size=True)[0] is True
 
 
 def test_inductor_failure_falls_back_with_a_note(monkeypatch):
