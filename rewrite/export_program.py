@@ -186,7 +186,8 @@ class _LiftedCall(torch.nn.Module):
                 values.append(self.get_buffer(spec.target))
             else:
                 values.append(self.constants[spec.target])
-        outs = self.rewritten(*values)
+        with torch.fx.traceback.preserve_node_meta():  # the program's nodes keep the user's source lines
+            outs = torch.fx.Interpreter(self.rewritten).run(*values)
         results = []
         for spec, val in zip(self.output_specs, outs):
             if spec.kind == OutputKind.BUFFER_MUTATION:

@@ -222,6 +222,25 @@ def test_model_without_attention_exports_unchanged_with_no_sites():
         torch.testing.assert_close(dynamic.module()(x[:, :7]), mlp(x[:, :7]), **FP32)
 
 
+def test_softmax_over_the_queries_is_left_alone_with_the_reason():
+    class SoftmaxOverQueries(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(16, 48)
+
+        def forward(self, x):
+            q, k, v = self.proj(x).chunk(3, dim=-1)
+            return torch.softmax(q @ k.transpose(-1, -2) * 0.25, dim=-2) @ v
+
+    model, x = SoftmaxOverQueries().eval(), torch.randn(2, 10, 16)
+    program = rewrite.export(model, (x,))
+    assert rewrite_calls(program) == []
+    [site] = program.rewrite_report.sites
+    assert not site.rewritten and "contracts an axis other than the keys" in site.reason
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), model(x), **FP32)
+
+
 def test_dynamic_sequence_length_with_a_rewritten_site_is_refused():
     model, x = _model_and_input(seed=5)
     with pytest.raises(rewrite.RewriteError, match=r"planned and checked for the example's sizes.*"
