@@ -203,10 +203,11 @@ class _LiftedCall(torch.nn.Module):
 
 
 def rewritten_graphs(fn, *args, backend: str = "auto", **kwargs) -> list[GraphModule]:
-    """The fx graphs ``rewrite.compile(fn)`` runs for ``fn(*args, **kwargs)``: one per graph Dynamo
-    captures (graph breaks make several), in capture order, each calling the ``rewrite::`` op of
-    every rewritten site (``print(gm.code)``). A graph left alone is returned as captured;
-    ``rewrite.inspect`` says why. Runs ``fn`` once, under ``torch.no_grad``."""
+    """The rewritten fx graphs of ``fn(*args, **kwargs)``: one per graph Dynamo captures (graph
+    breaks make several), in capture order, each calling the ``rewrite::`` op of every rewritten
+    site (``print(gm.code)``); ``rewrite.compile`` runs these (as fx, or handed to Inductor). A graph
+    left alone is returned as captured; ``rewrite.inspect`` says why. Runs ``fn`` once, under
+    ``torch.no_grad``."""
     options = Options(backend=backend)
     if not callable(fn) or isinstance(fn, type):
         raise TypeError(f"rewrite.rewritten_graphs: argument 'fn' must be a function or an nn.Module "

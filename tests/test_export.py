@@ -158,6 +158,52 @@ def test_save_and_load_here_and_in_a_fresh_process(tmp_path):
     torch.testing.assert_close(torch.load(out_path), want, **FP32)
 
 
+class BandAttention(torch.nn.Module):
+    """A local window built from positions: the neighborhood (block-sparse) op."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 48)
+
+    def forward(self, x):
+        q, k, v = self.proj(x).chunk(3, dim=-1)
+        pos = torch.arange(x.shape[1])
+        far = (pos[:, None] - pos[None, :]).abs() > 3
+        return (q @ k.transpose(-1, -2) * 0.25).masked_fill(far, float("-inf")).softmax(-1) @ v
+
+
+class EluLinearAttention(torch.nn.Module):
+    """Katharopoulos et al.'s elu + 1 feature map: the linear-time op."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 48)
+
+    def forward(self, x):
+        q, k, v = self.proj(x).chunk(3, dim=-1)
+        q, k = torch.nn.functional.elu(q) + 1, torch.nn.functional.elu(k) + 1
+        state = torch.einsum("bnd,bne->bde", k, v)
+        norm = 1 / (torch.einsum("bnd,bd->bn", q, k.sum(1)) + 1e-6)
+        return torch.einsum("bnd,bde,bn->bne", q, state, norm)
+
+
+@pytest.mark.parametrize(("module", "op", "variant"), [
+    (BandAttention, "rewrite.sparse_attention.default", "neighborhood"),
+    (EluLinearAttention, "rewrite.linear_attention.default", "linear"),
+], ids=["neighborhood", "linear"])
+def test_other_op_families_export_save_and_load(tmp_path, module, op, variant):
+    torch.manual_seed(8)
+    model, x = module().eval(), torch.randn(2, 37, 16, generator=torch.Generator().manual_seed(9))
+    program = rewrite.export(model, (x,))
+    assert rewrite_calls(program) == [op]
+    assert [(s.rewritten, s.variant) for s in program.rewrite_report.sites] == [(True, variant)]
+    torch.export.save(program, tmp_path / "program.pt2")
+    loaded = torch.export.load(tmp_path / "program.pt2")
+    assert rewrite_calls(loaded) == [op]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module()(x).double(), _float64_reference(model, x), atol=1e-5, rtol=1e-5)
+
+
 def test_tiny_llama_exports_one_rewrite_op_per_layer():
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
@@ -246,3 +292,19 @@ def test_dynamic_sequence_length_with_a_rewritten_site_is_refused():
     with pytest.raises(rewrite.RewriteError, match=r"planned and checked for the example's sizes.*"
                                                    r"Export without dynamic_shapes.*rewrite\.compile"):
         rewrite.export(model, (x,), dynamic_shapes=({1: Dim("n", min=2, max=31)},))
+
+
+@pytest.mark.gpu
+def test_cuda_program_saves_and_aoti_packages(tmp_path):
+    model, x = _model_and_input(seed=7)
+    model, x = model.cuda(), x.cuda()
+    program = rewrite.export(model, (x,))
+    assert rewrite_calls(program) == ["rewrite.attention.default"] * 2
+    with torch.no_grad():
+        want = _float64_reference(model, x)
+        torch.export.save(program, tmp_path / "cuda.pt2")
+        loaded = torch.export.load(tmp_path / "cuda.pt2").module()
+        torch.testing.assert_close(loaded(x).double(), want, atol=1e-4, rtol=1e-4)
+        package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "cuda_aoti.pt2"))
+        compiled = torch._inductor.aoti_load_package(package)
+        torch.testing.assert_close(compiled(x).double(), want, atol=1e-4, rtol=1e-4)
