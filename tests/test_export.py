@@ -82,6 +82,16 @@ def test_two_attentions_export_as_two_rewrite_ops_equal_to_eager():
         program.module()(x[:, :7])
 
 
+def test_gradients_through_the_program_match_float64_eager():
+    model, x = _model_and_input(seed=10)
+    module = rewrite.export(model, (x,)).module()
+    module(x).square().sum().backward()
+    reference = copy.deepcopy(model).double()
+    reference(x.double()).square().sum().backward()
+    for name, param in module.named_parameters():
+        torch.testing.assert_close(param.grad.double(), reference.get_parameter(name).grad, atol=1e-4, rtol=1e-4)
+
+
 def test_parameters_and_buffers_stay_in_the_signature():
     model, x = _model_and_input(seed=1)
     program = rewrite.export(model, (x,))
