@@ -3,17 +3,19 @@
     import rewrite
     fast = rewrite.compile(model)                # also @rewrite.compile
     report = rewrite.inspect(model, *inputs)     # what was found, what it proves, what runs
+    ep = rewrite.export(model, args)             # a torch.export program calling the rewrite:: ops
 """
 
 from __future__ import annotations
 
 from .api import clear_caches, compile, inspect  # noqa: A004
 from .errors import RewriteError, RewriteMismatch
+from .export_program import export, rewritten_graphs
 from .ir.cascade import Cascade, Einsum
 from .report import Report, SiteReport
 
-__all__ = ["clear_caches", "compile", "inspect", "simulate", "Cascade", "Einsum", "Report", "SiteReport",
-           "RewriteError", "RewriteMismatch"]
+__all__ = ["clear_caches", "compile", "inspect", "export", "rewritten_graphs", "simulate", "Cascade", "Einsum",
+           "Report", "SiteReport", "RewriteError", "RewriteMismatch"]
 __version__ = "0.1.0"
 
 
