@@ -39,11 +39,11 @@ def find_decay_loop_sites(graph: Graph) -> list[LinearSite]:
     """Every cat/stack that reads as a whole decayed causal output (rewritten, or left alone with a reason)."""
     sites: list[LinearSite] = []
     claimed: set[Node] = set()
-    ev = DecayTerms()
+    runtime: dict[Node, bool] = {}  # which nodes depend on an input: shared, the rest is per candidate
     for node in graph.nodes:
         if node in claimed or not is_call(node, aten.cat.default, aten.stack.default):
             continue
-        ev.visited, ev.layout = [], None
+        ev = DecayTerms(runtime)
         try:
             val = ev.eval(node)
         except NoMatch:
@@ -54,7 +54,6 @@ def find_decay_loop_sites(graph: Graph) -> list[LinearSite]:
         if site is not None:
             sites.append(site)
             claimed.update(site.nodes)
-        ev = DecayTerms()  # layouts and memo are per site
     return sites
 
 
@@ -77,6 +76,9 @@ def read_weights(w: torch.Tensor, dtype) -> tuple[object | None, float, str | No
     scale = 1.0
     if c != 0 and bool(torch.isclose(diag, torch.full_like(diag, c), rtol=1e-9, atol=0).all()):
         scale, w = c, w / c
+    elif not bool(diag.any()):
+        return None, 1.0, ("each query reads the state before its own key is added (the weight of a position on "
+                           "itself is 0, m < p): not the causal m ≤ p form the op computes")
     elif bool((diag == diag[..., :1]).all()) and bool((diag[..., 0] > 0).all()):
         per = w / diag[..., :1, None]
         plan, why = read_decay([DecayFactor(None, value=per)], None, n, n, dtype)
@@ -103,6 +105,10 @@ def _site(node: Node, val: Val, ev: DecayTerms) -> LinearSite | None:
     keep_batch = [i for i, s in enumerate(bs) if s != 1]
     w = w.reshape(*[bs[i] for i in keep_batch], n, n)
     plan, scale, why = read_weights(w, dtype)
+    if val.gated:
+        plan, why = None, (f"the state is multiplied by a run-time factor ({val.gated}: a gate such as simple GLA's "
+                           "exp(g_t), written recurrently): only constant decays are read in this form; the "
+                           "quadratic exp(G_p − G_m) spelling is rewritten")
     if plan is None and why is None:
         return None
     spelling = _spelling(node, ev)

@@ -34,6 +34,7 @@ class Val:
     pos: tuple = ()  # rows: their positions; scores and out: the query positions
     kpos: tuple = ()  # scores: the key positions
     bases: tuple = ()  # rows: (base,); state: (X's, Y's); scores: (P's, M's); out: (q, k, v)
+    gated: str | None = None  # a run-time factor the state was multiplied by (its node): a gate, not read yet
 
 
 
@@ -81,6 +82,9 @@ def _scaled(ev: DecayTerms, val: Val, node: Node, const: Val) -> Val:
 
 
 def multiply(ev: DecayTerms, node: Node) -> Val:
+    gate = _runtime_gate(ev, node)
+    if gate is not None:
+        return gate
     a, b = (ev.eval(x) for x in node.args[:2])
     if node.target in (aten.div.Tensor, aten.div.Scalar):
         if b.kind != "const" or not bool((b.coef != 0).all()):
@@ -95,6 +99,34 @@ def multiply(ev: DecayTerms, node: Node) -> Val:
     if "zero" in (a.kind, b.kind):
         return Val("zero")
     return _outer(ev, node, a, b)
+
+
+def _runtime_gate(ev: DecayTerms, node: Node) -> Val | None:
+    """A state times a run-time factor that is one number per batch element (simple GLA's exp(g_t)·S): the
+    state marked gated, so the site is reported, not read (a zero state stays zero)."""
+    if node.target != aten.mul.Tensor or not all(isinstance(x, Node) for x in node.args[:2]):
+        return None
+    for x, y in (node.args[:2], node.args[1::-1]):
+        try:
+            val = ev.eval(x)
+        except NoMatch:
+            continue
+        if val.kind not in ("state", "zero"):
+            continue
+        try:
+            ev.eval(y)
+            return None
+        except NoMatch:
+            pass
+        ys = shape_of(y)
+        if val.kind == "zero" or ys is None or len(ys) > len(val.dims):
+            return val if val.kind == "zero" and ys is not None and tuple(shape_of(node)) == tuple(shape_of(x)) \
+                else None
+        off = len(val.dims) - len(ys)
+        if any(s != 1 and val.dims[off + i] in ("X", "Y") for i, s in enumerate(ys)):
+            return None
+        return replace(val, gated=val.gated or y.name)
+    return None
 
 
 def _outer(ev: DecayTerms, node: Node, a: Val, b: Val) -> Val:
@@ -150,7 +182,7 @@ def add(ev: DecayTerms, node: Node) -> Val:
         b = _swap_state(b)
     if a.dims != b.dims or a.bases != b.bases or a.pos != b.pos or a.kpos != b.kpos:
         raise NoMatch(f"a sum of two {a.kind} values of other tensors, rows or layouts")
-    return replace(a, coef=a.coef + b.coef)
+    return replace(a, coef=a.coef + b.coef, gated=a.gated or b.gated)
 
 
 def masked(ev: DecayTerms, node: Node) -> Val:
@@ -206,7 +238,8 @@ def assemble(ev: DecayTerms, node: Node) -> Val:
     if any(p.bases != first.bases for p in parts):
         raise NoMatch("a cat of outputs of other queries, keys or values")
     coef = torch.cat([p.coef for p in parts], nb)
-    return Val("out", dims, coef, tuple(i for p in parts for i in p.pos), (), first.bases)
+    gated = next((p.gated for p in parts if p.gated), None)
+    return Val("out", dims, coef, tuple(i for p in parts for i in p.pos), (), first.bases, gated)
 
 
 def _fill_zero_parts(ev: DecayTerms, node: Node, parts: list[Val]) -> list[Val]:
@@ -303,4 +336,4 @@ def contract(ev: DecayTerms, node: Node, c: Contraction) -> Val:
     want = {"scores": {"P", "M"}, "state": {"X", "Y"}, "out": {"F"}}[val.kind]
     if not want <= set(dims) or len([r for r in dims if r]) != len({r for r in dims if r}):
         raise NoMatch("a product whose result is not laid out as one value")
-    return replace(val, dims=dims, coef=val.coef * c.alpha)
+    return replace(val, dims=dims, coef=val.coef * c.alpha, gated=a.gated or b.gated)

@@ -43,9 +43,9 @@ SAME_VALUE_OPS = (aten.clone.default, aten.contiguous.default, aten.alias.defaul
 class DecayTerms:
     """Evaluates nodes into `Val`s, memoised; ``visited`` holds every node read (the site's body)."""
 
-    def __init__(self):
+    def __init__(self, runtime: dict[Node, bool] | None = None):
         self.memo: dict[Node, Val | NoMatch] = {}
-        self.runtime: dict[Node, bool] = {}
+        self.runtime: dict[Node, bool] = {} if runtime is None else runtime
         self.layout: tuple | None = None  # (rank, position dim, batch sizes) shared by q, k and v
         self.n = 0
         self.visited: list[Node] = []

@@ -59,12 +59,12 @@ def _scan(nodes, claimed: set[Node]) -> list[LinearSite]:
 
 def _decay_reasons(decayed: list[LinearSite], others: list[LinearSite]) -> list[LinearSite]:
     """A decay loop refused (its W is not γ^(p−m)) over the same output as a refused loop/chunked site: its
-    reason joins that site's (the other recogniser's own reason first); else it is a site of its own."""
+    reason leads that site's (the other recogniser's reason follows); else it is a site of its own."""
     own = []
     for d in decayed:
         same = next((o for o in others if o.out_node is d.out_node and o.rejected), None)
         if same is not None:
-            same.rejected += f"; read as a decay loop: {d.rejected.removeprefix('decay loop: ')}"
+            same.rejected = f"{d.rejected}; read as a plain {same.rejected}"
         else:
             own.append(d)
     return own
