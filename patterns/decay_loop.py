@@ -48,7 +48,7 @@ def find_decay_loop_sites(graph: Graph) -> list[LinearSite]:
             val = ev.eval(node)
         except NoMatch:
             continue
-        if val.kind != "out" or val.pos != tuple(range(ev.n)) or len(set(val.bases)) < 1:
+        if val.kind != "out" or val.pos != tuple(range(ev.n)):
             continue  # a part of an output (one chunk's rows): its whole is read at the later cat
         site = _site(node, val, ev)
         if site is not None:
