@@ -14,6 +14,7 @@ from torch.fx import Graph, Node
 
 from .axes import NoMatch
 from .contraction import as_contraction
+from .decay_loop import find_decay_loop_sites
 from .linear_attention import match_quadratic
 from .linear_chunked import find_chunked_sites
 from .linear_cumsum import match_cumsum
@@ -56,6 +57,19 @@ def _scan(nodes, claimed: set[Node]) -> list[LinearSite]:
     return sites
 
 
+def _decay_reasons(decayed: list[LinearSite], others: list[LinearSite]) -> list[LinearSite]:
+    """A decay loop refused (its W is not γ^(p−m)) over the same output as a refused loop/chunked site: its
+    reason leads that site's (the other recogniser's reason follows); else it is a site of its own."""
+    own = []
+    for d in decayed:
+        same = next((o for o in others if o.out_node is d.out_node and o.rejected), None)
+        if same is not None:
+            same.rejected = f"{d.rejected}; read as a plain {same.rejected}"
+        else:
+            own.append(d)
+    return own
+
+
 def find_linear_sites(graph: Graph) -> list[LinearSite]:
     """Every linear-attention site (matched, or attention-like and left alone with a reason), on the normal form,
     mapped back to ``graph``. A Python loop over chunks first (unrolled, its per-chunk bodies are chunked-form and
@@ -64,7 +78,10 @@ def find_linear_sites(graph: Graph) -> list[LinearSite]:
     nf = NormalForm(graph)
     taken: set[Node] = set()
     found: list[tuple[LinearSite | None, set[Node]]] = []
-    for s in [*find_loop_sites(nf.graph), *find_chunked_sites(nf.graph)]:
+    decayed = find_decay_loop_sites(nf.graph)
+    others = [*find_loop_sites(nf.graph), *find_chunked_sites(nf.graph)]
+    refused = _decay_reasons([d for d in decayed if d.rejected], others)
+    for s in [*(d for d in decayed if not d.rejected), *others, *refused]:
         if s.out_node not in taken and not taken.intersection(s.nodes):
             taken.update(s.nodes)
             found.append((nf.to_original(s), set()))
