@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from . import logs
 from .api import clear_caches, compile, inspect  # noqa: A004
 from .errors import RewriteError, RewriteMismatch
 from .ir.cascade import Cascade, Einsum
@@ -14,7 +15,20 @@ from .report import Report, SiteReport
 
 __all__ = ["clear_caches", "compile", "inspect", "simulate", "Cascade", "Einsum", "Report", "SiteReport",
            "RewriteError", "RewriteMismatch"]
-__version__ = "0.1.0"
+
+logs.register()
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rewrite")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0.1.0"
+
+
+__version__ = _version()
 
 
 def __getattr__(name):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 
 import torch
 from torch.fx import GraphModule
@@ -21,9 +20,6 @@ from .options import Options
 from .report import Report, SiteReport
 
 log = logging.getLogger("rewrite")
-if os.environ.get("REWRITE_LOG", "").lower() == "debug":
-    logging.basicConfig()
-    log.setLevel(logging.DEBUG)
 
 def _is_dynamic(gm: GraphModule) -> bool:
     for node in gm.graph.nodes:
@@ -58,6 +54,7 @@ class RewrittenGraph:
     def _build(self, args):
         from rewrite.passes.pipeline import rewrite_graph
 
+        log.debug("graph %d: %d fx nodes, first call", self.graph_index, len(self.gm.graph.nodes))
         if _is_dynamic(self.gm):
             self._skip("dynamic shapes: left alone (rewrite.compile marks shapes static; "
                        "pass dynamic=False to torch.compile)")
