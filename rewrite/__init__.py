@@ -10,10 +10,11 @@ from __future__ import annotations
 from . import logs
 from .api import clear_caches, compile, inspect  # noqa: A004
 from .errors import RewriteError, RewriteMismatch
+from .explain import explain
 from .ir.cascade import Cascade, Einsum
 from .report import Report, SiteReport
 
-__all__ = ["clear_caches", "compile", "inspect", "simulate", "Cascade", "Einsum", "Report", "SiteReport",
+__all__ = ["clear_caches", "compile", "explain", "inspect", "simulate", "Cascade", "Einsum", "Report", "SiteReport",
            "RewriteError", "RewriteMismatch"]
 
 logs.register()

@@ -74,6 +74,8 @@ class Report:
     graphs: int = 0
     skipped_graphs: list[str] = field(default_factory=list)
     graph_breaks: list[str] = field(default_factory=list)  # Dynamo's reasons ("×n"), from rewrite.inspect
+    break_points: list[str] = field(default_factory=list)  # where Dynamo resumed after a break (rewrite.explain)
+    recompiles: list[str] = field(default_factory=list)  # Dynamo's recompile reasons (rewrite.explain)
 
     @property
     def rewritten(self) -> list[SiteReport]:
@@ -81,7 +83,8 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         return {"graphs": self.graphs, "skipped_graphs": list(self.skipped_graphs),
-                "graph_breaks": list(self.graph_breaks), "sites": [s.to_dict() for s in self.sites]}
+                "graph_breaks": list(self.graph_breaks), "break_points": list(self.break_points),
+                "recompiles": list(self.recompiles), "sites": [s.to_dict() for s in self.sites]}
 
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), **kw)
@@ -129,15 +132,20 @@ class Report:
         console = Console(width=width or terminal_width(), record=True, file=_Null(), highlight=False)
         for line in summary_lines(self):
             console.print(line, markup=False)
-        console.print(self.table(compact=not details))
-        if details:
-            self._print_details(console)
-        else:
+        if self.sites:
+            console.print(self.table(compact=not details))
+        if not details:
             console.print("(report.details() prints each site's cascade, proof, notes and what ran)", markup=False)
+        else:
+            self._print_details(console)
         for g in self.skipped_graphs:
             console.print(f"graph left alone: {g}", markup=False)
         for g in self.graph_breaks:
             console.print(f"graph break (an attention split across graphs is not seen whole): {g}", markup=False)
+        for g in self.break_points:
+            console.print(f"  Dynamo resumed after a break in {g}", markup=False)
+        for g in self.recompiles:
+            console.print(f"recompiled: {g}", markup=False)
         if html:  # a fragment for a notebook cell, not a whole page
             return console.export_html(inline_styles=True, code_format='<pre style="line-height: 1.2">{code}</pre>')
         return console.export_text()

@@ -133,3 +133,18 @@ def test_version_on_the_command_line():
     for cmd in (["-m", "rewrite", "--version"],):
         out = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and out.stdout.startswith(f"rewrite {rewrite.__version__} (torch "), out
+
+
+def test_explain_names_the_graph_break_inside_attention():
+    def split(q, k, v):
+        s = q @ k.transpose(-1, -2) * 0.5
+        torch._dynamo.graph_break()  # the attention is split across two graphs
+        return s.softmax(-1) @ v
+
+    report = rewrite.explain(split, *_qkv(8))
+    text = str(report)
+    assert report.sites == [] and report.graphs == 2, text
+    assert "1 graph break reason(s)" in text.splitlines()[0], text
+    assert "not seen whole): Call to `torch._dynamo.graph_break()`" in text
+    assert len(report.break_points) == 1 and report.break_points[0].startswith("split, line "), text
+    assert "Dynamo resumed after a break in split, line" in text and "┏" not in text, text  # no empty table
