@@ -130,8 +130,10 @@ def test_set_logs_and_rewrite_log_show_decisions(tmp_path):
 
 
 def test_version_on_the_command_line():
-    for cmd in (["-m", "rewrite", "--version"],):
-        out = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=60)
+    script = os.path.join(os.path.dirname(sys.executable), "rewrite")  # the console script of the install
+    commands = [[sys.executable, "-m", "rewrite", "--version"]] + ([[script, "--version"]] * os.path.exists(script))
+    for cmd in commands:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and out.stdout.startswith(f"rewrite {rewrite.__version__} (torch "), out
 
 
