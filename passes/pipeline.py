@@ -47,8 +47,10 @@ def rewrite_graph(gm: GraphModule, backend: str, example_inputs=None) -> tuple[G
             rep = rewrite_linear_site(gm.graph, site, backend)
             changed |= rep.rewritten
             reports.append(rep)
+            log_decision(rep)
             continue
         if site is None:
+            log.info("site at %s left alone: %s (%s)", reason[0], reason[2], reason[1])
             reports.append(SiteReport(variant="unknown", location=reason[0], spelling=reason[1],
                                       rewritten=False, reason=reason[2],
                                       pass_count={"original": original_passes}))
@@ -78,11 +80,21 @@ def rewrite_graph(gm: GraphModule, backend: str, example_inputs=None) -> tuple[G
         apply_plan(gm.graph, plan, rep.site_id)
         changed = True
         reports.append(rep)
+        log_decision(rep)
     if changed:
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
     return gm, reports
+
+
+def log_decision(rep: SiteReport) -> None:
+    """One INFO record per site: what was found and what runs, or why it is left alone."""
+    if rep.rewritten:
+        log.info("site at %s: %s (%s), mask %s, kernel %s", rep.location, rep.variant, rep.spelling, rep.mask,
+                 rep.kernel)
+    else:
+        log.info("site at %s left alone: %s", rep.location, rep.reason)
 
 
 def modifier_source(mod, kernel: str) -> str:

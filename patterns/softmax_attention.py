@@ -15,7 +15,6 @@ and returns a `Site` with every binding in the canonical layout, or a reason.
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 from torch.fx import Node
@@ -34,6 +33,7 @@ from .axes import (
     shape_of,
 )
 from .contraction import Contraction, as_contraction
+from .locations import location_of  # noqa: F401 - re-exported: the recognisers import it from here
 from .score_mod import lift_modifier
 from .softmax_chain import (
     CAST_OPS,
@@ -61,27 +61,6 @@ aten = torch.ops.aten
 # a larger fill would send most rows to the recomputation and the site is left as it is.
 FINITE_FILL_LIMIT = -1e4
 
-
-
-def module_path_of(node: Node) -> str:
-    """The nn.Module path that ran the node (``transformer.h.0.attn``), or ""."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return ""
-    path = str(list(stack.values())[-1][0])
-    for prefix in ("L['self'].", "L['self']", "L['fn']."):
-        if path.startswith(prefix):
-            path = path[len(prefix):]
-    return re.sub(r"\[(\d+)\]", r".\1", path).replace("._modules['", ".").replace("']", "")
-
-
-def location_of(node: Node) -> str:
-    """Where a site is: the module path (when inside a module) and the user's source line."""
-    trace = node.meta.get("stack_trace") or ""
-    frames = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().startswith("File ")]
-    line = frames[-1].replace("File ", "").replace('"', "") if frames else node.name
-    module = module_path_of(node)
-    return f"{module}: {line}" if module else line
 
 
 # ---- the recogniser ----------------------------------------------------------------------------

@@ -42,6 +42,9 @@ def load_callable(target: str):
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m rewrite", description="the attention compiler")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"rewrite {__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="small transformer: report, check and time eager vs rewritten (CPU)")
     d.add_argument("--seq-len", type=int, default=1024)
@@ -52,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--json", action="store_true", help="print the report as JSON")
     sub.add_parser("simulate", help="spatial-array simulation (see python -m rewrite simulate -h)",
                    add_help=False)
+    if argv[:1] == ["--version"]:
+        return _print_version()
     if argv and argv[0] == "simulate":
         from .simulation import cli_main
 
@@ -69,6 +74,15 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report.to_dict(), indent=2) if args.json else report)
         return 0
     return 2
+
+
+def _print_version() -> int:
+    import torch
+
+    from . import __version__
+
+    print(f"rewrite {__version__} (torch {torch.__version__})")
+    return 0
 
 
 if __name__ == "__main__":

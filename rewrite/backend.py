@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-import os
 
 import torch
 from torch.fx import GraphModule
@@ -25,9 +24,6 @@ from .report import Report, SiteReport
 from .specialise import SpecialisedGraph, is_dynamic
 
 log = logging.getLogger("rewrite")
-if os.environ.get("REWRITE_LOG", "").lower() == "debug":
-    logging.basicConfig()
-    log.setLevel(logging.DEBUG)
 
 
 class RewrittenGraph:
@@ -73,6 +69,8 @@ class RewrittenGraph:
         """The rewritten graph for these inputs' sizes, and its site reports."""
         from rewrite.passes.pipeline import rewrite_graph
 
+        log.debug("graph %d: %d fx nodes, lowered for sizes %s", self.graph_index, len(self.gm.graph.nodes),
+                  [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)])
         try:
             aten_gm = self.lower(args)
         except CaptureError as exc:  # a graph that cannot be lowered is left exactly as it was
