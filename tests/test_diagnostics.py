@@ -116,7 +116,7 @@ def test_torch_logs_shows_rewrite_decisions(tmp_path):
     out = _run(tmp_path, LOGGED, TORCH_LOGS="+rewrite")
     assert out.returncode == 0, out.stderr
     assert "site at logged.py:4, attn: dense" in out.stderr and "kernel sdpa" in out.stderr, out.stderr
-    assert "fx nodes, first call" in out.stderr, out.stderr  # DEBUG records too
+    assert "fx nodes, lowered for sizes" in out.stderr, out.stderr  # DEBUG records too
     quiet = _run(tmp_path, LOGGED, TORCH_LOGS="", REWRITE_LOG="")
     assert "site at" not in quiet.stderr, quiet.stderr
 
