@@ -185,11 +185,20 @@ def _bool_relation(kind, a, b):
             "lt": sympy.And(na, b), "le": sympy.Or(na, b), "gt": sympy.And(a, nb), "ge": sympy.Or(a, nb)}[kind]
 
 
+def runtime_values(expr) -> bool:
+    """A value read at run time (possibly NaN), not only a run-time choice between constants: HF's
+    ``where(causal & padding, 0, finfo.min)`` selects by a run-time bool but its values are the two
+    constants, so comparing it (Falcon's ``mask < −1``) is a comparison of each."""
+    if isinstance(expr, sympy.Piecewise):
+        return any(has_runtime(val) for val, _ in expr.args)
+    return has_runtime(expr)
+
+
 def _compare(kind: str):
     def rule(node, env):
         vals = [value(x, env) for x in node.args[:2]]
         ct = promote(*vals)
-        if ct.is_floating_point and any(has_runtime(v.expr) for v in vals):
+        if ct.is_floating_point and any(runtime_values(v.expr) for v in vals):
             return runtime(node)  # NaN: ¬(x ≥ y) is not x < y
         conv = _converted(node, env, vals, ct)
         if conv is None:

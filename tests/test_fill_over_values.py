@@ -155,3 +155,48 @@ def test_a_run_time_keep_proves_nothing():
     keep = torch.tril(torch.ones(n, n, dtype=torch.bool))  # causal on this call, but an input
     site = _site(fn, q, k, v, torch.randn(1, 2, 1, n, generator=gen), keep)
     assert site.variant == "dense", site.variant
+
+
+def padded_falcon(q, k, v, alibi, pad):
+    """Falcon 5.25 with a padding mask: the float mask where(causal & pad, 0, min), compared with −1
+    to select where the positions bias goes."""
+    n = q.shape[-2]
+    keep = torch.tril(torch.ones(n, n, dtype=torch.bool))[None, None] & pad[:, None, None, :]
+    low = torch.finfo(q.dtype).min
+    mask = torch.where(keep, torch.zeros((), dtype=q.dtype), low)
+    bias = torch.masked_fill(alibi, mask < -1, low)
+    return (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + bias).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_float_mask_compared_with_a_constant_keeps_its_structure(backend):
+    """The compared tensor is a run-time choice between two constants (no NaN can be in it): the
+    comparison is read through the choice, the causal part is proven, the padding stays run-time."""
+    gen = torch.Generator().manual_seed(7)
+    n = 21
+    q, k, v = inputs(gen, 2, 2, 2, n, n, 16, torch.float32)
+    alibi = torch.randn(2, 2, 1, n, generator=gen)
+    pad = torch.ones(2, n, dtype=torch.bool)
+    pad[1, n - 6:] = False
+    run, report = compiled(padded_falcon, backend)
+    out = run(q, k, v, alibi, pad)
+    site = rewritten_site(report, ("causal",), backend)
+    _note(site)
+    same_as_eager(out, padded_falcon(*double((q, k, v, alibi, pad))), torch.float32, f"padded falcon {backend}")
+
+
+def test_a_run_time_float_compared_with_a_constant_stays_run_time():
+    """``x < −1`` where x holds values read at run time (possibly NaN): the lifter leaves the comparison
+    opaque, so no structure is claimed from it."""
+    def fn(q, k, v, alibi, scores_mask):
+        n = q.shape[-2]
+        causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
+        mask = torch.where(causal, scores_mask, torch.finfo(q.dtype).min)  # run-time values inside
+        return (q @ k.transpose(-1, -2) + alibi.masked_fill(mask < -1, float("-inf"))).softmax(-1) @ v
+    gen = torch.Generator().manual_seed(8)
+    n = 12
+    q, k, v = inputs(gen, 1, 2, 2, n, n, 16, torch.float32)
+    scores_mask = torch.zeros(1, 1, n, n)
+    scores_mask[..., 3, 1] = float("nan")  # NaN < −1 is False: this key stays kept
+    site = _site(fn, q, k, v, torch.randn(1, 2, 1, n, generator=gen), scores_mask)
+    assert site.variant == "dense", site.variant
