@@ -9,8 +9,10 @@ has every artefact eager has: a NaN key that masked_fill removes is hidden, one 
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, Phase, settings
 from reference import TOLERANCES
 
 from rewrite.backend import make_backend
@@ -18,6 +20,20 @@ from rewrite.options import Options
 from rewrite.report import Report
 
 NEG_INF = float("-inf")
+
+
+def few(examples: int):
+    """Hypothesis settings for the compile-heavy tests: a few examples, no deadline, no shrinking."""
+    return settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck),
+                    phases=[Phase.explicit, Phase.reuse, Phase.generate])
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from a clean Dynamo cache (import it into a test module to use it)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
 
 
 def compiled(fn, backend: str):

@@ -10,19 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from eager_cases import compiled, double, inputs, rewritten_site, same_as_eager
-from hypothesis import HealthCheck, Phase, given, settings
+from eager_cases import compiled, double, few, fresh_dynamo, inputs, rewritten_site, same_as_eager  # noqa: F401
+from hypothesis import given
 from hypothesis import strategies as st
 
-FEW = settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck),
-               phases=[Phase.explicit, Phase.reuse, Phase.generate])
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+FEW = few(8)
 
 
 def falcon_like(q, k, v, alibi):
