@@ -19,7 +19,7 @@ a warm-up, the median of 5 such loops (so a host-bound call shows its host time)
 fails (an option that does not exist, a capture that syncs) is recorded with its error, not dropped.
 
     python -P benchmarks/bench_overhead.py --out benchmarks/results [--cudagraphs]
-    python -P benchmarks/bench_overhead.py --device cpu --smoke      # checks the script, no numbers kept
+    python -P benchmarks/bench_overhead.py --device cpu --smoke      # tiny sizes: host time on a CPU
 
 Writes overhead_<card>_<date>.{json,md} under --out (card, date, versions, command).
 """
@@ -156,13 +156,13 @@ def fmt(x) -> str:
     return f"{x:.4f}" if isinstance(x, float) else str(x or "–")
 
 
-def write(rows: list[dict], out: Path, device: str) -> None:
+def write(rows: list[dict], out: Path, device: str, suffix: str = "") -> None:
     card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     date = dt.date.today().isoformat()
     triton = sys.modules.get("triton")
     meta = {"card": card, "date": date, "torch": torch.__version__,
             "triton": getattr(triton, "__version__", "none"), "command": "python -P " + shlex.join(sys.argv)}
-    stem = f"overhead_{re.sub(r'[^A-Za-z0-9]+', '_', card).strip('_')}_{date}"
+    stem = f"overhead_{re.sub(r'[^A-Za-z0-9]+', '_', card).strip('_')}_{date}{suffix}"
     (out / f"{stem}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
     names = ["sdpa", "rewrite", "inductor", "rewrite+inductor"]
     graphed_cols = [f"{n}_graphed" for n in names] if any(f"{names[0]}_graphed" in r for r in rows) else []
@@ -188,12 +188,11 @@ def main() -> None:
     p.add_argument("--h", type=int, default=16)
     p.add_argument("--d", type=int, default=64)
     p.add_argument("--cudagraphs", action="store_true")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes, nothing written")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (checks the script; a CPU run shows host time)")
     args = p.parse_args()
     rows = [measure(n, m, name, args.b, args.h, args.d, args) for n, m, name in points(args)]
-    if not args.smoke:
-        args.out.mkdir(parents=True, exist_ok=True)
-        write(rows, args.out, args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write(rows, args.out, args.device, "_smoke" if args.smoke else "")
 
 
 if __name__ == "__main__":
