@@ -39,6 +39,15 @@ def concrete(*tensors: torch.Tensor | None) -> bool:
     return not torch.compiler.is_compiling() and not any(is_fake(t) for t in tensors if t is not None)
 
 
+def one_per_passed_input(ctx, *grads) -> tuple:
+    """The gradients an op's backward returns, one per input the caller passed. The dispatcher drops
+    trailing arguments left at their defaults, and torch before 2.14 checks an op with a tensor-list
+    input against the passed inputs ("Expected the return from backward to be of the same structure
+    as the inputs"), so the tail of Nones is cut or padded to that count."""
+    n = len(ctx.needs_input_grad)
+    return tuple(grads[:n]) + (None,) * (n - len(grads))
+
+
 def recompute_grads(forward, tensors, needs, grad) -> list | None:
     """Gradients of ``tensors`` (q, k, v, bias, …; None where ``needs`` says no) by running ``forward``
     (a differentiable function of them) again under autograd: every attention op's backward.

@@ -27,7 +27,7 @@ from rewrite.ir.mask import MaskSpec
 from rewrite.ir.score_mod import ScoreMod
 
 from . import counters
-from .backward import recompute_grads
+from .backward import one_per_passed_input, recompute_grads
 from .eager import Removed, checks_inputs, coarse_rows, eager_attention, lse_floor, score_bound, settle, tame, underflow
 from .ops import as_bhnd, out_shape, spelling_of
 from .score_mod_gen import apply_torch, position_grid
@@ -213,7 +213,7 @@ def _backward(ctx, grad):
         grads = recompute_grads(forward, (q, k, v, *leaves, bias), want, grad)
     gq, gk, gv = grads[:3]
     gleaves = grads[3:3 + nl]
-    return gq, gk, gv, gleaves, grads[-1], *([None] * 12)
+    return one_per_passed_input(ctx, gq, gk, gv, gleaves, grads[-1])
 
 
 modded_attention.register_autograd(_backward, setup_context=_setup_context)

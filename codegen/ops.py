@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import counters
-from .backward import grad_forward, recompute_grads
+from .backward import grad_forward, one_per_passed_input, recompute_grads
 from .eager import (
     MASKED_ROWS,
     Removed,
@@ -276,7 +276,7 @@ def _backward(ctx, grad):
 
     with counters.running(site):
         grads = recompute_grads(forward, (q, k, v, bias), ctx.needs_input_grad, grad)
-    return (*grads, *([None] * 11))
+    return one_per_passed_input(ctx, *grads)
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

@@ -35,7 +35,7 @@ import torch
 from rewrite.ir.mask import MaskSpec, keep_rows
 
 from . import counters
-from .backward import concrete, grad_forward, recompute_grads
+from .backward import concrete, grad_forward, one_per_passed_input, recompute_grads
 from .eager import (
     NEG_INF,
     Removed,
@@ -280,7 +280,7 @@ def _backward(ctx, grad):
                 counters.ran("backward: torch tiles")
         if grads is None:
             grads = dense_grads(q, k, v, bias, mask, needs, grad, scale, mspec, implied, blocks, sem)
-    return (*grads, *([None] * 9))
+    return one_per_passed_input(ctx, *grads)
 
 
 sparse_attention.register_autograd(_backward, setup_context=_setup_context)

@@ -237,3 +237,15 @@ def test_sparse_gradients_gpu(monkeypatch):
     _, got = op_grads(call, q, k, v, None, grad)
     _, want = eager_grads(q, k, v, None, spec_matrix(spec, n, n).cuda(), 0.125, grad)
     compare(got, want, torch.bfloat16, "gpu 1-D window")
+
+
+def test_backward_returns_one_gradient_per_passed_input():
+    """torch before 2.14 checks an op with a tensor-list input against the inputs the caller passed
+    (trailing defaults dropped by the dispatcher): the ops' backwards cut or pad their Nones to that."""
+    from types import SimpleNamespace
+
+    from rewrite.codegen.backward import one_per_passed_input
+
+    ctx = SimpleNamespace(needs_input_grad=(True, False, True, False))
+    assert one_per_passed_input(ctx, 1, 2, 3) == (1, 2, 3, None)
+    assert one_per_passed_input(ctx, 1, 2, 3, [4], None, None) == (1, 2, 3, [4])
