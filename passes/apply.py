@@ -61,6 +61,11 @@ def _combine(graph: Graph, nodes: list[Node], op) -> Node | None:
     return out
 
 
+def _heads(shape) -> int:
+    """The head count of a canonical operand (padded to [B, H, N, E], as ``canonical_operand``)."""
+    return ([1] * max(0, 4 - len(shape)) + list(shape))[-3]
+
+
 def _fill_args(plan: Plan) -> tuple:
     """The ops' ``fill`` (None for −inf, which a schema default cannot spell) and ``additive``."""
     return (float(plan.fill) if math.isfinite(plan.fill) else None, bool(plan.additive))
@@ -79,7 +84,12 @@ def apply_plan(graph: Graph, plan: Plan, site_id: str = "") -> Node:
         if plan.constant_mask is not None:
             keeps.append(constant_buffer(graph, plan.constant_mask))
         keep = _combine(graph, keeps, aten.logical_and.default)
-        if site.score_mod is not None:
+        if plan.direct:  # passes/direct.py: the op would make exactly this call
+            gqa = _heads(site.q.shape) != _heads(site.k.shape)
+            out = graph.call_function(aten.scaled_dot_product_attention.default,
+                                      (q, k, v, None, 0.0, bool(plan.causal)),
+                                      {"scale": float(site.scale), "enable_gqa": gqa})
+        elif site.score_mod is not None:
             leaves = [canonical_operand(graph, t) for t in site.mod_leaves]
             out = graph.call_function(torch.ops.rewrite.modded_attention.default, (
                 q, k, v, leaves, bias, keep, float(site.scale), bool(plan.causal), int(plan.causal_offset),

@@ -26,9 +26,11 @@ def _shapes(site) -> dict:
             "f": site.f, "q": list(site.q.shape), "k": list(site.k.shape), "v": list(site.v.shape)}
 
 
-def rewrite_graph(gm: GraphModule, backend: str, example_inputs=None) -> tuple[GraphModule, list[SiteReport]]:
+def rewrite_graph(gm: GraphModule, backend: str, example_inputs=None,
+                  count_calls: bool = False) -> tuple[GraphModule, list[SiteReport]]:
     """Rewrite every proven site of ``gm``; ``example_inputs`` (the first call's arguments)
-    let run-time mask tensors be checked on real values."""
+    let run-time mask tensors be checked on real values; ``count_calls`` keeps every site on its
+    counted op (no direct aten SDPA calls: passes/direct.py)."""
     inputs = None
     if example_inputs is not None:
         phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -37,6 +39,7 @@ def rewrite_graph(gm: GraphModule, backend: str, example_inputs=None) -> tuple[G
     original_passes = Cascade.softmax_attention().pass_count()
     online_passes = Cascade.online_softmax_attention().pass_count()
     changed = False
+    replaced: list = []  # the nodes of every rewritten site
     # Values the caller never reads (MultiheadAttention's averaged weights when the
     # caller drops them) must not keep a site from being rewritten.
     gm.graph.eliminate_dead_code()
@@ -46,6 +49,8 @@ def rewrite_graph(gm: GraphModule, backend: str, example_inputs=None) -> tuple[G
 
             rep = rewrite_linear_site(gm.graph, site, backend)
             changed |= rep.rewritten
+            if rep.rewritten:
+                replaced.extend(site.nodes)
             reports.append(rep)
             log_decision(rep)
             continue
@@ -57,7 +62,7 @@ def rewrite_graph(gm: GraphModule, backend: str, example_inputs=None) -> tuple[G
             continue
         device = node_device(site.out_node)
         try:
-            plan = plan_site(site, backend, device)
+            plan = plan_site(site, backend, device, direct=not count_calls)
         except Exception as exc:  # a site the passes cannot prove is left untouched
             log.info("site at %s left alone: %s", site.location, exc)
             reports.append(SiteReport(variant="unknown", location=site.location, spelling=site.spelling,
@@ -76,16 +81,29 @@ def rewrite_graph(gm: GraphModule, backend: str, example_inputs=None) -> tuple[G
             ideal_speedup=1.0 / plan.density if plan.density > 0 else None, gqa=site.gqa_groups > 1,
             notes=list(plan.notes), cascade_ir=cascade, mask_spec=plan.mask,
             site_id=counters.register(site.location, plan.kernel),
-            score_mod=str(site.score_mod or ""), kernel_source=modifier_source(site.score_mod, plan.kernel))
+            score_mod=str(site.score_mod or ""), direct=plan.direct,
+            kernel_source=modifier_source(site.score_mod, plan.kernel))
         apply_plan(gm.graph, plan, rep.site_id)
+        replaced.extend(site.nodes)
         changed = True
         reports.append(rep)
         log_decision(rep)
     if changed:
+        erase_unused(gm.graph, replaced)
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
     return gm, reports
+
+
+def erase_unused(graph, replaced: list) -> None:
+    """Erase the replaced sites' nodes nothing reads any more. Dead-code elimination alone keeps an
+    original ``scaled_dot_product_attention`` call (fx counts it impure: a dropout op, seeded), so it
+    would still run beside the op that replaced it."""
+    doomed = set(replaced)
+    for node in reversed(list(graph.nodes)):
+        if node in doomed and not node.users and node.op in ("call_function", "call_method", "call_module"):
+            graph.erase_node(node)
 
 
 def log_decision(rep: SiteReport) -> None:

@@ -19,6 +19,7 @@ from rewrite.ir.plan import Plan
 from rewrite.ir.site import MaskTerm, Site
 
 from . import masks
+from .direct import direct_note, direct_sdpa
 from .kernels import choose_kernel
 
 # What every verdict read off a run-time mask's values rests on (codegen/identity_cache.py).
@@ -185,7 +186,7 @@ def _runtime_causal_hint(site: Site, keeps: list[MaskTerm]) -> int | None:
     return offset if offset >= 0 and check_causal(keep, offset) else None
 
 
-def plan_site(site: Site, backend: str, device: torch.device | None) -> Plan:
+def plan_site(site: Site, backend: str, device: torch.device | None, direct: bool = True) -> Plan:
     facts = analyse_mask(site)
     spec, keeps, biases, notes = facts.spec, facts.keeps, facts.biases, facts.notes
     causal, offset = facts.causal, facts.offset
@@ -296,10 +297,14 @@ def plan_site(site: Site, backend: str, device: torch.device | None) -> Plan:
         notes.append("on a GPU NaN/inf inputs are not checked (it costs a host sync per call): a NaN/inf key or "
                      "value that the mask removes may reach the output otherwise than in eager (README, Semantics)")
     keep_bindings = [table] if table is not None else [t.binding for t in keeps]
-    return Plan(site, variant, kernel, spec, causal, offset, [t.binding for t in biases], keep_bindings,
+    plan = Plan(site, variant, kernel, spec, causal, offset, [t.binding for t in biases], keep_bindings,
                 masked_row, fill, additive, notes + site.notes,
                 mask_causal_hint=hint, predicate=facts.predicate, constant_mask=constant,
                 kept_fraction=kept_fraction, implied=implied, mask_blocks=mask_blocks, recheck=recheck)
+    if direct and direct_sdpa(plan, device):
+        plan.direct = True
+        plan.notes.append(direct_note())
+    return plan
 
 
 MODDED_MASK_LIMIT = 1 << 28  # entries of a proven structure built as a bool mask for a modified site (256 MiB)

@@ -79,7 +79,8 @@ def breaking_outer_compile(compiled, warn_nested):
 
 
 def compile(fn=None, *, backend: str = "auto", verify: bool = False,  # noqa: A001 - the product's verb
-            inductor: bool | str = "auto", mode: str | None = None, inductor_config: dict | None = None):
+            inductor: bool | str = "auto", mode: str | None = None, inductor_config: dict | None = None,
+            count_calls: bool = False):
     """Rewrite every attention in ``fn`` (a function, an nn.Module instance or class) to
     the fastest kernel proven equivalent.
 
@@ -92,14 +93,16 @@ def compile(fn=None, *, backend: str = "auto", verify: bool = False,  # noqa: A0
     asks for it, off on a CPU where Inductor compiles C++). ``mode``: a torch.compile mode
     ("reduce-overhead" for CUDA graphs, "max-autotune", …); ``inductor_config``:
     ``torch._inductor.config`` patches. The report's notes say, per graph, whether Inductor ran.
+    ``count_calls``: count every site's calls by the path they ran (``SiteReport.ran``); off, a site
+    that is one plain SDPA call runs as that aten call, uncounted.
 
     Works as ``rewrite.compile(model)``, ``@rewrite.compile`` and ``@rewrite.compile(backend=...)``.
     """
     options = Options(backend=backend, verify=verify, inductor=inductor, mode=mode,
-                      inductor_config=inductor_config or {})
+                      inductor_config=inductor_config or {}, count_calls=count_calls)
     if fn is None:
         return functools.partial(compile, backend=backend, verify=verify, inductor=inductor, mode=mode,
-                                 inductor_config=inductor_config)
+                                 inductor_config=inductor_config, count_calls=count_calls)
     return _wrap(fn, options, None)
 
 

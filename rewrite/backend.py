@@ -78,7 +78,8 @@ class RewrittenGraph:
             return self.gm.forward, []
         original = GraphModule(aten_gm, copy.deepcopy(aten_gm.graph)) if self.verify else None
         try:
-            new_gm, sites = rewrite_graph(aten_gm, self.backend, args)
+            new_gm, sites = rewrite_graph(aten_gm, self.backend, args,
+                                          count_calls=self.options is not None and self.options.count_calls)
         except Exception as exc:  # a bug of ours must never break the user's model: run it as it was
             log.warning("rewrite: graph %d left alone after an internal error: %r", self.graph_index, exc)
             self._skip(f"internal error while rewriting ({type(exc).__name__}: {str(exc)[:160]}); "

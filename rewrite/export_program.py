@@ -87,7 +87,7 @@ def rewrite_lowered(gm: GraphModule, inputs: list, options: Options, report: Rep
         report.skipped_graphs.append(str(exc))
         return None
     try:
-        new_gm, sites = rewrite_graph(aten_gm, options.backend, inputs)
+        new_gm, sites = rewrite_graph(aten_gm, options.backend, inputs, count_calls=options.count_calls)
     except Exception as exc:  # as in rewrite.compile: a bug of ours leaves the graph as it was
         log.warning("rewrite: graph left alone after an internal error: %r", exc)
         report.skipped_graphs.append(f"internal error while rewriting ({type(exc).__name__}: {str(exc)[:160]}); "

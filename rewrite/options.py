@@ -30,13 +30,17 @@ class Options:
     ``mode`` or ``inductor_config`` asks for Inductor; off on a CPU, where it compiles C++).
     ``mode``: a torch.compile mode for Inductor ("reduce-overhead": CUDA graphs, "max-autotune", …).
     ``inductor_config``: ``torch._inductor.config`` patches, e.g. ``{"max_autotune": True}``
-    (stored as sorted (name, value) pairs)."""
+    (stored as sorted (name, value) pairs).
+    ``count_calls``: count every call of every site in ``report.sites[i].ran``; by default a site whose
+    plan is one plain SDPA call runs as that aten call in the graph, with nothing per call and no
+    count (passes/direct.py)."""
 
     backend: str = "auto"
     verify: bool = False
     inductor: bool | str = "auto"
     mode: str | None = None
     inductor_config: Any = ()
+    count_calls: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.backend, str) or self.backend not in BACKENDS:
@@ -44,6 +48,8 @@ class Options:
                              f"{', '.join(repr(b) for b in BACKENDS)}")
         if not isinstance(self.verify, bool):
             raise TypeError(f"rewrite: verify must be True or False, got {self.verify!r}")
+        if not isinstance(self.count_calls, bool):
+            raise TypeError(f"rewrite: count_calls must be True or False, got {self.count_calls!r}")
         if (self.backend == "triton" and not torch.cuda.is_available()
                 and os.environ.get("TRITON_INTERPRET") != "1"):
             raise RuntimeError("rewrite: backend='triton' needs a CUDA GPU, or TRITON_INTERPRET=1 to run the "

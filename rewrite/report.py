@@ -34,6 +34,7 @@ class SiteReport:
     mask_spec: Any = field(default=None, repr=False, compare=False)  # passes.masks.MaskSpec the kernel runs
     site_id: str = ""  # the site's name in the run-time kernel counters
     score_mod: str = ""  # the inferred score modifier s' = f(s, L…), "" when there is none
+    direct: bool = False  # runs as a direct aten SDPA call in the graph: no op, no counts (passes/direct.py)
     kernel_source: str = ""  # generated kernel code (the score modifier's Triton function) and where it lives
 
     @property

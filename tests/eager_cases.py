@@ -36,11 +36,12 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def compiled(fn, backend: str):
-    """``fn`` compiled through the rewriter and the report its capture fills (one compile)."""
+def compiled(fn, backend: str, **options):
+    """``fn`` compiled through the rewriter (more ``Options`` as keywords) and the report its capture
+    fills (one compile)."""
     torch._dynamo.reset()
     report = Report()
-    return torch.compile(fn, backend=make_backend(Options(backend=backend), report), dynamic=False), report
+    return torch.compile(fn, backend=make_backend(Options(backend=backend, **options), report), dynamic=False), report
 
 
 def rewritten_site(report: Report, variants: tuple[str, ...], backend: str):

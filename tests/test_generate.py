@@ -54,7 +54,7 @@ def test_generate_runs_the_rewritten_forward(attn, cache):
     want = _generate(model, cache)
     report = Report()
     dynamo_counters.clear()
-    compiled = compile_module(model, make_backend(Options(), report))
+    compiled = compile_module(model, make_backend(Options(count_calls=True), report))
     got = _generate(compiled, cache)
     assert torch.equal(got, want), (got, want)
     assert dynamo_counters["stats"]["unique_graphs"] <= 3, dynamo_counters["stats"]
@@ -112,3 +112,15 @@ def test_a_model_method_runs_the_rewritten_forward_of_a_hooked_model():
     torch.testing.assert_close(compiled.run_twice(x), 4 * original_forward(x), atol=1e-5, rtol=1e-4)  # hook ran
     assert model.forward is hooked_forward  # put back
     assert [s.variant for s in report.sites] == ["dense"] and report.sites[0].ran == {"sdpa": 2}, str(report)
+
+
+def test_generate_with_default_options_runs_plain_sdpa_sites_as_direct_calls():
+    """By default (no counts) a site that is one plain SDPA call is that aten call in the rewritten graph
+    (passes/direct.py): here HF's SDPA attention with no padding; tokens as eager's."""
+    model = _llama("sdpa")
+    want = _generate(model, "dynamic")
+    report = Report()
+    got = _generate(compile_module(model, make_backend(Options(), report)), "dynamic")
+    assert torch.equal(got, want), (got, want)
+    assert report.sites and all(s.rewritten for s in report.sites), str(report)
+    assert any(s.direct for s in report.sites), [(s.variant, s.notes) for s in report.sites]

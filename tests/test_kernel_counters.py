@@ -53,7 +53,8 @@ def test_non_finite_inputs_and_a_dense_second_mask_are_counted():
 def test_sdpa_spelling_counts_its_backward():
     q, k, v = (t.requires_grad_() for t in inputs(torch.Generator().manual_seed(2), 1, 2, 2, 9, 9, 16,
                                                  torch.float32))
-    fn, report = compiled(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), "torch")
+    fn, report = compiled(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), "torch",
+                          count_calls=True)  # else a direct aten call: nothing counted
     fn(q, k, v).sum().backward()
     site = rewritten_site(report, ("causal",), "torch")
     assert site.ran.get("sdpa") == 1 and site.ran.get("backward: fused sdpa") == 1, site.ran

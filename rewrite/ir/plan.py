@@ -47,6 +47,7 @@ class Plan:
     mask_blocks: tuple[int, int] | None = None  # the one mask is a block table: keep[⌊p/bq⌋, ⌊m/bk⌋]
     recheck: bool = False  # the structure was read off a run-time mask's first value: the op re-checks it
     proof: list[str] = field(default_factory=list)  # the linear-time families: the steps of the reassociation proof
+    direct: bool = False  # runs as a direct aten SDPA call in the graph (passes/direct.py)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
