@@ -44,6 +44,7 @@ from .eager import (
     lse_floor,
     sdpa_call,
     settle,
+    settled_by_norms,
     tame,
 )
 from .identity_cache import IdentityCache
@@ -165,7 +166,6 @@ def dense_forward(q, k, v, bias, removed: Removed, scale: float, sem: Spelling, 
     def recompute(out, rows):
         return eager_attention(q, k, v, bias, removed, scale, sem, rows, out)
 
-    excess = excess_of(q, k, scale, sem, bias)
     coarse = None if sem.sdpa or bias is None else coarse_rows(q, k, bias, removed.rows(0, n, q.device), sem)
     if kernel == "triton":
         from rewrite.codegen.triton_attention import triton_attention
@@ -175,7 +175,8 @@ def dense_forward(q, k, v, bias, removed: Removed, scale: float, sem: Spelling, 
         res = triton_attention(q, k, v, scale=scale, bias=bias, mask=removed.mask,
                                causal=removed.causal_offset is not None, causal_offset=removed.causal_offset or 0,
                                return_lse=want)
-        return settle(res[0], lse_floor(res[1], m), sem, dt, recompute, excess, coarse) if want else res
+        return (settle(res[0], lse_floor(res[1], m), sem, dt, recompute, excess_of(q, k, scale, sem, bias), coarse)
+                if want else res)
     if kernel != "sdpa":
         raise ValueError(f"rewrite::attention: unknown kernel {kernel!r}; choose from {KERNELS}")
     counters.ran("sdpa")
@@ -185,12 +186,15 @@ def dense_forward(q, k, v, bias, removed: Removed, scale: float, sem: Spelling, 
         keep = None  # every row keeps a key
         if sem.sdpa or not sem.finite or removed.causal_offset is None:
             return out  # nothing removed, or only −inf scores of rows that keep a key
+        if settled_by_norms(q, k, scale, sem, dt):
+            return out  # a finite fill that no row's softmax can see (the common case: finfo.min)
     else:
         keep = removed.rows(0, n, q.device)
         out = sdpa_call(q, k, v, bias, keep, scale)
         if sem.sdpa:
             return out  # SDPA is the spelling
-    return settle(out, keep_floor(q, k, bias, keep, scale, bound=sem.finite), sem, dt, recompute, excess, coarse)
+    return settle(out, keep_floor(q, k, bias, keep, scale, bound=sem.finite), sem, dt, recompute,
+                  excess_of(q, k, scale, sem, bias), coarse)
 
 
 _CAUSAL_MASKS = IdentityCache(256)
