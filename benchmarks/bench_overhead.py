@@ -66,7 +66,12 @@ def prefill_neg_inf(q, k, v):
     return torch.matmul(F.softmax(s.masked_fill(~keep, float("-inf")), dim=-1), v)
 
 
-SPELLINGS = {"decode": decode_attention, "hf": prefill_attention, "neginf": prefill_neg_inf}
+def sdpa_call(q, k, v):
+    """The user's own SDPA call (issue 15: it must keep its kernel through the rewrite)."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[-2] > 1)
+
+
+SPELLINGS = {"decode": decode_attention, "hf": prefill_attention, "neginf": prefill_neg_inf, "sdpa_call": sdpa_call}
 
 
 def variants(spelling, causal: bool) -> dict:
@@ -97,6 +102,25 @@ def per_call_ms(fn, args, calls: int, device: str) -> float:
                 fn(*args)
             loops.append((time.perf_counter() - t) * 1e3 / calls)
     return statistics.median(loops)
+
+
+def profile_calls(fn, args, row: dict, calls: int = 200) -> None:
+    """Where a rewritten call's host time goes: cProfile of back-to-back calls, top functions by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    fn(*args)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn(*args)
+    torch.cuda.synchronize() if args[0].is_cuda else None
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(14)
+    print(f"== profile of rewrite at N={row['N']} M={row['M']} {row['spelling']} ({calls} calls)\n{text.getvalue()}",
+          flush=True)
 
 
 def graphed(fn, args):
@@ -139,6 +163,8 @@ def measure(n: int, m: int, spelling_name: str, b: int, h: int, d: int, args: ar
             row.setdefault(name, f"failed: {type(exc).__name__}: {exc}"[:160])
             if args.cudagraphs:
                 row.setdefault(f"{name}_graphed", f"failed: {type(exc).__name__}: {exc}"[:160])
+    if args.profile and not isinstance(row.get("rewrite"), str):
+        profile_calls(variants(spelling, causal)["rewrite"], (q, k, v), row)
     anchor = row.get("sdpa")
     for name in ("rewrite", "inductor", "rewrite+inductor"):
         if isinstance(row.get(name), float) and isinstance(anchor, float):
@@ -149,7 +175,8 @@ def measure(n: int, m: int, spelling_name: str, b: int, h: int, d: int, args: ar
 
 def points(args: argparse.Namespace) -> list[tuple[int, int, str]]:
     sizes = [(1, 64), (17, 17)] if args.smoke else [(1, 4096), (1, 32768), (128, 128), (1024, 1024), (4096, 4096)]
-    return [(n, m, name) for n, m in sizes for name in (["decode"] if n == 1 else ["hf", "neginf"])]
+    return [(n, m, name) for n, m in sizes for name in (["decode", "sdpa_call"] if n == 1 else
+                                                        ["hf", "neginf", "sdpa_call"])]
 
 
 def fmt(x) -> str:
@@ -188,6 +215,7 @@ def main() -> None:
     p.add_argument("--h", type=int, default=16)
     p.add_argument("--d", type=int, default=64)
     p.add_argument("--cudagraphs", action="store_true")
+    p.add_argument("--profile", action="store_true", help="print a cProfile of the rewrite variant's calls per point")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (checks the script; a CPU run shows host time)")
     args = p.parse_args()
     rows = [measure(n, m, name, args.b, args.h, args.d, args) for n, m, name in points(args)]

@@ -18,10 +18,28 @@ from .plan import Plan
 aten = torch.ops.aten
 
 
+def permuted_source(node: Node, perm: list[int]) -> tuple[Node, list[int]]:
+    """``permute(node, perm)`` as a permutation of what ``node`` itself permutes (a transpose or
+    permute of another value): a key written ``k.transpose(2, 3)`` and permuted back is ``k`` itself,
+    with no op left on the per-call path."""
+    while node.op == "call_function" and node.target in (aten.transpose.int, aten.permute.default):
+        rank = len(perm)
+        if node.target is aten.transpose.int:
+            a, b = (d % rank for d in node.args[1:3])
+            inner = list(range(rank))
+            inner[a], inner[b] = inner[b], inner[a]
+        else:
+            inner = [d % rank for d in node.args[1]]
+        if len(inner) != rank:
+            break
+        node, perm = node.args[0], [inner[d] for d in perm]
+    return node, perm
+
+
 def canonical_operand(graph: Graph, tp: TensorPlan) -> Node:
-    node = tp.node
-    if tp.perm != list(range(len(tp.perm))):
-        node = graph.call_function(aten.permute.default, (node, tp.perm))
+    node, perm = permuted_source(tp.node, tp.perm)
+    if perm != list(range(len(perm))):
+        node = graph.call_function(aten.permute.default, (node, perm))
     shape = tuple(tp.node.meta["val"].shape)
     # Fused kernels want [B, H, N, E]: pad missing batch dims with size 1.
     target = [1] * max(0, 4 - len(tp.shape)) + list(tp.shape)
@@ -71,6 +89,17 @@ def _fill_args(plan: Plan) -> tuple:
     return (float(plan.fill) if math.isfinite(plan.fill) else None, bool(plan.additive))
 
 
+def op_output_shape(site) -> list[int] | None:
+    """The op's output shape ``[B, Hq, N, Ev]`` where it is plain to read (q, k and v of one batch
+    and no permutation of the output), else None."""
+    if site.out_perm and site.out_perm != list(range(len(site.out_perm))):
+        return None
+    q, k, v = ([1] * max(0, 4 - len(t.shape)) + list(t.shape) for t in (site.q, site.k, site.v))
+    if len(q) != 4 or len(v) != 4 or not q[0] == k[0] == v[0]:
+        return None
+    return [q[0], q[1], q[2], v[3]]
+
+
 def apply_plan(graph: Graph, plan: Plan, site_id: str = "") -> Node:
     """Insert the fused call before the site's output and reroute its users; ``site_id`` names the
     site in the run-time kernel counters (codegen/counters.py)."""
@@ -106,10 +135,12 @@ def apply_plan(graph: Graph, plan: Plan, site_id: str = "") -> Node:
                 plan.masked_row, plan.kernel, site.out_dtype, plan.mask_causal_hint, *_fill_args(plan),
                 site_id))
         atoms = getattr(site, "out_atoms_sizes", None)
-        if atoms is not None and site.out_perm != list(range(len(site.out_perm))):
+        permuted = atoms is not None and site.out_perm != list(range(len(site.out_perm)))
+        if permuted:
             out = graph.call_function(aten.reshape.default, (out, atoms))
             out = graph.call_function(aten.permute.default, (out, site.out_perm))
-        out = graph.call_function(aten.reshape.default, (out, site.out_shape))
+        if permuted or op_output_shape(site) != list(site.out_shape):
+            out = graph.call_function(aten.reshape.default, (out, site.out_shape))
     out.meta["rewrite_site"] = site.location
     site.out_node.replace_all_uses_with(out)
     return out

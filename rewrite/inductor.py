@@ -69,7 +69,8 @@ def check_inductor_config(patches: Mapping[str, Any]) -> dict[str, Any]:
     return checked
 
 
-def inductor_on(options: Options, args: Sequence, per_size: bool = False) -> tuple[bool, str]:
+def inductor_on(options: Options, args: Sequence, per_size: bool = False,
+                gm: GraphModule | None = None) -> tuple[bool, str]:
     """Whether this graph goes to Inductor, and the report's note saying why."""
     if options.inductor is False:
         return False, "Inductor off (inductor=False): the rewritten graph runs as an fx graph"
@@ -81,6 +82,9 @@ def inductor_on(options: Options, args: Sequence, per_size: bool = False) -> tup
         verb = "asks" if len(asked) == 1 else "ask"
         return True, (f"Inductor compiled the rest of the graph ({' and '.join(asked)} {verb} for it); "
                       "the rewrite:: ops stay opaque custom ops")
+    if gm is not None and nothing_to_fuse(gm):
+        return False, ("Inductor off (auto: the rewritten graph is only the attention call and views, nothing "
+                       "to fuse; its compiled wrapper would only add host time); pass inductor=True to compile it")
     if per_size:
         # A graph rewritten per size signature (a dynamic graph: each decode step's cache length) would
         # pay one Inductor compile per size: auto keeps it an fx graph.
@@ -91,6 +95,27 @@ def inductor_on(options: Options, args: Sequence, per_size: bool = False) -> tup
                       "opaque custom ops")
     return False, ("Inductor off on CPU (auto: a C++ compile costs seconds a graph); pass inductor=True to "
                    "compile the rest with Inductor")
+
+
+# Ops Inductor has nothing to fuse in: views, and the attention calls the rewrite emits.
+_NOTHING_TO_FUSE = {torch.ops.aten.reshape.default, torch.ops.aten.view.default, torch.ops.aten.permute.default,
+                    torch.ops.aten.transpose.int, torch.ops.aten.expand.default, torch.ops.aten.unsqueeze.default,
+                    torch.ops.aten.squeeze.dim, torch.ops.aten.scaled_dot_product_attention.default}
+
+
+def nothing_to_fuse(gm: GraphModule) -> bool:
+    """Is the rewritten graph only attention calls and views? Inductor's compiled wrapper would then
+    add host time to every call and fuse nothing."""
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        if node.op != "call_function":
+            return False
+        target = node.target
+        if target in _NOTHING_TO_FUSE or (isinstance(target, torch._ops.OpOverload) and target.namespace == "rewrite"):
+            continue
+        return False
+    return True
 
 
 def rewrite_ops(gm: GraphModule) -> list[str]:
@@ -126,9 +151,9 @@ def compile_rest(gm: GraphModule, args: Sequence, options: Options | None, repor
     falls back to ``gm`` with the reason in the report and the log, never an error."""
     if options is None:
         return gm
-    use, why = inductor_on(options, args, per_size)
+    use, why = inductor_on(options, args, per_size, gm)
     notes = [why]
-    run = gm
+    run = gm.forward  # the generated forward itself: no nn.Module call path (hooks) on every call
     if use:
         from torch._inductor.compile_fx import compile_fx
 
@@ -142,7 +167,7 @@ def compile_rest(gm: GraphModule, args: Sequence, options: Options | None, repor
             log.warning("rewrite: Inductor failed on graph %d (%r); it runs as an fx graph", graph_index, exc)
             notes = [f"Inductor failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); "
                      "the rewritten graph runs as an fx graph"]
-            run = gm
+            run = gm.forward
     log.info("graph %d: %s", graph_index, "; ".join(notes))
     if report is not None:  # once per graph, not once per size
         report.notes.extend(n for n in (f"graph {graph_index}: {n}" for n in notes) if n not in report.notes)

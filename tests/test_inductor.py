@@ -21,7 +21,7 @@ from torch.fx import Graph, GraphModule
 import rewrite
 from rewrite.api import reachable_inside_torch_compile
 from rewrite.backend import make_backend, rewrite_backend
-from rewrite.inductor import config_patches, inductor_on
+from rewrite.inductor import config_patches, inductor_on, nothing_to_fuse
 from rewrite.options import Options
 from rewrite.report import Report
 
@@ -247,6 +247,26 @@ def test_when_inductor_is_on():
     assert inductor_on(Options(mode="max-autotune-no-cudagraphs"), cpu, per_size=True)[0] is True
 
 
+def test_auto_leaves_a_graph_with_nothing_to_fuse_to_fx():
+    """A rewritten graph that is only the attention call (and views) gains nothing from Inductor,
+    whose compiled wrapper would only add host time to every call: auto keeps it an fx graph."""
+    import rewrite
+
+    def sdpa_heads_last(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+    q, k, v = block_inputs(7)[:3]
+    only_attention, = rewrite.rewritten_graphs(sdpa_heads_last, q, k, v)
+    with_norm, = rewrite.rewritten_graphs(block, *block_inputs(8))
+    assert nothing_to_fuse(only_attention), only_attention.code
+    assert not nothing_to_fuse(with_norm), with_norm.code
+    on, why = inductor_on(Options(), [q], gm=only_attention)
+    assert not on and "nothing to fuse" in why, why
+    assert "nothing to fuse" not in inductor_on(Options(), [q], gm=with_norm)[1]
+    assert inductor_on(Options(inductor=True), [q], gm=only_attention)[0] is True  # asked for: compiled
+    assert inductor_on(Options(mode="reduce-overhead"), [q], gm=only_attention)[0] is True  # CUDA graphs
+
+
 def test_inductor_failure_falls_back_with_a_note(monkeypatch):
     import torch._inductor.compile_fx as compile_fx_module
 
@@ -378,7 +398,7 @@ def test_rewrite_compile_inside_torch_compile_warns_and_runs():
 
 @pytest.mark.gpu
 def test_reduce_overhead_with_the_rewritten_ops():
-    fn, report = compiled_with_report(block, mode="reduce-overhead")
+    fn, report = compiled_with_report(block, mode="reduce-overhead", count_calls=True)  # keeps the counted op
     for seed in range(4):  # warm-up, recording, replays
         args = block_inputs(20 + seed, device="cuda")
         same_as_float64(fn(*args).cpu(), [a.cpu() for a in args], f"call {seed}")
@@ -394,8 +414,13 @@ def test_reduce_overhead_with_the_rewritten_ops():
 
 @pytest.mark.gpu
 def test_auto_is_on_for_gpu_inputs():
-    fn, report = compiled_with_report(block)
+    fn, report = compiled_with_report(block, count_calls=True)
     args = block_inputs(40, device="cuda")
     same_as_float64(fn(*args).cpu(), [a.cpu() for a in args], "auto on a GPU")
     assert causal_site(report).ran
+    assert "Inductor compiled the rest of the graph (auto: inputs on a GPU)" in report.notes[0], report.notes
+    # Uncounted, the plain causal site is a direct SDPA call; Inductor still compiles the gelu and norm.
+    fn, report = compiled_with_report(block)
+    same_as_float64(fn(*args).cpu(), [a.cpu() for a in args], "auto on a GPU, direct SDPA")
+    assert causal_site(report).direct and not causal_site(report).ran
     assert "Inductor compiled the rest of the graph (auto: inputs on a GPU)" in report.notes[0], report.notes

@@ -29,7 +29,7 @@ def causal_window_capped(w: int, fill: float):
     """Gemma 2's sliding layer as a hand-written window: soft-capped scores, a causal band of w keys."""
     def fn(q, k, v):
         n = q.shape[-2]
-        i = torch.arange(n)
+        i = torch.arange(n, device=q.device)
         s = torch.tanh((q @ k.mT) * q.shape[-1] ** -0.5 / 20.0) * 20.0
         keep = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < w)
         return torch.where(keep, s, torch.tensor(fill)).softmax(-1) @ v
