@@ -2,6 +2,7 @@
 # The H200 runs of issue 12/15 in two device calls (each under the 600 s limit), logs and tables under
 # $OUT. From the repository root:
 #   bash benchmarks/h200_overhead_e2e.sh tests   # the GPU tests, then the per-call overhead table
+#   bash benchmarks/h200_overhead_e2e.sh recheck # after a change: touched GPU tests, both tables at 4k
 #   bash benchmarks/h200_overhead_e2e.sh e2e     # one op call's host time in pieces, then the end-to-end
 #                                                # table (Llama and Mistral, bf16)
 set -u
@@ -18,7 +19,16 @@ box() {  # box SECONDS NAME COMMAND...
   echo "== $name ($t s): $*"
   timeout "$t" "$@" > "$OUT/$name.log" 2>&1; echo "   rc=$?"; tail -n "${TAIL:-6}" "$OUT/$name.log"
 }
-if [ "$STAGE" = tests ]; then
+if [ "$STAGE" = recheck ]; then  # one call after a change: the touched GPU tests, then both tables at 4k
+  box 150 gpu_tests_touched python -P -X faulthandler -m pytest -q -p no:cacheprovider -m gpu -rfE \
+    tests/test_score_mod_tiles.py tests/test_export.py tests/test_dynamic_shapes.py tests/test_inductor.py \
+    tests/test_direct_sdpa.py tests/test_settle_bound.py
+  TAIL=8 box 60 profile_op_host python -P benchmarks/profile_op_host.py
+  box 150 overhead python -P benchmarks/bench_overhead.py --out "$OUT" --cudagraphs
+  box 280 e2e python -P benchmarks/bench_e2e.py --out "$OUT" --prefill 4096 --prompt 1024 --new-tokens 32 \
+    --cache static --repeats 2 --budget-s 230
+  grep "^| " "$OUT"/overhead_*.md; sed -n '/^## llama/,/^## Cells/p' "$OUT"/e2e_*.md
+elif [ "$STAGE" = tests ]; then
   box "${T_TESTS:-200}" gpu_tests python -P -X faulthandler -m pytest -q -p no:cacheprovider -m gpu -n 8 -rfE tests/
   box "${T_OVERHEAD:-200}" overhead python -P benchmarks/bench_overhead.py --out "$OUT" --cudagraphs --profile
   grep -A3 "^| N" "$OUT"/overhead_*.md | head -3; grep "^| " "$OUT"/overhead_*.md | tail -n +3

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import rewrite
-from rewrite.codegen.eager import Spelling, settled_by_norms
+from rewrite.codegen.eager import Spelling
+from rewrite.codegen.settle_bound import settled_by_norms
 
 
 def hf_causal(q, k, v):

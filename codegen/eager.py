@@ -365,25 +365,6 @@ def capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def settled_by_norms(q, k, scale: float, sem: Spelling, dtype: torch.dtype) -> bool:
-    """A sufficient check, one small reduction per operand and one host sync, that every row of a site
-    with no bias and no removed row (each row keeps a key) is settled (``unsettled`` false for all):
-    there floor ≥ −B and excess ≤ B (added fill), B = |scale|·max‖q‖·max‖k‖ ≥ every row's bound, and
-    ``unsettled``'s test grows with B. The float32 norms are widened by their rounding bound ((D+4)
-    ulps); a norm that overflows is inf and fails the check (the per-row path decides then)."""
-    if capturing():
-        return False
-    norms = torch.stack([torch.linalg.vector_norm(t.detach(), dim=-1, dtype=compute_dtype(t)).amax() for t in (q, k)])
-    nq, nk = norms.tolist()
-    widen = 1 + (q.shape[-1] + 4) * torch.finfo(torch.float32).eps
-    bound = abs(scale) * nq * nk * widen * widen * (1 + 1e-12)
-    if not math.isfinite(bound):
-        return False
-    gap = sem.fill + bound + (bound if sem.additive else 0.0)
-    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
-    return gap + 4 * eps * (abs(sem.fill) + bound) < underflow(dtype)
-
-
 def excess_of(q, k, scale: float, sem: Spelling, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """[B, Hq, N] float64: how far above the fill a removed score can be. An added finite fill: the
     score bound; a fill the bias is added over (``sem.biased``): the row's largest bias, NaN taken as

@@ -44,10 +44,10 @@ from .eager import (
     lse_floor,
     sdpa_call,
     settle,
-    settled_by_norms,
     tame,
 )
 from .identity_cache import IdentityCache
+from .settle_bound import settled_by_norms
 
 KERNELS = ("sdpa", "triton", "reference")
 __all__ = ["KERNELS", "MASKED_ROWS", "attention", "as_bhnd", "dense_forward", "out_shape"]

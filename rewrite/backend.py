@@ -18,7 +18,7 @@ from torch.fx import GraphModule
 
 from .capture import CaptureError, specialised, to_aten, to_symbolic_aten
 from .errors import RewriteMismatch
-from .inductor import compile_rest
+from .inductor import compile_rest, inductor_on
 from .options import Options
 from .report import Report, SiteReport
 from .specialise import SpecialisedGraph, is_dynamic
@@ -59,14 +59,15 @@ class RewrittenGraph:
             log.info("rewrite: graph %d has symbolic sizes: rewritten per size, each %s", self.graph_index,
                      "traced from its symbolic ATen graph" if symbolic is not None else "lowered on its own")
             self.per_size = True
-            return SpecialisedGraph(self.graph_index, self._build, self.report)
-        run, sites = self._build(args)
+            return SpecialisedGraph(self.graph_index, self._build, self.report, self._compile_hot)
+        run, sites, _ = self._build(args)
         if self.report is not None:
             self.report.sites.extend(sites)
         return run
 
     def _build(self, args):
-        """The rewritten graph for these inputs' sizes, and its site reports."""
+        """The callable running the rewritten graph for these inputs' sizes, its site reports, and the
+        rewritten graph where Inductor would compile it once the size recurs (else None)."""
         from rewrite.passes.pipeline import rewrite_graph
 
         log.debug("graph %d: %d fx nodes, lowered for sizes %s", self.graph_index, len(self.gm.graph.nodes),
@@ -75,7 +76,7 @@ class RewrittenGraph:
             aten_gm = self.lower(args)
         except CaptureError as exc:  # a graph that cannot be lowered is left exactly as it was
             self._skip(str(exc))
-            return self.gm.forward, []
+            return self.gm.forward, [], None
         original = GraphModule(aten_gm, copy.deepcopy(aten_gm.graph)) if self.verify else None
         try:
             new_gm, sites = rewrite_graph(aten_gm, self.backend, args,
@@ -84,12 +85,19 @@ class RewrittenGraph:
             log.warning("rewrite: graph %d left alone after an internal error: %r", self.graph_index, exc)
             self._skip(f"internal error while rewriting ({type(exc).__name__}: {str(exc)[:160]}); "
                        "the graph runs unchanged. Please report this model.")
-            return self.gm.forward, []
+            return self.gm.forward, [], None
         for s in sites:
             s.graph = self.graph_index
         if self.verify and any(s.rewritten for s in sites):
             _verify(original, new_gm, sites, args)
-        return compile_rest(new_gm, args, self.options, self.report, self.graph_index, self.per_size), sites
+        run = compile_rest(new_gm, args, self.options, self.report, self.graph_index, self.per_size)
+        later = (self.per_size and self.options is not None and not inductor_on(self.options, args, True, new_gm)[0]
+                 and inductor_on(self.options, args, True, new_gm, hot=True)[0])
+        return run, sites, new_gm if later else None
+
+    def _compile_hot(self, gm: GraphModule, args):
+        """A size of a per-size graph that recurs: the rest of its rewritten graph compiled by Inductor."""
+        return compile_rest(gm, args, self.options, self.report, self.graph_index, per_size=True, hot=True)
 
     def _skip(self, why: str) -> None:
         log.info("graph %d left alone: %s", self.graph_index, why)

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rewrite")
 INDUCTOR_CHOICES = (True, False, "auto")
+HOT_CALLS = 3  # auto: a size of a graph rewritten per size goes to Inductor on its third call
 
 
 def mode_config(mode: str | None) -> dict[str, Any]:
@@ -70,8 +71,9 @@ def check_inductor_config(patches: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def inductor_on(options: Options, args: Sequence, per_size: bool = False,
-                gm: GraphModule | None = None) -> tuple[bool, str]:
-    """Whether this graph goes to Inductor, and the report's note saying why."""
+                gm: GraphModule | None = None, hot: bool = False) -> tuple[bool, str]:
+    """Whether this graph goes to Inductor, and the report's note saying why. ``per_size``: one size
+    of a graph rewritten per size signature; ``hot``: that size has run ``HOT_CALLS`` times."""
     if options.inductor is False:
         return False, "Inductor off (inductor=False): the rewritten graph runs as an fx graph"
     if options.inductor is True:
@@ -85,12 +87,17 @@ def inductor_on(options: Options, args: Sequence, per_size: bool = False,
     if gm is not None and nothing_to_fuse(gm):
         return False, ("Inductor off (auto: the rewritten graph is only the attention call and views, nothing "
                        "to fuse; its compiled wrapper would only add host time); pass inductor=True to compile it")
-    if per_size:
+    on_gpu = any(isinstance(a, torch.Tensor) and a.device.type == "cuda" for a in args)
+    if per_size and not (hot and on_gpu):
         # A graph rewritten per size signature (a dynamic graph: each decode step's cache length) would
-        # pay one Inductor compile per size: auto keeps it an fx graph.
-        return False, ("Inductor off for a graph rewritten per size (auto: each new size would be a new "
-                       "Inductor compile); pass inductor=True to compile each size")
-    if any(isinstance(a, torch.Tensor) and a.device.type == "cuda" for a in args):
+        # pay one Inductor compile per size: auto compiles only a size that recurs (on a GPU).
+        return False, (f"Inductor off for a graph rewritten per size until a size has run {HOT_CALLS} times on a "
+                       "GPU (auto: a one-off size, such as each decode step's cache length, would be one Inductor "
+                       "compile each); pass inductor=True to compile every size")
+    if per_size:
+        return True, (f"Inductor compiled a size of a graph rewritten per size on its call {HOT_CALLS} (auto: a "
+                      "size that recurs, inputs on a GPU); the rewrite:: ops stay opaque custom ops")
+    if on_gpu:
         return True, ("Inductor compiled the rest of the graph (auto: inputs on a GPU); the rewrite:: ops stay "
                       "opaque custom ops")
     return False, ("Inductor off on CPU (auto: a C++ compile costs seconds a graph); pass inductor=True to "
@@ -145,13 +152,13 @@ def config_patches(options: Options, gm: GraphModule) -> tuple[dict[str, Any], l
 
 
 def compile_rest(gm: GraphModule, args: Sequence, options: Options | None, report: Report | None,
-                 graph_index: int, per_size: bool = False):
+                 graph_index: int, per_size: bool = False, hot: bool = False):
     """The callable that runs the rewritten graph ``gm``: Inductor's compilation of it where the
     options want Inductor (its notes in the report), else ``gm`` itself. An Inductor failure
     falls back to ``gm`` with the reason in the report and the log, never an error."""
     if options is None:
-        return gm
-    use, why = inductor_on(options, args, per_size, gm)
+        return gm.forward
+    use, why = inductor_on(options, args, per_size, gm, hot)
     notes = [why]
     run = gm.forward  # the generated forward itself: no nn.Module call path (hooks) on every call
     if use:

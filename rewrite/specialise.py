@@ -18,10 +18,13 @@ import logging
 import re
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from rewrite.codegen import counters
+
+from .inductor import HOT_CALLS
 
 log = logging.getLogger("rewrite")
 CACHE_SIZE = 64  # rewritten specialisations kept per dynamic graph
@@ -47,16 +50,29 @@ def signature(args) -> tuple:
     return tuple((a.shape, a.stride()) if isinstance(a, torch.Tensor) else a for a in args)
 
 
+@dataclass
+class Specialisation:
+    """One size signature's rewritten graph: how it runs, the graph to hand Inductor once the size
+    recurs (None: nothing to do then), and how many times it has run."""
+
+    run: Callable
+    later: object = None
+    calls: int = 0
+
+
 class SpecialisedGraph:
-    """Runs a dynamic graph through ``build(args) -> (run, site reports)`` (lower + rewrite for these
-    concrete inputs), once per signature, from an LRU cache of ``CACHE_SIZE`` rewritten graphs.
+    """Runs a dynamic graph through ``build(args) -> (run, site reports, graph or None)`` (lower +
+    rewrite for these concrete inputs), once per signature, from an LRU cache of ``CACHE_SIZE``
+    rewritten graphs. A signature whose build returned a graph is recompiled by ``compile_hot(graph,
+    args)`` on its ``HOT_CALLS``-th call (Inductor for a size that recurs, rewrite/inductor.py).
     ``report`` (or None) gets one entry per site location and plan, noted with its sizes."""
 
-    def __init__(self, graph_index: int, build: Callable, report=None):
+    def __init__(self, graph_index: int, build: Callable, report=None, compile_hot: Callable | None = None):
         self.graph_index = graph_index
         self.build = build
         self.report = report
-        self.cache: OrderedDict[tuple, Callable] = OrderedDict()
+        self.compile_hot = compile_hot
+        self.cache: OrderedDict[tuple, Specialisation] = OrderedDict()
         self.built = 0
         self.evicted = 0
         self.entries: list = []  # this graph's entries in the report
@@ -64,17 +80,22 @@ class SpecialisedGraph:
 
     def __call__(self, *args):
         key = signature(args)
-        run = self.cache.get(key)
-        if run is None:
-            run = self._specialise(key, args)
+        entry = self.cache.get(key)
+        if entry is None:
+            entry = self._specialise(key, args)
         else:
             self.cache.move_to_end(key)
-        return run(*args)
+        entry.calls += 1
+        if entry.calls == HOT_CALLS and entry.later is not None and self.compile_hot is not None:
+            log.info("rewrite: dynamic graph %d: size %s has run %d times: the rest of its graph goes to Inductor",
+                     self.graph_index, sizes_text(args), HOT_CALLS)
+            entry.run, entry.later = self.compile_hot(entry.later, args), None
+        return entry.run(*args)
 
-    def _specialise(self, key: tuple, args) -> Callable:
-        run, sites = self.build(args)
+    def _specialise(self, key: tuple, args) -> Specialisation:
+        run, sites, later = self.build(args)
         self.built += 1
-        self.cache[key] = run
+        entry = self.cache[key] = Specialisation(run, later)
         if len(self.cache) > CACHE_SIZE:
             self.cache.popitem(last=False)
             self.evicted += 1
@@ -87,7 +108,7 @@ class SpecialisedGraph:
                  "(%s)", self.graph_index, sizes_text(args), len(sites), sum(s.rewritten for s in sites),
                  self.status())
         self._merge(sites)
-        return run
+        return entry
 
     def status(self) -> str:
         text = f"{len(self.cache)} cached, {self.built} built"

@@ -225,3 +225,40 @@ def test_inductor_on_a_dynamic_graph_compiles_each_size():
     assert _calls(report) == 3 and all(s.rewritten for s in report.sites), str(report)
     assert report.notes == [f"graph {g}: Inductor compiled the rest of the graph (inductor=True); the rewrite:: ops "
                             "stay opaque custom ops" for g in (0, 1)], report.notes
+
+
+def test_a_size_that_recurs_is_compiled_once_on_its_third_call():
+    """auto on a per-size graph: a one-off size stays an fx graph (each decode step's length would be
+    one Inductor compile each), a size that recurs is handed to ``compile_hot`` once, on call 3."""
+    hot_calls = []
+
+    def build(args):
+        return (lambda *a: ("fx", a[0])), [], f"graph for {args[0]}"
+
+    def compile_hot(graph, args):
+        hot_calls.append(graph)
+        return lambda *a: ("inductor", a[0])
+
+    runner = rewrite.specialise.SpecialisedGraph(0, build, None, compile_hot)
+    assert [runner(7)[0] for _ in range(5)] == ["fx", "fx", "inductor", "inductor", "inductor"]
+    assert hot_calls == ["graph for 7"]
+    assert [runner(8)[0] for _ in range(2)] == ["fx", "fx"] and hot_calls == ["graph for 7"]
+    never = rewrite.specialise.SpecialisedGraph(0, lambda args: ((lambda *a: ("fx",)), [], None), None, compile_hot)
+    assert {never(7)[0] for _ in range(4)} == {"fx"} and hot_calls == ["graph for 7"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_recurring_size_on_the_gpu_goes_to_inductor():
+    report = Report()
+
+    def block(q, k, v):  # something around the site for Inductor to fuse
+        return torch.nn.functional.gelu(causal_by_hand(q, k, v))
+
+    compiled = torch.compile(block, backend=make_backend(Options(), report))
+    for n in (5, 9, 9, 9, 9):
+        q, k, v = (t.cuda() for t in _qkv(n, seed=n))
+        torch.testing.assert_close(compiled(q, k, v).cpu(), block(*(t.cpu() for t in (q, k, v))), **TOL)
+    assert any("Inductor compiled a size of a graph rewritten per size on its call 3" in n for n in report.notes), \
+        report.notes
+    assert any("until a size has run 3 times" in n for n in report.notes), report.notes

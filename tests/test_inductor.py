@@ -244,6 +244,7 @@ def test_when_inductor_is_on():
     assert on and "Inductor config asks for it" in why, why
     on, why = inductor_on(Options(), cpu, per_size=True)  # a dynamic graph: one compile per size
     assert not on and "rewritten per size" in why, why
+    assert inductor_on(Options(), cpu, per_size=True, hot=True)[0] is False  # a recurring size, but on a CPU
     assert inductor_on(Options(mode="max-autotune-no-cudagraphs"), cpu, per_size=True)[0] is True
 
 

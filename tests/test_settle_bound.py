@@ -12,7 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import rewrite
-from rewrite.codegen.eager import Spelling, excess_of, keep_floor, settled_by_norms, unsettled
+from rewrite.codegen.eager import Spelling, excess_of, keep_floor, unsettled
+from rewrite.codegen.settle_bound import settled_by_norms
 
 FILLS = [None, -1e4, -1e9, -65504.0]
 
@@ -80,3 +81,25 @@ def test_a_causal_finite_fill_site_is_eager_on_both_sides_of_the_bound(amp, n, s
     torch._dynamo.reset()
     out = rewrite.compile(fn, backend="torch")(q, k, v)
     same_as_eager(out, fn(*double((q, k, v))), torch.float32, f"amp {amp}")
+
+
+def test_a_nan_or_inf_among_the_operands_is_never_settled_by_the_bound():
+    """max|x| must see the NaN (aminmax propagates it): a NaN key under the mask makes eager's row NaN."""
+    sem = spelling(None, False, torch.float32)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for which in ("q", "k"):
+            q, k = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 7, 16)
+            {"q": q, "k": k}[which][0, 1, 3, 5] = bad
+            assert not settled_by_norms(q, k, 0.25, sem, torch.float32), (which, bad)
+
+
+def test_the_max_abs_stage_is_only_a_shortcut():
+    """Operands whose max |x| bound is too loose (one large entry per row, spread so the row norms stay
+    small enough) are still settled, by the row norms."""
+    d, scale, fill = 256, 1 / 16, -1e4
+    sem = spelling(fill, False, torch.float32)
+    q = torch.zeros(1, 1, 4, d)
+    q[..., 0] = 90.0  # ‖q‖ = 90, D·max|q| = 23040
+    q = q + 1e-3 * torch.randn(1, 1, 4, d, generator=torch.Generator().manual_seed(3))
+    # scale·D·max|q|·max|k| ≈ 1/16·256·90·90 ≈ 1.3e5 > |fill|; scale·‖q‖·‖k‖ ≈ 506 ≪ |fill|
+    assert settled_by_norms(q, q.clone(), scale, sem, torch.float32)
