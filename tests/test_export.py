@@ -337,7 +337,7 @@ def test_cuda_program_aoti_packages(tmp_path):
         torch.save((x, _float64_reference(model, x)), tmp_path / "io.pt")
         package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "cuda_aoti.pt2"))
     run = subprocess.run([sys.executable, "-c", _LOAD_AOTI, package, str(tmp_path / "io.pt")],
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)  # the installed rewrite
     if run.returncode == -11 and torch.__version__ < (2, 12):
         pytest.xfail(f"torch {torch.__version__}: aoti_load_package of a CUDA package segfaults in _load_aoti")
     assert run.returncode == 0, run.stderr[-3000:]
