@@ -241,12 +241,16 @@ def _attention(q, k, v, bias, mask, scale, causal, causal_offset, masked_row, ke
         # SDPA call on inputs that are not finite: SDPA adds a bool mask, is_causal hides.)
         mask, causal, causal_offset = None, True, mask_causal_hint
         counters.ran("run-time mask causal: causal kernel")
+    finite_causal = causal and sem.finite
     if (kernel == "sdpa" and bias is None and mask is None and q.dim() == 4 and q.dtype == k.dtype == v.dtype
             and q.shape[:-2] == k.shape[:-2] == v.shape[:-2] and (not causal or causal_offset == 0)
-            and k.shape[-2] > 0 and not (causal and sem.finite)
-            and ((sem.sdpa and not sem.sdpa_masked) or not checks_inputs(q) or tame(q, k, v, scale))):
+            and k.shape[-2] > 0
+            and ((sem.sdpa and not sem.sdpa_masked) or not checks_inputs(q)
+                 or tame(q, k, v, scale, False, sem.additive))
+            and (not finite_causal or settled_by_norms(q, k, scale, sem, q.dtype))):
         # The common case, without the general path's bookkeeping: nothing removed, or causal with
-        # every row keeping a key and removed scores −inf.
+        # every row keeping a key and removed scores −inf, or a finite fill the scalar bound shows no
+        # row's softmax can see (dense_forward's plain branch, decided before the kernel runs).
         counters.ran("sdpa")
         return in_query_layout(F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale).to(out_dtype), q)
     (q4, k4, v4, b4, m4), batch = as_bhnd(q, k, v, bias, mask)

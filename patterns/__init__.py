@@ -51,8 +51,10 @@ def find_sites(graph: Graph, inputs: dict | None = None) -> list[tuple[Site | No
     # their normal form (linear_find.py). A chain that holds a softmax belongs to the softmax family.
     from .linear_find import find_linear_sites
 
-    out.extend((s, None) for s in find_linear_sites(graph)
+    failures: list = []
+    out.extend((s, None) for s in find_linear_sites(graph, failures)
                if s.out_node not in taken and not taken.intersection(s.nodes))
+    out.extend((None, f) for f in failures)
     return out
 
 

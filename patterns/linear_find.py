@@ -23,6 +23,7 @@ from .linear_normal import NormalForm
 from .linear_readers import is_call
 from .linear_reassociated import match_reassociated
 from .linear_site import LinearSite, NotOurs
+from .locations import location_of
 
 aten = torch.ops.aten
 
@@ -70,12 +71,17 @@ def _decay_reasons(decayed: list[LinearSite], others: list[LinearSite]) -> list[
     return own
 
 
-def find_linear_sites(graph: Graph) -> list[LinearSite]:
+def find_linear_sites(graph: Graph, failures: list | None = None) -> list[LinearSite]:
     """Every linear-attention site (matched, or attention-like and left alone with a reason), on the normal form,
     mapped back to ``graph``. A Python loop over chunks first (unrolled, its per-chunk bodies are chunked-form and
     quadratic sites too), then the chunked form (its intra-chunk part alone is a small quadratic site), then the
-    products one by one."""
+    products one by one. ``failures`` gets (location, what, why) for each normal-form rule that raised (a bug of
+    ours, not a spelling refused): that node was read as written, and the report says so."""
     nf = NormalForm(graph)
+    if failures is not None:
+        failures.extend((location_of(n), f"normal form of {n.target}",
+                         f"a normal-form rule failed here ({why}): the node was read as written, so a linear "
+                         "attention through it may be missed. Please report this spelling.") for n, why in nf.failures)
     taken: set[Node] = set()
     found: list[tuple[LinearSite | None, set[Node]]] = []
     decayed = find_decay_loop_sites(nf.graph)

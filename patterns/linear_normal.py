@@ -79,6 +79,7 @@ class NormalForm:
         self.origin = {new: old for old, new in val_map.items()}
         self.nary: list[NaryEinsum] = []
         self.built: list[Node] = []
+        self.failures: list[tuple[Node, str]] = []  # (node, why): a rule that raised, not a NoMatch
         merge_duplicates(self.graph)
         for node in list(self.graph.nodes):
             if node.op != "call_function":
@@ -90,6 +91,7 @@ class NormalForm:
                 if not isinstance(exc, NoMatch):
                     log.warning("linear normal form: a rule failed on %s (%s): the node is read as written",
                                 node.format_node(), exc)
+                    self.failures.append((node, f"{type(exc).__name__}: {str(exc)[:160]}"))
                 for n in reversed(self.built[start:]):
                     if not n.users:
                         self.graph.erase_node(n)

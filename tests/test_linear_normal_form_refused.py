@@ -135,3 +135,33 @@ def test_the_users_graph_is_untouched_by_the_normal_form():
         sites = [s for s, _ in find_sites(gm.graph)]
         assert sites and str(gm.graph) == before
         assert all(n.graph is gm.graph for s in sites for n in s.nodes), fn.__name__
+
+
+def test_a_rule_that_raises_is_in_the_report_with_the_node_it_stopped_at(monkeypatch):
+    """A normal-form rule that fails with an error (a bug of ours, not a spelling refused) leaves the node as
+    written; the report must say so at that node's line, not only the log."""
+    import torch.nn.functional as F
+
+    import rewrite
+    from rewrite.patterns.linear_normal import NormalForm
+
+    def linear(q, k, v):
+        q, k = F.elu(q) + 1, F.elu(k) + 1
+        kv = torch.einsum("bhnd,bhne->bhde", k, v)
+        z = 1 / torch.einsum("bhnd,bhd->bhn", q, k.sum(2))
+        return torch.einsum("bhnd,bhde,bhn->bhne", q, kv, z)
+
+    real = NormalForm._apply
+
+    def broken(self, node):
+        if "einsum" in str(node.target) and len(node.args[1]) == 3:
+            raise RuntimeError("rule bug for the test")
+        return real(self, node)
+
+    monkeypatch.setattr(NormalForm, "_apply", broken)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 11, 8, generator=g) for _ in range(3))
+    report = rewrite.inspect(linear, q, k, v)
+    failed = [s for s in report.sites if not s.rewritten and "normal-form rule failed" in (s.reason or "")]
+    assert failed, str(report)
+    assert "rule bug for the test" in failed[0].reason and "test_linear_normal_form_refused.py" in failed[0].location
