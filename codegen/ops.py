@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from . import counters
 from .backward import grad_forward, one_per_passed_input, recompute_grads
+from .bias_verdict import bias_settles
 from .eager import (
     MASKED_ROWS,
     Removed,
@@ -166,7 +167,9 @@ def dense_forward(q, k, v, bias, removed: Removed, scale: float, sem: Spelling, 
     def recompute(out, rows):
         return eager_attention(q, k, v, bias, removed, scale, sem, rows, out)
 
-    coarse = None if sem.sdpa or bias is None else coarse_rows(q, k, bias, removed.rows(0, n, q.device), sem)
+    def coarse():
+        return None if sem.sdpa or bias is None else coarse_rows(q, k, bias, removed.rows(0, n, q.device), sem)
+
     if kernel == "triton":
         from rewrite.codegen.triton_attention import triton_attention
 
@@ -175,7 +178,7 @@ def dense_forward(q, k, v, bias, removed: Removed, scale: float, sem: Spelling, 
         res = triton_attention(q, k, v, scale=scale, bias=bias, mask=removed.mask,
                                causal=removed.causal_offset is not None, causal_offset=removed.causal_offset or 0,
                                return_lse=want)
-        return (settle(res[0], lse_floor(res[1], m), sem, dt, recompute, excess_of(q, k, scale, sem, bias), coarse)
+        return (settle(res[0], lse_floor(res[1], m), sem, dt, recompute, excess_of(q, k, scale, sem, bias), coarse())
                 if want else res)
     if kernel != "sdpa":
         raise ValueError(f"rewrite::attention: unknown kernel {kernel!r}; choose from {KERNELS}")
@@ -193,8 +196,10 @@ def dense_forward(q, k, v, bias, removed: Removed, scale: float, sem: Spelling, 
         out = sdpa_call(q, k, v, bias, keep, scale)
         if sem.sdpa:
             return out  # SDPA is the spelling
+        if keep is None and bias_settles(q, k, bias, sem):
+            return out  # a run-time bias with nothing to settle, known from an earlier call (codegen/bias_verdict.py)
     return settle(out, keep_floor(q, k, bias, keep, scale, bound=sem.finite), sem, dt, recompute,
-                  excess_of(q, k, scale, sem, bias), coarse)
+                  excess_of(q, k, scale, sem, bias), coarse())
 
 
 _CAUSAL_MASKS = IdentityCache(256)
