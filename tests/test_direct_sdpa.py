@@ -169,3 +169,38 @@ def test_the_replaced_sdpa_call_no_longer_runs():
     keep = torch.rand(13, 13, generator=torch.Generator().manual_seed(4)) > 0.3
     (gm,) = rewrite.rewritten_graphs(sdpa_with_mask, q, k, v, keep, backend="torch")
     assert rewrite_ops(gm) and SDPA not in ops_called(gm), gm.code
+
+
+# ---------------------------------------------------------------- issue 15: a user's SDPA call keeps SDPA
+
+def padding_keep(q, k):
+    keep = torch.ones(q.shape[0], 1, 1, k.shape[-2], dtype=torch.bool)
+    keep[0, ..., -3:] = False  # the first sequence is padded by 3 keys
+    return keep
+
+
+SDPA_CALLS = {
+    "plain": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
+    "is_causal": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+    "scale": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=0.3),
+    "gqa": lambda q, k, v: F.scaled_dot_product_attention(q, k[:, :2], v[:, :2], enable_gqa=True),
+    "bool padding mask": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=padding_keep(q, k)),
+    "float padding bias": lambda q, k, v: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=torch.zeros(()).masked_fill(~padding_keep(q, k), -1e4)),
+    "dense float bias": lambda q, k, v: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=torch.linspace(-1, 1, q.shape[-2] * k.shape[-2]).reshape(q.shape[-2], k.shape[-2])),
+}
+
+
+@pytest.mark.parametrize("device", [torch.device("cpu"), CUDA], ids=["cpu", "cuda"])
+@pytest.mark.parametrize("name", list(SDPA_CALLS))
+def test_a_users_sdpa_call_is_planned_on_sdpa(name, device):
+    """With no measurement saying otherwise, ``auto`` keeps a user's own SDPA call on SDPA (issue 15): a
+    dense call with any mask it can run, on either device (the decision is the plan's, read here)."""
+    q, k, v = qkv()
+    gm = to_aten(SDPA_CALLS[name], (q, k, v))
+    (found,) = find_sites(gm.graph)
+    site, reason = found
+    assert site is not None, reason
+    plan = plan_site(site, "auto", device)
+    assert plan.kernel == "sdpa" and not plan.sparse, (name, plan.kernel, plan.variant, plan.notes)
