@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from .inductor import HOT_CALLS
 
 log = logging.getLogger("rewrite")
 CACHE_SIZE = 64  # rewritten specialisations kept per dynamic graph
+MANY_SIZES = 8  # after this many sizes of one graph, say what each new size costs and what avoids it
 _SHOWN_SIZES = 8  # sizes a site's note lists before "…"
 NOTE_PREFIX = "dynamic graph: "
 
@@ -75,6 +77,7 @@ class SpecialisedGraph:
         self.cache: OrderedDict[tuple, Specialisation] = OrderedDict()
         self.built = 0
         self.evicted = 0
+        self.build_s = 0.0  # time spent lowering and rewriting sizes
         self.entries: list = []  # this graph's entries in the report
         self.entry_sizes: dict[int, list[str]] = {}  # id(entry) → the sizes it was specialised for
 
@@ -93,8 +96,12 @@ class SpecialisedGraph:
         return entry.run(*args)
 
     def _specialise(self, key: tuple, args) -> Specialisation:
+        start = time.perf_counter()
         run, sites, later = self.build(args)
+        self.build_s += time.perf_counter() - start
         self.built += 1
+        if self.built == MANY_SIZES:
+            self._say_many_sizes()
         entry = self.cache[key] = Specialisation(run, later)
         if len(self.cache) > CACHE_SIZE:
             self.cache.popitem(last=False)
@@ -109,6 +116,16 @@ class SpecialisedGraph:
                  self.status())
         self._merge(sites)
         return entry
+
+    def _say_many_sizes(self) -> None:
+        """Once per graph: a new size is a new lowering and rewrite (plans are per size, not symbolic)."""
+        note = (f"graph {self.graph_index}: dynamic: {self.built} sizes rewritten so far, "
+                f"{1e3 * self.build_s / self.built:.0f} ms each on average (a new size is lowered and rewritten "
+                "again: plans are per size). For Hugging Face generate(), cache_implementation='static' keeps "
+                "decode at one size (one graph for prefill, one for decode)")
+        log.warning("rewrite: %s", note)
+        if self.report is not None and note not in self.report.notes:
+            self.report.notes.append(note)
 
     def status(self) -> str:
         text = f"{len(self.cache)} cached, {self.built} built"

@@ -262,3 +262,16 @@ def test_a_recurring_size_on_the_gpu_goes_to_inductor():
     assert any("Inductor compiled a size of a graph rewritten per size on its call 3" in n for n in report.notes), \
         report.notes
     assert any("until a size has run 3 times" in n for n in report.notes), report.notes
+
+
+def test_many_sizes_say_what_each_costs_and_what_avoids_it(caplog):
+    """A graph that keeps meeting new sizes (generate() with a DynamicCache: one per decode step) is told,
+    once, that each size is a new lowering and what keeps decode at one size."""
+    report = Report()
+    runner = rewrite.specialise.SpecialisedGraph(3, lambda args: ((lambda *a: a[0]), [], None), report)
+    with caplog.at_level(logging.WARNING, logger="rewrite"):
+        for n in range(rewrite.specialise.MANY_SIZES + 4):
+            runner(n)
+    said = [r.getMessage() for r in caplog.records if "sizes rewritten so far" in r.getMessage()]
+    assert len(said) == 1 and "cache_implementation='static'" in said[0], said
+    assert [n for n in report.notes if n.startswith("graph 3: dynamic:")] == [said[0].removeprefix("rewrite: ")]
