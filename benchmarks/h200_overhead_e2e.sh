@@ -21,7 +21,7 @@ box() {  # box SECONDS NAME COMMAND...
 }
 if [ "$STAGE" = recheck ]; then  # one call after a change: the touched GPU tests, then both tables at 4k
   box 150 gpu_tests_touched python -P -X faulthandler -m pytest -q -p no:cacheprovider -m gpu -rfE \
-    tests/test_score_mod_tiles.py tests/test_export.py tests/test_dynamic_shapes.py tests/test_inductor.py \
+    tests/test_score_mod_tiles.py tests/test_export.py tests/test_dynamic_shapes.py tests/test_inductor_gpu.py \
     tests/test_direct_sdpa.py tests/test_settle_bound.py
   TAIL=8 box 60 profile_op_host python -P benchmarks/profile_op_host.py
   box 150 overhead python -P benchmarks/bench_overhead.py --out "$OUT" --cudagraphs
