@@ -27,6 +27,8 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from .concretise import concretised
+
 log = logging.getLogger("rewrite")
 aten = torch.ops.aten
 _METADATA_CHECKS = {aten._assert_tensor_metadata.default}
@@ -158,8 +160,19 @@ def to_symbolic_aten(gm: GraphModule) -> GraphModule | None:
 
 
 def specialised(symbolic_gm: GraphModule, args: Sequence) -> GraphModule:
-    """``symbolic_gm`` (from `to_symbolic_aten`) traced again on concrete inputs: the same functional
-    graph as ``to_aten`` of the Dynamo graph at these sizes, without functionalising it again."""
+    """``symbolic_gm`` (from `to_symbolic_aten`) at concrete inputs' sizes: the same functional graph
+    as ``to_aten`` of the Dynamo graph at these sizes, without functionalising it again. Its nodes
+    evaluated at these sizes (rewrite/concretise.py), or, where that does not apply, traced again."""
+    try:
+        return _normalised(concretised(symbolic_gm, args))
+    except Exception as exc:  # noqa: BLE001 - a node it cannot evaluate: the trace decides
+        log.debug("concretising the symbolic graph failed (%s: %s); traced at these sizes instead",
+                  type(exc).__name__, str(exc)[:160])
+    return traced_at(symbolic_gm, args)
+
+
+def traced_at(symbolic_gm: GraphModule, args: Sequence) -> GraphModule:
+    """``symbolic_gm`` traced again with ``make_fx`` on concrete inputs (what `specialised` falls back to)."""
     return _normalised(_plain(symbolic_gm, args))
 
 
