@@ -57,7 +57,7 @@ class RewrittenGraph:
             if symbolic is not None:
                 self.lower = functools.partial(specialised, symbolic)
             log.info("rewrite: graph %d has symbolic sizes: rewritten per size, each %s", self.graph_index,
-                     "traced from its symbolic ATen graph" if symbolic is not None else "lowered on its own")
+                     "evaluated from its symbolic ATen graph" if symbolic is not None else "lowered on its own")
             self.per_size = True
             return SpecialisedGraph(self.graph_index, self._build, self.report, self._compile_hot)
         run, sites, _ = self._build(args)

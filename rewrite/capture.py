@@ -166,7 +166,7 @@ def specialised(symbolic_gm: GraphModule, args: Sequence) -> GraphModule:
     try:
         return _normalised(concretised(symbolic_gm, args))
     except Exception as exc:  # noqa: BLE001 - a node it cannot evaluate: the trace decides
-        log.debug("concretising the symbolic graph failed (%s: %s); traced at these sizes instead",
+        log.info("concretising the symbolic graph failed (%s: %s); traced at these sizes instead",
                   type(exc).__name__, str(exc)[:160])
     return traced_at(symbolic_gm, args)
 

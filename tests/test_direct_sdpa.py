@@ -204,3 +204,35 @@ def test_a_users_sdpa_call_is_planned_on_sdpa(name, device):
     assert site is not None, reason
     plan = plan_site(site, "auto", device)
     assert plan.kernel == "sdpa" and not plan.sparse, (name, plan.kernel, plan.variant, plan.notes)
+
+
+# ---------------------------------------------------------------- nothing left around the op
+
+VIEW_OPS = {torch.ops.aten.permute.default, torch.ops.aten.transpose.int, torch.ops.aten.reshape.default}
+
+
+@pytest.mark.parametrize("fn", [dense_eager, nanogpt_causal], ids=["dense", "causal"])
+def test_a_transposed_key_and_a_same_shape_output_leave_no_view_on_the_call_path(fn):
+    """``k.transpose(-2, -1)`` read back as k, and an output already in the site's shape: the rewritten graph
+    is the op alone (passes/apply.py, permuted_source and op_output_shape), still eager's answer."""
+    q, k, v = qkv(n=11, m=11)
+    (gm,) = rewrite.rewritten_graphs(fn, q, k, v, backend="torch")
+    assert rewrite_ops(gm) and not (ops_called(gm) & VIEW_OPS), gm.code
+    torch._dynamo.reset()
+    same_as_eager(rewrite.compile(fn, backend="torch")(q, k, v), fn(*double((q, k, v))), torch.float32, fn.__name__)
+
+
+def heads_last(q, k, v):  # [B, N, H, D] in, [B, N, H·D] out: both views are needed
+    b, n, h, d = q.shape
+    s = q.transpose(1, 2) @ k.permute(0, 2, 3, 1) * d ** -0.5
+    return (torch.softmax(s, -1) @ v.transpose(1, 2)).transpose(1, 2).reshape(b, n, h * d)
+
+
+def test_views_that_change_the_layout_stay():
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 9, 3, 16, generator=g) for _ in range(3))
+    (gm,) = rewrite.rewritten_graphs(heads_last, q, k, v, backend="torch")
+    assert rewrite_ops(gm) and ops_called(gm) & VIEW_OPS, gm.code
+    torch._dynamo.reset()
+    same_as_eager(rewrite.compile(heads_last, backend="torch")(q, k, v), heads_last(*double((q, k, v))),
+                  torch.float32, "heads last")

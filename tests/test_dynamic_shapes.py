@@ -167,7 +167,7 @@ def test_both_lowerings_of_a_size_rewrite_alike(symbolic, monkeypatch, caplog):
     compiled = torch.compile(windowed_by_hand, backend=make_backend(Options(), report), dynamic=True)
     with caplog.at_level(logging.INFO, logger="rewrite"):
         _run_lengths(windowed_by_hand, compiled, (5, 40, 7, 33))
-    way = "traced from its symbolic ATen graph" if symbolic else "lowered on its own"
+    way = "evaluated from its symbolic ATen graph" if symbolic else "lowered on its own"
     assert any(way in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
     assert {s.variant: sum(s.ran.values()) for s in report.sites} == {"dense": 2, "neighborhood": 2}, str(report)
 
